@@ -1,0 +1,24 @@
+# Two commands set up a fresh machine and run Stagewise:
+#   make quickstart   -- install, then run the main job
+#   make test         -- install, then run the test suite
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test bench
+
+$(BIN)/stagewise: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/stagewise
+
+install: $(BIN)/stagewise
+
+quickstart: install
+	$(BIN)/stagewise split stagewise.zoo.basic:large_model --stages 2
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

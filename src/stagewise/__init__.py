@@ -1,0 +1,9 @@
+"""Stagewise: split one large PyTorch model into stages, train it across processes, and serve it."""
+
+from ._spec import ModelSpec, load_model_spec
+from .split import Partition, SplitError, SplitModel, Stage, StageSpec, split
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelSpec", "load_model_spec", "split", "SplitModel", "SplitError", "Partition", "Stage", "StageSpec",
+           "__version__"]

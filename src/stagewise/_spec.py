@@ -1,0 +1,97 @@
+"""What a model factory returns, and how a ``MODEL`` string on the command line finds the factory.
+
+A factory is any callable taking no arguments (or only keyword arguments with defaults) that returns either a
+:class:`ModelSpec` or a ``(model, inputs)`` pair, where ``inputs`` is a tuple of positional arguments, a dict of keyword
+arguments, or a single tensor. ``MODEL`` strings are ``path/to/file.py:factory`` or ``package.module:factory``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSpec", "load_model_spec", "as_model_spec"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelSpec:
+    """A model together with example inputs (and, for training, how to score and feed it)."""
+
+    model: nn.Module
+    """The unmodified model to split."""
+    args: tuple[Any, ...] = ()
+    """Example positional inputs: ``model(*args, **kwargs)`` must run."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Example keyword inputs."""
+    loss: Callable[..., torch.Tensor] | None = None
+    """``loss(output, *targets) -> scalar`` for training; None when the model's own output holds the loss."""
+    dataset: Callable[[], Any] | None = None
+    """Returns a map-style dataset of ``(inputs, targets)`` samples for training."""
+    name: str = "model"
+    """Name used by logs and by the serving endpoint."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"ModelSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.args, tuple):
+            raise TypeError(f"ModelSpec.args must be a tuple of example inputs, got {type(self.args).__name__}")
+
+
+def as_model_spec(value: Any, *, name: str = "model") -> ModelSpec:
+    """Normalise what a factory returned into a :class:`ModelSpec`."""
+    if isinstance(value, ModelSpec):
+        return value
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], nn.Module):
+        model, inputs = value
+        if isinstance(inputs, Mapping):
+            return ModelSpec(model=model, kwargs=dict(inputs), name=name)
+        if isinstance(inputs, tuple):
+            return ModelSpec(model=model, args=inputs, name=name)
+        return ModelSpec(model=model, args=(inputs,), name=name)
+    raise TypeError(
+        "a model factory must return a stagewise.ModelSpec or a (model, inputs) pair where inputs is a tuple, a dict "
+        f"or a tensor; got {type(value).__name__}"
+    )
+
+
+def _import_factory(target: str) -> Callable[..., Any]:
+    if ":" not in target:
+        raise ValueError(f"MODEL must look like 'file.py:factory' or 'package.module:factory', got {target!r}")
+    where, _, attr = target.rpartition(":")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {where!r} does not exist (MODEL={target!r})")
+        mod_name = f"_stagewise_user_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"cannot import module {where!r} named by MODEL={target!r}: {exc}") from exc
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"{where!r} has no attribute {attr!r} (MODEL={target!r})") from None
+    if not callable(factory):
+        raise ValueError(f"{target!r} is not callable; MODEL must name a factory function")
+    return factory
+
+
+def load_model_spec(target: str, **factory_kwargs: Any) -> ModelSpec:
+    """Import ``target`` (``file.py:factory`` or ``package.module:factory``) and call the factory."""
+    factory = _import_factory(target)
+    spec = as_model_spec(factory(**factory_kwargs), name=target.rpartition(":")[2])
+    return spec

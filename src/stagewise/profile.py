@@ -1,0 +1,56 @@
+"""Measure every unit of a captured model: forward and backward time (warm-up, then the median of repeats)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from .split._build import _Layout, build_stage, plan_stages
+from .split._capture import Capture
+
+__all__ = ["profile_units"]
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        leaf = value.detach()
+        if value.requires_grad:
+            leaf.requires_grad_(True)
+        return leaf
+    return value
+
+
+def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 3, warmup: int = 1) -> list[tuple[float, float]]:
+    """(forward ms, backward ms) of every unit, each run alone on the values that reach it."""
+    nodes: list[list[Any]] = [[] for _ in cap.units]
+    for node in cap.compute_nodes():
+        nodes[cap.node_unit[node]].append(node)
+    layout = _Layout(nodes=nodes, parents=[i - 1 if i else None for i in range(len(nodes))],
+                     units=[[u] for u in cap.units], heads=[None] * len(nodes))
+    stages = [build_stage(cap, spec, n) for spec, n in zip(plan_stages(cap, layout), nodes)]
+    example = inputs
+    fwd_times: list[list[float]] = [[] for _ in stages]
+    bwd_times: list[list[float]] = [[] for _ in stages]
+    for rep in range(warmup + repeats):
+        recv: list[Any] = []
+        for i, stage in enumerate(stages):
+            recv = [_detached(v) for v in recv]
+            start = time.perf_counter()
+            send, outs = stage(recv, example)
+            fwd = time.perf_counter() - start
+            grads_for = [t for t in [*send, *outs] if isinstance(t, torch.Tensor) and t.requires_grad]
+            start = time.perf_counter()
+            if grads_for:
+                torch.autograd.backward(grads_for, [torch.ones_like(t) for t in grads_for])
+            bwd = time.perf_counter() - start
+            if rep >= warmup:
+                fwd_times[i].append(fwd * 1e3)
+                bwd_times[i].append(bwd * 1e3)
+            recv = send
+    for stage in stages:
+        for p in stage.parameters():
+            p.grad = None
+    return [(statistics.median(f), statistics.median(b)) for f, b in zip(fwd_times, bwd_times)]

@@ -1,0 +1,298 @@
+"""``split()``: capture a model, measure its units, place the cuts, and build runnable stages."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .._spec import ModelSpec
+from ._balance import cuts_from_names, min_max_cuts
+from ._build import Stage, _Layout, build_stage, plan_stages, value_bytes
+from ._capture import Capture, CaptureError, capture, input_leaves, signature_of
+from ._partition import COST_METHODS, Partition, UnitInfo
+from ._tree import unflatten
+
+__all__ = ["split", "SplitModel", "SplitError"]
+
+log = logging.getLogger(__name__)
+
+
+class SplitError(ValueError):
+    """The model cannot be split as asked; the message says why and what to change."""
+
+
+def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
+          stages: int = 2, by: str = "params", cuts: Sequence[str] | None = None,
+          submodels: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+          repeats: int = 3, profile: bool = False, model_name: str | None = None) -> SplitModel:
+    """Cut ``model`` into stages that together compute exactly ``model(*args, **kwargs)``.
+
+    - Layer split (default): the chain of units is cut into ``stages`` contiguous stages minimising the most expensive
+      stage under the cost ``by`` (``uniform``, ``params`` or measured ``time``), or at the units named in ``cuts``
+      (each names the first unit of a stage after the first).
+    - ``submodels=["encoder", "decoder"]``: each named sub-module becomes one stage.
+    - ``tasks=["heads.cls", "heads.reg"]``: the trunk is cut into ``stages`` stages, then one stage per head.
+
+    ``profile=True`` measures every unit's forward/backward time even when the cost is not ``time``.
+    """
+    if isinstance(model, ModelSpec):
+        spec = model
+        model, args, kwargs = spec.model, spec.args, spec.kwargs
+        model_name = model_name or spec.name
+    kwargs = dict(kwargs or {})
+    if by not in COST_METHODS:
+        raise SplitError(f"unknown cost {by!r}; use one of {', '.join(COST_METHODS)}")
+    if submodels and tasks:
+        raise SplitError("give either submodels or tasks, not both")
+    atomic = list(submodels or tasks or [])
+    for fqn in atomic:
+        try:
+            model.get_submodule(fqn)
+        except AttributeError:
+            names = [n for n, _ in model.named_children()]
+            raise SplitError(f"{type(model).__name__} has no sub-module {fqn!r}; its children are {names}") from None
+    cap = _capture(model, args, kwargs, atomic=atomic)
+    units = unit_infos(cap)
+    if by == "time" or profile:
+        from ..profile import profile_units
+
+        leaves, names, _ = input_leaves(args, kwargs)
+        for info, (fwd, bwd) in zip(units, profile_units(cap, dict(zip(names, leaves)), repeats=repeats)):
+            info.forward_ms, info.backward_ms = fwd, bwd
+    names = [u.name for u in units]
+    mode = "submodels" if submodels else "tasks" if tasks else "layers"
+    heads: list[str] = list(tasks or [])
+    if mode == "submodels":
+        starts = _submodel_starts(names, list(submodels or []))
+    else:
+        chain = names if mode == "layers" else names[: _first_head_unit(names, heads)]
+        if cuts:
+            starts = cuts_from_names(chain, list(cuts))
+        else:
+            if stages < 1:
+                raise SplitError(f"stages must be at least 1, got {stages}")
+            if stages > len(chain):
+                raise SplitError(f"{type(model).__name__} has {len(chain)} units ({', '.join(chain[:8])}"
+                                 f"{'...' if len(chain) > 8 else ''}); it cannot be cut into {stages} stages. "
+                                 f"Use --stages {len(chain)} or fewer.")
+            costs = _costs(units[: len(chain)], by)
+            starts = min_max_cuts(costs, stages)
+    partition = Partition(mode=mode, by="cuts" if cuts else by, units=units, starts=starts, stages=[],
+                          heads=heads, submodels=list(submodels or []), model=model_name,
+                          input_names=cap.input_names, output_names=cap.output_names, training=cap.training)
+    layout = _layout(cap, partition)
+    partition.stages = plan_stages(cap, layout)
+    return SplitModel(model, partition, cap, layout)
+
+
+def _capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, atomic: Sequence[str]) -> Capture:
+    try:
+        return capture(model, args, kwargs, atomic=atomic)
+    except CaptureError as exc:
+        raise SplitError(
+            f"{exc}. Stagewise needs to capture {type(model).__name__}.forward as a graph to split it. Make sure the "
+            "example inputs are valid for the model (model(*args, **kwargs) runs), avoid Python branches on tensor "
+            "values in forward, or split by named sub-modules (--submodels) that each capture on their own."
+        ) from exc
+
+
+def _costs(units: Sequence[UnitInfo], by: str) -> list[float]:
+    if by == "uniform":
+        return [1.0] * len(units)
+    if by == "params":
+        return [float(u.params) for u in units]
+    return [u.forward_ms + u.backward_ms for u in units]
+
+
+def _submodel_starts(names: list[str], submodels: list[str]) -> list[int]:
+    starts = []
+    for fqn in submodels:
+        hits = [i for i, n in enumerate(names) if n == fqn or n.startswith(fqn + "@")]
+        if not hits:
+            raise SplitError(f"sub-module {fqn!r} is never called by forward for these inputs; units are {names}")
+        starts.append(hits[0])
+    if starts != sorted(starts):
+        raise SplitError(f"sub-models must be listed in execution order; forward calls them as "
+                         f"{[submodels[i] for i in sorted(range(len(starts)), key=starts.__getitem__)]}")
+    starts[0] = 0
+    return starts
+
+
+def _first_head_unit(names: list[str], heads: list[str]) -> int:
+    idx = [i for i, n in enumerate(names) if n.split("@")[0] in heads]
+    if len(idx) != len(heads):
+        missing = [h for h in heads if h not in {n.split("@")[0] for n in names}]
+        raise SplitError(f"task heads {missing} are never called by forward; units are {names}")
+    first = min(idx)
+    if first == 0:
+        raise SplitError("a task split needs a shared trunk before the heads")
+    return first
+
+
+def _layout(cap: Capture, partition: Partition) -> _Layout:
+    names = cap.units
+    expected = partition.unit_names()
+    if names != expected:
+        raise SplitError(f"the model's units changed between captures: {expected} vs {names}")
+    nodes_by_unit: list[list[fx.Node]] = [[] for _ in names]
+    for node in cap.compute_nodes():
+        nodes_by_unit[cap.node_unit[node]].append(node)
+    chain_end = len(names)
+    head_units: dict[int, str] = {}
+    if partition.mode == "tasks":
+        for i, n in enumerate(names):
+            if n.split("@")[0] in partition.heads:
+                head_units[i] = n.split("@")[0]
+        chain_end = min(head_units)
+    bounds = [*partition.starts, chain_end]
+    layout = _Layout(nodes=[], parents=[], units=[], heads=[])
+    for s in range(len(partition.starts)):
+        lo, hi = bounds[s], bounds[s + 1]
+        layout.nodes.append([n for u in range(lo, hi) for n in nodes_by_unit[u]])
+        layout.units.append(names[lo:hi])
+        layout.parents.append(s - 1 if s else None)
+        layout.heads.append(None)
+    if head_units:
+        trunk_last = len(layout.nodes) - 1
+        head_stage: dict[str, int] = {}
+        for u in range(chain_end, len(names)):
+            head = head_units.get(u) or _head_of_glue(cap, nodes_by_unit[u], layout, head_stage)
+            if head not in head_stage:
+                head_stage[head] = len(layout.nodes)
+                layout.nodes.append([])
+                layout.units.append([])
+                layout.parents.append(trunk_last)
+                layout.heads.append(head)
+            s = head_stage[head]
+            layout.nodes[s].extend(nodes_by_unit[u])
+            layout.units[s].append(names[u])
+    return layout
+
+
+def _head_of_glue(cap: Capture, nodes: list[fx.Node], layout: _Layout, head_stage: dict[str, int]) -> str:
+    """Units after the heads belong to the one head they read from; reading from two heads cannot be a tree."""
+    reads = set()
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            for head, s in head_stage.items():
+                if arg in layout.nodes[s]:
+                    reads.add(head)
+    if len(reads) != 1:
+        raise SplitError(f"forward combines the task heads {sorted(reads)} after running them; a task split needs "
+                         "each head's outputs to be computed by that head alone (combine them in the loss instead)")
+    return reads.pop()
+
+
+def unit_infos(cap: Capture) -> list[UnitInfo]:
+    """Parameters per unit (a weight counts at its first use) and bytes crossing a cut after each unit."""
+    infos = [UnitInfo(name=n) for n in cap.units]
+    seen: set[fx.Node] = set()
+    topo = {n: i for i, n in enumerate(cap.graph.nodes)}
+    params = {fqn for fqn, _ in cap.model.named_parameters(remove_duplicate=False)}
+    for node in cap.compute_nodes():
+        u = cap.node_unit[node]
+        for arg in node.all_input_nodes:
+            if arg in cap.state_nodes and arg not in seen:
+                seen.add(arg)
+                nbytes = value_bytes(arg, cap)
+                infos[u].param_bytes += nbytes
+                if cap.state_nodes[arg] in params:
+                    infos[u].params += cap.model.get_parameter(cap.state_nodes[arg]).numel()
+    # Liveness: a value defined in unit a and last used in unit b crosses every cut a..b-1.
+    last_use: dict[fx.Node, int] = {}
+    first_def: dict[fx.Node, int] = {}
+    for node in sorted(cap.compute_nodes(), key=topo.__getitem__):
+        u = cap.node_unit[node]
+        first_def.setdefault(node, u)
+        for arg in node.all_input_nodes:
+            if arg in cap.node_unit or arg in cap.state_nodes:
+                last_use[arg] = max(last_use.get(arg, u), u)
+                if arg in cap.state_nodes:
+                    first_def[arg] = min(first_def.get(arg, u), u)
+    n_units = len(infos)
+    for node in cap.output_nodes:
+        if node is not None:
+            last_use[node] = n_units  # model outputs travel to the end
+    delta = [0] * (n_units + 1)
+    for node, end in last_use.items():
+        start = first_def.get(node)
+        if start is None or end <= start:
+            continue
+        b = value_bytes(node, cap)
+        delta[start] += b
+        delta[min(end, n_units - 1)] -= b
+    running = 0
+    for u in range(n_units - 1):
+        running += delta[u]
+        infos[u].out_bytes = running
+    return infos
+
+
+class SplitModel:
+    """A model cut into stages. Call it like the model; ``stages`` are runnable on their own."""
+
+    def __init__(self, model: nn.Module, partition: Partition, cap: Capture, layout: _Layout) -> None:
+        self.model = model
+        self.partition = partition
+        self._captures: dict[Any, tuple[Capture, list[Stage]]] = {}
+        self._captures[cap.signature] = (cap, self._build(cap, layout))
+        self._default = cap.signature
+
+    def _build(self, cap: Capture, layout: _Layout) -> list[Stage]:
+        specs = plan_stages(cap, layout)
+        return [build_stage(cap, spec, nodes) for spec, nodes in zip(specs, layout.nodes)]
+
+    @property
+    def stages(self) -> list[Stage]:
+        """Stages built for the example inputs."""
+        return self._captures[self._default][1]
+
+    def stages_for(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple[Capture, list[Stage]]:
+        """Stages for another input signature (shapes, dtypes, train/eval); captured once and cached."""
+        kwargs = dict(kwargs or {})
+        sig = signature_of(args, kwargs, self.model.training)
+        if sig not in self._captures:
+            atomic = self.partition.submodels or self.partition.heads
+            cap = _capture(self.model, args, kwargs, atomic=atomic)
+            self._captures[sig] = (cap, self._build(cap, _layout(cap, self.partition)))
+        return self._captures[sig]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(args, kwargs)
+
+    def run(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *, head: str | None = None) -> Any:
+        """Run the stages one after the other in this process (all heads, or the trunk plus ``head``)."""
+        cap, stages = self.stages_for(args, kwargs)
+        leaves, names, _ = input_leaves(args, dict(kwargs or {}))
+        inputs = dict(zip(names, leaves))
+        if head is not None and head not in self.partition.heads:
+            raise ValueError(f"unknown task head {head!r}; heads are {self.partition.heads}")
+        outputs: list[Any] = [None] * len(cap.output_names)
+        sent: dict[int, dict[str, Any]] = {}
+        for stage in stages:
+            if head is not None and stage.spec.head not in (None, head):
+                continue
+            parent = stage.spec.parent
+            recv = [] if parent is None else [sent[parent][v.name] for v in stage.spec.recv]
+            send, outs = stage(recv, inputs)
+            sent[stage.index] = {v.name: x for v, x in zip(stage.spec.send, send)}
+            for leaf, value in zip(stage.output_index, outs):
+                outputs[leaf] = value
+        result = unflatten(cap.out_spec, outputs)
+        if head is not None and isinstance(result, dict) and type(result) is dict:
+            result = {k: v for k, v in result.items() if v is not None}
+        return result
+
+    def __repr__(self) -> str:
+        return f"SplitModel({type(self.model).__name__}, {self.partition.num_stages} stages)"
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensor leaves of a model output, for comparisons and losses."""
+    from ._tree import flatten
+
+    return flatten(out)[0]
