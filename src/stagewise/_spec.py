@@ -37,6 +37,8 @@ class ModelSpec:
     """Returns a map-style dataset of ``(inputs, targets)`` samples for training."""
     name: str = "model"
     """Name used by logs and by the serving endpoint."""
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    """Scores a trained model on held-out data (e.g. ``{"accuracy": 0.97}``); run after training."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):

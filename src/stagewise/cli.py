@@ -52,12 +52,81 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train._config import OPTIMIZERS, SCHEDULES
+
+    p = sub.add_parser(
+        "train", help="train a model split into stages x replicas processes",
+        description="Train MODEL pipeline-parallel (--stages) and data-parallel (--replicas) on local processes "
+                    "(P x D of them, gloo on CPU). Under torchrun, runs as the rank torchrun started instead.")
+    p.add_argument("model", metavar="MODEL", help="model factory: 'path/to/file.py:factory' or 'package.module:factory'"
+                   "; its ModelSpec must have a dataset")
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages P (default: 2)")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas D (default: 1)")
+    p.add_argument("--microbatches", type=int, default=4, help="microbatches per replica per step (default: 4)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
+    p.add_argument("--stages-per-rank", type=int, default=1, help="virtual stages per process (interleaved only)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default: 10)")
+    p.add_argument("--global-batch", type=int, default=32, help="samples per step over all replicas (default: 32)")
+    p.add_argument("--by", choices=["time", "params", "uniform"], default="params",
+                   help="cost that balances the cut (default: params)")
+    p.add_argument("--cuts", type=_csv, default=None, metavar="FQN,...", help="cut before these units instead")
+    p.add_argument("--plan", dest="partition", default=None, metavar="FILE",
+                   help="use the cut of a partition/plan JSON file (from 'stagewise split --json')")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer of every stage (default: adam)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="LR schedule")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps for --lr-schedule cosine")
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this global norm")
+    p.add_argument("--loss-reduction", choices=["mean", "sum"], default="mean",
+                   help="whether the loss averages (mean) or adds (sum) over samples (default: mean)")
+    p.add_argument("--data", choices=["shard", "replicate"], default="shard",
+                   help="each replica loads only its shard, or a full copy (default: shard)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="read the data set in order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and of torch (default: 0)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per loading rank (default: 0)")
+    p.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="capture the model in eval mode (deterministic, no dropout)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait may take (default: 30)")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per process (default: 1)")
+    p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
+                   help="write final weights (safetensors by FQN) and losses here")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, Trainer
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    from .train._trainer import under_torchrun
+
+    result = Trainer(config).fit()
+    if under_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+        return 0
+    if result.losses:
+        print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
+              f"({result.steps_per_s:.2f} steps/s); weights in {result.out_dir}")
+    if not under_torchrun():
+        from ._spec import load_model_spec
+
+        spec = load_model_spec(config.model)
+        if spec.evaluate is not None:
+            scores = spec.evaluate(result.load_into(spec.model))
+            print("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stagewise", description="Split a PyTorch model into stages, train it across processes, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_split(sub)
+    _add_train(sub)
     return parser
 
 

@@ -1,0 +1,268 @@
+"""The torch.distributed transport: gloo on CPU (what the tests run), NCCL on CUDA.
+
+What this relies on from torch.distributed:
+
+- gloo p2p honours tags (a tag selects a 32-bit "slot"); receives posted on one (src, tag) are matched to that
+  sender's messages on the tag in the order sent. A frame is several messages on the same tag (header, optional
+  extension, pack, large tensors), so all of a frame's receives are posted together once the header has arrived.
+- gloo ``send`` completes only when the receiver has posted a matching receive (a rendezvous), and gloo work objects
+  report ``is_completed()`` only after ``wait()``; so deadlines use ``work.wait(timeout)``. When that times out gloo
+  closes the link to the peer ("Application timeout caused pair closure"): after a :class:`CommTimeoutError` close
+  the transport.
+- NCCL ignores tags (per-pair order only; see :func:`~stagewise.comm._framing.parse_header`) and ``wait()`` only
+  orders CUDA streams, so deadlines poll ``is_completed()``. Tensors travel on ``device`` (the rank's GPU); CPU values
+  are copied there and received tensors land there. With gloo, CUDA tensors are staged through the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._errors import CommError, CommTimeoutError
+from ._framing import (
+    HEADER_SLOTS,
+    Value,
+    alloc_payloads,
+    check_expect,
+    encode,
+    materialise,
+    parse_descriptors,
+    parse_header,
+)
+from ._transport import CommGroup, ReduceOp, SendHandle, Transport
+
+__all__ = ["DistTransport"]
+
+log = logging.getLogger(__name__)
+
+_BACKENDS = ("gloo", "nccl")
+
+
+def _wait(transport: DistTransport, work: Any, *, deadline: float, waited: float, op: str, peer: int | None,
+          tag: int | None) -> None:
+    """Wait for one work object until ``deadline``; translate backend failures into comm errors with context."""
+    try:
+        if transport.backend == "nccl":
+            while not work.is_completed():
+                if time.monotonic() >= deadline:
+                    raise CommTimeoutError(op=op, rank=transport.rank, peer=peer, tag=tag, waited=waited)
+                time.sleep(0.0002)
+            work.wait()  # orders the current CUDA stream after the transfer
+        else:
+            left = max(deadline - time.monotonic(), 0.001)  # a zero timedelta would mean "no timeout"
+            work.wait(datetime.timedelta(seconds=left))
+    except CommTimeoutError:
+        raise
+    except RuntimeError as exc:
+        text = str(exc)
+        if "timed out" in text.lower() or ("timeout" in text.lower() and time.monotonic() >= deadline - 0.01):
+            raise CommTimeoutError(op=op, rank=transport.rank, peer=peer, tag=tag, waited=waited,
+                                   detail=text.splitlines()[0][-200:]) from exc
+        where = f"rank {transport.rank}: {op}" + ("" if peer is None else f" with rank {peer} (tag {tag})")
+        raise CommError(f"{where} failed: {text.splitlines()[0] if text else type(exc).__name__}; the peer process "
+                        "probably exited or crashed, check its log") from exc
+
+
+class _DistSendHandle(SendHandle):
+    def __init__(self, transport: DistTransport, works: list[Any], keepalive: list[torch.Tensor], *, dst: int,
+                 tag: int) -> None:
+        self._transport, self._works, self._keepalive = transport, works, keepalive
+        self._dst, self._tag = dst, tag
+
+    def wait(self, timeout: float | None = None) -> None:
+        t, deadline = self._transport._deadline(timeout)
+        while self._works:
+            _wait(self._transport, self._works[0], deadline=deadline, waited=t, op="send", peer=self._dst,
+                  tag=self._tag)
+            self._works.pop(0)
+        self._keepalive = []
+
+
+class DistTransport(Transport):
+    """A :class:`Transport` over the default torch.distributed process group.
+
+    Build with :meth:`init` (starts the process group), :meth:`from_env` (under torchrun) or
+    :meth:`from_process_group` (wraps a group somebody else initialised; ``close`` then leaves it alone).
+    """
+
+    def __init__(self, *, timeout: float = 30.0, device: torch.device | str | None = None,
+                 owns_process_group: bool = False) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("torch.distributed is not initialised; use DistTransport.init(...) or from_env()")
+        backend = str(dist.get_backend()).lower()
+        if backend not in _BACKENDS:
+            raise ValueError(f"process group backend {backend!r} is not supported; use one of {_BACKENDS}")
+        super().__init__(rank=dist.get_rank(), world_size=dist.get_world_size(), timeout=timeout)
+        self.backend = backend
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = torch.device(device)
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"backend 'nccl' moves CUDA tensors; device must be a CUDA device, got {self.device}")
+        if backend == "gloo" and self.device.type != "cpu":
+            raise ValueError(f"backend 'gloo' moves CPU tensors here; device must be 'cpu', got {self.device}")
+        self._owns = owns_process_group
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, *, rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int,
+             backend: str = "gloo", timeout: float = 30.0, device: torch.device | str | None = None) -> DistTransport:
+        """Start the default process group over TCP at ``master_addr:master_port`` (rank 0 listens there).
+
+        ``timeout`` is both the process group's timeout and the default deadline of every wait. With NCCL, ``device``
+        defaults to GPU ``rank % device_count``.
+        """
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if not isinstance(master_port, int) or not 0 < master_port < 65536:
+            raise ValueError(f"master_port must be a TCP port in 1..65535, got {master_port!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if dist.is_initialized():
+            raise ValueError("torch.distributed is already initialised; use DistTransport.from_process_group()")
+        device = cls._pick_device(backend, rank, device)
+        host = f"[{master_addr}]" if ":" in master_addr else master_addr
+        log.debug("rank %s/%s: init %s process group at %s:%s", rank, world_size, backend, host, master_port)
+        dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        return cls(timeout=timeout, device=device, owns_process_group=True)
+
+    @classmethod
+    def from_env(cls, *, backend: str = "gloo", timeout: float = 30.0) -> DistTransport:
+        """Start the process group from torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``.
+
+        Uses ``env://`` so torchrun's own store is reused; with NCCL the GPU is ``LOCAL_RANK``.
+        """
+        names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        missing = [n for n in names if not os.environ.get(n)]
+        if missing:
+            raise ValueError(f"environment variables {missing} are not set; launch with torchrun, or build the "
+                             "transport with DistTransport.init(rank=..., world_size=..., master_port=...)")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if dist.is_initialized():
+            raise ValueError("torch.distributed is already initialised; use DistTransport.from_process_group()")
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device = cls._pick_device(backend, local_rank, None)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+        return cls(timeout=timeout, device=device, owns_process_group=True)
+
+    @classmethod
+    def from_process_group(cls, *, timeout: float = 30.0, device: torch.device | str | None = None) -> DistTransport:
+        """Wrap the already initialised default process group (``close()`` will not destroy it)."""
+        return cls(timeout=timeout, device=device, owns_process_group=False)
+
+    @staticmethod
+    def _pick_device(backend: str, local_rank: int, device: torch.device | str | None) -> torch.device:
+        if backend != "nccl":
+            return torch.device("cpu") if device is None else torch.device(device)
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA, which is not available here; use backend='gloo'")
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if device is None else torch.device(device)
+        torch.cuda.set_device(dev)
+        return dev
+
+    # -- point to point ------------------------------------------------------------------------------------------
+    def isend(self, values: Sequence[Value], *, dst: int, tag: int = 0) -> SendHandle:
+        self._check_peer(dst, name="dst")
+        self._check_tag(tag)
+        frame = encode(values, src=self.rank, tag=tag, device=self.device)
+        tensors = frame.tensors()
+        works = [dist.isend(t, dst=dst, tag=tag) for t in tensors]
+        return _DistSendHandle(self, works, tensors, dst=dst, tag=tag)
+
+    def recv(self, *, src: int, tag: int = 0, timeout: float | None = None,
+             expect: Sequence[Any] | None = None) -> list[Value]:
+        self._check_peer(src, name="src")
+        self._check_tag(tag)
+        t, deadline = self._deadline(timeout)
+
+        def wait(work: Any) -> None:
+            _wait(self, work, deadline=deadline, waited=t, op="recv", peer=src, tag=tag)
+
+        header = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
+        wait(dist.irecv(header, src=src, tag=tag))
+        _, ext_len = parse_header(header, src=src, tag=tag)
+        extension = None
+        if ext_len:
+            extension = torch.empty(ext_len, dtype=torch.int64, device=self.device)
+            wait(dist.irecv(extension, src=src, tag=tag))
+        descs = parse_descriptors(header, extension)
+        buffers = alloc_payloads(descs, self.device)
+        works = [dist.irecv(b, src=src, tag=tag) for b in buffers]  # post all: they match in send order
+        for w in works:
+            wait(w)
+        values = materialise(descs, buffers, self.device)
+        check_expect(values, expect, where=f"recv on rank {self.rank} from rank {src} (tag {tag})")
+        return values
+
+    # -- collectives ---------------------------------------------------------------------------------------------
+    def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` itself when the backend can use it in place, else a contiguous copy on :attr:`device`."""
+        if tensor.device == self.device and tensor.is_contiguous():
+            return tensor.detach()
+        return tensor.detach().to(self.device, memory_format=torch.contiguous_format, copy=True)
+
+    def _run(self, kind: str, work: Any, when: tuple[float, float]) -> None:
+        t, deadline = when
+        _wait(self, work, deadline=deadline, waited=t, op=kind, peer=None, tag=None)
+
+    def all_reduce(self, tensor: torch.Tensor, *, group: CommGroup | None = None, op: ReduceOp = "sum",
+                   timeout: float | None = None) -> None:
+        self._check_reduce(tensor, op)
+        g = self._resolve_group(group, op="all_reduce")
+        when = self._deadline(timeout)
+        wire = self._on_wire(tensor)
+        work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=g.handle, async_op=True)
+        self._run("all_reduce", work, when)
+        with torch.no_grad():
+            if op == "mean":
+                wire.div_(g.size)
+            if wire.data_ptr() != tensor.data_ptr():
+                tensor.copy_(wire)
+
+    def broadcast(self, tensor: torch.Tensor, *, src: int, group: CommGroup | None = None,
+                  timeout: float | None = None) -> None:
+        g = self._resolve_group(group, op="broadcast")
+        if src not in g.ranks:
+            raise ValueError(f"broadcast src={src} is not in group {g.ranks}")
+        when = self._deadline(timeout)
+        wire = self._on_wire(tensor)
+        work = dist.broadcast(wire, src=src, group=g.handle, async_op=True)
+        self._run("broadcast", work, when)
+        if wire.data_ptr() != tensor.data_ptr():
+            with torch.no_grad():
+                tensor.copy_(wire)
+
+    def new_group(self, ranks: Sequence[int]) -> CommGroup:
+        members = self._check_group_ranks(ranks)
+        if members == self.world.ranks:
+            return self.world
+        handle = dist.new_group(ranks=list(members), timeout=datetime.timedelta(seconds=self.timeout))
+        return CommGroup(ranks=members, handle=handle)
+
+    def barrier(self, timeout: float | None = None) -> None:
+        # A one-element all_reduce rather than dist.barrier(): it honours our deadline on every backend.
+        self._resolve_group(None, op="barrier")
+        when = self._deadline(timeout)
+        work = dist.all_reduce(torch.zeros(1, device=self.device), group=None, async_op=True)
+        self._run("barrier", work, when)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns and dist.is_initialized():
+            dist.destroy_process_group()

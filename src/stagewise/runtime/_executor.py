@@ -1,0 +1,215 @@
+"""Interpret a schedule on one rank: run the stages this rank holds, move activations and gradients, record a timeline.
+
+Stage ``s`` of the pipeline lives on pipeline position ``s % P``; ``peers[p]`` is the global rank at position ``p``.
+What crosses a boundary is exactly ``StageSpec.send``/``recv``. Backward sends the gradients of the received tensors
+that required grad, in order; the sender expects gradients for its sent tensors that required grad, in the same order
+(the ``requires_grad`` flag travels with each tensor, so both sides agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..comm import SendHandle, Transport
+from ..schedule import Action, Schedule
+from ..split import Stage
+
+__all__ = ["PipelineExecutor", "StepError", "TimelineEvent"]
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[list[Any], int], torch.Tensor]
+"""``loss(outputs, microbatch) -> scalar``: the last stage's model outputs (leaf order) for one microbatch."""
+
+
+class StepError(RuntimeError):
+    """A schedule action failed; the message names rank, stage, action and microbatch and shows the schedule grid."""
+
+
+@dataclasses.dataclass(slots=True)
+class TimelineEvent:
+    """One recorded action on this rank (seconds since the step started)."""
+
+    action: str
+    kind: str
+    start: float
+    end: float
+
+
+def _leaf(value: Any) -> Any:
+    """A received value as a fresh autograd leaf (keeps requires_grad of what was sent)."""
+    if isinstance(value, torch.Tensor):
+        leaf = value.detach()
+        if value.requires_grad:
+            leaf.requires_grad_(True)
+        return leaf
+    return value
+
+
+def _needs_grad(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+@dataclasses.dataclass
+class _Ctx:
+    recv: list[Any]
+    send: list[Any]
+    loss: torch.Tensor | None
+
+
+class PipelineExecutor:
+    """Runs one rank's part of a pipeline schedule for one training step."""
+
+    def __init__(self, *, stages: Mapping[int, Stage], schedule: Schedule, transport: Transport,
+                 peers: Sequence[int], num_stages: int, loss_fn: LossFn | None, timeout: float = 30.0,
+                 record: bool = False) -> None:
+        self.stages = dict(stages)
+        self.schedule = schedule
+        self.transport = transport
+        self.peers = list(peers)
+        self.position = self.peers.index(transport.rank)
+        self.num_stages = num_stages
+        self.loss_fn = loss_fn
+        self.timeout = timeout
+        self.record = record
+        self.timeline: list[TimelineEvent] = []
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def _rank_of(self, stage: int) -> int:
+        return self.peers[stage % self.schedule.ranks]
+
+    def _tag(self, boundary: int, microbatch: int, backward: bool) -> int:
+        return (boundary * self.schedule.microbatches + microbatch) * 2 + int(backward)
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+    def run(self, inputs: Sequence[Mapping[str, Any]], *, loss_scale: float = 1.0) -> list[float]:
+        """Run every action of this rank for one step. ``inputs[m]``: the model inputs microbatch ``m`` needs here.
+
+        Returns the unscaled loss of every microbatch whose loss this rank computed (the last stage), in order.
+        """
+        actions = self.schedule.actions.get(self.position, [])
+        self.timeline = []
+        self._recv_f: dict[tuple[int, int], list[Any]] = {}
+        self._recv_b: dict[tuple[int, int], list[Any]] = {}
+        self._local_f: dict[tuple[int, int], list[Any]] = {}
+        self._local_b: dict[tuple[int, int], list[Any]] = {}
+        self._ctx: dict[tuple[int, int], _Ctx] = {}
+        self._out_f: dict[tuple[int, int], list[Any]] = {}
+        self._out_b: dict[tuple[int, int], list[Any]] = {}
+        self._handles: list[SendHandle] = []
+        self._losses: dict[int, float] = {}
+        self._inputs = inputs
+        self._scale = loss_scale
+        t0 = time.perf_counter()
+        for step, action in enumerate(actions):
+            start = time.perf_counter()
+            try:
+                self._dispatch(action)
+            except Exception as exc:
+                grid = self.schedule.grid(mark=(self.position, step), window=6)
+                raise StepError(f"rank {self.transport.rank}, stage {action.stage}, action {action} "
+                                f"(microbatch {action.microbatch}) failed: {type(exc).__name__}: {exc}\n{grid}") from exc
+            if self.record:
+                self.timeline.append(TimelineEvent(str(action), action.kind, start - t0, time.perf_counter() - t0))
+        for handle in self._handles:
+            handle.wait(self.timeout)
+        return [self._losses[m] for m in sorted(self._losses)]
+
+    def _dispatch(self, action: Action) -> None:
+        s, m = action.stage, action.microbatch
+        kind = action.kind
+        if kind == "F":
+            self._forward(s, m)
+        elif kind == "B":
+            self._backward(s, m, inputs=True, weights=True)
+        elif kind == "I":
+            self._backward(s, m, inputs=True, weights=False)
+        elif kind == "W":
+            self._backward(s, m, inputs=False, weights=True)
+        elif kind == "SEND_F":
+            values = self._out_f.pop((s, m))
+            self._handles.append(self.transport.isend(values, dst=self._rank_of(s + 1), tag=self._tag(s, m, False)))
+        elif kind == "RECV_F":
+            self._recv_f[(s, m)] = self.transport.recv(src=self._rank_of(s - 1), tag=self._tag(s - 1, m, False),
+                                                       timeout=self.timeout)
+        elif kind == "SEND_B":
+            grads = self._out_b.pop((s, m))
+            self._handles.append(self.transport.isend(grads, dst=self._rank_of(s - 1), tag=self._tag(s - 1, m, True)))
+        elif kind == "RECV_B":
+            self._recv_b[(s, m)] = self.transport.recv(src=self._rank_of(s + 1), tag=self._tag(s, m, True),
+                                                       timeout=self.timeout)
+        else:  # pragma: no cover - the schedule validator rejects unknown kinds
+            raise ValueError(f"unknown action kind {kind!r}")
+
+    def _forward(self, s: int, m: int) -> None:
+        stage = self.stages[s]
+        if s == 0:
+            recv: list[Any] = []
+        elif (s, m) in self._recv_f:
+            recv = [_leaf(v) for v in self._recv_f.pop((s, m))]
+        else:
+            recv = [_leaf(v) for v in self._local_f.pop((s, m))]
+        send, outs = stage(recv, self._inputs[m])
+        loss = None
+        if s == self.num_stages - 1:
+            if self.loss_fn is None:
+                raise RuntimeError("the last stage needs a loss function")
+            full: list[Any] = [None] * (max(stage.output_index, default=-1) + 1)
+            for leaf, value in zip(stage.output_index, outs):
+                full[leaf] = value
+            loss = self.loss_fn(full, m)
+            self._losses[m] = float(loss.detach())
+        self._ctx[(s, m)] = _Ctx(recv=recv, send=send, loss=loss)
+        if s < self.num_stages - 1:
+            if self._rank_of(s + 1) == self.transport.rank:
+                self._local_f[(s + 1, m)] = send
+            else:
+                self._out_f[(s, m)] = send
+
+    def _output_grads(self, s: int, m: int, ctx: _Ctx) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if ctx.loss is not None:
+            return [ctx.loss * self._scale], [torch.ones_like(ctx.loss)]
+        outs = [v for v in ctx.send if _needs_grad(v)]
+        if (s, m) in self._recv_b:
+            grads = self._recv_b.pop((s, m))
+        else:
+            grads = self._local_b.pop((s, m))
+        if len(grads) != len(outs):
+            raise RuntimeError(f"received {len(grads)} gradients for {len(outs)} sent tensors that require grad")
+        return outs, list(grads)
+
+    def _backward(self, s: int, m: int, *, inputs: bool, weights: bool) -> None:
+        key = (s, m)
+        ctx = self._ctx[key]
+        if inputs:
+            outs, grads = self._output_grads(s, m, ctx)
+            ctx_grads = (outs, grads)
+            leaves = [v for v in ctx.recv if _needs_grad(v)]
+            if weights:
+                params = [p for p in self.stages[s].parameters() if p.requires_grad]
+                if outs:
+                    torch.autograd.backward(outs, grads, inputs=[*leaves, *params] or None)
+                in_grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
+            else:
+                got = torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True) if leaves else ()
+                in_grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(got, leaves)]
+                ctx.recv = []  # keep only what the weight pass needs
+                ctx.send = ctx_grads  # type: ignore[assignment]
+            if s > 0:
+                if self._rank_of(s - 1) == self.transport.rank:
+                    self._local_b[(s - 1, m)] = in_grads
+                else:
+                    self._out_b[key] = in_grads
+        else:
+            outs, grads = ctx.send  # set by the input pass
+            params = [p for p in self.stages[s].parameters() if p.requires_grad]
+            if outs and params:
+                torch.autograd.backward(outs, grads, inputs=params)
+        if weights:
+            del self._ctx[key]

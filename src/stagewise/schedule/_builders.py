@@ -1,0 +1,210 @@
+"""Schedule builders: pure functions from (ranks, microbatches, ...) to a compute-only :class:`Schedule`.
+
+Each schedule is written once, here, as the per-rank order of its compute actions; a runtime interprets the list and
+never re-derives the order. Communication is a separate pass (:func:`add_communication`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ._actions import Action, Schedule
+
+__all__ = [
+    "SCHEDULE_NAMES",
+    "add_communication",
+    "build",
+    "gpipe",
+    "interleaved_1f1b",
+    "one_f_one_b",
+    "zero_bubble",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb")
+"""Names accepted by :func:`build`."""
+
+
+def _check_sizes(*, ranks: int, microbatches: int, stages_per_rank: int = 1) -> None:
+    for name, value in (("ranks", ranks), ("microbatches", microbatches), ("stages_per_rank", stages_per_rank)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _assemble(
+    name: str, *, ranks: int, stages: int, microbatches: int, rank_actions: Callable[[int], list[Action]]
+) -> Schedule:
+    schedule = Schedule(
+        name=name,
+        ranks=ranks,
+        stages=stages,
+        microbatches=microbatches,
+        actions={rank: rank_actions(rank) for rank in range(ranks)},
+    )
+    logger.debug("built %s schedule: ranks=%s stages=%s microbatches=%s", name, ranks, stages, microbatches)
+    return schedule
+
+
+def gpipe(*, ranks: int, microbatches: int) -> Schedule:
+    """GPipe: every rank runs all forwards, then all backwards (peak activations M per stage)."""
+    _check_sizes(ranks=ranks, microbatches=microbatches)
+
+    def rank_actions(rank: int) -> list[Action]:
+        forwards = [Action("F", rank, m) for m in range(microbatches)]
+        return forwards + [Action("B", rank, m) for m in range(microbatches)]
+
+    return _assemble("gpipe", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
+
+
+def _one_f_one_b_order(*, warmup: int, total: int) -> list[tuple[str, int]]:
+    """``warmup`` forwards, then forward/backward pairs, then the remaining backwards, as (kind, index) pairs.
+
+    Indices count the rank's forward (and backward) work items in the order they are run; callers map an index to a
+    (stage, microbatch).
+    """
+    warmup = min(warmup, total)
+    order = [("F", k) for k in range(warmup)]
+    for k in range(total - warmup):
+        order += [("F", warmup + k), ("B", k)]
+    order += [("B", k) for k in range(total - warmup, total)]
+    return order
+
+
+def one_f_one_b(*, ranks: int, microbatches: int) -> Schedule:
+    """1F1B (PipeDream-flush): ``ranks - 1 - rank`` warmup forwards, then one-forward-one-backward, then cooldown.
+
+    Same step time as GPipe, but stage ``r`` keeps at most ``min(M, P - r)`` activations alive instead of M.
+    """
+    _check_sizes(ranks=ranks, microbatches=microbatches)
+
+    def rank_actions(rank: int) -> list[Action]:
+        order = _one_f_one_b_order(warmup=ranks - 1 - rank, total=microbatches)
+        return [Action(kind, rank, m) for kind, m in order]  # type: ignore[arg-type]
+
+    return _assemble("1f1b", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
+
+
+def interleaved_1f1b(*, ranks: int, stages_per_rank: int, microbatches: int) -> Schedule:
+    """Megatron-style interleaved 1F1B: rank r holds stages r, r+P, ...; microbatches go through each of the rank's
+    stages in groups of P, which divides the pipeline bubble by about ``stages_per_rank``.
+
+    Requires ``microbatches % ranks == 0``. With ``stages_per_rank=1`` this is plain 1F1B.
+    """
+    _check_sizes(ranks=ranks, microbatches=microbatches, stages_per_rank=stages_per_rank)
+    if microbatches % ranks:
+        raise ValueError(
+            f"interleaved 1F1B sends microbatches through each rank's stages in groups of ranks={ranks}, so "
+            f"microbatches must be a multiple of {ranks}, got microbatches={microbatches}; use e.g. microbatches="
+            f"{(microbatches // ranks + 1) * ranks} or the '1f1b' schedule"
+        )
+    if stages_per_rank == 1:
+        # Megatron's warmup formula (below) doubles 1F1B's warmup even with one stage per rank; that only costs memory.
+        return one_f_one_b(ranks=ranks, microbatches=microbatches)
+    per_round = ranks * stages_per_rank  # forward work items per group of `ranks` microbatches
+    total = microbatches * stages_per_rank
+
+    def stage_and_mb(rank: int, k: int, *, forward: bool) -> tuple[int, int]:
+        chunk = (k % per_round) // ranks
+        if not forward:
+            chunk = stages_per_rank - 1 - chunk  # backward visits the rank's stages last-first
+        return chunk * ranks + rank, (k // per_round) * ranks + k % ranks
+
+    def rank_actions(rank: int) -> list[Action]:
+        # Enough warmup forwards that the first backward has come back from the last stage when the 1F1B phase starts.
+        warmup = (stages_per_rank - 1) * ranks + 2 * (ranks - 1 - rank)
+        actions = []
+        for kind, k in _one_f_one_b_order(warmup=warmup, total=total):
+            stage, mb = stage_and_mb(rank, k, forward=kind == "F")
+            actions.append(Action(kind, stage, mb))  # type: ignore[arg-type]
+        return actions
+
+    return _assemble(
+        "interleaved",
+        ranks=ranks,
+        stages=ranks * stages_per_rank,
+        microbatches=microbatches,
+        rank_actions=rank_actions,
+    )
+
+
+def zero_bubble(*, ranks: int, microbatches: int) -> Schedule:
+    """ZB-H1: 1F1B with every backward split into I (input gradient, on the critical path) and W (weight gradient).
+
+    Rank r runs ``P - r`` warmup forwards, then I/F pairs; it defers the W of its first r microbatches, so the input
+    gradients travel upstream sooner, and runs them at the end, where 1F1B would leave it idle. Peak activations per
+    stage stay those of 1F1B. W of a (stage, microbatch) always follows its I.
+    """
+    _check_sizes(ranks=ranks, microbatches=microbatches)
+
+    def rank_actions(rank: int) -> list[Action]:
+        deferred = min(rank, microbatches)
+        actions: list[Action] = []
+        for kind, m in _one_f_one_b_order(warmup=ranks - 1 - rank, total=microbatches):
+            if kind == "F":
+                actions.append(Action("F", rank, m))
+            else:
+                actions.append(Action("I", rank, m))
+                if m >= deferred:
+                    actions.append(Action("W", rank, m))
+        return actions + [Action("W", rank, m) for m in range(deferred)]
+
+    return _assemble("zb", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
+
+
+def build(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> Schedule:
+    """Build a schedule by name: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"zb"``."""
+    if name == "interleaved":
+        return interleaved_1f1b(ranks=ranks, stages_per_rank=stages_per_rank, microbatches=microbatches)
+    builders: dict[str, Callable[..., Schedule]] = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb": zero_bubble}
+    if name not in builders:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if stages_per_rank != 1:
+        raise ValueError(
+            f"stages_per_rank={stages_per_rank} needs the 'interleaved' schedule; {name!r} runs one stage per rank"
+        )
+    return builders[name](ranks=ranks, microbatches=microbatches)
+
+
+def add_communication(schedule: Schedule) -> Schedule:
+    """Insert the point-to-point transfers a compute-only schedule needs; returns a new schedule.
+
+    A RECV goes just before the compute that consumes it, a SEND just after the compute that produces it:
+    ``RECV_F(s)`` before ``F(s)`` and ``SEND_F(s)`` after it when stage ``s - 1`` / ``s + 1`` is on another rank;
+    ``RECV_B(s)`` before ``B``/``I`` of ``s`` and ``SEND_B(s)`` after it when stage ``s + 1`` / ``s - 1`` is on
+    another rank (``I`` carries the input gradient; ``W`` sends nothing). Stages on the same rank pass values locally.
+    """
+    if schedule.has_communication:
+        raise ValueError(f"schedule {schedule.name!r} already has SEND/RECV actions; add_communication runs once")
+
+    def remote(stage: int, neighbour: int) -> bool:
+        return 0 <= neighbour < schedule.stages and schedule.rank_of(neighbour) != schedule.rank_of(stage)
+
+    actions: dict[int, list[Action]] = {}
+    for rank, compute in schedule.actions.items():
+        out: list[Action] = []
+        for action in compute:
+            s, m = action.stage, action.microbatch
+            if action.kind == "F":
+                if remote(s, s - 1):
+                    out.append(Action("RECV_F", s, m))
+                out.append(action)
+                if remote(s, s + 1):
+                    out.append(Action("SEND_F", s, m))
+            elif action.kind in ("B", "I"):
+                if remote(s, s + 1):
+                    out.append(Action("RECV_B", s, m))
+                out.append(action)
+                if remote(s, s - 1):
+                    out.append(Action("SEND_B", s, m))
+            else:
+                out.append(action)
+        actions[rank] = out
+    return Schedule(
+        name=schedule.name,
+        ranks=schedule.ranks,
+        stages=schedule.stages,
+        microbatches=schedule.microbatches,
+        actions=actions,
+    )

@@ -1,0 +1,107 @@
+"""Data distribution: which samples each replica reads each step, sharded or replicated, deterministic and seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+__all__ = ["global_batches", "ReplicaBatches", "split_microbatches", "sample_to_call"]
+
+
+def _epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(n: int, *, global_batch: int, steps: int, seed: int, shuffle: bool,
+                   start_step: int = 0) -> Iterator[list[int]]:
+    """Sample indices of every global batch: each epoch is a seeded permutation covered once (last partial batch
+    of an epoch is dropped), epochs follow each other."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the data set has {n} samples, fewer than one global batch of {global_batch}; "
+                         "lower --global-batch")
+    for step in range(start_step, steps):
+        epoch, k = divmod(step, per_epoch)
+        order = _epoch_order(n, epoch=epoch, seed=seed, shuffle=shuffle)
+        yield order[k * global_batch:(k + 1) * global_batch]
+
+
+class _StepSampler(Sampler[list[int]]):
+    def __init__(self, batches: Sequence[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Subset(Dataset):
+    """Only the samples a replica reads (``shard``): indices are remapped, nothing else is touched."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+class ReplicaBatches:
+    """The batches of one replica: slice ``replica`` of every global batch, loaded by a DataLoader."""
+
+    def __init__(self, dataset: Dataset, *, replica: int, replicas: int, global_batch: int, steps: int, seed: int,
+                 shuffle: bool, mode: str, num_workers: int, start_step: int = 0) -> None:
+        n = len(dataset)  # type: ignore[arg-type]
+        per = global_batch // replicas
+        mine = [b[replica * per:(replica + 1) * per]
+                for b in global_batches(n, global_batch=global_batch, steps=steps, seed=seed, shuffle=shuffle,
+                                        start_step=start_step)]
+        if mode == "shard":
+            needed = sorted({i for b in mine for i in b})
+            where = {idx: j for j, idx in enumerate(needed)}
+            dataset = _Subset(dataset, needed)
+            mine = [[where[i] for i in b] for b in mine]
+        self.loader = DataLoader(dataset, batch_sampler=_StepSampler(mine), num_workers=num_workers,
+                                 collate_fn=default_collate)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+
+def sample_to_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A (batched) sample's inputs as ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def split_microbatches(batch: Any, microbatches: int) -> list[Any]:
+    """Cut a collated batch ``(inputs, targets)`` into ``microbatches`` equal pieces along dim 0."""
+
+    def cut(x: Any) -> list[Any]:
+        if isinstance(x, torch.Tensor):
+            if x.shape[0] % microbatches:
+                raise ValueError(f"batch of {x.shape[0]} rows does not divide into {microbatches} microbatches")
+            return list(x.chunk(microbatches))
+        if isinstance(x, dict):
+            parts = {k: cut(v) for k, v in x.items()}
+            return [{k: parts[k][i] for k in x} for i in range(microbatches)]
+        if isinstance(x, (list, tuple)):
+            parts2 = [cut(v) for v in x]
+            return [type(x)(p[i] for p in parts2) for i in range(microbatches)]
+        return [x] * microbatches
+
+    return cut(batch)

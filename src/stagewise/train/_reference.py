@@ -1,0 +1,41 @@
+"""Single-process training on exactly the data and updates a distributed run uses: the yardstick for exactness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._spec import load_model_spec
+from ._config import TrainConfig
+from ._data import global_batches, sample_to_call
+from ._worker import make_optimizer, model_loss
+
+__all__ = ["train_reference"]
+
+
+def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train ``config.model`` in this process on the same global batches; returns (losses, final state dict)."""
+    torch.manual_seed(config.seed)
+    spec = load_model_spec(config.model)
+    model = spec.model.train(config.dropout)
+    if spec.dataset is None:
+        raise ValueError(f"model {spec.name!r} has no dataset")
+    data = spec.dataset()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(config, params)
+    losses: list[float] = []
+    for indices in global_batches(len(data), global_batch=config.global_batch, steps=config.steps, seed=config.seed,
+                                  shuffle=config.shuffle):
+        inputs, targets = torch.utils.data.default_collate([data[i] for i in indices])
+        args, kwargs = sample_to_call(inputs)
+        loss = model_loss(spec, model(*args, **kwargs), targets)
+        loss.backward()
+        if config.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    state: dict[str, Any] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, state

@@ -1,0 +1,188 @@
+"""One training process: build only this rank's stages, then run schedule steps, sync and update."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._spec import ModelSpec, load_model_spec
+from ..comm import CommGroup, Transport
+from ..runtime import PipelineExecutor, all_reduce_grads, broadcast_params, clip_global_norm
+from ..schedule import add_communication, build, validate
+from ..split import Partition, split
+from ..split._capture import input_leaves
+from ..split._tree import unflatten
+from ._config import TrainConfig
+from ._data import ReplicaBatches, sample_to_call, split_microbatches
+from ._progress import Progress
+
+__all__ = ["run_worker", "Layout", "model_loss"]
+
+log = logging.getLogger(__name__)
+
+
+class Layout:
+    """Where every rank sits: rank = replica * P + position; stage s runs at position s % P."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.P = config.stages
+        self.D = config.replicas
+        self.V = config.stages_per_rank
+        self.S = self.P * self.V
+
+    def place(self, rank: int) -> tuple[int, int]:
+        replica, position = divmod(rank, self.P)
+        return replica, position
+
+    def pipeline(self, replica: int) -> list[int]:
+        return [replica * self.P + p for p in range(self.P)]
+
+    def replicas_of(self, position: int) -> list[int]:
+        return [d * self.P + position for d in range(self.D)]
+
+
+def model_loss(spec: ModelSpec, output: Any, targets: Any) -> torch.Tensor:
+    """The spec's loss on ``output``, or the loss the model computed itself (Hugging Face ``labels``)."""
+    if spec.loss is not None:
+        return spec.loss(output, *targets)
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None:
+        raise ValueError(f"model {spec.name!r} has no loss: give ModelSpec.loss, or make the model return one "
+                         "(e.g. pass labels to a Hugging Face model)")
+    return loss
+
+
+def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """The first ``rows`` samples of the data set, collated: inputs with the microbatch shape for graph capture."""
+    if spec.dataset is None:
+        raise ValueError(f"model {spec.name!r} has no dataset; training needs ModelSpec.dataset")
+    data = spec.dataset()
+    if len(data) < rows:
+        raise ValueError(f"the data set has {len(data)} samples, fewer than one microbatch of {rows}")
+    batch = torch.utils.data.default_collate([data[i] for i in range(rows)])
+    args, kwargs = sample_to_call(batch[0])
+    return args, kwargs, data
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    elif config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def factor(step: int) -> float:
+        if config.lr_schedule == "constant":
+            return 1.0
+        if step < config.warmup_steps:
+            return (step + 1) / max(1, config.warmup_steps)
+        span = max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
+    """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced)."""
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    layout = Layout(config)
+    rank = transport.rank
+    if transport.world_size != config.world_size:
+        raise ValueError(f"world size is {transport.world_size} but stages x replicas = {config.world_size}; "
+                         f"launch {config.world_size} processes")
+    replica, position = layout.place(rank)
+    spec = load_model_spec(config.model)
+    spec.model.train(config.dropout)
+    args, kwargs, dataset = example_batch(spec, config.microbatch_size)
+    if config.partition:
+        partition = Partition.from_json(config.partition)
+        cuts = [partition.units[i].name for i in partition.starts[1:]]
+        sm = split(spec.model, args, kwargs, stages=layout.S, cuts=cuts or None, model_name=config.model)
+    else:
+        sm = split(spec.model, args, kwargs, stages=layout.S, by=config.by, cuts=config.cuts,
+                   model_name=config.model)
+    cap, stages = sm.stages_for(args, kwargs)
+    mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}
+    params = [p for st in mine.values() for p in st.parameters() if p.requires_grad]
+    # Every rank creates every group in the same order (a torch.distributed requirement).
+    dp_groups = [transport.new_group(layout.replicas_of(p)) for p in range(layout.P)]
+    pp_groups = [transport.new_group(layout.pipeline(d)) for d in range(layout.D)]
+    dp_group: CommGroup = dp_groups[position]
+    pp_group: CommGroup = pp_groups[replica]
+    state = [t for st in mine.values() for t in st.module.state_dict().values()]
+    broadcast_params(state, transport, dp_group, src=layout.replicas_of(position)[0], timeout=config.timeout)
+    optimizer, scheduler = make_optimizer(config, params)
+    schedule = add_communication(build(config.schedule, ranks=layout.P, microbatches=config.microbatches,
+                                       stages_per_rank=layout.V))
+    validate(schedule)
+    targets_by_mb: list[Any] = []
+
+    def loss_fn(full: list[Any], m: int) -> torch.Tensor:
+        leaves = full + [None] * (len(cap.output_names) - len(full))
+        return model_loss(spec, unflatten(cap.out_spec, leaves), targets_by_mb[m])
+
+    executor = PipelineExecutor(stages=mine, schedule=schedule, transport=transport, peers=layout.pipeline(replica),
+                                num_stages=layout.S, loss_fn=loss_fn, timeout=config.timeout)
+    needed = sorted({name for st in mine.values() for name in st.spec.inputs})
+    has_loss = (layout.S - 1) in mine
+    loader = None
+    if needed or has_loss:
+        loader = iter(ReplicaBatches(dataset, replica=replica, replicas=layout.D, global_batch=config.global_batch,
+                                     steps=config.steps, seed=config.seed, shuffle=config.shuffle, mode=config.data,
+                                     num_workers=config.num_workers))
+    scale = 1.0 / (config.microbatches * layout.D) if config.loss_reduction == "mean" else 1.0
+    losses: list[float] = []
+    progress = Progress(total=config.steps, enabled=config.progress and rank == 0)
+    start = time.perf_counter()
+    for step in range(config.steps):
+        inputs: list[dict[str, Any]] = [{} for _ in range(config.microbatches)]
+        targets_by_mb.clear()
+        if loader is not None:
+            for m, (mb_inputs, mb_targets) in enumerate(split_microbatches(next(loader), config.microbatches)):
+                a, k = sample_to_call(mb_inputs)
+                leaves, names, _ = input_leaves(a, k)
+                inputs[m] = {n: t for n, t in zip(names, leaves) if n in needed}
+                targets_by_mb.append(mb_targets)
+        mb_losses = executor.run(inputs, loss_scale=scale)
+        all_reduce_grads(params, transport, dp_group, average=False, timeout=config.timeout)
+        if config.clip_grad_norm is not None:
+            clip_global_norm(params, config.clip_grad_norm, transport, pp_group, timeout=config.timeout)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.tensor([sum(mb_losses)], dtype=torch.float64)
+        transport.all_reduce(total, op="sum", timeout=config.timeout)
+        loss = float(total) * scale if config.loss_reduction == "mean" else float(total) / layout.D
+        losses.append(loss)
+        progress.update(step + 1, loss)
+        if rank == 0 and config.log_every and (step + 1) % config.log_every == 0 and not progress.enabled:
+            print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
+    progress.close()
+    elapsed = time.perf_counter() - start
+    summary = {"losses": losses, "seconds": elapsed, "steps_per_s": config.steps / elapsed if elapsed else 0.0}
+    if config.out_dir and replica == 0:
+        _write_outputs(Path(config.out_dir), mine, summary if rank == 0 else None)
+    transport.barrier(timeout=config.timeout)
+    return summary
+
+
+def _write_outputs(out: Path, stages: dict[int, Any], summary: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for s, stage in stages.items():
+        tensors = {k: v.detach().contiguous() for k, v in stage.module.state_dict().items()
+                   if not k.startswith("_stagewise_const")}
+        save_file(tensors, str(out / f"stage{s}.safetensors"))
+    if summary is not None:
+        (out / "summary.json").write_text(json.dumps(summary))
