@@ -19,6 +19,7 @@ install: $(BIN)/stagewise
 
 quickstart: install
 	$(BIN)/stagewise split stagewise.zoo.basic:large_model --stages 2
+	OMP_NUM_THREADS=1 $(BIN)/stagewise train stagewise.zoo.basic:mlp --stages 2 --steps 150 --global-batch 64 --lr 2e-3
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

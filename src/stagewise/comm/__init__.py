@@ -1,5 +1,6 @@
 """The transport seam: how stage workers exchange tensors (and python scalars) and run collectives.
 
+>>> import torch
 >>> from stagewise.comm import LocalHub
 >>> hub = LocalHub(2)                     # in-process ranks for tests; DistTransport.init(...) for real processes
 >>> a, b = hub.transport(0), hub.transport(1)
@@ -13,8 +14,6 @@ Messages are framed without pickle (an int64 header, then raw tensor bytes; see 
 the interface; :class:`DistTransport` runs on torch.distributed (gloo on CPU, NCCL on CUDA), :class:`LocalTransport`
 on threads. :func:`spawn` starts one real process per rank and never leaves one behind.
 """
-
-import torch  # noqa: F401  (used by the doctest above)
 
 from ._dist import DistTransport
 from ._errors import (

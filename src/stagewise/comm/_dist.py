@@ -91,6 +91,7 @@ class DistTransport(Transport):
 
     Build with :meth:`init` (starts the process group), :meth:`from_env` (under torchrun) or
     :meth:`from_process_group` (wraps a group somebody else initialised; ``close`` then leaves it alone).
+    ``backend`` is ``"gloo"`` or ``"nccl"``; ``device`` is where tensors travel and where received tensors land.
     """
 
     def __init__(self, *, timeout: float = 30.0, device: torch.device | str | None = None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any, Union
@@ -94,10 +95,7 @@ class TensorDesc:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 Desc = Union[TensorDesc, int, float, bool, None]
@@ -200,12 +198,12 @@ def encode(values: Sequence[Value], *, src: int, tag: int, device: torch.device 
     large: list[torch.Tensor] = []
     for t in tensors:  # same order and split as payload_layout()
         if _is_small(t.nbytes):
-            dev = device or (pack[0].device if pack else t.device)
+            dev = device if device is not None else pack[0].device if pack else t.device
             pack.append(_as_bytes(t.contiguous()).to(dev))  # torch.cat below copies: a snapshot either way
         else:
             if copy or not t.is_contiguous():
                 t = t.clone(memory_format=torch.contiguous_format)
-            large.append(_as_bytes(t).to(device or t.device))
+            large.append(_as_bytes(t).to(device if device is not None else t.device))
     payloads = ([torch.cat(pack)] if pack else []) + large
     inline = desc[: HEADER_SLOTS - _FIXED]
     fixed = [MAGIC, VERSION, src, tag, len(values), len(desc)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,8 +21,6 @@ from ._framing import Frame, Value, check_expect, encode, materialise, parse_des
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
 __all__ = ["LocalHub", "LocalTransport"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

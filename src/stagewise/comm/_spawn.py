@@ -2,7 +2,7 @@
 
 Each child runs ``fn(rank, world_size, port, *args)``. It reports back through its own one-way pipe as UTF-8 text
 (``OK``, or ``FAIL`` plus the traceback), never a pickled exception. ``fn`` and ``args`` are handed to the child by
-multiprocessing's spawn start method, so ``fn`` must be importable (a module-level function).
+multiprocessing's forkserver start method, so ``fn`` must be importable (a module-level function).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -68,9 +68,25 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def _context(preload: Sequence[str]) -> Any:
+    """A forkserver context whose server imports ``preload`` once: later children start in milliseconds instead of
+    re-importing torch (seconds each). The server itself never runs torch ops, so forking it is safe."""
+    ctx = mp.get_context("forkserver")
+    global _PRELOADED
+    if preload and _PRELOADED is None:
+        ctx.set_forkserver_preload(list(preload))
+        _PRELOADED = tuple(preload)
+    return ctx
+
+
+_PRELOADED: tuple[str, ...] | None = None
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = (), timeout: float = 60.0,
-          port: int | None = None) -> None:
+          port: int | None = None, preload: Sequence[str] = ("torch",)) -> None:
     """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes and wait for all of them.
+
+    Children are forked from a forkserver that imported ``preload`` (module names) once per parent process.
 
     ``port`` (default: :func:`find_free_port`) is a free port for the ranks' rendezvous. If any rank fails, or
     ``timeout`` seconds pass, every other rank is killed and :class:`SpawnError` is raised with the failing ranks'
@@ -81,7 +97,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     port = find_free_port() if port is None else port
-    ctx = mp.get_context("spawn")
+    ctx = _context(preload)
     procs: list[Any] = []
     readers: dict[int, multiprocessing.connection.Connection] = {}
     failures: dict[int, str] = {}

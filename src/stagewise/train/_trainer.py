@@ -52,6 +52,10 @@ class TrainResult:
         return model
 
 
+# Imported once by the forkserver so that every rank starts without re-importing them.
+_PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker", "stagewise.comm")
+
+
 def _local_rank_main(rank: int, world_size: int, port: int, config_json: str) -> None:
     config = TrainConfig.from_json(config_json)
     transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.timeout)
@@ -81,7 +85,7 @@ class Trainer:
         if config.out_dir is None:
             config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
         budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * config.timeout / 30.0)
-        spawn(_local_rank_main, config.world_size, args=(config.to_json(),), timeout=budget)
+        spawn(_local_rank_main, config.world_size, args=(config.to_json(),), timeout=budget, preload=_PRELOAD)
         out = Path(config.out_dir or ".")
         summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
         return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out)

@@ -13,7 +13,7 @@ import torch
 
 from .._spec import ModelSpec, load_model_spec
 from ..comm import CommGroup, Transport
-from ..runtime import PipelineExecutor, all_reduce_grads, broadcast_params, clip_global_norm
+from ..runtime import PipelineExecutor, StepError, all_reduce_grads, broadcast_params, clip_global_norm
 from ..schedule import add_communication, build, validate
 from ..split import Partition, split
 from ..split._capture import input_leaves
@@ -144,29 +144,35 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     losses: list[float] = []
     progress = Progress(total=config.steps, enabled=config.progress and rank == 0)
     start = time.perf_counter()
+    where = f"rank {rank} (stage {', '.join(map(str, sorted(mine)))}, replica {replica})"
     for step in range(config.steps):
-        inputs: list[dict[str, Any]] = [{} for _ in range(config.microbatches)]
-        targets_by_mb.clear()
-        if loader is not None:
-            for m, (mb_inputs, mb_targets) in enumerate(split_microbatches(next(loader), config.microbatches)):
-                a, k = sample_to_call(mb_inputs)
-                leaves, names, _ = input_leaves(a, k)
-                inputs[m] = {n: t for n, t in zip(names, leaves) if n in needed}
-                targets_by_mb.append(mb_targets)
-        mb_losses = executor.run(inputs, loss_scale=scale)
-        all_reduce_grads(params, transport, dp_group, average=False, timeout=config.timeout)
-        if config.clip_grad_norm is not None:
-            clip_global_norm(params, config.clip_grad_norm, transport, pp_group, timeout=config.timeout)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.tensor([sum(mb_losses)], dtype=torch.float64)
-        transport.all_reduce(total, op="sum", timeout=config.timeout)
-        loss = float(total) * scale if config.loss_reduction == "mean" else float(total) / layout.D
-        losses.append(loss)
-        progress.update(step + 1, loss)
-        if rank == 0 and config.log_every and (step + 1) % config.log_every == 0 and not progress.enabled:
-            print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
+        try:
+            inputs: list[dict[str, Any]] = [{} for _ in range(config.microbatches)]
+            targets_by_mb.clear()
+            if loader is not None:
+                for m, (mb_inputs, mb_targets) in enumerate(split_microbatches(next(loader), config.microbatches)):
+                    a, k = sample_to_call(mb_inputs)
+                    leaves, names, _ = input_leaves(a, k)
+                    inputs[m] = {n: t for n, t in zip(names, leaves) if n in needed}
+                    targets_by_mb.append(mb_targets)
+            mb_losses = executor.run(inputs, loss_scale=scale)
+            all_reduce_grads(params, transport, dp_group, average=False, timeout=config.timeout)
+            if config.clip_grad_norm is not None:
+                clip_global_norm(params, config.clip_grad_norm, transport, pp_group, timeout=config.timeout)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.tensor([sum(mb_losses)], dtype=torch.float64)
+            transport.all_reduce(total, op="sum", timeout=config.timeout)
+            loss = float(total) * scale if config.loss_reduction == "mean" else float(total) / layout.D
+            losses.append(loss)
+            progress.update(step + 1, loss)
+            if rank == 0 and config.log_every and (step + 1) % config.log_every == 0 and not progress.enabled:
+                print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
+        except StepError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
     progress.close()
     elapsed = time.perf_counter() - start
     summary = {"losses": losses, "seconds": elapsed, "steps_per_s": config.steps / elapsed if elapsed else 0.0}
