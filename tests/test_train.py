@@ -48,6 +48,12 @@ def test_matches_single_process(schedule: str, stages: int, replicas: int) -> No
                          global_batch=16, progress=False, log_every=0, dropout=False))
 
 
+@pytest.mark.parametrize("schedule,stages_per_rank", [("interleaved", 2), ("zb", 1)])
+def test_interleaved_and_zero_bubble_match_single_process(schedule: str, stages_per_rank: int) -> None:
+    _compare(TrainConfig(model="stagewise.zoo.basic:mlp", stages=2, stages_per_rank=stages_per_rank, microbatches=4,
+                         schedule=schedule, steps=3, global_batch=16, progress=False, log_every=0, dropout=False))
+
+
 @pytest.mark.parametrize("model,schedule,stages,replicas", [
     ("stagewise.zoo.hf:gpt2", "1f1b", 2, 1),          # Hugging Face, tied embedding / LM head across stages
     ("stagewise.zoo.gpt:tiny_gpt", "gpipe", 2, 2),    # our GPT, tied weights, hybrid

@@ -144,7 +144,10 @@ def test_digits_dataset() -> None:
     assert set(y.tolist()) == set(range(10))
     assert torch.allclose(x.mean(dim=0), torch.zeros(64), atol=1e-4)
     spec = get("mlp")()
-    assert spec.dataset is not None and len(spec.dataset()) == 1797
+    assert spec.dataset is not None and len(spec.dataset()) == 1797 * 4 // 5  # 80% train, 20% held out
+    assert spec.evaluate is not None
+    accuracy = spec.evaluate(spec.model)["accuracy"]
+    assert 0.0 <= accuracy <= 0.4  # untrained: near chance on the held-out fifth
     linears = [m for m in spec.model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 6 and linears[0].in_features == 64 and linears[-1].out_features == 10
 

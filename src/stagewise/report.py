@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .split import Partition
@@ -31,7 +32,7 @@ def print_partition(partition: Partition, console: Console | None = None) -> Non
         if stage.head:
             span = f"[head {stage.head}] {span}"
         sends = sum(v.nbytes for v in stage.send)
-        table.add_row(str(stage.index), f"{span} ({len(stage.units)})", f"{sum(u.params for u in infos):,}",
+        table.add_row(str(stage.index), escape(f"{span} ({len(stage.units)})"), f"{sum(u.params for u in infos):,}",
                       f"{sum(u.forward_ms for u in infos):.3f}", f"{sum(u.backward_ms for u in infos):.3f}",
                       format_bytes(sends) if stage.send else "-", ", ".join(stage.inputs) or "-")
     console.print(table)

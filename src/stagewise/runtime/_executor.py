@@ -61,6 +61,8 @@ class _Ctx:
     recv: list[Any]
     send: list[Any]
     loss: torch.Tensor | None
+    weight_pass: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    """Outputs and their gradients, kept by an input-gradient pass (I) for the weight-gradient pass (W)."""
 
 
 class PipelineExecutor:
@@ -136,8 +138,9 @@ class PipelineExecutor:
             values = self._out_f.pop((s, m))
             self._handles.append(self.transport.isend(values, dst=self._rank_of(s + 1), tag=self._tag(s, m, False)))
         elif kind == "RECV_F":
+            # Shapes and dtypes are checked against the partition: a mismatch is a typed error, never a hang.
             self._recv_f[(s, m)] = self.transport.recv(src=self._rank_of(s - 1), tag=self._tag(s - 1, m, False),
-                                                       timeout=self.timeout)
+                                                       timeout=self.timeout, expect=self.stages[s].spec.recv)
         elif kind == "SEND_B":
             grads = self._out_b.pop((s, m))
             self._handles.append(self.transport.isend(grads, dst=self._rank_of(s - 1), tag=self._tag(s - 1, m, True)))
@@ -189,7 +192,6 @@ class PipelineExecutor:
         ctx = self._ctx[key]
         if inputs:
             outs, grads = self._output_grads(s, m, ctx)
-            ctx_grads = (outs, grads)
             leaves = [v for v in ctx.recv if _needs_grad(v)]
             if weights:
                 params = [p for p in self.stages[s].parameters() if p.requires_grad]
@@ -199,15 +201,16 @@ class PipelineExecutor:
             else:
                 got = torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True) if leaves else ()
                 in_grads = [g if g is not None else torch.zeros_like(v) for g, v in zip(got, leaves)]
-                ctx.recv = []  # keep only what the weight pass needs
-                ctx.send = ctx_grads  # type: ignore[assignment]
+                ctx.recv, ctx.send = [], []  # keep only what the weight pass needs
+                ctx.weight_pass = (outs, grads)
             if s > 0:
                 if self._rank_of(s - 1) == self.transport.rank:
                     self._local_b[(s - 1, m)] = in_grads
                 else:
                     self._out_b[key] = in_grads
         else:
-            outs, grads = ctx.send  # set by the input pass
+            assert ctx.weight_pass is not None, "W before I (the schedule validator rejects this)"
+            outs, grads = ctx.weight_pass
             params = [p for p in self.stages[s].parameters() if p.requires_grad]
             if outs and params:
                 torch.autograd.backward(outs, grads, inputs=params)

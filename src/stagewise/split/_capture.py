@@ -8,7 +8,9 @@ position-id computation) join the next unit in execution order (or the last unit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import operator
 from collections.abc import Sequence
@@ -108,10 +110,12 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, ex
     out_specs: list[TreeSpec] = []
     flat = _Flat(model, in_spec, out_specs)
     try:
-        ep = torch.export.export(flat, tuple(leaves), strict=False)
+        # On failure export dumps the partial graph to stderr; the error message below says what matters.
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(flat, tuple(leaves), strict=False)
     except Exception as exc:  # torch raises many exception types from inside tracing
         raise CaptureError(f"torch.export could not capture {type(model).__name__}.forward: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                           f"{type(exc).__name__}: {_first_line(exc)}{_user_frame(exc)}") from exc
     assert out_specs, "export did not run forward"
     gm = ep.graph_module
     graph = gm.graph
@@ -133,6 +137,14 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, ex
             user_i += 1
         else:
             raise CaptureError(f"unsupported graph input kind {spec.kind} ({spec.arg.name})")
+    # A tied weight has several FQNs; name it as model.named_parameters() does (its first name, e.g. the embedding).
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    first_name: dict[int, str] = {}
+    for fqn, t in [*model.named_parameters(), *model.named_buffers()]:
+        first_name.setdefault(id(t), fqn)
+    state_nodes = {node: first_name.get(id(tensors[fqn]), fqn) if fqn in tensors else fqn
+                   for node, fqn in state_nodes.items()}
     out_node = next(n for n in graph.nodes if n.op == "output")
     out_args = list(out_node.args[0])
     output_nodes: list[fx.Node | None] = []
@@ -157,6 +169,21 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, ex
                    constants=constants, output_nodes=output_nodes, output_inputs=output_inputs,
                    out_spec=out_specs[-1], output_names=leaf_names(out_specs[-1]), units=units, node_unit=node_unit,
                    signature=signature_of(args, kwargs, model.training), training=model.training)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` (at file:line: code)`` when torch's message names the user code that failed, else ``""``."""
+    lines = str(exc).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("The following call raised this error") and i + 2 < len(lines):
+            where, code = lines[i + 1].strip(), lines[i + 2].strip()
+            if where.startswith("File "):
+                return f" (at {where.removeprefix('File ')}: {code})"
+    return ""
 
 
 def _module_calls(node: fx.Node) -> list[tuple[str, str]]:

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Partition", "StageSpec", "UnitInfo", "ValueSpec", "SPLIT_MODES", "COST_METHODS"]
+__all__ = ["Partition", "StageSpec", "UnitInfo", "ValueSpec", "SPLIT_MODES", "COST_METHODS", "CAPTURE_METHODS"]
 
 SPLIT_MODES = ("layers", "submodels", "tasks")
 COST_METHODS = ("uniform", "params", "time")
+CAPTURE_METHODS = ("graph", "modules")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -95,10 +96,15 @@ class Partition:
     output_names: list[str] = dataclasses.field(default_factory=list)
     training: bool = True
     """Whether the model was captured in training mode (dropout, batch-norm statistics)."""
+    capture: str = "graph"
+    """How the units were found: ``graph`` (torch.export; units are module calls inside the captured graph) or
+    ``modules`` (fallback for forwards export cannot capture: a plain chain of module calls recorded with hooks)."""
 
     def __post_init__(self) -> None:
         if self.mode not in SPLIT_MODES:
             raise ValueError(f"Partition.mode must be one of {SPLIT_MODES}, got {self.mode!r}")
+        if self.capture not in CAPTURE_METHODS:
+            raise ValueError(f"Partition.capture must be one of {CAPTURE_METHODS}, got {self.capture!r}")
 
     @property
     def num_stages(self) -> int:

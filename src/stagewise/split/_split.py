@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -55,7 +56,15 @@ def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[s
         except AttributeError:
             names = [n for n, _ in model.named_children()]
             raise SplitError(f"{type(model).__name__} has no sub-module {fqn!r}; its children are {names}") from None
-    cap = _capture(model, args, kwargs, atomic=atomic)
+    try:
+        cap = capture(model, args, kwargs, atomic=atomic)
+    except CaptureError as exc:
+        if atomic:
+            raise SplitError(f"{exc}. {_CAPTURE_HINT.format(name=type(model).__name__)}") from exc
+        from ._fallback import split_chain  # module-boundary fallback for plain chains of blocks
+
+        return split_chain(model, args, kwargs, exc, stages=stages, by=by, cuts=cuts, repeats=repeats,
+                           profile=profile, model_name=model_name)
     units = unit_infos(cap)
     if by == "time" or profile:
         from ..profile import profile_units
@@ -63,41 +72,50 @@ def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[s
         leaves, names, _ = input_leaves(args, kwargs)
         for info, (fwd, bwd) in zip(units, profile_units(cap, dict(zip(names, leaves)), repeats=repeats)):
             info.forward_ms, info.backward_ms = fwd, bwd
-    names = [u.name for u in units]
     mode = "submodels" if submodels else "tasks" if tasks else "layers"
-    heads: list[str] = list(tasks or [])
+    partition = _partition(type(model).__name__, units, mode=mode, stages=stages, by=by, cuts=cuts,
+                           submodels=list(submodels or []), heads=list(tasks or []), model_name=model_name)
+    partition.input_names, partition.output_names, partition.training = cap.input_names, cap.output_names, \
+        cap.training
+    return SplitModel(model, partition, cap, _layout(cap, partition))
+
+
+_CAPTURE_HINT = ("Stagewise needs to capture {name}.forward as a graph to split it. Make sure the example inputs are "
+                 "valid for the model (model(*args, **kwargs) runs), avoid Python branches on tensor values in "
+                 "forward, or split by named sub-modules (--submodels) that each capture on their own.")
+
+
+def _partition(model_type: str, units: list[UnitInfo], *, mode: str, stages: int, by: str,
+               cuts: Sequence[str] | None, submodels: list[str], heads: list[str],
+               model_name: str | None) -> Partition:
+    """Place the cuts over ``units`` (sub-model starts, named cuts, or the exact min-max cut under cost ``by``)."""
+    names = [u.name for u in units]
     if mode == "submodels":
-        starts = _submodel_starts(names, list(submodels or []))
+        starts = _submodel_starts(names, submodels)
     else:
         chain = names if mode == "layers" else names[: _first_head_unit(names, heads)]
         if cuts:
-            starts = cuts_from_names(chain, list(cuts))
+            try:
+                starts = cuts_from_names(chain, list(cuts))
+            except ValueError as exc:
+                raise SplitError(str(exc)) from None
         else:
             if stages < 1:
                 raise SplitError(f"stages must be at least 1, got {stages}")
             if stages > len(chain):
-                raise SplitError(f"{type(model).__name__} has {len(chain)} units ({', '.join(chain[:8])}"
+                raise SplitError(f"{model_type} has {len(chain)} units ({', '.join(chain[:8])}"
                                  f"{'...' if len(chain) > 8 else ''}); it cannot be cut into {stages} stages. "
                                  f"Use --stages {len(chain)} or fewer.")
-            costs = _costs(units[: len(chain)], by)
-            starts = min_max_cuts(costs, stages)
-    partition = Partition(mode=mode, by="cuts" if cuts else by, units=units, starts=starts, stages=[],
-                          heads=heads, submodels=list(submodels or []), model=model_name,
-                          input_names=cap.input_names, output_names=cap.output_names, training=cap.training)
-    layout = _layout(cap, partition)
-    partition.stages = plan_stages(cap, layout)
-    return SplitModel(model, partition, cap, layout)
+            starts = min_max_cuts(_costs(units[: len(chain)], by), stages)
+    return Partition(mode=mode, by="cuts" if cuts else by, units=units, starts=starts, stages=[], heads=heads,
+                     submodels=submodels, model=model_name)
 
 
 def _capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, atomic: Sequence[str]) -> Capture:
     try:
         return capture(model, args, kwargs, atomic=atomic)
     except CaptureError as exc:
-        raise SplitError(
-            f"{exc}. Stagewise needs to capture {type(model).__name__}.forward as a graph to split it. Make sure the "
-            "example inputs are valid for the model (model(*args, **kwargs) runs), avoid Python branches on tensor "
-            "values in forward, or split by named sub-modules (--submodels) that each capture on their own."
-        ) from exc
+        raise SplitError(f"{exc}. {_CAPTURE_HINT.format(name=type(model).__name__)}") from exc
 
 
 def _costs(units: Sequence[UnitInfo], by: str) -> list[float]:
@@ -238,8 +256,9 @@ class SplitModel:
     def __init__(self, model: nn.Module, partition: Partition, cap: Capture, layout: _Layout) -> None:
         self.model = model
         self.partition = partition
-        self._captures: dict[Any, tuple[Capture, list[Stage]]] = {}
-        self._captures[cap.signature] = (cap, self._build(cap, layout))
+        stages = self._build(cap, layout)
+        partition.stages = [stage.spec for stage in stages]
+        self._captures: dict[Any, tuple[Capture, list[Stage]]] = {cap.signature: (cap, stages)}
         self._default = cap.signature
 
     def _build(self, cap: Capture, layout: _Layout) -> list[Stage]:
@@ -263,6 +282,31 @@ class SplitModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(args, kwargs)
+
+    def recut(self, *, stages: int | None = None, by: str | None = None,
+              cuts: Sequence[str] | None = None) -> SplitModel:
+        """The same captured model cut again (no new capture): into ``stages`` stages under cost ``by``, or at ``cuts``.
+
+        ``stages`` defaults to the current number of chain stages, ``by`` to the current cost (``params`` after a
+        split at named cuts). A sub-model split has one stage per sub-model and cannot be re-cut.
+        """
+        p = self.partition
+        if p.mode == "submodels":
+            raise SplitError("a sub-model split has one stage per sub-model; call split() with other submodels")
+        by = by or (p.by if p.by != "cuts" else "params")
+        if by not in COST_METHODS:
+            raise SplitError(f"unknown cost {by!r}; use one of {', '.join(COST_METHODS)}")
+        if by == "time" and not any(u.forward_ms or u.backward_ms for u in p.units):
+            raise SplitError("the units were not timed; split with profile=True (or by='time') to recut by time")
+        new = _partition(type(self.model).__name__, [dataclasses.replace(u) for u in p.units], mode=p.mode,
+                         stages=len(p.starts) if stages is None else stages, by=by, cuts=cuts,
+                         submodels=list(p.submodels), heads=list(p.heads), model_name=p.model)
+        new.input_names, new.output_names, new.training = list(p.input_names), list(p.output_names), p.training
+        return self._recut(new)
+
+    def _recut(self, partition: Partition) -> SplitModel:
+        cap = self._captures[self._default][0]
+        return SplitModel(self.model, partition, cap, _layout(cap, partition))
 
     def run(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *, head: str | None = None) -> Any:
         """Run the stages one after the other in this process (all heads, or the trunk plus ``head``)."""

@@ -39,7 +39,9 @@ class TrainConfig:
     partition: str | None = None
     """A partition JSON file (from ``stagewise split --json``) to use instead of cutting again."""
     optimizer: str = "adam"
-    """Optimizer for every stage: adam, adamw or sgd."""
+    """Optimizer for every stage: adam, adamw, sgd, or any optimizer class by dotted path (torch.optim.RMSprop)."""
+    optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra keyword arguments for the optimizer (betas, momentum, eps...)."""
     lr: float = 1e-3
     """Learning rate."""
     weight_decay: float = 0.0
@@ -84,8 +86,9 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.schedule != "interleaved" and self.stages_per_rank != 1:
             raise ValueError("stages_per_rank > 1 needs schedule='interleaved'")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer not in OPTIMIZERS and "." not in self.optimizer:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)} or a dotted "
+                             "class path such as torch.optim.RMSprop")
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
         if self.data not in ("shard", "replicate"):

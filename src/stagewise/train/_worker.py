@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -73,12 +74,14 @@ def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
-    if config.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-    elif config.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    builtin = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if config.optimizer in builtin:
+        cls = builtin[config.optimizer]
     else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        module, _, name = config.optimizer.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    opt: torch.optim.Optimizer = cls(params, lr=config.lr, weight_decay=config.weight_decay,
+                                     **config.optimizer_kwargs)
 
     def factor(step: int) -> float:
         if config.lr_schedule == "constant":
