@@ -1,0 +1,74 @@
+"""Serving: a KServe Open Inference Protocol v2 HTTP gateway with dynamic batching in front of pluggable backends.
+
+Typical use::
+
+    backend = LocalBackend(model, name="mlp", example_inputs=torch.randn(2, 8), max_batch_size=32)
+    app = create_app(backend, config=GatewayConfig(auth_token="secret"))
+    server = serve_app(app)          # background thread, free port; server.url, server.stop()
+    run(app, host="0.0.0.0", port=8000)  # or: blocking, for the CLI
+
+A new kind of backend (e.g. pipeline stages in other processes) subclasses :class:`InferenceBackend`; it may call
+``GatewayMetrics.observe_stage_time`` through the metrics object it receives in ``bind_metrics``.
+"""
+
+from ._backend import InferenceBackend, LocalBackend, ModelMetadata, TensorMetadata, validate_inputs
+from ._batching import BatchingConfig, DynamicBatcher, should_wait
+from ._gateway import Gateway, GatewayConfig, create_app
+from ._metrics import GatewayMetrics
+from ._protocol import (
+    DATATYPES,
+    BackendError,
+    BadRequestError,
+    ClientDisconnectedError,
+    GatewayTimeoutError,
+    InferRequest,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    RequestedOutput,
+    RequestInput,
+    ServeError,
+    ServiceUnavailableError,
+    UnauthorizedError,
+    datatype_of,
+    decode_bytes_elements,
+    encode_bytes_elements,
+    encode_infer_response,
+    parse_infer_request,
+)
+from ._server import RunningServer, run, serve_app
+
+__all__ = [
+    "DATATYPES",
+    "BackendError",
+    "BadRequestError",
+    "BatchingConfig",
+    "ClientDisconnectedError",
+    "DynamicBatcher",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayMetrics",
+    "GatewayTimeoutError",
+    "InferRequest",
+    "InferenceBackend",
+    "LocalBackend",
+    "ModelMetadata",
+    "ModelNotFoundError",
+    "PayloadTooLargeError",
+    "RequestInput",
+    "RequestedOutput",
+    "RunningServer",
+    "ServeError",
+    "ServiceUnavailableError",
+    "TensorMetadata",
+    "UnauthorizedError",
+    "create_app",
+    "datatype_of",
+    "decode_bytes_elements",
+    "encode_bytes_elements",
+    "encode_infer_response",
+    "parse_infer_request",
+    "run",
+    "serve_app",
+    "should_wait",
+    "validate_inputs",
+]

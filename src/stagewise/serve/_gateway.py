@@ -1,0 +1,329 @@
+"""The HTTP front: a FastAPI app speaking the KServe Open Inference Protocol v2 for one or more backends.
+
+Routes (``{v}`` forms accept only the version the backend serves)::
+
+    GET  /v2/health/live   /v2/health/ready          liveness, readiness (200 / 503); never need a token
+    GET  /v2                                         server metadata (extensions include binary_tensor_data)
+    GET  /v2/models/{name}[/versions/{v}]            model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready      model readiness (200 / 503)
+    POST /v2/models/{name}[/versions/{v}]/infer      inference (JSON or binary tensor data extension)
+    GET  /metrics                                    Prometheus text exposition of this app's registry
+
+Every error is ``{"error": "..."}`` with a 4xx/5xx status; nothing a client sends can take the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import importlib.metadata
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._backend import InferenceBackend, validate_inputs
+from ._batching import BatchingConfig, DynamicBatcher
+from ._metrics import GatewayMetrics
+from ._protocol import (BadRequestError, ModelNotFoundError, PayloadTooLargeError, ServeError,
+                        ServiceUnavailableError, UnauthorizedError, encode_infer_response, parse_infer_request)
+
+__all__ = ["GatewayConfig", "Gateway", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+_HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+_HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclasses.dataclass(kw_only=True)
+class GatewayConfig:
+    """Settings of one gateway app."""
+
+    server_name: str = "stagewise"
+    """``name`` reported by ``GET /v2``."""
+    max_payload_bytes: int = 64 * 1024 * 1024
+    """Largest request body (after decompression); larger ones get 413."""
+    auth_token: str | None = None
+    """When set, every route except ``/v2/health/*`` needs ``Authorization: Bearer <token>``."""
+    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
+    """Batching settings of every model without an entry in ``model_batching``."""
+    model_batching: dict[str, BatchingConfig] = dataclasses.field(default_factory=dict)
+    """Per-model batching overrides, by model name."""
+    stop_timeout_s: float = 5.0
+    """How long shutdown waits for batches in flight."""
+    close_backends: bool = True
+    """Call each backend's ``close()`` when the app shuts down."""
+
+    def __post_init__(self) -> None:
+        if self.max_payload_bytes < 1:
+            raise ValueError(f"GatewayConfig.max_payload_bytes must be >= 1, got {self.max_payload_bytes}")
+        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
+            raise ValueError("GatewayConfig.auth_token must be a non-empty string without whitespace, or None")
+        if self.stop_timeout_s < 0:
+            raise ValueError(f"GatewayConfig.stop_timeout_s must be >= 0, got {self.stop_timeout_s}")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("stagewise")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class Gateway:
+    """The models, their batchers and the metrics behind one app (``app.state.gateway``)."""
+
+    def __init__(self, backends: Mapping[str, InferenceBackend], config: GatewayConfig,
+                 metrics: GatewayMetrics) -> None:
+        self.config, self.metrics, self.backends = config, metrics, dict(backends)
+        unknown = sorted(set(config.model_batching) - set(self.backends))
+        if unknown:
+            raise ValueError(f"GatewayConfig.model_batching names unknown models {unknown}; models: "
+                             f"{sorted(self.backends)}")
+        self.batchers = {name: DynamicBatcher(b, config.model_batching.get(name, config.batching), metrics=metrics)
+                         for name, b in self.backends.items()}
+        for b in self.backends.values():
+            b.bind_metrics(metrics)
+
+    def backend(self, name: str, version: str | None) -> InferenceBackend:
+        backend = self.backends.get(name)
+        if backend is None:
+            raise ModelNotFoundError(f"unknown model {name!r}; this server has {sorted(self.backends)}")
+        versions = backend.metadata().versions
+        if version is not None and version not in versions:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {list(versions)}")
+        return backend
+
+    def ready(self) -> bool:
+        return all(b.ready() and self.batchers[n].running for n, b in self.backends.items())
+
+    async def start(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(b.stop(self.config.stop_timeout_s) for b in self.batchers.values()))
+        if self.config.close_backends:
+            for backend in self.backends.values():
+                try:
+                    await backend.close()
+                except Exception:  # noqa: BLE001 - one failing close must not keep the others open
+                    logger.exception("closing backend %s failed", backend.name)
+
+
+def _error(exc: ServeError) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if isinstance(exc, ServiceUnavailableError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = 'Bearer realm="stagewise"'
+    return JSONResponse({"error": str(exc)}, status_code=exc.status_code, headers=headers)
+
+
+class _AuthMiddleware:
+    """Pure ASGI bearer-token check (401 with ``WWW-Authenticate``); health routes pass without a token."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self.token = app, token.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in _HEALTH_PATHS:
+            values = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+            scheme, _, token = (values[0] if len(values) == 1 else b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.token):
+                msg = "missing bearer token" if not values else "invalid bearer token"
+                await _error(UnauthorizedError(f"{msg}: send 'Authorization: Bearer <token>'"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before or while reading, and after inflating."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadRequestError(f"invalid Content-Length {length!r}")
+        if int(length) > limit:
+            raise PayloadTooLargeError(f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
+                                       "(GatewayConfig.max_payload_bytes)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes "
+                                       "(GatewayConfig.max_payload_bytes)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise BadRequestError(f"cannot {encoding}-decompress the request body: {exc}") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise PayloadTooLargeError(f"decompressed request body exceeds the limit of {limit} bytes "
+                                       "(GatewayConfig.max_payload_bytes)")
+    elif encoding != "identity":
+        raise BadRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    return body
+
+
+def _header_length(request: Request) -> int | None:
+    raw = request.headers.get(_HEADER_LENGTH)
+    if raw is None:
+        return None
+    if not raw.strip().isdigit():
+        raise BadRequestError(f"Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _timeout_s(parameters: Mapping[str, Any]) -> float | None:
+    """The request's own ``parameters.timeout`` (microseconds, as Triton clients send it), if any."""
+    raw = parameters.get("timeout")
+    if raw is None:
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw <= 0:
+        raise BadRequestError(f"parameters.timeout must be a positive integer (microseconds), got {raw!r}")
+    return raw / 1e6
+
+
+async def _disconnected(request: Request) -> None:
+    """Completes when the client goes away (uvicorn answers ``receive()`` with http.disconnect after the body)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _infer(gw: Gateway, request: Request, name: str, version: str | None) -> Response:
+    backend = gw.backend(name, version)
+    if not backend.ready():
+        raise ServiceUnavailableError(f"model {name!r} is not ready; retry later")
+    meta = backend.metadata()
+    body = await _read_body(request, gw.config.max_payload_bytes)
+    req = parse_infer_request(body, _header_length(request))
+    inputs = validate_inputs(req, meta)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        outputs = await gw.batchers[name].submit(inputs, timeout_s=_timeout_s(req.parameters), cancel=watcher)
+    finally:
+        watcher.cancel()
+    if req.outputs is not None:  # only the outputs asked for, in the order asked
+        selected = [(o.name, outputs[o.name], o.binary) for o in req.outputs]
+    else:
+        selected = [(t.name, outputs[t.name], req.binary_output) for t in meta.outputs]
+    content, header_length = encode_infer_response(model_name=name, model_version=version or meta.versions[0],
+                                                   request_id=req.id, outputs=selected)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[str, InferenceBackend], *,
+               config: GatewayConfig | None = None, metrics: GatewayMetrics | None = None) -> FastAPI:
+    """A FastAPI app serving ``models`` (one backend, a list, or ``name -> backend``; names must be unique)."""
+    config = config if config is not None else GatewayConfig()
+    if isinstance(models, InferenceBackend):
+        models = [models]
+    if isinstance(models, Mapping):
+        for key, backend in models.items():
+            if key != backend.name:
+                raise ValueError(f"model key {key!r} differs from the backend's name {backend.name!r}")
+        models = list(models.values())
+    backends: dict[str, InferenceBackend] = {}
+    for backend in models:
+        if not isinstance(backend, InferenceBackend):
+            raise TypeError(f"models must be InferenceBackend instances, got {type(backend).__name__}")
+        if backend.name in backends:
+            raise ValueError(f"two backends are named {backend.name!r}; model names must be unique")
+        backends[backend.name] = backend
+    if not backends:
+        raise ValueError("create_app needs at least one model")
+    gw = Gateway(backends, config, metrics if metrics is not None else GatewayMetrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title=config.server_name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gw
+    if config.auth_token is not None:
+        app.add_middleware(_AuthMiddleware, token=config.auth_token)
+
+    @app.exception_handler(ServeError)
+    async def _on_serve_error(_: Request, exc: ServeError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        if gw.ready():
+            return JSONResponse({"ready": True})
+        waiting = [n for n, b in gw.backends.items() if not (b.ready() and gw.batchers[n].running)]
+        return _error(ServiceUnavailableError(f"models not ready: {waiting}"))
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": config.server_name, "version": _version(), "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        return gw.backend(name, version).metadata().to_json()
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
+        backend = gw.backend(name, version)
+        if backend.ready() and gw.batchers[name].running:
+            return JSONResponse({"name": name, "ready": True})
+        return _error(ServiceUnavailableError(f"model {name!r} is not ready"))
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        start, status, reason = time.perf_counter(), 500, "internal"
+        try:
+            response = await _infer(gw, request, name, version)
+            status, reason = response.status_code, ""
+            return response
+        except ServeError as exc:
+            status, reason = exc.status_code, type(exc).__name__.removesuffix("Error")
+            return _error(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request a 500, not the server
+            logger.exception("inference request for model %s failed", name)
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        finally:
+            label = name if name in gw.backends else "_unknown"  # bounded label set: never echo arbitrary names
+            gw.metrics.observe_request(label, status, time.perf_counter() - start, reason or None)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        content, media_type = gw.metrics.render()
+        return Response(content, media_type=media_type)
+
+    return app
+
