@@ -2,8 +2,9 @@
 
 from ._spec import ModelSpec, load_model_spec
 from .split import Partition, SplitError, SplitModel, Stage, StageSpec, split
+from .train import TrainConfig, Trainer, TrainResult, train_reference
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelSpec", "load_model_spec", "split", "SplitModel", "SplitError", "Partition", "Stage", "StageSpec",
-           "__version__"]
+           "TrainConfig", "Trainer", "TrainResult", "train_reference", "__version__"]
