@@ -159,3 +159,25 @@ def test_runs_under_torchrun(tmp_path: Path) -> None:
     state = {**load_file(str(out / "stage0.safetensors")), **load_file(str(out / "stage1.safetensors"))}
     for name, value in state.items():
         torch.testing.assert_close(value, ref_state[name], rtol=RTOL, atol=ATOL)
+
+
+def test_trace_has_every_action_of_every_rank(tmp_path: Path) -> None:
+    import json
+
+    from stagewise.schedule import add_communication, build
+
+    trace = tmp_path / "trace"
+    Trainer(TrainConfig(model="stagewise.zoo.basic:large_model", stages=2, microbatches=4, schedule="1f1b", steps=2,
+                        global_batch=16, progress=False, log_every=0, trace=str(trace))).fit()
+    data = json.loads((trace / "trace.json").read_text())
+    events = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in events} == {0, 1}
+    schedule = add_communication(build("1f1b", ranks=2, microbatches=4))
+    for rank, actions in schedule.actions.items():
+        for step in (0, 1):
+            names = [e["name"] for e in events if e["tid"] == rank and e["args"]["step"] == step]
+            assert [n for n in names if n[0].isdigit()] == [str(a) for a in actions]
+            assert "all-reduce" in names and "optimizer" in names
+    assert all(e["dur"] >= 0 for e in events)
+    png = (trace / "timeline.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

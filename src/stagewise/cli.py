@@ -92,6 +92,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="compute threads per process (default: 1)")
     p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
                    help="write final weights (safetensors by FQN) and losses here")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="record every action of every rank: DIR/trace.json (Chrome/Perfetto) and DIR/timeline.png")
     p.set_defaults(func=_cmd_train)
 
 

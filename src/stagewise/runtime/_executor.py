@@ -34,12 +34,16 @@ class StepError(RuntimeError):
 
 @dataclasses.dataclass(slots=True)
 class TimelineEvent:
-    """One recorded action on this rank (seconds since the step started)."""
+    """One recorded action on this rank (wall-clock seconds since the epoch, comparable across local ranks)."""
 
-    action: str
+    name: str
     kind: str
+    stage: int
     start: float
     end: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "stage": self.stage, "start": self.start, "end": self.end}
 
 
 def _leaf(value: Any) -> Any:
@@ -108,9 +112,8 @@ class PipelineExecutor:
         self._losses: dict[int, float] = {}
         self._inputs = inputs
         self._scale = loss_scale
-        t0 = time.perf_counter()
         for step, action in enumerate(actions):
-            start = time.perf_counter()
+            start = time.time()
             try:
                 self._dispatch(action)
             except Exception as exc:
@@ -118,9 +121,12 @@ class PipelineExecutor:
                 raise StepError(f"rank {self.transport.rank}, stage {action.stage}, action {action} "
                                 f"(microbatch {action.microbatch}) failed: {type(exc).__name__}: {exc}\n{grid}") from exc
             if self.record:
-                self.timeline.append(TimelineEvent(str(action), action.kind, start - t0, time.perf_counter() - t0))
+                self.timeline.append(TimelineEvent(str(action), action.kind, action.stage, start, time.time()))
+        start = time.time()
         for handle in self._handles:
             handle.wait(self.timeout)
+        if self.record and self._handles:
+            self.timeline.append(TimelineEvent("wait sends", "wait", -1, start, time.time()))
         return [self._losses[m] for m in sorted(self._losses)]
 
     def _dispatch(self, action: Action) -> None:

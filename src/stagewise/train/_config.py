@@ -70,6 +70,8 @@ class TrainConfig:
     """Compute threads per process (torch.set_num_threads)."""
     out_dir: str | None = None
     """Where workers write the final weights (safetensors by FQN) and the loss history."""
+    trace: str | None = None
+    """Directory for a timeline of every action on every rank: Chrome trace (trace.json) and timeline.png."""
     log_every: int = 10
     """Print the loss every N steps."""
     progress: bool = True

@@ -135,7 +135,9 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
         return model_loss(spec, unflatten(cap.out_spec, leaves), targets_by_mb[m])
 
     executor = PipelineExecutor(stages=mine, schedule=schedule, transport=transport, peers=layout.pipeline(replica),
-                                num_stages=layout.S, loss_fn=loss_fn, timeout=config.timeout)
+                                num_stages=layout.S, loss_fn=loss_fn, timeout=config.timeout,
+                                record=config.trace is not None)
+    trace_steps: list[list[dict[str, Any]]] = []
     needed = sorted({name for st in mine.values() for name in st.spec.inputs})
     has_loss = (layout.S - 1) in mine
     loader = None
@@ -159,12 +161,20 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                     inputs[m] = {n: t for n, t in zip(names, leaves) if n in needed}
                     targets_by_mb.append(mb_targets)
             mb_losses = executor.run(inputs, loss_scale=scale)
+            t_sync = time.time()
             all_reduce_grads(params, transport, dp_group, average=False, timeout=config.timeout)
             if config.clip_grad_norm is not None:
                 clip_global_norm(params, config.clip_grad_norm, transport, pp_group, timeout=config.timeout)
+            t_opt = time.time()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if config.trace is not None:
+                events = [e.to_dict() for e in executor.timeline]
+                events.append({"name": "all-reduce", "kind": "allreduce", "stage": -1, "start": t_sync, "end": t_opt})
+                events.append({"name": "optimizer", "kind": "optimizer", "stage": -1, "start": t_opt,
+                               "end": time.time()})
+                trace_steps.append(events)
             total = torch.tensor([sum(mb_losses)], dtype=torch.float64)
             transport.all_reduce(total, op="sum", timeout=config.timeout)
             loss = float(total) * scale if config.loss_reduction == "mean" else float(total) / layout.D
@@ -181,8 +191,22 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     summary = {"losses": losses, "seconds": elapsed, "steps_per_s": config.steps / elapsed if elapsed else 0.0}
     if config.out_dir and replica == 0:
         _write_outputs(Path(config.out_dir), mine, summary if rank == 0 else None)
+    if config.trace is not None:
+        _write_trace(Path(config.trace), rank, trace_steps, schedule, transport, config.timeout)
     transport.barrier(timeout=config.timeout)
     return summary
+
+
+def _write_trace(trace_dir: Path, rank: int, steps: list[list[dict[str, Any]]], schedule: Any,
+                 transport: Transport, timeout: float) -> None:
+    from ..runtime._trace import merge_traces, render_timeline, write_rank_trace
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    write_rank_trace(trace_dir / f"rank{rank}.json", rank=rank, steps=steps)
+    transport.barrier(timeout=timeout)
+    if rank == 0:
+        merge_traces(trace_dir, schedule=schedule)
+        render_timeline(trace_dir, schedule=schedule)
 
 
 def _write_outputs(out: Path, stages: dict[int, Any], summary: dict[str, Any] | None) -> None:
