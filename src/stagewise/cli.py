@@ -72,7 +72,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="cost that balances the cut (default: params)")
     p.add_argument("--cuts", type=_csv, default=None, metavar="FQN,...", help="cut before these units instead")
     p.add_argument("--plan", dest="partition", default=None, metavar="FILE",
-                   help="use the cut of a partition/plan JSON file (from 'stagewise split --json')")
+                   help="a plan from 'stagewise plan --json' (sets layout, cut, microbatches, schedule) or a partition "
+                        "from 'stagewise split --json' (sets the cut)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer of every stage (default: adam)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
@@ -92,6 +93,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="compute threads per process (default: 1)")
     p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
                    help="write final weights (safetensors by FQN) and losses here")
+    p.add_argument("--save", dest="save_dir", default=None, metavar="DIR",
+                   help="checkpoint root: weights + optimizer + RNG + data position by FQN (safetensors + manifest)")
+    p.add_argument("--save-every", type=int, default=0, help="save every N steps (default: only at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default: 3)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a checkpoint (root or step directory), in any stages x replicas layout")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="record every action of every rank: DIR/trace.json (Chrome/Perfetto) and DIR/timeline.png")
     p.set_defaults(func=_cmd_train)
@@ -103,7 +110,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if args.partition and _is_plan_file(args.partition):
+        from .plan import Plan
+
+        values.update(Plan.from_json(args.partition).to_train_kwargs())  # the plan decides the layout
+        values["partition"] = None
+    config = TrainConfig(**values)
     from .train._trainer import under_torchrun
 
     result = Trainer(config).fit()
@@ -122,13 +135,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_plan_file(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read plan/partition file {path!r}: {exc}") from None
+    return isinstance(data, dict) and "schedule" in data and "cut" in data
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stagewise", description="Split a PyTorch model into stages, train it across processes, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from .checkpoint._cli import add_checkpoint_parser
+    from .plan._cli import add_plan_parser, add_probe_parser
+
     _add_split(sub)
     _add_train(sub)
+    add_plan_parser(sub)
+    add_probe_parser(sub)
+    add_checkpoint_parser(sub)
     return parser
 
 
@@ -139,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"stagewise {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

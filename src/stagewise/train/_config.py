@@ -70,6 +70,14 @@ class TrainConfig:
     """Compute threads per process (torch.set_num_threads)."""
     out_dir: str | None = None
     """Where workers write the final weights (safetensors by FQN) and the loss history."""
+    save_dir: str | None = None
+    """Checkpoint root: each stage saves its part (safetensors by FQN + manifest), committed atomically."""
+    save_every: int = 0
+    """Save every N steps (0: only at the end, when save_dir is set)."""
+    keep: int = 3
+    """Checkpoints kept; older ones are pruned after a commit."""
+    resume: str | None = None
+    """Continue from this checkpoint (a root: its latest; or a step directory), in this run's layout."""
     trace: str | None = None
     """Directory for a timeline of every action on every rank: Chrome trace (trace.json) and timeline.png."""
     log_every: int = 10
@@ -101,6 +109,8 @@ class TrainConfig:
         if self.global_batch % per:
             raise ValueError(f"global_batch {self.global_batch} must divide by replicas x microbatches = {per}; "
                              f"use --global-batch {max(per, self.global_batch // per * per)}")
+        if self.save_every < 0 or self.keep < 1:
+            raise ValueError("save_every must be >= 0 and keep >= 1")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
 

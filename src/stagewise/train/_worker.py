@@ -125,6 +125,10 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     state = [t for st in mine.values() for t in st.module.state_dict().values()]
     broadcast_params(state, transport, dp_group, src=layout.replicas_of(position)[0], timeout=config.timeout)
     optimizer, scheduler = make_optimizer(config, params)
+    named = [(n, p) for st in mine.values() for n, p in st.named_parameters() if p.requires_grad]
+    start_step = 0
+    if config.resume:
+        start_step = _resume(config, mine, optimizer, scheduler, named, rank, layout)
     schedule = add_communication(build(config.schedule, ranks=layout.P, microbatches=config.microbatches,
                                        stages_per_rank=layout.V))
     validate(schedule)
@@ -144,13 +148,18 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     if needed or has_loss:
         loader = iter(ReplicaBatches(dataset, replica=replica, replicas=layout.D, global_batch=config.global_batch,
                                      steps=config.steps, seed=config.seed, shuffle=config.shuffle, mode=config.data,
-                                     num_workers=config.num_workers))
+                                     num_workers=config.num_workers, start_step=start_step))
+    writer = None
+    if config.save_dir:
+        from ..checkpoint import CheckpointWriter
+
+        writer = CheckpointWriter(config.save_dir, keep=config.keep, clean=rank == 0)
     scale = 1.0 / (config.microbatches * layout.D) if config.loss_reduction == "mean" else 1.0
     losses: list[float] = []
     progress = Progress(total=config.steps, enabled=config.progress and rank == 0)
     start = time.perf_counter()
     where = f"rank {rank} (stage {', '.join(map(str, sorted(mine)))}, replica {replica})"
-    for step in range(config.steps):
+    for step in range(start_step, config.steps):
         try:
             inputs: list[dict[str, Any]] = [{} for _ in range(config.microbatches)]
             targets_by_mb.clear()
@@ -182,13 +191,19 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
             progress.update(step + 1, loss)
             if rank == 0 and config.log_every and (step + 1) % config.log_every == 0 and not progress.enabled:
                 print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
+            done = step + 1
+            if writer is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+                _save(writer, done, config, sm.partition, mine, optimizer, scheduler, named, transport, layout,
+                      losses=losses, start_step=start_step)
         except StepError:
             raise
         except Exception as exc:
             raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
     progress.close()
     elapsed = time.perf_counter() - start
-    summary = {"losses": losses, "seconds": elapsed, "steps_per_s": config.steps / elapsed if elapsed else 0.0}
+    ran = config.steps - start_step
+    summary = {"losses": losses, "seconds": elapsed, "steps_per_s": ran / elapsed if elapsed else 0.0,
+               "start_step": start_step}
     if config.out_dir and replica == 0:
         _write_outputs(Path(config.out_dir), mine, summary if rank == 0 else None)
     if config.trace is not None:
@@ -219,3 +234,67 @@ def _write_outputs(out: Path, stages: dict[int, Any], summary: dict[str, Any] | 
         save_file(tensors, str(out / f"stage{s}.safetensors"))
     if summary is not None:
         (out / "summary.json").write_text(json.dumps(summary))
+
+
+def _stage_tensors(stages: dict[int, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for st in stages.values() for k, v in st.module.state_dict().items()
+            if not k.startswith("_stagewise_const")}
+
+
+def _save(writer: Any, step: int, config: TrainConfig, partition: Partition, stages: dict[int, Any], optimizer: Any,
+          scheduler: Any, named: list[tuple[str, torch.nn.Parameter]], transport: Transport, layout: Layout, *,
+          losses: list[float], start_step: int) -> None:
+    """Every rank saves its RNG; replica 0 also its stages' weights and optimizer state; rank 0 commits."""
+    from ..checkpoint import optimizer_state_by_fqn, rng_state_json
+
+    rank = transport.rank
+    replica, _ = layout.place(rank)
+    tensors: dict[str, torch.Tensor] = {}
+    optim: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
+    if replica == 0:
+        tensors = _stage_tensors(stages)
+        optim, meta = optimizer_state_by_fqn(optimizer, named)
+    writer.save_part(step, part=f"rank{rank}", tensors=tensors, optimizer=optim, optimizer_meta=meta,
+                     extra_json={"rank": rank, "rng": rng_state_json()})
+    transport.barrier(timeout=config.timeout)
+    if rank == 0:
+        writer.commit(step, parts=[f"rank{r}" for r in range(transport.world_size)], partition=partition,
+                      manifest_extra={"step": step, "layout": {"stages": layout.P, "replicas": layout.D,
+                                                               "stages_per_rank": layout.V},
+                                      "lr_scheduler": {"last_epoch": scheduler.last_epoch},
+                                      "losses": losses, "first_step": start_step,
+                                      "config": json.loads(config.to_json())})
+    transport.barrier(timeout=config.timeout)
+
+
+def _resume(config: TrainConfig, stages: dict[int, Any], optimizer: Any, scheduler: Any,
+            named: list[tuple[str, torch.nn.Parameter]], rank: int, layout: Layout) -> int:
+    """Load this rank's weights and optimizer state by FQN from any layout's checkpoint; returns the step reached."""
+    from ..checkpoint import load_checkpoint, load_optimizer_state, restore_rng_state
+
+    assert config.resume is not None
+    ckpt = load_checkpoint(config.resume)
+    keys = list(_stage_tensors(stages))
+    saved = ckpt.tensors(keys)
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt.path} has no tensors for {missing[:5]}; was it saved from this model?")
+    with torch.no_grad():
+        for st in stages.values():
+            own = st.module.state_dict()
+            for k, v in own.items():
+                if k in saved:
+                    v.copy_(saved[k])
+    fqns = [n for n, _ in named]
+    load_optimizer_state(optimizer, named, ckpt.optimizer_state(fqns), ckpt.optimizer_meta(fqns))
+    extra = ckpt.extra
+    scheduler.last_epoch = int(extra.get("lr_scheduler", {}).get("last_epoch", ckpt.step))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    same_layout = extra.get("layout") == {"stages": layout.P, "replicas": layout.D, "stages_per_rank": layout.V}
+    part = f"rank{rank}"
+    if same_layout and part in ckpt.parts:
+        restore_rng_state(ckpt.part_extra(part)["rng"])
+    else:  # another layout: RNG streams cannot map rank to rank; start a fresh, deterministic one
+        torch.manual_seed(config.seed + ckpt.step)
+    return ckpt.step

@@ -1,0 +1,51 @@
+"""Plan a model's layout on a cluster: how many stages and replicas, which cut, how many microbatches, which schedule.
+
+>>> from stagewise.plan import Cluster, Node, search
+>>> cluster = Cluster(nodes=[Node(name="box", devices=4, memory_bytes=2**30)])
+>>> plans = search(partition.units, cluster, global_batch=32, profile_batch=4)   # doctest: +SKIP
+>>> plans[0].to_train_kwargs()                                                   # doctest: +SKIP
+{'stages': 2, 'replicas': 2, 'microbatches': 4, 'schedule': '1f1b', ...}
+
+Everything that decides is pure (cost model, exact memory-capped cut, search) and works on profiled units
+(:class:`stagewise.split.UnitInfo`); :func:`measure_links` is the only part that starts processes.
+"""
+
+from ._cluster import DEVICE_KINDS, Cluster, Node
+from ._cost import (
+    STATE_FACTORS,
+    activation_peaks,
+    allreduce_time,
+    optimizer_time,
+    pipeline_lower_bound,
+    simulate_costs,
+    transfer_time,
+)
+from ._cut import capped_min_max_cuts, nested_live, stage_memory
+from ._plan import MODES, Plan, PlanError
+from ._probe import LinkMeasurement, apply_measurement, measure_links
+from ._search import OPTIMIZER_SECONDS_PER_BYTE, TRAIN_SCHEDULES, search
+
+__all__ = [
+    "DEVICE_KINDS",
+    "MODES",
+    "OPTIMIZER_SECONDS_PER_BYTE",
+    "STATE_FACTORS",
+    "TRAIN_SCHEDULES",
+    "Cluster",
+    "LinkMeasurement",
+    "Node",
+    "Plan",
+    "PlanError",
+    "activation_peaks",
+    "allreduce_time",
+    "apply_measurement",
+    "capped_min_max_cuts",
+    "measure_links",
+    "nested_live",
+    "optimizer_time",
+    "pipeline_lower_bound",
+    "search",
+    "simulate_costs",
+    "stage_memory",
+    "transfer_time",
+]

@@ -1,0 +1,150 @@
+"""``stagewise plan`` and ``stagewise probe``: parsers and commands (``stagewise.cli`` wires them in)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._cluster import Cluster
+from ._plan import MODES, Plan
+
+__all__ = ["add_plan_parser", "cmd_plan", "add_probe_parser", "cmd_probe", "print_plans"]
+
+log = logging.getLogger(__name__)
+
+_MAX_CUTS_SHOWN = 6
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="choose stages, replicas, microbatches and schedule for a cluster",
+        description="Profile MODEL (per-unit forward/backward time, parameters, activation bytes), then search every "
+                    "layout of the cluster's devices (replicas x stages, microbatches, schedule, exact memory-capped "
+                    "cut) and print the best plans. The best one can be written as JSON.")
+    p.add_argument("model", metavar="MODEL",
+                   help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
+    p.add_argument("--cluster", metavar="FILE", default=None,
+                   help="cluster TOML file (default: detect this machine; see 'stagewise probe')")
+    p.add_argument("--devices", type=int, default=None, help="plan for the first N devices of the cluster")
+    p.add_argument("--mode", choices=MODES, default="train",
+                   help="train: fastest step; serve: highest throughput, then lowest latency (default: train)")
+    p.add_argument("--global-batch", type=int, default=32,
+                   help="samples per step over all replicas (serve: per batch wave) (default: 32)")
+    p.add_argument("--profile-batch", type=int, default=None,
+                   help="rows of the example input the units are timed at (default: its first dimension)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
+                   help="optimizer whose state counts against memory in train mode (default: adam)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per unit when profiling (default: 3)")
+    p.add_argument("--top", type=int, default=3, help="plans to print (default: 3)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write the best plan as JSON to FILE")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def _first_dim(value: Any) -> int | None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.dim() > 0 else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_dim(item)
+            if found is not None:
+                return found
+    return None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .._spec import load_model_spec
+    from ..split import split
+    from ._search import search
+
+    cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
+    spec = load_model_spec(args.model)
+    profile_batch = args.profile_batch or _first_dim([spec.args, spec.kwargs])
+    if profile_batch is None:
+        raise ValueError("cannot tell the batch size of MODEL's example inputs (no tensor with a first dimension); "
+                         "pass --profile-batch N")
+    sm = split(spec, stages=1, by="time", profile=True, repeats=args.repeats, model_name=args.model)
+    units = sm.partition.units
+    plans = search(units, cluster, mode=args.mode, global_batch=args.global_batch, profile_batch=profile_batch,
+                   devices=args.devices, optimizer=args.optimizer, limit=max(1, args.top))
+    for plan in plans:
+        plan.model = args.model
+    print_plans(plans, title=f"{args.model}: best {args.mode} plans for {plans[0].devices} device(s) "
+                             f"({len(units)} units, profiled at {profile_batch} rows)")
+    if args.json:
+        plans[0].to_json(args.json)
+        print(f"best plan written to {args.json}")
+    return 0
+
+
+def _cuts_text(plan: Plan) -> str:
+    cuts = plan.cut[1:]
+    if not cuts:
+        return "-"
+    shown = ", ".join(cuts[:_MAX_CUTS_SHOWN])
+    return shown + (f", ... (+{len(cuts) - _MAX_CUTS_SHOWN})" if len(cuts) > _MAX_CUTS_SHOWN else "")
+
+
+def print_plans(plans: Sequence[Plan], *, title: str = "plans", console: Any = None) -> None:
+    """A rich table: layout, cuts, microbatches, schedule, predicted step time, bubble, memory per device."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import format_bytes
+
+    table = Table(title=title)
+    for col in ("#", "layout", "cuts", "microbatches", "schedule", "step ms", "bubble", "memory/device",
+                "samples/s"):
+        table.add_column(col, justify="left" if col in ("layout", "cuts", "schedule") else "right")
+    for i, plan in enumerate(plans, 1):
+        virt = f" x {plan.stages_per_rank} virtual" if plan.stages_per_rank > 1 else ""
+        table.add_row(str(i), f"{plan.replicas} replica(s) x {plan.stages} stage(s){virt}", _cuts_text(plan),
+                      f"{plan.microbatches} x {plan.microbatch_rows} rows", plan.schedule,
+                      f"{plan.step_time_s * 1e3:.3f}", f"{plan.bubble_fraction:.1%}",
+                      f"{format_bytes(plan.peak_memory_bytes)} / {format_bytes(plan.device_memory_bytes)}",
+                      f"{plan.throughput:,.1f}")
+    (console or Console()).print(table)
+
+
+def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "probe", help="measure this machine's links and write them into a cluster TOML file",
+        description="Start two processes, measure point-to-point latency and bandwidth and all-reduce bandwidth, "
+                    "and write them as the intra-node links of the cluster file (created from this machine's devices "
+                    "if it does not exist; other fields of an existing file are kept).")
+    p.add_argument("--cluster", metavar="FILE", default="cluster.toml",
+                   help="cluster TOML file (default: cluster.toml)")
+    p.add_argument("--bytes", dest="nbytes", type=int, default=4 * 2**20,
+                   help="size of the large message and all-reduce, bytes (default: 4 MiB)")
+    p.add_argument("--repeats", type=int, default=5, help="timings per measurement, median taken (default: 5)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds the probe may take (default: 60)")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="auto: nccl between two GPUs when the cluster is CUDA and two are visible, else gloo")
+    p.set_defaults(func=cmd_probe)
+    return p
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from ._probe import apply_measurement, measure_links
+
+    path = Path(args.cluster)
+    cluster = Cluster.read(path) if path.exists() else Cluster.detect()
+    backend = args.backend
+    if backend == "auto":
+        import torch
+
+        backend = "nccl" if cluster.device_kind == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+    measured = measure_links(nbytes=args.nbytes, repeats=args.repeats, timeout=args.timeout, backend=backend)
+    cluster = apply_measurement(cluster, measured)
+    cluster.write(path)
+    print(f"latency {measured.latency_s * 1e6:.1f} us, bandwidth {measured.bandwidth / 1e9:.3f} GB/s, all-reduce "
+          f"{measured.allreduce_bandwidth / 1e9:.3f} GB/s ({measured.nbytes} bytes, {measured.backend}); "
+          f"written to {path}")
+    return 0

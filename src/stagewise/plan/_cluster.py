@@ -1,0 +1,282 @@
+"""The cluster a plan is made for: nodes of devices, their memory, and the links between them. Round-trips TOML.
+
+A cluster file looks like this (``Cluster.to_toml`` writes it; ``stagewise probe`` fills in measured links)::
+
+    intra_bandwidth = 2000000000.0   # bytes/s between two devices of one node
+    intra_latency = 5e-05            # seconds per message between two devices of one node
+    inter_bandwidth = 1250000000.0   # bytes/s between devices on different nodes
+    inter_latency = 0.0001
+    allreduce_bandwidth = 1000000000.0
+
+    [[nodes]]
+    name = "gpu-a"
+    devices = 8
+    device_kind = "cuda"
+    memory_bytes = 85899345920       # per device
+    flops = 1.0e14                   # optional hint
+
+Global device ``g`` is the ``g``-th device counting node by node in file order; a plan puts rank ``g`` on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Cluster", "Node", "DEVICE_KINDS"]
+
+log = logging.getLogger(__name__)
+
+DEVICE_KINDS = ("cpu", "cuda")
+
+# Rough defaults for links nobody measured yet (``stagewise probe`` replaces the intra-node ones).
+_DEFAULT_LINKS = {
+    "cpu": {"intra_bandwidth": 2e9, "intra_latency": 5e-5, "inter_bandwidth": 1.25e9, "inter_latency": 1e-4,
+            "allreduce_bandwidth": 1e9},
+    "cuda": {"intra_bandwidth": 1e11, "intra_latency": 1e-5, "inter_bandwidth": 1.25e10, "inter_latency": 2e-5,
+             "allreduce_bandwidth": 5e10},
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _non_negative_number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Node:
+    """One machine: some identical devices."""
+
+    name: str
+    """Host name (only used in messages and reports)."""
+    devices: int
+    """Devices on this node: CUDA GPUs, or CPU processes (one per core) for ``cpu``."""
+    memory_bytes: int
+    """Memory of *one* device in bytes (GPU memory, or the node's RAM divided by its CPU devices)."""
+    device_kind: str = "cpu"
+    """``cpu`` or ``cuda``."""
+    flops: float | None = None
+    """Optional hint: floating-point operations per second of one device (informational; plans use measured times)."""
+
+    def __post_init__(self) -> None:
+        self.validate("node")
+
+    def validate(self, where: str) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{where}.name must be a non-empty string, got {self.name!r}")
+        if not _is_int(self.devices) or self.devices < 1:
+            raise ValueError(f"{where}.devices must be an int >= 1, got {self.devices!r}")
+        if isinstance(self.memory_bytes, float) and self.memory_bytes.is_integer():
+            self.memory_bytes = int(self.memory_bytes)  # TOML users write 8e9
+        if not _is_int(self.memory_bytes) or self.memory_bytes < 1:
+            raise ValueError(f"{where}.memory_bytes must be an int >= 1 (bytes per device), got {self.memory_bytes!r}")
+        if self.device_kind not in DEVICE_KINDS:
+            raise ValueError(f"{where}.device_kind must be one of {DEVICE_KINDS}, got {self.device_kind!r}")
+        if self.flops is not None:
+            self.flops = _positive_number(f"{where}.flops", self.flops)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Cluster:
+    """Nodes, device memory and link speeds: everything the cost model needs to know about the hardware."""
+
+    nodes: list[Node]
+    """The machines, in rank order (node 0 holds global devices ``0 .. nodes[0].devices - 1``)."""
+    intra_bandwidth: float = 2e9
+    """Bytes per second between two devices of the same node (point to point)."""
+    intra_latency: float = 5e-5
+    """Seconds per message between two devices of the same node."""
+    inter_bandwidth: float = 1.25e9
+    """Bytes per second between devices on different nodes."""
+    inter_latency: float = 1e-4
+    """Seconds per message between devices on different nodes."""
+    allreduce_bandwidth: float = 1e9
+    """Bus bandwidth of a ring all-reduce inside one node, bytes per second: an all-reduce of ``n`` bytes over ``D``
+    devices takes ``2 (D - 1) / D * n / allreduce_bandwidth`` plus latencies. A group spanning nodes is further
+    limited to ``inter_bandwidth``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nodes, list) or not self.nodes:
+            raise ValueError("cluster.nodes must be a non-empty list of nodes (add a [[nodes]] table)")
+        for i, node in enumerate(self.nodes):
+            if not isinstance(node, Node):
+                raise ValueError(f"cluster.nodes[{i}] must be a Node, got {type(node).__name__}")
+            node.validate(f"cluster.nodes[{i}]")
+        for name in ("intra_bandwidth", "inter_bandwidth", "allreduce_bandwidth"):
+            setattr(self, name, _positive_number(f"cluster.{name}", getattr(self, name)))
+        for name in ("intra_latency", "inter_latency"):
+            setattr(self, name, _non_negative_number(f"cluster.{name}", getattr(self, name)))
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    @property
+    def num_devices(self) -> int:
+        """All devices of all nodes."""
+        return sum(node.devices for node in self.nodes)
+
+    @property
+    def device_memory(self) -> int:
+        """The smallest per-device memory: the cap every stage must fit under (a rank may land on any device)."""
+        return min(node.memory_bytes for node in self.nodes)
+
+    @property
+    def device_kind(self) -> str:
+        """``cuda`` if every node has GPUs, else ``cpu``."""
+        return "cuda" if all(node.device_kind == "cuda" for node in self.nodes) else "cpu"
+
+    def node_of(self) -> list[int]:
+        """Node index of every global device."""
+        return [i for i, node in enumerate(self.nodes) for _ in range(node.devices)]
+
+    def link(self, a: int, b: int) -> tuple[float, float]:
+        """(bandwidth bytes/s, latency s) of the point-to-point link between global devices ``a`` and ``b``."""
+        nodes = self.node_of()
+        for d in (a, b):
+            if not 0 <= d < len(nodes):
+                raise ValueError(f"device {d} does not exist; the cluster has {len(nodes)} devices")
+        if nodes[a] == nodes[b]:
+            return self.intra_bandwidth, self.intra_latency
+        return self.inter_bandwidth, self.inter_latency
+
+    def allreduce_link(self, devices: list[int]) -> tuple[float, float]:
+        """(bus bandwidth bytes/s, latency per ring step s) of an all-reduce over ``devices``."""
+        nodes = self.node_of()
+        if len({nodes[d] for d in devices}) <= 1:
+            return self.allreduce_bandwidth, self.intra_latency
+        return min(self.allreduce_bandwidth, self.inter_bandwidth), self.inter_latency
+
+    def take(self, devices: int) -> Cluster:
+        """The same cluster cut down to its first ``devices`` devices (node order)."""
+        if not _is_int(devices) or devices < 1:
+            raise ValueError(f"devices must be an int >= 1, got {devices!r}")
+        if devices > self.num_devices:
+            raise ValueError(f"--devices {devices} asks for more devices than the cluster has ({self.num_devices}); "
+                             "describe the larger cluster in a cluster TOML file (--cluster FILE)")
+        nodes, left = [], devices
+        for node in self.nodes:
+            if left == 0:
+                break
+            nodes.append(dataclasses.replace(node, devices=min(node.devices, left)))
+            left -= nodes[-1].devices
+        return dataclasses.replace(self, nodes=nodes)
+
+    # -- this machine --------------------------------------------------------------------------------------------
+    @classmethod
+    def detect(cls, *, use_cuda: bool = True) -> Cluster:
+        """This machine as a one-node cluster: its CUDA GPUs if torch sees any (and ``use_cuda``), else its CPU cores
+        (one device per usable core, each with an equal share of the RAM). Links get rough defaults; run
+        ``stagewise probe`` to measure them."""
+        host = socket.gethostname() or "localhost"
+        try:
+            import torch
+
+            gpus = torch.cuda.device_count() if use_cuda and torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001 - a broken CUDA install must not stop planning on CPU
+            log.warning("could not query CUDA devices; planning for CPUs", exc_info=True)
+            gpus = 0
+        if gpus:
+            memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+            node = Node(name=host, devices=gpus, memory_bytes=int(memory), device_kind="cuda")
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            node = Node(name=host, devices=cores, memory_bytes=int(ram // cores), device_kind="cpu")
+        log.debug("detected %s", node)
+        return cls(nodes=[node], **_DEFAULT_LINKS[node.device_kind])
+
+    # -- TOML ----------------------------------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        """The cluster as TOML text (:meth:`from_toml` reads it back)."""
+        lines = ["# stagewise cluster: bandwidths in bytes/s, latencies in seconds, memory in bytes per device"]
+        for f in dataclasses.fields(self):
+            if f.name != "nodes":
+                lines.append(f"{f.name} = {_toml_float(getattr(self, f.name))}")
+        for node in self.nodes:
+            lines += ["", "[[nodes]]", f"name = {json.dumps(node.name)}", f"devices = {node.devices}",
+                      f"device_kind = {json.dumps(node.device_kind)}", f"memory_bytes = {node.memory_bytes}"]
+            if node.flops is not None:
+                lines.append(f"flops = {_toml_float(node.flops)}")
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        """Write :meth:`to_toml` to ``path``."""
+        Path(path).write_text(self.to_toml())
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "cluster") -> Cluster:
+        """Parse TOML text; errors name ``source`` and the offending field."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{source}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Cluster:
+        """Read a cluster TOML file."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"cluster file {str(p)!r} does not exist; write one with 'stagewise probe "
+                                    f"--cluster {p}' or by hand (see stagewise.plan.Cluster)")
+        return cls.from_toml(p.read_text(), source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "cluster") -> Cluster:
+        """Build from parsed TOML/JSON data, rejecting unknown or missing keys by name."""
+        top = {f.name for f in dataclasses.fields(cls)}
+        _check_keys(data, top, required={"nodes"}, where=f"{source}: top level")
+        nodes = data["nodes"]
+        if not isinstance(nodes, list) or not nodes:
+            raise ValueError(f"{source}: 'nodes' must be a non-empty array of [[nodes]] tables")
+        node_fields = {f.name for f in dataclasses.fields(Node)}
+        built = []
+        for i, node in enumerate(nodes):
+            if not isinstance(node, dict):
+                raise ValueError(f"{source}: nodes[{i}] must be a table, got {node!r}")
+            _check_keys(node, node_fields, required={"name", "devices", "memory_bytes"}, where=f"{source}: nodes[{i}]")
+            try:
+                built.append(Node(**node))
+            except ValueError as exc:
+                raise ValueError(f"{source}: {str(exc).replace('node.', f'nodes[{i}].', 1)}") from None
+        try:
+            return cls(nodes=built, **{k: v for k, v in data.items() if k != "nodes"})
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], *, required: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise ValueError(f"{where}: missing required key {missing[0]!r}")
+
+
+def _toml_float(value: float) -> str:
+    text = repr(float(value))
+    return text if any(c in text for c in ".en") else text + ".0"

@@ -1,0 +1,142 @@
+"""The Plan: plain data saying how to lay a model out on a cluster, with what the cost model predicts for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..schedule import SCHEDULE_NAMES
+
+__all__ = ["Plan", "PlanError", "MODES"]
+
+MODES = ("train", "serve")
+
+
+class PlanError(ValueError):
+    """No layout fits the cluster; the message names the smallest change that would make one fit."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Plan:
+    """One layout of a model on a cluster (stages x replicas, cut, microbatches, schedule) and its predicted cost."""
+
+    mode: str
+    """``train`` (ranked by predicted step time) or ``serve`` (ranked by throughput, then latency)."""
+    devices: int
+    """Devices used: ``stages * replicas``."""
+    stages: int
+    """Pipeline ranks P (processes per replica; TrainConfig.stages)."""
+    replicas: int
+    """Data-parallel replicas D of the whole pipeline."""
+    stages_per_rank: int
+    """Virtual stages V per rank (2 only with the interleaved schedule); the model is cut into P x V stages."""
+    microbatches: int
+    """Microbatches M per replica per step."""
+    schedule: str
+    """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
+    global_batch: int
+    """Samples per step over all replicas (train) or per batch wave (serve)."""
+    microbatch_rows: int
+    """Rows per microbatch: ``global_batch / (replicas * microbatches)``."""
+    cut: list[str]
+    """Name of the first unit of every stage, in order (P x V names; the first is the chain's first unit)."""
+    step_time_s: float
+    """Predicted seconds per step (train: simulated pipeline + gradient all-reduce + optimizer; serve: one batch wave
+    through the simulated forward pipeline)."""
+    bubble_fraction: float
+    """Idle share of the simulated pipeline (0 = no bubble)."""
+    memory_bytes: list[int]
+    """Predicted peak memory of each pipeline rank's device (the same on every replica)."""
+    device_memory_bytes: int
+    """Memory of one device, the cap every rank fits under."""
+    stage_time_s: list[float] = dataclasses.field(default_factory=list)
+    """Predicted compute seconds per microbatch of every stage (forward + backward in train, forward in serve)."""
+    throughput: float = 0.0
+    """Samples per second over all replicas."""
+    latency_s: float = 0.0
+    """Seconds for one microbatch to pass forward through the pipeline, transfers included."""
+    allreduce_s: float = 0.0
+    """Predicted seconds of the slowest rank's gradient all-reduce plus optimizer step (train)."""
+    model: str | None = None
+    """The ``MODEL`` string planned for, when known."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Plan.mode must be one of {MODES}, got {self.mode!r}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"Plan.schedule must be one of {SCHEDULE_NAMES}, got {self.schedule!r}")
+        for name in ("devices", "stages", "replicas", "stages_per_rank", "microbatches", "global_batch",
+                     "microbatch_rows", "device_memory_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Plan.{name} must be an int >= 1, got {value!r}")
+        if self.stages_per_rank != 1 and self.schedule != "interleaved":
+            raise ValueError(f"Plan.stages_per_rank={self.stages_per_rank} needs schedule 'interleaved'")
+        if self.devices != self.stages * self.replicas:
+            raise ValueError(f"Plan.devices ({self.devices}) must equal stages x replicas "
+                             f"({self.stages} x {self.replicas})")
+        if self.global_batch != self.replicas * self.microbatches * self.microbatch_rows:
+            raise ValueError(f"Plan.global_batch ({self.global_batch}) must equal replicas x microbatches x "
+                             f"microbatch_rows ({self.replicas} x {self.microbatches} x {self.microbatch_rows})")
+        if len(self.cut) != self.num_stages or len(set(self.cut)) != len(self.cut):
+            raise ValueError(f"Plan.cut must name {self.num_stages} distinct first units (one per stage), "
+                             f"got {self.cut!r}")
+        if len(self.memory_bytes) != self.stages:
+            raise ValueError(f"Plan.memory_bytes must have one entry per pipeline rank ({self.stages}), "
+                             f"got {len(self.memory_bytes)}")
+        for name in ("step_time_s", "bubble_fraction", "throughput", "latency_s", "allreduce_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Plan.{name} must be a finite number >= 0, got {value!r}")
+
+    @property
+    def num_stages(self) -> int:
+        """Stages the model is cut into: ``stages * stages_per_rank``."""
+        return self.stages * self.stages_per_rank
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The fullest device's predicted memory."""
+        return max(self.memory_bytes)
+
+    def to_train_kwargs(self) -> dict[str, Any]:
+        """The :class:`stagewise.train.TrainConfig` fields this plan sets (pass them with ``model=``)."""
+        return {"stages": self.stages, "replicas": self.replicas, "microbatches": self.microbatches,
+                "schedule": self.schedule, "stages_per_rank": self.stages_per_rank,
+                "global_batch": self.global_batch, "cuts": list(self.cut[1:]) or None}
+
+    def describe(self) -> str:
+        """One line: layout, schedule and prediction."""
+        virt = f"x{self.stages_per_rank}" if self.stages_per_rank > 1 else ""
+        return (f"{self.replicas} replica(s) x {self.stages}{virt} stage(s), {self.schedule}, M={self.microbatches} "
+                f"({self.microbatch_rows} rows): step {self.step_time_s * 1e3:.3f} ms, "
+                f"bubble {self.bubble_fraction:.1%}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text (also written to ``path`` when given)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown plan field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Plan:
+        """Parse JSON text, or read it from a file path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))

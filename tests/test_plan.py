@@ -1,0 +1,503 @@
+"""Planning: cost-model terms on hand-computed examples, the exact memory-capped cut against brute force, search
+ranking and memory rejection, Plan JSON and Cluster TOML round-trips, the link probe on two real processes, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import random
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+import stagewise.plan as plan_pkg
+from stagewise.plan import (
+    Cluster,
+    Node,
+    Plan,
+    PlanError,
+    activation_peaks,
+    allreduce_time,
+    capped_min_max_cuts,
+    optimizer_time,
+    pipeline_lower_bound,
+    search,
+    simulate_costs,
+    stage_memory,
+    transfer_time,
+)
+from stagewise.plan._cli import add_plan_parser, add_probe_parser
+from stagewise.plan._cost import rank_lists
+from stagewise.plan._cut import Chain
+from stagewise.schedule import build, peak_activations, simulate
+from stagewise.split import UnitInfo
+from stagewise.train import TrainConfig
+
+KIB = 1024
+
+
+def chain_units(fwd_ms: list[float], *, param_bytes: int | list[int] = 1000, out_bytes: int | list[int] = 1000,
+                backward_factor: float = 2.0) -> list[UnitInfo]:
+    n = len(fwd_ms)
+    pb = param_bytes if isinstance(param_bytes, list) else [param_bytes] * n
+    ob = out_bytes if isinstance(out_bytes, list) else [out_bytes] * (n - 1) + [0]
+    return [UnitInfo(name=f"layers.{i}", params=pb[i] // 4, param_bytes=pb[i], forward_ms=f,
+                     backward_ms=f * backward_factor, out_bytes=ob[i]) for i, f in enumerate(fwd_ms)]
+
+
+def one_node(devices: int, memory: int = 2**30, **links: float) -> Cluster:
+    defaults = {"intra_bandwidth": 1e6, "intra_latency": 1e-4, "inter_bandwidth": 1e5, "inter_latency": 1e-3,
+                "allreduce_bandwidth": 1e6}
+    return Cluster(nodes=[Node(name="box", devices=devices, memory_bytes=memory)], **{**defaults, **links})
+
+
+def find(plans: list[Plan], **want: object) -> Plan:
+    hits = [p for p in plans if all(getattr(p, k) == v for k, v in want.items())]
+    assert len(hits) == 1, (want, [(p.stages, p.replicas, p.microbatches, p.schedule) for p in plans])
+    return hits[0]
+
+
+# --- cost-model terms --------------------------------------------------------------------------------------------
+
+
+def test_transfer_allreduce_and_optimizer_terms() -> None:
+    assert transfer_time(1000, bandwidth=1e6, latency=1e-3) == pytest.approx(2e-3)
+    # ring: 2 (D-1)/D * bytes / bw + 2 (D-1) latencies = 1.5 * 1000/1500 + 6 * 0.01
+    assert allreduce_time(1000, replicas=4, bandwidth=1500, latency=0.01) == pytest.approx(1.0 + 0.06)
+    assert allreduce_time(1000, replicas=1, bandwidth=1500, latency=0.01) == 0.0
+    assert optimizer_time(2000, seconds_per_byte=1e-6) == pytest.approx(2e-3)
+
+
+def test_activation_peaks_and_rank_lists_match_the_schedule_package() -> None:
+    codes = {"F": 0, "B": 1, "I": 2, "W": 3}
+    for name in ("gpipe", "1f1b", "zb", "interleaved"):
+        for P in range(1, 6):
+            for M in range(1, 11):
+                for V in (1, 2, 3) if name == "interleaved" else (1,):
+                    if name == "interleaved" and M % P:
+                        continue
+                    built = build(name, ranks=P, microbatches=M, stages_per_rank=V)
+                    peaks = peak_activations(built)
+                    assert activation_peaks(name, ranks=P, microbatches=M, stages_per_rank=V) == \
+                        [peaks[s] for s in range(P * V)], (name, P, M, V)
+                    lists = tuple(tuple((codes[a.kind], a.stage, a.microbatch) for a in built.actions[r])
+                                  for r in range(P))
+                    assert rank_lists(name, P, M, V) == lists, (name, P, M, V)
+    # Interleaved peaks stop depending on M once the steady phase spans a period; check a large M directly.
+    big = build("interleaved", ranks=4, microbatches=40, stages_per_rank=2)
+    assert activation_peaks("interleaved", ranks=4, microbatches=40, stages_per_rank=2) == \
+        [peak_activations(big)[s] for s in range(8)]
+
+
+def test_fast_simulation_equals_schedule_simulate_and_bounds_it() -> None:
+    rng = random.Random(0)
+    for _ in range(60):
+        name = rng.choice(["gpipe", "1f1b", "zb", "interleaved"])
+        P = rng.randint(1, 4)
+        V = 2 if name == "interleaved" else 1
+        M = rng.randint(1, 4) * (P if name == "interleaved" else 1)
+        S = P * V
+        f = [rng.uniform(0.1, 2) for _ in range(S)]
+        b = [rng.uniform(0.1, 3) for _ in range(S)]
+        w = [x * rng.uniform(0, 1) for x in b]
+        c = rng.choice([0.0, 0.25])
+        ref = simulate(build(name, ranks=P, microbatches=M, stages_per_rank=V), forward_cost=f, backward_cost=b,
+                       weight_cost=w, comm_cost=c)
+        step, bubble, busy = simulate_costs(name, ranks=P, microbatches=M, stages_per_rank=V, forward=f, backward=b,
+                                            weight=w, send_forward=[(c, 0.0)] * (S - 1),
+                                            send_backward=[(c, 0.0)] * (S - 1))
+        assert step == pytest.approx(ref.step_time, abs=1e-12)
+        assert bubble == pytest.approx(ref.bubble_fraction, abs=1e-12)
+        assert busy == pytest.approx([ref.busy[r] for r in range(P)])
+        delay = [c if j % P != (j + 1) % P else 0.0 for j in range(S - 1)]
+        bound = pipeline_lower_bound(name, ranks=P, busy=busy, forward=f, backward=b, fwd_delay=delay,
+                                     bwd_delay=delay)
+        assert bound <= step + 1e-12
+
+
+def test_link_occupancy_queues_transfers_by_hand() -> None:
+    # GPipe, 2 ranks, F = 1, B = 2, each transfer occupies its link for 2 s (no latency):
+    # rank 0: F m0 0-1, F m1 1-2; link: m0 1-3, m1 3-5; rank 1: F m0 3-4, F m1 5-6, B m0 6-8, B m1 8-10;
+    # grad link: m0 8-10, m1 10-12; rank 0: B m0 10-12, B m1 12-14.
+    step, bubble, busy = simulate_costs("gpipe", ranks=2, microbatches=2, forward=[1, 1], backward=[2, 2],
+                                        send_forward=[(0.0, 2.0)], send_backward=[(0.0, 2.0)])
+    assert step == 14.0
+    assert busy == [6.0, 6.0]
+    assert bubble == pytest.approx(1 - 12 / 28)
+    # Latency adds to arrival but does not hold the link: 1 microbatch, latency 0.5, occupancy 1.
+    step, _, _ = simulate_costs("1f1b", ranks=2, microbatches=1, forward=[1, 1], backward=[2, 2],
+                                send_forward=[(0.5, 1.0)], send_backward=[(0.5, 1.0)])
+    assert step == 1 + 1.5 + 1 + 2 + 1.5 + 2
+
+
+def test_stage_time_transfer_allreduce_and_memory_of_a_plan_by_hand() -> None:
+    # Two units profiled at 4 rows: forward 10 / 20 ms, backward 20 / 40 ms, 1000 param bytes each, unit 0 sends
+    # 1000 bytes. Links: 1e6 B/s, 1e-4 s; all-reduce 1e6 B/s; optimizer 1e-6 s per byte.
+    units = chain_units([10.0, 20.0])
+    plans = search(units, one_node(2), global_batch=4, profile_batch=4, limit=None, seconds_per_byte=1e-6)
+    p = find(plans, stages=2, replicas=1, microbatches=1, schedule="1f1b")
+    assert p.cut == ["layers.0", "layers.1"]
+    assert p.stage_time_s == pytest.approx([0.03, 0.06])
+    # F0 0-.01, transfer 1e-3 + 1e-4, F1 .0111-.0311, B1 -.0711, transfer back .0011, B0 .0722-.0922; optimizer 1e-3
+    assert p.allreduce_s == pytest.approx(1e-3)
+    assert p.step_time_s == pytest.approx(0.0922 + 1e-3)
+    # Memory: params + grads + Adam (4 x 1000) + live x (input + outputs) x rows / profile rows.
+    p2 = find(plans, stages=2, replicas=1, microbatches=2, schedule="1f1b")  # 2 rows per microbatch
+    assert p2.stage_time_s == pytest.approx([0.015, 0.03])
+    assert p2.memory_bytes == [4000 + 2 * 1000 * 2 // 4, 4000 + 1 * 1000 * 2 // 4]
+    assert find(plans, stages=2, replicas=1, microbatches=2, schedule="gpipe").memory_bytes == [5000, 5000]
+    # Two replicas: a ring all-reduce of each rank's 1000 gradient bytes, 2*1/2*1000/1e6 + 2*1e-4, then the optimizer.
+    p4 = find(search(units, one_node(4), global_batch=8, profile_batch=4, limit=None, seconds_per_byte=1e-6),
+              stages=2, replicas=2, microbatches=1, schedule="1f1b")
+    assert p4.allreduce_s == pytest.approx(1e-3 + 2e-4 + 1e-3)
+    assert p4.step_time_s == pytest.approx(0.0922 + 2.2e-3)
+    assert p4.throughput == pytest.approx(8 / p4.step_time_s)
+
+
+def test_transfers_across_nodes_use_the_inter_node_link() -> None:
+    units = chain_units([10.0, 20.0])
+    two_nodes = Cluster(nodes=[Node(name="a", devices=1, memory_bytes=2**30), Node(name="b", devices=1,
+                                                                                   memory_bytes=2**30)],
+                        intra_bandwidth=1e6, intra_latency=1e-4, inter_bandwidth=1e5, inter_latency=1e-3,
+                        allreduce_bandwidth=1e6)
+    p = find(search(units, two_nodes, global_batch=4, profile_batch=4, limit=None, seconds_per_byte=0.0),
+             stages=2, microbatches=1, schedule="1f1b")
+    hop = 1e-3 + 1000 / 1e5
+    assert p.step_time_s == pytest.approx(0.01 + hop + 0.02 + 0.04 + hop + 0.02)
+    assert p.latency_s == pytest.approx(0.01 + hop + 0.02)
+
+
+# --- the exact memory-capped cut ----------------------------------------------------------------------------------
+
+
+def brute_force(time: list[float], stages: int, weight: list[int], act: list[int], live: list[int], cap: int,
+                input_act: int) -> Fraction | None:
+    n, best = len(time), None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        starts = [0, *cuts]
+        if max(stage_memory(weight, act, starts, live, input_act=input_act)) > cap:
+            continue
+        bounds = [*starts, n]
+        value = max(sum((Fraction(x) for x in time[bounds[j]:bounds[j + 1]]), Fraction(0)) for j in range(stages))
+        if best is None or value < best:
+            best = value
+    return best
+
+
+def test_capped_cut_is_exact_against_brute_force() -> None:
+    rng = random.Random(7)
+    feasible = infeasible = 0
+    for _ in range(400):
+        n = rng.randint(1, 8)
+        stages = rng.randint(1, n)
+        time = [rng.choice([0.0, rng.uniform(0, 10), float(rng.randint(0, 4))]) for _ in range(n)]
+        weight = [rng.randint(0, 20) for _ in range(n)]
+        act = [rng.randint(0, 10) for _ in range(n)]
+        live = sorted((rng.randint(1, 5) for _ in range(stages)), reverse=True)
+        cap, input_act = rng.randint(5, 80), rng.randint(0, 5)
+        got = capped_min_max_cuts(time, stages, weight=weight, act=act, live=live, cap=cap, input_act=input_act)
+        best = brute_force(time, stages, weight, act, live, cap, input_act)
+        if best is None:
+            assert got is None
+            infeasible += 1
+            continue
+        feasible += 1
+        assert got is not None and len(got) == stages and got[0] == 0
+        assert all(b > a for a, b in zip(got, got[1:])) and got[-1] < n
+        assert max(stage_memory(weight, act, got, live, input_act=input_act)) <= cap
+        bounds = [*got, n]
+        assert max(sum((Fraction(x) for x in time[bounds[j]:bounds[j + 1]]), Fraction(0))
+                   for j in range(stages)) == best
+    assert feasible > 50 and infeasible > 50  # both branches were exercised
+
+
+def test_capped_cut_with_rising_live_stays_under_the_cap() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        n = rng.randint(2, 8)
+        stages = rng.randint(2, n)
+        time = [rng.uniform(0, 5) for _ in range(n)]
+        weight, act = [rng.randint(0, 10) for _ in range(n)], [rng.randint(0, 6) for _ in range(n)]
+        live = [rng.randint(1, 4) for _ in range(stages)]  # not non-increasing: caps are tightened, never loosened
+        got = capped_min_max_cuts(time, stages, weight=weight, act=act, live=live, cap=40)
+        if got is not None:
+            assert max(stage_memory(weight, act, got, live)) <= 40
+
+
+def test_chain_act_scale_equals_scaled_activations() -> None:
+    time, weight, act = [3.0, 1.0, 2.0, 5.0, 1.0], [4, 9, 1, 3, 6], [2, 5, 1, 4, 0]
+    live = [3, 2, 1]
+    for cap in range(10, 80, 7):
+        scaled = capped_min_max_cuts(time, 3, weight=weight, act=[3 * a for a in act], live=live, cap=cap)
+        assert Chain(time, weight, act).cut(3, live, cap, act_scale=3) == scaled
+
+
+def test_capped_cut_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="one entry per stage"):
+        capped_min_max_cuts([1.0, 2.0], 2, weight=[1, 1], act=[1, 1], live=[1], cap=10)
+    with pytest.raises(ValueError, match="non-empty stages"):
+        capped_min_max_cuts([1.0], 2, weight=[1], act=[1], live=[1, 1], cap=10)
+
+
+# --- search ---------------------------------------------------------------------------------------------------------
+
+
+def random_chain(n: int, seed: int) -> list[UnitInfo]:
+    rng = random.Random(seed)
+    return chain_units([rng.lognormvariate(0, 0.5) for _ in range(n)],
+                       param_bytes=[rng.randint(1, 8) * 256 for _ in range(n)],
+                       out_bytes=[rng.randint(1, 4) * 256 for _ in range(n - 1)] + [0])
+
+
+def test_search_returns_sorted_valid_plans_and_pruning_keeps_the_top() -> None:
+    units = random_chain(24, seed=1)
+    cluster = one_node(8, memory=64 * KIB)
+    every = search(units, cluster, global_batch=32, profile_batch=4, limit=None)
+    assert len(every) > 20
+    steps = [p.step_time_s for p in every]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(steps, steps[1:]))  # ties are ordered by fewer microbatches
+    names = [u.name for u in units]
+    for p in every:
+        assert p.devices == 8 == p.stages * p.replicas
+        assert p.global_batch == 32 and p.cut[0] == names[0] and len(p.cut) == p.stages * p.stages_per_rank
+        assert [names.index(c) for c in p.cut] == sorted(names.index(c) for c in p.cut)
+        assert p.peak_memory_bytes <= cluster.device_memory
+        assert 0.0 <= p.bubble_fraction < 1.0
+    assert {p.schedule for p in every} == {"gpipe", "1f1b", "zb", "interleaved"}
+    top = search(units, cluster, global_batch=32, profile_batch=4, limit=3)
+    assert top == every[:3]  # pruning by the lower bound never drops a plan that belongs in the top
+
+
+def test_search_never_returns_a_plan_over_the_memory_cap() -> None:
+    units = random_chain(12, seed=2)
+    roomy = search(units, one_node(4, memory=2**30), global_batch=16, profile_batch=4, limit=None)
+    tight_cap = 24 * KIB  # parameters + grads + Adam of all 12 units (4 x ~1.1 KiB x 12) + activations: 4 stages
+    tight = search(units, one_node(4, memory=tight_cap), global_batch=16, profile_batch=4, limit=None)
+    assert any(p.stages == 1 for p in roomy)
+    assert tight and all(p.stages > 1 for p in tight)
+    assert all(p.peak_memory_bytes <= tight_cap for p in tight)
+    assert len(tight) < len(roomy)
+    # Some roomy plans would not fit the tight cap; none of them reappears. The same layout may come back with a
+    # different cut, whose slowest stage is then no faster (the unconstrained cut is optimal without the cap).
+    def key(p: Plan) -> tuple:
+        return p.stages, p.replicas, p.microbatches, p.schedule
+
+    over = {(*key(p), tuple(p.cut)) for p in roomy if p.peak_memory_bytes > tight_cap}
+    assert over and not over & {(*key(p), tuple(p.cut)) for p in tight}
+    recut = [(p, q) for p in roomy for q in tight if key(p) == key(q) and p.cut != q.cut]
+    assert recut
+    for p, q in recut:
+        assert max(q.stage_time_s) >= max(p.stage_time_s) * (1 - 1e-12)
+
+
+def test_plan_error_names_the_smallest_change() -> None:
+    units = random_chain(10, seed=3)
+    cap = 12 * KIB
+    with pytest.raises(PlanError) as info:
+        search(units, one_node(1, memory=cap), global_batch=8, profile_batch=4)
+    assert isinstance(info.value, ValueError)
+    match = re.search(r"--devices (\d+)", str(info.value))
+    assert match, str(info.value)
+    need = int(match.group(1))
+    assert need > 1
+    assert search(units, one_node(need, memory=cap), global_batch=8, profile_batch=4, devices=need)
+    if need > 2:  # one device fewer does not fit: the change is the smallest
+        with pytest.raises(PlanError):
+            search(units, one_node(need - 1, memory=cap), global_batch=8, profile_batch=4, schedules=("1f1b",))
+    # Three devices, two units, a batch of 4: only 1 stage x 3 replicas is possible, and 4 does not split in 3.
+    with pytest.raises(PlanError, match="--global-batch 3"):
+        search(chain_units([1.0, 1.0]), one_node(3), global_batch=4, profile_batch=4)
+    # A unit too big for any device.
+    huge = chain_units([1.0, 1.0], param_bytes=[10, 2**20])
+    with pytest.raises(PlanError, match=r"'layers.1' needs .*devices with at least"):
+        search(huge, one_node(2, memory=2**20), global_batch=4, profile_batch=4)
+
+
+def test_serve_mode_ranks_by_throughput_then_latency() -> None:
+    units = random_chain(16, seed=4)
+    cluster = one_node(4, memory=2**30, intra_latency=5e-4)
+    plans = search(units, cluster, mode="serve", global_batch=16, profile_batch=4, limit=None)
+    keys = [(-p.throughput, p.latency_s) for p in plans]
+    assert keys == sorted(keys)
+    assert all(p.mode == "serve" and p.schedule == "gpipe" for p in plans)
+    best = plans[0]
+    # throughput = replicas x rows / slowest (stage forward + its outgoing transfer); here no transfers win
+    assert best.stages == 1 and best.replicas == 4
+    assert best.throughput == pytest.approx(4 * best.microbatch_rows / best.stage_time_s[0])
+    # Among equal throughput, the smaller microbatch has the lower latency and ranks first.
+    same = [p for p in plans if p.throughput == pytest.approx(best.throughput)]
+    assert [p.microbatch_rows for p in same] == sorted(p.microbatch_rows for p in same)
+    # Train mode ranks the same layouts differently (by step time).
+    train = search(units, cluster, mode="train", global_batch=16, profile_batch=4, limit=None)
+    steps = [p.step_time_s for p in train]
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(steps, steps[1:]))
+    assert train[0].throughput < best.throughput  # a training step also runs backward, all-reduce and optimizer
+
+
+def test_serve_terms_by_hand() -> None:
+    # Forward 10 / 20 ms at 4 rows; 1000 bytes cross the cut in 1e-4 s + 1000 / 1e6 s; no gradients travel back.
+    plans = search(chain_units([10.0, 20.0]), one_node(2), mode="serve", global_batch=4, profile_batch=4, limit=None)
+    piped = find(plans, stages=2, microbatches=1)
+    assert piped.latency_s == pytest.approx(0.01 + 0.0011 + 0.02)
+    assert piped.step_time_s == pytest.approx(0.0311)
+    assert piped.throughput == pytest.approx(4 / 0.02)  # slowest of (0.01 + transfer, 0.02)
+    assert piped.memory_bytes == [1000 + 1000, 1000 + 1000]  # parameters + (input + outputs) of one microbatch
+    replicated = find(plans, stages=1, replicas=2, microbatches=1)  # 2 rows each: 0.015 s for both units
+    assert replicated.throughput == pytest.approx(2 * 2 / 0.015)
+    # Same throughput with 1-row microbatches, and lower latency: that one ranks first.
+    assert (plans[0].stages, plans[0].replicas, plans[0].microbatch_rows) == (1, 2, 1)
+    assert plans[0].throughput == pytest.approx(replicated.throughput) and plans[0].latency_s < replicated.latency_s
+
+
+def test_search_rejects_bad_arguments() -> None:
+    units = random_chain(4, seed=5)
+    with pytest.raises(ValueError, match="mode"):
+        search(units, one_node(2), mode="infer", global_batch=8, profile_batch=4)
+    with pytest.raises(ValueError, match="global_batch"):
+        search(units, one_node(2), global_batch=0, profile_batch=4)
+    with pytest.raises(ValueError, match="schedules"):
+        search(units, one_node(2), global_batch=8, profile_batch=4, schedules=("pipedream",))
+    with pytest.raises(ValueError, match="--devices 3 asks for more devices"):
+        search(units, one_node(2), global_batch=8, profile_batch=4, devices=3)
+
+
+# --- Plan JSON -------------------------------------------------------------------------------------------------------
+
+
+def test_plan_json_round_trip_and_train_kwargs(tmp_path: Path) -> None:
+    plans = search(random_chain(12, seed=6), one_node(4, memory=64 * KIB), global_batch=16, profile_batch=4,
+                   limit=None)
+    for p in plans:
+        again = Plan.from_json(p.to_json())
+        assert again == p
+        config = TrainConfig(model="m.py:f", **p.to_train_kwargs())
+        assert (config.stages, config.replicas, config.microbatches, config.schedule, config.stages_per_rank) == \
+            (p.stages, p.replicas, p.microbatches, p.schedule, p.stages_per_rank)
+        assert config.cuts == (p.cut[1:] or None)
+        assert config.microbatch_size == p.microbatch_rows
+    path = tmp_path / "plan.json"
+    plans[0].to_json(path)
+    assert Plan.from_json(path) == plans[0]
+    data = json.loads(path.read_text())
+    with pytest.raises(ValueError, match="unknown plan field 'stagez'"):
+        Plan.from_dict({**data, "stagez": 2})
+    with pytest.raises(ValueError, match="Plan.cut"):
+        Plan.from_dict({**data, "cut": data["cut"][:-1] + [data["cut"][0]]})
+    with pytest.raises(ValueError, match="Plan.devices"):
+        Plan.from_dict({**data, "devices": data["devices"] + 1})
+
+
+# --- Cluster TOML ----------------------------------------------------------------------------------------------------
+
+
+def test_cluster_toml_round_trip(tmp_path: Path) -> None:
+    cluster = Cluster(nodes=[Node(name="gpu-a", devices=8, memory_bytes=80 * 2**30, device_kind="cuda", flops=1e14),
+                             Node(name='odd "name"', devices=2, memory_bytes=12345)],
+                      intra_bandwidth=1.5e11, intra_latency=1e-5, inter_bandwidth=2.5e10, inter_latency=2e-5,
+                      allreduce_bandwidth=7e10)
+    assert Cluster.from_toml(cluster.to_toml()) == cluster
+    path = tmp_path / "cluster.toml"
+    cluster.write(path)
+    assert Cluster.read(path) == cluster
+    assert cluster.num_devices == 10 and cluster.device_memory == 12345 and cluster.device_kind == "cpu"
+    assert cluster.link(0, 7) == (1.5e11, 1e-5) and cluster.link(7, 8) == (2.5e10, 2e-5)
+    assert cluster.allreduce_link([0, 3]) == (7e10, 1e-5)
+    assert cluster.allreduce_link([0, 9]) == (2.5e10, 2e-5)
+    assert cluster.take(9).nodes[1].devices == 1 and cluster.take(3).num_devices == 3
+
+
+def test_cluster_validation_names_the_field(tmp_path: Path) -> None:
+    good = one_node(2).to_toml()
+    cases = {
+        good.replace("intra_bandwidth", "intra_bandwith"): r"unknown key 'intra_bandwith' \(did you mean "
+                                                            r"'intra_bandwidth'\?\)",
+        good.replace("devices = 2", "devices = 0"): r"nodes\[0\]\.devices must be an int >= 1",
+        good.replace("memory_bytes", "memory"): r"nodes\[0\]: unknown key 'memory'",
+        good.replace('device_kind = "cpu"', 'device_kind = "tpu"'): r"nodes\[0\]\.device_kind must be one of",
+        good.replace("inter_latency = 0.001", "inter_latency = -1.0"): r"cluster\.inter_latency must be a finite "
+                                                                      r"number >= 0",
+        good.split("[[nodes]]")[0]: "missing required key 'nodes'",
+        good + "\n[[nodes]]\nname = 'b'\ndevices = 1\n": r"nodes\[1\]: missing required key 'memory_bytes'",
+        "nodes = [": "not valid TOML",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            Cluster.from_toml(text, source="c.toml")
+    with pytest.raises(ValueError, match="allreduce_bandwidth must be a finite number > 0"):
+        dataclasses.replace(one_node(2), allreduce_bandwidth=0.0)
+    with pytest.raises(FileNotFoundError, match="stagewise probe"):
+        Cluster.read(tmp_path / "missing.toml")
+
+
+def test_detect_describes_this_machine() -> None:
+    cluster = Cluster.detect(use_cuda=False)
+    assert cluster.num_devices >= 1 and cluster.device_kind == "cpu"
+    assert 0 < cluster.device_memory * cluster.num_devices
+    assert Cluster.from_toml(cluster.to_toml()) == cluster
+
+
+# --- probe and CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_probe_measures_two_real_processes_and_writes_the_cluster_file(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_probe_parser(parser.add_subparsers())
+    path = tmp_path / "cluster.toml"
+    Cluster(nodes=[Node(name="x", devices=3, memory_bytes=999)], inter_latency=0.125).write(path)
+    args = parser.parse_args(["probe", "--cluster", str(path), "--bytes", str(256 * KIB), "--repeats", "3",
+                              "--timeout", "40"])
+    assert args.func(args) == 0
+    measured = Cluster.read(path)
+    assert measured.nodes == [Node(name="x", devices=3, memory_bytes=999)] and measured.inter_latency == 0.125
+    assert 0 < measured.intra_latency < 0.5
+    assert measured.intra_bandwidth > 1e5 and measured.allreduce_bandwidth > 1e5
+    assert (measured.intra_latency, measured.intra_bandwidth) != (Cluster.intra_latency, Cluster.intra_bandwidth)
+    assert measured.inter_bandwidth <= measured.intra_bandwidth  # another node is never nearer than this one
+
+
+def test_apply_measurement_keeps_inter_node_links_no_faster_than_measured() -> None:
+    measured = plan_pkg.LinkMeasurement(latency_s=2e-4, bandwidth=5e8, allreduce_bandwidth=3e8, nbytes=1024)
+    fast_inter = one_node(2, inter_latency=1e-5, inter_bandwidth=1e10)
+    got = plan_pkg.apply_measurement(fast_inter, measured)
+    assert (got.intra_latency, got.intra_bandwidth, got.allreduce_bandwidth) == (2e-4, 5e8, 3e8)
+    assert (got.inter_latency, got.inter_bandwidth) == (2e-4, 5e8)
+    slow_inter = one_node(2, inter_latency=1e-2, inter_bandwidth=1e6)
+    assert (plan_pkg.apply_measurement(slow_inter, measured).inter_latency,
+            plan_pkg.apply_measurement(slow_inter, measured).inter_bandwidth) == (1e-2, 1e6)
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="fewer than 2 are visible"):
+            plan_pkg.measure_links(backend="nccl")
+    with pytest.raises(ValueError, match="backend"):
+        plan_pkg.measure_links(backend="mpi")
+
+
+def test_cmd_plan_profiles_a_model_and_writes_the_best_plan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "tiny.py"
+    model.write_text("import torch\nfrom torch import nn\n\ndef factory():\n    torch.manual_seed(0)\n"
+                     "    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), "
+                     "nn.Linear(16, 4))\n    return net, torch.randn(4, 8)\n")
+    cluster = tmp_path / "cluster.toml"
+    one_node(4).write(cluster)
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers())
+    out = tmp_path / "plan.json"
+    args = parser.parse_args(["plan", f"{model}:factory", "--cluster", str(cluster), "--devices", "2",
+                              "--global-batch", "8", "--json", str(out), "--repeats", "1"])
+    assert args.func(args) == 0
+    best = Plan.from_json(out)
+    assert best.devices == 2 and best.global_batch == 8 and best.model == f"{model}:factory"
+    assert best.cut[0] == "0"
+    printed = capsys.readouterr().out
+    assert "step ms" in printed and "best plan written to" in printed
+
+
+def test_public_surface() -> None:
+    assert set(plan_pkg.__all__) >= {"Cluster", "Node", "Plan", "PlanError", "search", "measure_links",
+                                     "capped_min_max_cuts"}
+    for name in plan_pkg.__all__:
+        assert hasattr(plan_pkg, name), name
