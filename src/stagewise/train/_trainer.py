@@ -84,6 +84,10 @@ class Trainer:
                                out_dir=Path(config.out_dir or "."))
         if config.out_dir is None:
             config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
+        # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
+        # waits for its neighbour. Read when the forkserver first imports torch, so set before the first spawn.
+        os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * config.timeout / 30.0)
         spawn(_local_rank_main, config.world_size, args=(config.to_json(),), timeout=budget, preload=_PRELOAD)
         out = Path(config.out_dir or ".")
