@@ -57,7 +57,7 @@ class CheckpointError(Exception):
     """A checkpoint is missing, incomplete, or does not match its manifest (a file truncated, altered or absent)."""
 
 
-# --- safetensors layout-----------------------------------------------------------------------------------------------
+# --- safetensors layout ------------------------------------------------------------------------------------------
 
 
 def raw_bytes(t: torch.Tensor) -> memoryview:

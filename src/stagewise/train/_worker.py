@@ -274,7 +274,7 @@ def _resume(config: TrainConfig, stages: dict[int, Any], optimizer: Any, schedul
     from ..checkpoint import load_checkpoint, load_optimizer_state, restore_rng_state
 
     assert config.resume is not None
-    ckpt = load_checkpoint(config.resume)
+    ckpt = load_checkpoint(config.resume, verify="read")  # each rank hashes the files it reads, as it reads them
     keys = list(_stage_tensors(stages))
     saved = ckpt.tensors(keys)
     missing = [k for k in keys if k not in saved]
