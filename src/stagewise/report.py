@@ -20,7 +20,10 @@ def format_bytes(n: float) -> str:
 
 
 def print_partition(partition: Partition, console: Console | None = None) -> None:
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: do not wrap rows at 80 columns
+            console = Console(width=200)
     units = {u.name: u for u in partition.units}
     table = Table(title=f"{partition.model or 'model'}: {partition.num_stages} stages ({partition.mode}, "
                         f"cut by {partition.by})")
