@@ -84,8 +84,8 @@ def run_stagewise(schedule: str, *, steps: int, warmup: int, trace_root: Path) -
                          for st in by_rank.values()))
     sched = add_communication(build(schedule, ranks=STAGES, microbatches=MICROBATCHES))
     trimmed = {r: st[warmup:steps] for r, st in by_rank.items()}
-    fwd, bwd = stage_costs_from_events(trimmed, sched)
-    ideal = simulate(sched, forward_cost=fwd, backward_cost=bwd).step_time
+    fwd, bwd, weight = stage_costs_from_events(trimmed, sched)
+    ideal = simulate(sched, forward_cost=fwd, backward_cost=bwd, weight_cost=weight).step_time
     return {**_rates(starts, warmup, steps), "span_ms": statistics.median(spans) * 1e3,
             "sync_ms": statistics.median(syncs) * 1e3, "ideal_ms": ideal * 1e3, "fwd_ms": [f * 1e3 for f in fwd],
             "bwd_ms": [b * 1e3 for b in bwd], "wall_s": wall, "trainer_steps_per_s": result.steps_per_s,

@@ -65,8 +65,8 @@ def run_schedule(name: str, *, rows: int, steps: int, warmup: int, root: Path) -
     bubbles = [measured_bubble(by_rank, step=k) for k in timed]
     sched = add_communication(build(name, ranks=RANKS, microbatches=MICROBATCHES, stages_per_rank=per_rank))
     trimmed = {r: st[warmup:steps] for r, st in by_rank.items()}
-    fwd, bwd = stage_costs_from_events(trimmed, sched)
-    ideal = simulate(sched, forward_cost=fwd, backward_cost=bwd)
+    fwd, bwd, weight = stage_costs_from_events(trimmed, sched)
+    ideal = simulate(sched, forward_cost=fwd, backward_cost=bwd, weight_cost=weight)
     latencies = delivery_ms(by_rank, skip=warmup)
     latency = statistics.median(latencies) if latencies else 0.0
     with_comm = simulate(sched, forward_cost=fwd, backward_cost=bwd, comm_cost=latency / 1e3)

@@ -54,21 +54,28 @@ def _steps_by_rank(trace_dir: Path) -> dict[int, list[list[dict[str, Any]]]]:
 
 
 def stage_costs_from_events(steps_by_rank: Mapping[int, list[list[dict[str, Any]]]], schedule: Schedule,
-                            ) -> tuple[list[float], list[float]]:
-    """Median measured forward and backward time of every stage (seconds), for the simulator."""
-    fwd: dict[int, list[float]] = {}
-    bwd: dict[int, list[float]] = {}
+                            ) -> tuple[list[float], list[float], list[float] | None]:
+    """Median measured forward, full-backward and weight-gradient time of every stage (seconds), for the simulator.
+
+    For schedules that split the backward (I and W), backward = median I + median W and the weight part is returned
+    separately; otherwise it is None.
+    """
+    times: dict[str, dict[int, list[float]]] = {k: {} for k in ("F", "B", "I", "W")}
     for steps in steps_by_rank.values():
         for step in steps[1:] or steps:  # skip the first (warm-up) step when there are more
             for e in step:
                 if e["kind"] in _COMPUTE:
-                    stage = int(e["stage"])
-                    bucket = fwd if e["kind"] == "F" else bwd
-                    bucket.setdefault(stage, []).append(e["end"] - e["start"])
-    f = [statistics.median(fwd.get(s, [0.0])) for s in range(schedule.stages)]
-    b = [statistics.median(bwd.get(s, [0.0])) * (2 if _splits_backward(schedule) else 1)
-         for s in range(schedule.stages)]
-    return f, b
+                    times[e["kind"]].setdefault(int(e["stage"]), []).append(e["end"] - e["start"])
+
+    def med(kind: str, stage: int) -> float:
+        return statistics.median(times[kind].get(stage, [0.0]))
+
+    stages = range(schedule.stages)
+    fwd = [med("F", s) for s in stages]
+    if _splits_backward(schedule):
+        weight = [med("W", s) for s in stages]
+        return fwd, [med("I", s) + w for s, w in zip(stages, weight)], weight
+    return fwd, [med("B", s) for s in stages], None
 
 
 def _splits_backward(schedule: Schedule) -> bool:
@@ -97,8 +104,8 @@ def render_timeline(trace_dir: Path, *, schedule: Schedule, step: int = -1) -> P
     from matplotlib.patches import Patch
 
     steps_by_rank = _steps_by_rank(trace_dir)
-    fwd, bwd = stage_costs_from_events(steps_by_rank, schedule)
-    ideal = simulate(schedule, forward_cost=fwd, backward_cost=bwd)
+    fwd, bwd, weight = stage_costs_from_events(steps_by_rank, schedule)
+    ideal = simulate(schedule, forward_cost=fwd, backward_cost=bwd, weight_cost=weight)
     ranks = sorted(steps_by_rank)
     fig, axes = plt.subplots(2, 1, figsize=(12, 1.2 + 0.9 * len(ranks) * 2), sharex=False)
     t0 = min(e["start"] for r in ranks for e in steps_by_rank[r][step])

@@ -1,0 +1,197 @@
+"""Benchmark the planner's predictions against real training runs on this machine.
+
+Run: ``PYTHONPATH=src python bench/plan_accuracy.py``. A model with deliberately uneven layers (a wide input
+projection, a few narrow middle layers, a large classifier head) is profiled by the planner's own path
+(:func:`stagewise.plan.profile_chain`), the links are probed (:func:`stagewise.plan.measure_links`), and
+:func:`stagewise.plan.search` plans it for 2 devices (2 worker processes, 1 thread each). The top 3 plans, plus the
+best plan's layout cut by ``by="uniform"`` and by ``by="params"`` (and the best plan of the other kind of layout,
+stages vs replicas, when the top 3 hold none), are trained for real; each one's step time is the median, over the
+steps after the warm-up ones, of the time between the starts of consecutive steps (from the run's trace). The last
+line is machine-readable:
+``plan_accuracy median_err=E worst_err=W chosen_vs_best=C`` where E and W are the median and worst of
+``|predicted - measured| / measured`` over the top 3 plans (goals 0.10 and 0.20) and C is the measured step time of
+the top plan over the best measured step time of every run (goal <= 1.05).
+
+Every prediction comes from the cost model (profile + probe); no plan is run before it is predicted. The machine's
+load average is printed: other processes on this 2-core machine slow the runs and the profile unevenly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import stagewise  # noqa: E402
+from stagewise.plan import Cluster, Plan, apply_measurement, measure_links, predict, profile_chain, search  # noqa: E402
+from stagewise.plan._cli import profile_rows  # noqa: E402
+from stagewise.split._balance import min_max_cuts  # noqa: E402
+from stagewise.train import TrainConfig, Trainer  # noqa: E402
+from stagewise.zoo.basic import Samples, seeded  # noqa: E402
+
+D_IN, WIDE, HIDDEN, CLASSES = 256, 2048, 256, 4096
+GLOBAL_BATCH = 32
+DEVICES = 2
+
+
+class Uneven(nn.Module):
+    """(B, 256) -> wide projection (B, 2048) -> (B, 256) -> 3 x (B, 256) -> head (B, 4096 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(D_IN, WIDE)
+        self.proj = nn.Linear(WIDE, HIDDEN)
+        self.mid = nn.ModuleList([nn.Linear(HIDDEN, HIDDEN) for _ in range(3)])
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.embed(x))  # (B, WIDE)
+        h = torch.relu(self.proj(h))  # (B, HIDDEN)
+        for layer in self.mid:
+            h = torch.relu(layer(h))  # (B, HIDDEN)
+        return self.head(h)  # (B, CLASSES)
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_IN, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target)
+
+
+def factory() -> stagewise.ModelSpec:
+    """The uneven model, a (32, 256) example, cross-entropy, 512 random samples."""
+    with seeded(0):
+        model = Uneven()
+    x, _ = _data(GLOBAL_BATCH, 1)
+
+    def dataset() -> Samples:
+        xs, ys = _data(512, 2)
+        return Samples((xs,), (ys,))
+
+    return stagewise.ModelSpec(model=model, args=(x,), loss=_loss, dataset=dataset, name="uneven")
+
+
+MODEL = f"{Path(__file__).resolve()}:factory"
+
+
+@dataclasses.dataclass
+class Run:
+    label: str
+    plan: Plan
+    by: str | None = None
+    """Cut by this cost in the workers (baselines) instead of the plan's cut."""
+    measured_s: float = 0.0
+
+
+def step_times(trace_dir: Path) -> list[float]:
+    """Seconds between the starts of consecutive steps (the earliest event of any rank in each step)."""
+    starts: list[float] | None = None
+    for path in trace_dir.glob("rank*.json"):
+        steps = json.loads(path.read_text())["steps"]
+        first = [min(e["start"] for e in step) for step in steps]
+        starts = first if starts is None else [min(a, b) for a, b in zip(starts, first)]
+    assert starts, f"no trace in {trace_dir}"
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def measure(run: Run, *, steps: int, warmup: int, tmp: Path) -> float:
+    trace = tmp / run.label.replace(" ", "_")
+    kwargs = run.plan.to_train_kwargs()
+    if run.by is not None:
+        kwargs.update(by=run.by, cuts=None)
+    config = TrainConfig(model=MODEL, steps=steps, progress=False, log_every=0, trace=str(trace),
+                                         threads=1, **kwargs)
+    Trainer(config).fit()
+    gaps = step_times(trace)[warmup:]  # gap k runs from step k's start to step k + 1's
+    return statistics.median(gaps)
+
+
+def layout(plan: Plan) -> str:
+    virt = f"x{plan.stages_per_rank}" if plan.stages_per_rank > 1 else ""
+    return (f"{plan.replicas} replica(s) x {plan.stages}{virt} stage(s), {plan.schedule}, M={plan.microbatches} "
+            f"({plan.microbatch_rows} rows), cut {'|'.join(plan.cut)}")
+
+
+def baseline_cut(units: list, plan: Plan, by: str) -> list[str]:
+    """The cut ``split(..., by=by)`` makes for the plan's stage count (same code path: min-max over the costs)."""
+    costs = [1.0] * len(units) if by == "uniform" else [float(u.params) for u in units]
+    return [units[i].name for i in min_max_cuts(costs, plan.num_stages)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=13, help="steps per run (the first --warmup are not timed)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per unit when profiling")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)", flush=True)
+
+    measured_links = measure_links(nbytes=1 << 20, repeats=7)
+    cluster = apply_measurement(Cluster.detect(use_cuda=False), measured_links)
+    if cluster.num_devices < DEVICES:  # a 1-core machine still runs 2 processes; plan for them
+        cluster = dataclasses.replace(cluster, nodes=[dataclasses.replace(cluster.nodes[0], devices=DEVICES)])
+    print(f"probe: latency {cluster.intra_latency * 1e6:.0f} us, bandwidth {cluster.intra_bandwidth / 1e9:.2f} GB/s, "
+          f"all-reduce {cluster.allreduce_bandwidth / 1e9:.2f} GB/s + {cluster.allreduce_latency * 1e6:.0f} us/step, "
+          f"send {cluster.send_overhead * 1e6:.0f} us, recv {cluster.recv_overhead * 1e6:.0f} us, "
+          f"action {cluster.action_overhead * 1e6:.0f} us", flush=True)
+
+    spec = factory()
+    profile = profile_chain(spec, rows=profile_rows(GLOBAL_BATCH), repeats=args.repeats, threads=1)
+    for i, rows in enumerate(profile.rows):
+        print(f"profile at {rows:2d} rows: forward {sum(profile.forward_ms[i]):7.3f} ms, backward "
+              f"{sum(profile.backward_ms[i]):7.3f} ms, loss {profile.loss_forward_ms[i] + profile.loss_backward_ms[i]:.3f}"
+              f" ms, load {profile.load_ms[i]:.3f} ms", flush=True)
+    print(f"profile: optimizer {sum(profile.optimizer_ms):.3f} ms; units "
+          + ", ".join(f"{u.name} {u.params / 1e6:.2f}M" for u in profile.units), flush=True)
+
+    plans = search(profile, cluster, global_batch=GLOBAL_BATCH, devices=DEVICES, limit=None)
+    runs = [Run(label=f"top-{i + 1}", plan=p) for i, p in enumerate(plans[:3])]
+    best = plans[0]
+    units = profile.units
+    if best.num_stages > 1:
+        for by in ("uniform", "params"):
+            cut = baseline_cut(units, best, by)
+            pred = predict(profile, cluster, stages=best.stages, replicas=best.replicas,
+                           microbatches=best.microbatches, schedule=best.schedule,
+                           stages_per_rank=best.stages_per_rank, cut=cut, global_batch=GLOBAL_BATCH)
+            runs.append(Run(label=f"by-{by}", plan=pred, by=by))
+    if len({p.stages for p in plans[:3]}) == 1:  # also run the best plan of the other kind of layout
+        other = next((p for p in plans if p.stages != best.stages), None)
+        if other is not None:
+            runs.append(Run(label="other-layout", plan=other))
+
+    with tempfile.TemporaryDirectory(prefix="stagewise-plan-accuracy-") as tmp:
+        for run in runs:
+            run.measured_s = measure(run, steps=args.steps, warmup=args.warmup, tmp=Path(tmp))
+            err = abs(run.plan.step_time_s - run.measured_s) / run.measured_s
+            print(f"{run.label:>12}: {layout(run.plan)}: predicted {run.plan.step_time_s * 1e3:7.2f} ms, "
+                  f"measured {run.measured_s * 1e3:7.2f} ms, err {err:6.1%}", flush=True)
+
+    errors = [abs(r.plan.step_time_s - r.measured_s) / r.measured_s for r in runs if r.label.startswith("top-")]
+    chosen = runs[0].measured_s / min(r.measured_s for r in runs)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}; took {time.perf_counter() - t0:.0f} s")
+    print(f"plan_accuracy median_err={statistics.median(errors):.3f} worst_err={max(errors):.3f} "
+          f"chosen_vs_best={chosen:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Benchmark serving a split model: gateway + pipeline overhead, dynamic batching gain, pipeline-parallel gain.
+
+Run: ``PYTHONPATH=src python bench/serve.py``. Every server is a real ``stagewise serve`` process (through the CLI code,
+on a free port, stopped with SIGINT) with real stage-worker processes. Clients speak HTTP/1.1 keep-alive with the binary
+tensor extension through a minimal asyncio client (httpx costs as much CPU per request as the gateway itself, which on
+a small machine would measure the client).
+
+- overhead: one client, one request at a time, a (1, 16384) float32 input (64 KiB) through a Linear stack served by a
+  2-stage pipeline, alternating with an in-process forward of the same model; overhead = served latency - in-process
+  latency (p50 - p50, and p99 - p50).
+- batching_gain: requests/s at concurrency 32 with dynamic batching (max batch 32) over batch-1 serving (max batch 1),
+  2 stages, a weight-bound MLP (one-row requests).
+- pipeline_gain: requests/s at concurrency 32 of 2 stages over 1 stage, a compute-heavy Linear stack (8-row requests).
+
+Both servers of a comparison run at once and are measured alternately (ABAB...; median of the ratios), so drifting load
+from other processes hits both alike. Every worker runs one torch thread (``--threads 1``), as does the in-process
+reference: several OpenMP threads per process oversubscribe a small shared machine (measured here: a 2-thread forward 8x
+slower than a 1-thread one while other processes ran), so the 2-stage pipeline uses two cores where 1 stage uses one.
+
+The last line is machine-readable:
+``serve overhead_p50_ms=A overhead_p99_ms=B batching_gain=G pipeline_gain=Q``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stagewise._spec import ModelSpec
+
+HERE = Path(__file__).resolve()
+
+
+def _stack(*sizes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def overhead_model() -> ModelSpec:
+    """64 KiB in, 64 KiB out: Linear(16384, 256) -> 256 -> 16384."""
+    torch.manual_seed(0)
+    return ModelSpec(model=_stack(16384, 256, 256, 16384), args=(torch.randn(1, 16384),), name="overhead")
+
+
+def batching_model() -> ModelSpec:
+    """Weight-bound at batch 1 (32 MB of weights read per forward), so a batch costs little more than one row."""
+    torch.manual_seed(0)
+    return ModelSpec(model=_stack(1024, 2048, 2048, 1024), args=(torch.randn(1, 1024),), name="batching")
+
+
+def heavy_model() -> ModelSpec:
+    """Compute-heavy: eight Linear(2048, 2048) layers (requests of 8 rows: ~270 M multiply-adds each)."""
+    torch.manual_seed(0)
+    return ModelSpec(model=_stack(*[2048] * 9), args=(torch.randn(8, 2048),), name="heavy")
+
+
+# ------------------------------------------------------------------------------------------------ server process
+def _serve_main(argv: list[str]) -> int:
+    from stagewise.serve._cli import add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="bench-serve")
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", *argv])
+    return int(args.func(args))
+
+
+class Server:
+    """``stagewise serve`` in a subprocess; stopped with SIGINT like a user's Ctrl-C."""
+
+    def __init__(self, factory: str, *, stages: int, max_batch_size: int, threads: int = 1) -> None:
+        from stagewise.comm import find_free_port
+
+        self.port = find_free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, str(HERE), "--serve", f"{HERE}:{factory}", "--stages", str(stages), "--port",
+               str(self.port), "--max-batch-size", str(max_batch_size), "--precapture", "--max-delay-ms", "2",
+               "--threads", str(threads)]
+        env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent / "src"))
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server at {self.url} not ready within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> Server:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------------------------ clients
+def _binary_request(name: str, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": name, "datatype": "FP32", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                  "Content-Type": "application/octet-stream"}
+
+
+class _Conn:
+    """A minimal HTTP/1.1 keep-alive client connection: the load generator must cost far less CPU than the server
+    (httpx spends milliseconds of CPU per request, as much as the gateway itself)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> _Conn:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def post(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _raw_request(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _throughput(port: int, path: str, x: np.ndarray, concurrency: int, seconds: float) -> float:
+    """Requests/s of ``concurrency`` closed-loop clients over ``seconds`` (after a 0.5 s warm-up)."""
+    body, headers = _binary_request("arg0", x)
+    request = _raw_request(port, path, body, headers)
+    conns = [await _Conn.open("127.0.0.1", port) for _ in range(concurrency)]
+    done = 0
+
+    async def worker(conn: _Conn, until: float) -> None:
+        nonlocal done
+        while time.perf_counter() < until:
+            status, _, text = await conn.post(request)
+            assert status == 200, text[:500]
+            done += 1
+
+    try:
+        await asyncio.gather(*(worker(c, time.perf_counter() + 0.5) for c in conns))
+        done = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c, t0 + seconds) for c in conns))
+        return done / (time.perf_counter() - t0)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def measure_overhead(requests: int) -> tuple[float, float]:
+    """Alternate one in-process forward and one served request, so both see the same machine load."""
+    model = overhead_model().model.eval()
+    torch.set_num_threads(1)
+    x = np.random.default_rng(0).standard_normal((1, 16384)).astype(np.float32)
+    body, headers = _binary_request("arg0", x)
+    path = "/v2/models/overhead/infer"
+
+    async def run(port: int) -> tuple[list[float], list[float]]:
+        conn = await _Conn.open("127.0.0.1", port)
+        request = _raw_request(port, path, body, headers)
+        try:
+            status, head, content = await conn.post(request)
+            assert status == 200, content[:500]
+            n = int(head["inference-header-content-length"])
+            got = np.frombuffer(content[n:], dtype=np.float32).reshape(1, -1)
+            with torch.inference_mode():
+                want = model(torch.from_numpy(x)).numpy()
+            assert np.allclose(got, want, atol=1e-4), f"served output differs by {np.abs(got - want).max()}"
+            local, served = [], []
+            for i in range(requests + 20):
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    model(torch.from_numpy(x))
+                t1 = time.perf_counter()
+                status, _, _ = await conn.post(request)
+                t2 = time.perf_counter()
+                assert status == 200
+                if i >= 20:  # warm-up
+                    local.append(t1 - t0)
+                    served.append(t2 - t1)
+            return local, served
+        finally:
+            conn.close()
+
+    with Server("overhead_model", stages=2, max_batch_size=1) as server:
+        local, served = asyncio.run(run(server.port))
+    local_p50 = statistics.median(local)
+    q = statistics.quantiles(served, n=100)
+    print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; served (2 stages) p50 {statistics.median(served) * 1e3:.2f}"
+          f" ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, 64 KiB in and out)")
+    return (statistics.median(served) - local_p50) * 1e3, (q[98] - local_p50) * 1e3
+
+
+def compare_rps(factory: str, name: str, x: np.ndarray, a: dict[str, int], b: dict[str, int], *, seconds: float,
+                rounds: int = 3) -> float:
+    """Median over ``rounds`` of rps(a) / rps(b), both servers up at once and measured alternately (ABAB...)."""
+    path = f"/v2/models/{name}/infer"
+    with Server(factory, **a) as sa, Server(factory, **b) as sb:
+        ratios = []
+        for r in range(rounds):
+            ra = asyncio.run(_throughput(sa.port, path, x, 32, seconds))
+            rb = asyncio.run(_throughput(sb.port, path, x, 32, seconds))
+            ratios.append(ra / rb)
+            print(f"{name} round {r}: {a} {ra:.1f} requests/s, {b} {rb:.1f} requests/s at concurrency 32")
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests for the overhead")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput window")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating windows per comparison")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPU cores shared by every server and client process; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    p50, p99 = measure_overhead(args.requests)
+    rng = np.random.default_rng(1)
+    gain = compare_rps("batching_model", "batching", rng.standard_normal((1, 1024)).astype(np.float32),
+                       {"stages": 2, "max_batch_size": 32}, {"stages": 2, "max_batch_size": 1}, seconds=args.seconds,
+                       rounds=args.rounds)
+    pipe = compare_rps("heavy_model", "heavy", rng.standard_normal((8, 2048)).astype(np.float32),
+                       {"stages": 2, "max_batch_size": 32}, {"stages": 1, "max_batch_size": 32}, seconds=args.seconds,
+                       rounds=args.rounds)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"serve overhead_p50_ms={p50:.2f} overhead_p99_ms={p99:.2f} batching_gain={gain:.2f} pipeline_gain={pipe:.2f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        sys.exit(_serve_main(sys.argv[2:]))
+    main()
