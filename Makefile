@@ -19,7 +19,9 @@ install: $(BIN)/stagewise
 
 quickstart: install
 	$(BIN)/stagewise split stagewise.zoo.basic:large_model --stages 2
-	OMP_NUM_THREADS=1 $(BIN)/stagewise train stagewise.zoo.basic:mlp --stages 2 --steps 150 --global-batch 64 --lr 2e-3
+	OMP_NUM_THREADS=1 $(BIN)/stagewise train stagewise.zoo.basic:mlp --stages 2 --steps 150 --global-batch 64 \
+		--lr 2e-3 --save runs/quickstart
+	$(BIN)/python examples/serve_digits.py runs/quickstart
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

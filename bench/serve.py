@@ -233,8 +233,9 @@ def measure_overhead(requests: int) -> tuple[float, float]:
         local, served = asyncio.run(run(server.port))
     local_p50 = statistics.median(local)
     q = statistics.quantiles(served, n=100)
-    print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; served (2 stages) p50 {statistics.median(served) * 1e3:.2f}"
-          f" ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, 64 KiB in and out)")
+    print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; served (2 stages) p50 "
+          f"{statistics.median(served) * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, "
+          "64 KiB in and out)")
     return (statistics.median(served) - local_p50) * 1e3, (q[98] - local_p50) * 1e3
 
 
@@ -269,7 +270,8 @@ def main() -> None:
                        {"stages": 2, "max_batch_size": 32}, {"stages": 1, "max_batch_size": 32}, seconds=args.seconds,
                        rounds=args.rounds)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"serve overhead_p50_ms={p50:.2f} overhead_p99_ms={p99:.2f} batching_gain={gain:.2f} pipeline_gain={pipe:.2f}")
+    print(f"serve overhead_p50_ms={p50:.2f} overhead_p99_ms={p99:.2f} batching_gain={gain:.2f} "
+          f"pipeline_gain={pipe:.2f}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def test_public_surface_is_pinned() -> None:
         "RequestedOutput", "RunningServer", "ServeError", "ServiceUnavailableError", "TensorMetadata",
         "UnauthorizedError", "create_app", "datatype_of", "decode_bytes_elements", "encode_bytes_elements",
         "encode_infer_response", "parse_infer_request", "run", "serve_app", "should_wait", "validate_inputs",
+        "PipelineBackend", "PipelineConfig", "ReplicaStatus",
     }
     assert all(hasattr(serve, name) for name in serve.__all__)
 

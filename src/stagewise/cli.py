@@ -153,12 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from .checkpoint._cli import add_checkpoint_parser
     from .plan._cli import add_plan_parser, add_probe_parser
+    from .serve._cli import add_infer_parser, add_serve_parser
 
     _add_split(sub)
     _add_train(sub)
     add_plan_parser(sub)
     add_probe_parser(sub)
     add_checkpoint_parser(sub)
+    add_serve_parser(sub)
+    add_infer_parser(sub)
     return parser
 
 

@@ -9,12 +9,19 @@ Typical use::
 
 A new kind of backend (e.g. pipeline stages in other processes) subclasses :class:`InferenceBackend`; it may call
 ``GatewayMetrics.observe_stage_time`` through the metrics object it receives in ``bind_metrics``.
+
+A split model served by stage-worker processes (``stagewise serve MODEL`` on the command line)::
+
+    backend = PipelineBackend("stagewise.zoo.basic:mlp", stages=2, replicas=2, max_batch_size=32)
+    backend.wait_ready()
+    run(create_app(backend, config=GatewayConfig(batching=backend.batching_config())))
 """
 
 from ._backend import InferenceBackend, LocalBackend, ModelMetadata, TensorMetadata, validate_inputs
 from ._batching import BatchingConfig, DynamicBatcher, should_wait
 from ._gateway import Gateway, GatewayConfig, create_app
 from ._metrics import GatewayMetrics
+from ._pipeline import PipelineBackend, PipelineConfig, ReplicaStatus
 from ._protocol import (
     DATATYPES,
     BackendError,
@@ -54,6 +61,9 @@ __all__ = [
     "ModelMetadata",
     "ModelNotFoundError",
     "PayloadTooLargeError",
+    "PipelineBackend",
+    "PipelineConfig",
+    "ReplicaStatus",
     "RequestInput",
     "RequestedOutput",
     "RunningServer",

@@ -1,0 +1,188 @@
+"""The gateway <-> stage-worker channel: one local TCP connection per worker, framed without pickle.
+
+A frame is, in wire order::
+
+    !IQ prefix   header length (bytes), data length (bytes)
+    header       UTF-8 JSON object: "kind" plus message fields, and "tensors": [{name, dtype, shape, offset, nbytes}]
+    data         raw tensor bytes (native byte order); each tensor starts at a 64-byte aligned offset
+
+The gateway listens and the workers connect, so the gateway's end survives any worker's death: a dead worker is an EOF
+on its connection, never a hang. Message kinds (see ``_worker`` and ``_pipeline``):
+
+    worker -> gateway   hello {replica, generation, stage, secret, pid}, ready {stage, digest}, fatal {message},
+                        result {seq, times, +output tensors}, error {seq, stage, message}
+    gateway -> worker   run {seq, rows, +the model inputs this stage reads}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["ChannelError", "Message", "Channel", "encode_frame", "DTYPES"]
+
+_PREFIX = struct.Struct("!IQ")
+_ALIGN = 64
+MAX_HEADER_BYTES = 1 << 20
+"""Largest JSON header accepted (1 MiB): anything larger is a corrupt or foreign stream."""
+MAX_DATA_BYTES = 1 << 36
+"""Largest tensor payload accepted (64 GiB)."""
+
+DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+               torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+               torch.complex128)
+}
+"""Tensor dtypes the channel carries, by name (``float32``...)."""
+
+
+class ChannelError(ConnectionError):
+    """The peer sent something that is not a valid frame, or the connection broke inside a frame."""
+
+
+@dataclasses.dataclass
+class Message:
+    """One received frame."""
+
+    header: dict[str, Any]
+    """The JSON header without its ``tensors`` entry."""
+    tensors: dict[str, torch.Tensor]
+    """Tensors by name, in sent order; they share one receive buffer."""
+
+    @property
+    def kind(self) -> str:
+        return str(self.header.get("kind", ""))
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> bytes:
+    """One frame as bytes: prefix, JSON header (with the tensor table) and aligned tensor bytes."""
+    table: list[dict[str, Any]] = []
+    blobs: list[memoryview | bytes] = []
+    offset = 0
+    for name, t in (tensors or {}).items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the serving channel does not carry")
+        raw = _raw(t)
+        pad = -offset % _ALIGN
+        if pad:
+            blobs.append(bytes(pad))
+            offset += pad
+        table.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset, "nbytes": raw.nbytes})
+        blobs.append(raw)
+        offset += raw.nbytes
+    doc = dict(header)
+    doc["tensors"] = table
+    head = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    if len(head) > MAX_HEADER_BYTES:
+        raise ValueError(f"frame header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    return b"".join([_PREFIX.pack(len(head), offset), head, *blobs])
+
+
+def _decode_tensors(table: Any, data: bytearray) -> dict[str, torch.Tensor]:
+    if not isinstance(table, list):
+        raise ChannelError("frame header 'tensors' must be a list")
+    out: dict[str, torch.Tensor] = {}
+    for entry in table:
+        try:
+            name, dtype, shape = str(entry["name"]), DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+            offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ChannelError(f"bad tensor entry {entry!r} in frame header: {exc}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or offset < 0 or nbytes != numel * dtype.itemsize or offset + nbytes > len(data):
+            raise ChannelError(f"tensor {name!r}: shape {shape} {dtype} does not fit {nbytes} bytes at {offset} of a "
+                               f"{len(data)}-byte payload")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).reshape(shape)
+    return out
+
+
+class Channel:
+    """A framed, thread-safe-for-sending connection. ``recv`` belongs to one reader thread."""
+
+    def __init__(self, sock: socket.socket, *, send_timeout_s: float = 30.0) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._closed = False
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
+        # A send that cannot make progress for this long fails instead of blocking its caller forever (a stuck peer).
+        secs = int(send_timeout_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", secs, int((send_timeout_s - secs) * 1e6)))
+
+    def send(self, header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Send one frame; raises ``OSError`` when the connection is gone."""
+        frame = encode_frame(header, tensors)
+        with self._send_lock:
+            if self._closed:
+                raise ConnectionError("channel is closed")
+            self.sock.sendall(frame)
+
+    def _read_exact(self, n: int, *, at_start: bool = False) -> bytearray | None:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                if at_start and got == 0:
+                    return None
+                raise ChannelError(f"connection closed inside a frame ({got} of {n} bytes read)")
+            got += k
+        return buf
+
+    def recv(self, *, max_data_bytes: int = MAX_DATA_BYTES) -> Message | None:
+        """The next frame, or None on a clean EOF between frames. Raises ``ChannelError`` / ``OSError``.
+
+        ``max_data_bytes`` bounds what an unauthenticated peer can make this side allocate (0 for a hello).
+        """
+        prefix = self._read_exact(_PREFIX.size, at_start=True)
+        if prefix is None:
+            return None
+        head_len, data_len = _PREFIX.unpack(prefix)
+        if head_len > MAX_HEADER_BYTES or data_len > max_data_bytes:
+            raise ChannelError(f"frame sizes {head_len}/{data_len} bytes exceed the limits: not a stagewise peer?")
+        head = self._read_exact(head_len)
+        assert head is not None
+        try:
+            header = json.loads(head.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ChannelError(f"frame header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ChannelError("frame header must be a JSON object")
+        data = self._read_exact(data_len) if data_len else bytearray()
+        assert data is not None
+        tensors = _decode_tensors(header.pop("tensors", []), data)
+        return Message(header, tensors)
+
+    def close(self) -> None:
+        """Shut the connection down (wakes a reader blocked in ``recv``); idempotent."""
+        if self._closed:
+            return
+        self._closed = True  # not under the send lock: a sender stuck in sendall is woken by the shutdown below
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

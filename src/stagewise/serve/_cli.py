@@ -1,0 +1,196 @@
+"""``stagewise serve`` (a split model behind the v2 HTTP gateway) and ``stagewise infer`` (a small v2 client).
+
+The lead wires these into ``stagewise.cli``::
+
+    add_serve_parser(sub); add_infer_parser(sub)     # each sets func=cmd_serve / cmd_infer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_serve_parser", "cmd_serve", "add_infer_parser", "cmd_infer"]
+
+log = logging.getLogger(__name__)
+
+_TOKEN_ENV = "STAGEWISE_TOKEN"
+_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+          "FP32": np.float32, "FP64": np.float64}
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", help="serve a model split into pipeline stages over HTTP (KServe v2)",
+        description="Split MODEL into --stages stage processes per replica, start --replicas replicas, and serve it "
+                    "with dynamic batching on the Open Inference Protocol v2 (/v2/models/NAME/infer). A dead worker "
+                    "costs a retry on another replica; its replica restarts in the background. Ctrl-C stops all.")
+    p.add_argument("model", metavar="MODEL|CHECKPOINT",
+                   help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="serve the weights of this training checkpoint (saved in any layout); MODEL may also be the "
+                        "checkpoint directory itself, which records its model")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="a plan from 'stagewise plan --mode serve --json' (sets stages, replicas and the cut)")
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages per replica (default: 2)")
+    p.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default: 1)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0 = any free port)")
+    p.add_argument("--name", default=None, help="model name in the URL (default: the factory's ModelSpec.name)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows per dynamic batch (default: 32)")
+    p.add_argument("--max-delay-ms", type=float, default=2.0,
+                   help="longest a batch waits for more requests when traffic is dense (default: 2)")
+    p.add_argument("--token", default=None,
+                   help=f"require 'Authorization: Bearer TOKEN' (default: ${_TOKEN_ENV}; none when unset)")
+    p.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body in MiB (default: 64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: cores / (workers + 1), at least 1)")
+    p.add_argument("--precapture", action="store_true",
+                   help="capture every batch-size bucket at startup instead of on first use")
+    p.add_argument("--startup-timeout", type=float, default=300.0,
+                   help="seconds to wait for the first ready replica (default: 300)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ._gateway import GatewayConfig, create_app
+    from ._pipeline import PipelineBackend
+    from ._server import run
+
+    token = args.token or os.environ.get(_TOKEN_ENV) or None
+    if args.max_payload_mb <= 0:
+        raise ValueError(f"--max-payload-mb must be > 0, got {args.max_payload_mb}")
+    gateway_config = GatewayConfig(auth_token=token, max_payload_bytes=int(args.max_payload_mb * 2**20))
+    model, checkpoint = args.model, args.checkpoint
+    if Path(model).is_dir():  # a checkpoint directory: its manifest names the model
+        from ._worker import checkpoint_model
+
+        model, checkpoint = checkpoint_model(model), model
+    stages, replicas, cuts = args.stages, args.replicas, None
+    if args.plan:
+        from ..plan import Plan
+
+        plan = Plan.from_json(args.plan)
+        stages, replicas, cuts = plan.stages, plan.replicas, tuple(plan.cut[1:]) or None
+    backend = PipelineBackend(model, stages=stages, replicas=replicas, max_batch_size=args.max_batch_size,
+                              name=args.name, threads_per_worker=args.threads, precapture=args.precapture,
+                              checkpoint=checkpoint, cuts=cuts)
+    try:
+        print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {backend.name!r}",
+              file=sys.stderr, flush=True)
+        try:
+            backend.wait_ready(args.startup_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"stagewise serve: error: no replica became ready: {exc}", file=sys.stderr)
+            return 1
+        gateway_config.batching = backend.batching_config(max_delay_ms=args.max_delay_ms)
+        app = create_app(backend, config=gateway_config)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"stagewise serve: {backend.name!r} at http://{host}:{args.port}/v2/models/{backend.name}"
+              f"{' (bearer token required)' if token else ''}; Ctrl-C stops", file=sys.stderr, flush=True)
+        run(app, host=args.host, port=args.port,
+            log_level="debug" if log.getEffectiveLevel() <= logging.DEBUG else "info")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        backend.shutdown()
+    return 0
+
+
+def add_infer_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "infer", help="send one inference request to a v2 server and print the outputs",
+        description="POST one request to URL/v2/models/MODEL_NAME/infer (JSON) and print every output. Inputs come "
+                    "from --input NAME=FILE.npy or NAME=JSON-LIST (e.g. 'x=[[1,2,3]]'), or --random builds them from "
+                    "the model's metadata.")
+    p.add_argument("url", metavar="URL", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("model_name", metavar="MODEL_NAME", help="model name as served")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy|JSON",
+                   help="one input (repeat for several)")
+    p.add_argument("--random", action="store_true", help="random inputs built from the model metadata")
+    p.add_argument("--rows", type=int, default=1, help="batch rows of --random inputs (default: 1)")
+    p.add_argument("--int-high", type=int, default=2,
+                   help="--random integers are drawn from [0, INT_HIGH) (default: 2; token ids, masks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default: 0)")
+    p.add_argument("--token", default=None, help=f"bearer token (default: ${_TOKEN_ENV})")
+    p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds (default: 60)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    p.set_defaults(func=cmd_infer)
+    return p
+
+
+def _parse_input(text: str, meta: dict[str, dict[str, Any]]) -> tuple[str, np.ndarray]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--input must look like NAME=FILE.npy or NAME=JSON-LIST, got {text!r}")
+    if name not in meta:
+        raise ValueError(f"--input {name!r}: the model has inputs {sorted(meta)}")
+    dtype = _NUMPY.get(meta[name]["datatype"])
+    if dtype is None:
+        raise ValueError(f"--input {name!r}: datatype {meta[name]['datatype']} is not supported by this client")
+    if value.endswith(".npy"):
+        if not Path(value).is_file():
+            raise FileNotFoundError(f"--input {name!r}: file {value!r} does not exist")
+        arr = np.load(value, allow_pickle=False)
+    else:
+        try:
+            arr = np.asarray(json.loads(value))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--input {name!r}: {value!r} is neither a .npy file nor a JSON list ({exc})") from None
+    return name, arr.astype(dtype)
+
+
+def _random_input(spec: dict[str, Any], rows: int, int_high: int, rng: np.random.Generator) -> np.ndarray:
+    shape = [rows if i == 0 else (1 if d < 0 else d) for i, d in enumerate(spec["shape"])]
+    datatype = spec["datatype"]
+    if datatype not in _NUMPY:
+        raise ValueError(f"--random cannot build input {spec['name']!r} of datatype {datatype}")
+    if datatype == "BOOL":
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if datatype.startswith(("INT", "UINT")):
+        return rng.integers(0, int_high, size=shape).astype(_NUMPY[datatype])
+    return rng.standard_normal(size=shape).astype(_NUMPY[datatype])
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import httpx
+
+    token = args.token or os.environ.get(_TOKEN_ENV) or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    base = f"{args.url.rstrip('/')}/v2/models/{args.model_name}"
+    with httpx.Client(timeout=args.timeout, headers=headers) as client:
+        resp = client.get(base)
+        if resp.status_code != 200:
+            raise ValueError(f"GET {base} answered {resp.status_code}: {resp.text[:500]}")
+        meta = {t["name"]: t for t in resp.json()["inputs"]}
+        if args.random == bool(args.input):
+            raise ValueError(f"give either --random or --input NAME=... for each of {sorted(meta)}")
+        if args.random:
+            rng = np.random.default_rng(args.seed)
+            inputs = {n: _random_input(t, args.rows, args.int_high, rng) for n, t in meta.items()}
+        else:
+            inputs = dict(_parse_input(text, meta) for text in args.input)
+        body = {"inputs": [{"name": n, "datatype": meta[n]["datatype"], "shape": list(a.shape),
+                            "data": a.reshape(-1).tolist()} for n, a in inputs.items()]}
+        resp = client.post(f"{base}/infer", json=body)
+    if resp.status_code != 200:
+        raise ValueError(f"inference failed with HTTP {resp.status_code}: {resp.text[:1000]}")
+    doc = resp.json()
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    for out in doc["outputs"]:
+        dtype = _NUMPY.get(out["datatype"], object)
+        arr = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+        print(f"{out['name']} {out['datatype']} {list(arr.shape)}")
+        print(np.array2string(arr, threshold=64, edgeitems=3, precision=5))
+    return 0

@@ -1,0 +1,535 @@
+"""PipelineBackend: a model split into stages, served by replicas of stage-worker processes.
+
+Each replica is ``stages`` worker processes in their own gloo group (own port); activations move between them with
+DistTransport. The gateway talks to every worker through a local TCP channel that the *gateway* listens on
+(``_channel``), so a worker's death is an EOF here, never a hang: the replica leaves the rotation at once, its
+batches in flight are sent again to another replica (or wait for one), the rest of its processes are killed, and a
+supervisor thread starts a new generation of it, which rejoins when all its stages report ready.
+
+Routing: the ready replica with the fewest batches in flight (at most ``inflight_per_replica`` each, default one per
+stage so that every stage stays busy); batches wait in the backend when every replica is full. Each result carries the
+compute time of every stage, reported through ``GatewayMetrics.observe_stage_time``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import dataclasses
+import hmac
+import logging
+import multiprocessing.forkserver
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..comm import find_free_port
+from ..comm._spawn import _context, _describe_exit
+from ._backend import InferenceBackend, ModelMetadata
+from ._batching import BatchingConfig
+from ._channel import Channel, ChannelError, Message
+from ._metrics import GatewayMetrics
+from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
+from ._worker import WorkerConfig, describe_serving, load_serving_split, worker_main
+
+__all__ = ["PipelineConfig", "PipelineBackend", "ReplicaStatus"]
+
+log = logging.getLogger(__name__)
+
+# Imported once by the forkserver: a worker then starts in well under a second instead of re-importing torch and
+# torch.export's lazily imported machinery (seconds per process).
+_PRELOAD = ("torch", "torch.export", "torch._dynamo", "torch.export._trace", "stagewise.serve._worker")
+_MAX_BACKOFF_S = 10.0
+
+
+@dataclasses.dataclass(kw_only=True)
+class PipelineConfig:
+    """How a model is split and replicated for serving."""
+
+    model: str
+    """MODEL factory string (``path/file.py:factory`` or ``package.module:factory``)."""
+    stages: int = 2
+    """Pipeline stages per replica (worker processes per replica)."""
+    replicas: int = 1
+    """Independent pipeline replicas."""
+    max_batch_size: int = 32
+    """Most rows per batch; batches are padded to the next power of two (capped here) so captures stay few."""
+    name: str | None = None
+    """Model name in the URL; None uses the factory's ``ModelSpec.name``."""
+    host: str = "127.0.0.1"
+    """Address the worker channel listens on (workers are local processes)."""
+    threads_per_worker: int | None = None
+    """torch threads per worker; None shares the CPU cores evenly among the workers and this process (at least 1)."""
+    exclude_inputs: tuple[str, ...] = ("labels",)
+    """Keyword example inputs not served (a Hugging Face model given ``labels`` returns a batch-less loss)."""
+    seed: int = 0
+    """torch seed set before every process calls the factory, so unseeded factories build the same weights."""
+    inflight_per_replica: int | None = None
+    """Batches in one replica at once; None = ``stages``."""
+    max_attempts: int = 3
+    """Times a batch is dispatched before it fails because replicas kept dying under it."""
+    request_timeout_s: float = 60.0
+    """Longest a batch may take in the backend, waiting included."""
+    worker_timeout_s: float = 60.0
+    """Deadline of every gloo wait inside a replica (and of its rendezvous)."""
+    startup_timeout_s: float = 120.0
+    """A replica not ready this long after its start is restarted."""
+    restart_backoff_s: float = 0.5
+    """Delay before restarting a replica that failed while starting; doubles per failure (up to 10 s)."""
+    checkpoint: str | None = None
+    """A training checkpoint directory whose weights (by FQN, any layout) the workers load."""
+    cuts: tuple[str, ...] | None = None
+    """Cut before these units (e.g. from a plan) instead of balancing by parameters."""
+    precapture: bool = False
+    """Workers capture every batch-size bucket (1, 2, 4... max_batch_size) before reporting ready; else on first use
+    (the first batch of each size then waits for its capture, ~0.1-1 s)."""
+
+    def __post_init__(self) -> None:
+        for field in ("stages", "replicas", "max_batch_size", "max_attempts"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"PipelineConfig.{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("threads_per_worker", "inflight_per_replica"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"PipelineConfig.{field} must be >= 1 or None, got {value}")
+        for field in ("request_timeout_s", "worker_timeout_s", "startup_timeout_s"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"PipelineConfig.{field} must be > 0, got {getattr(self, field)}")
+        if self.restart_backoff_s < 0:
+            raise ValueError(f"PipelineConfig.restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ValueError(f"PipelineConfig.name must be a non-empty string without '/', got {self.name!r}")
+        self.exclude_inputs = tuple(self.exclude_inputs)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ReplicaStatus:
+    """A snapshot of one replica."""
+
+    index: int
+    generation: int
+    """How many times it was started."""
+    state: str
+    """``starting``, ``ready``, ``failed`` (restart pending), ``restarting`` or ``stopped``."""
+    pids: tuple[int, ...]
+    """Worker process ids by stage (empty while none run)."""
+    inflight: int
+    """Batches dispatched to it and not yet answered."""
+    completed: int
+    """Batches it answered, over all its generations."""
+    last_error: str | None
+    """Why it last failed."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    inputs: dict[str, torch.Tensor]
+    rows: int
+    future: concurrent.futures.Future[dict[str, torch.Tensor]]
+    attempts: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Replica:
+    index: int
+    generation: int = 0
+    state: str = "failed"
+    procs: list[Any] = dataclasses.field(default_factory=list)
+    conns: dict[int, Channel] = dataclasses.field(default_factory=dict)
+    ready: set[int] = dataclasses.field(default_factory=set)
+    inflight: dict[int, _Request] = dataclasses.field(default_factory=dict)
+    next_seq: int = 0
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    failures: int = 0
+    completed: int = 0
+    last_error: str | None = None
+    crash: str | None = None
+
+
+def _resolve(future: concurrent.futures.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:  # cancelled by the waiter in between
+        pass
+
+
+def _as_tensor(name: str, value: TensorValue) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if value.dtype.kind in "OSU":
+        raise BadRequestError(f"input {name!r} is BYTES; a pipeline serves numeric tensors only")
+    return torch.from_numpy(np.array(value, copy=True))
+
+
+class PipelineBackend(InferenceBackend):
+    """Serve MODEL split into ``stages`` worker processes per replica, ``replicas`` replicas; see the module doc.
+
+    Construction loads the model once here (metadata, weight digests), then starts every replica in the background:
+    call :meth:`wait_ready` before serving, or let early requests wait for the first ready replica. :meth:`shutdown`
+    (or ``await close()``) stops and reaps every worker.
+    """
+
+    def __init__(self, model: str | PipelineConfig, *, stages: int = 2, replicas: int = 1, max_batch_size: int = 32,
+                 name: str | None = None, host: str = "127.0.0.1", **options: Any) -> None:
+        if isinstance(model, PipelineConfig):
+            config = model
+        else:
+            config = PipelineConfig(model=model, stages=stages, replicas=replicas, max_batch_size=max_batch_size,
+                                    name=name, host=host, **options)
+        self.config = config
+        module = config.model.rpartition(":")[0]
+        preload = (*_PRELOAD, module) if "/" not in module and not module.endswith(".py") else _PRELOAD
+        self._ctx = _context(preload)
+        # Boot the forkserver (its imports take seconds) while this process loads the model.
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, name="stagewise-forkserver-boot",
+                         daemon=True).start()
+        serving = load_serving_split(config.model, stages=config.stages, exclude_inputs=config.exclude_inputs,
+                                     seed=config.seed, checkpoint=config.checkpoint, cuts=config.cuts)
+        self.name, self.max_batch_size = config.name or serving.name, config.max_batch_size
+        self._meta, self._stage_inputs, self._digests = describe_serving(serving, self.name)
+        del serving
+        self._output_names = [t.name for t in self._meta.outputs]
+        self._cap = config.inflight_per_replica or config.stages
+        workers = config.stages * config.replicas
+        self._threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // (workers + 1))
+        self._metrics: GatewayMetrics | None = None
+        self._secret = secrets.token_hex(16)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._to_reap: list[Any] = []
+        self._rr = 0
+        self._listener = socket.create_server((config.host, 0), backlog=64)
+        self._listener.settimeout(0.2)
+        self._port = int(self._listener.getsockname()[1])
+        self._replicas = [_Replica(i) for i in range(config.replicas)]
+        self._threads_run = [threading.Thread(target=self._accept_loop, name="stagewise-serve-accept", daemon=True),
+                             threading.Thread(target=self._supervise, name="stagewise-serve-supervisor", daemon=True)]
+        for t in self._threads_run:
+            t.start()
+        atexit.register(self.shutdown)
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def metadata(self) -> ModelMetadata:
+        return self._meta
+
+    def ready(self) -> bool:
+        with self._lock:
+            return not self._closed and any(r.state == "ready" for r in self._replicas)
+
+    def bind_metrics(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def batching_config(self, **overrides: Any) -> BatchingConfig:
+        """A :class:`BatchingConfig` that keeps every stage of every replica busy (``max_inflight``)."""
+        return BatchingConfig(**{"max_inflight": self._cap * self.config.replicas, **overrides})
+
+    def status(self) -> list[ReplicaStatus]:
+        with self._lock:
+            return [ReplicaStatus(index=r.index, generation=r.generation, state=r.state,
+                                  pids=tuple(p.pid for p in r.procs if p.pid is not None), inflight=len(r.inflight),
+                                  completed=r.completed, last_error=r.last_error) for r in self._replicas]
+
+    def wait_ready(self, timeout_s: float = 120.0, *, replicas: int = 1) -> None:
+        """Block until ``replicas`` replicas are ready; ``TimeoutError``, or ``RuntimeError`` if they keep failing."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while sum(r.state == "ready" for r in self._replicas) < min(replicas, len(self._replicas)):
+                if self._closed:
+                    raise RuntimeError(f"pipeline backend {self.name!r} is closed")
+                if all(r.failures >= 3 for r in self._replicas):
+                    raise RuntimeError(f"every replica of {self.name!r} failed to start 3 times; last error: "
+                                       f"{self._replicas[0].last_error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name!r}: fewer than {replicas} replicas ready after {timeout_s:g} s: "
+                                       f"{self.status()}")
+                self._cond.wait(min(left, 0.5))
+
+    async def infer(self, inputs: Mapping[str, TensorValue]) -> dict[str, torch.Tensor]:
+        tensors = {t.name: _as_tensor(t.name, inputs[t.name]) for t in self._meta.inputs}
+        rows = int(next(iter(tensors.values())).shape[0])
+        if not 0 < rows <= self.max_batch_size:
+            raise BadRequestError(f"batch of {rows} rows; model {self.name!r} takes 1..{self.max_batch_size}")
+        req = _Request(tensors, rows, concurrent.futures.Future())
+        with self._lock:
+            self._dispatch(req)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(req.future), self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            limit = self.config.request_timeout_s
+            raise GatewayTimeoutError(f"model {self.name!r}: no replica answered within {limit:g} s "
+                                      "(PipelineConfig.request_timeout_s)") from None
+        finally:
+            if not req.future.done():
+                req.future.cancel()  # a result arriving later is dropped; a waiting batch is skipped
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    def shutdown(self, grace_s: float = 2.0) -> None:
+        """Stop every replica and reap every worker (they exit on their channel's EOF; stragglers are killed)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._waiting) + [q for r in self._replicas for q in r.inflight.values()]
+            self._waiting.clear()
+            for rep in self._replicas:
+                rep.state = "stopped"
+                rep.inflight.clear()
+                self._drop_processes(rep, kill=False)
+            self._cond.notify_all()
+        atexit.unregister(self.shutdown)
+        for req in pending:
+            _resolve(req.future, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+        for t in self._threads_run:
+            t.join(5.0)
+        self._listener.close()
+        with self._lock:
+            procs, self._to_reap = self._to_reap, []
+        end = time.monotonic() + grace_s
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+        for p in procs:
+            if p.exitcode is None:
+                log.warning("worker %s did not exit on EOF; killing it", p.name)
+                p.kill()
+                p.join(5.0)
+            if p.exitcode is not None:
+                p.close()
+        log.info("pipeline backend %s stopped (%d workers reaped)", self.name, len(procs))
+
+    # ------------------------------------------------------------------------------------------------ routing
+    def _pick(self) -> _Replica | None:
+        free = [r for r in self._replicas if r.state == "ready" and len(r.inflight) < self._cap]
+        if not free:
+            return None
+        self._rr += 1
+        n = len(self._replicas)
+        return min(free, key=lambda r: (len(r.inflight), (r.index - self._rr) % n))
+
+    def _dispatch(self, req: _Request) -> None:
+        """Send ``req`` to the least-loaded ready replica, or queue it; lock held."""
+        if self._closed:
+            _resolve(req.future, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+            return
+        rep = self._pick()
+        if rep is None:
+            self._waiting.append(req)
+            return
+        seq, rep.next_seq = rep.next_seq, rep.next_seq + 1
+        rep.inflight[seq] = req
+        req.attempts += 1
+        header = {"kind": "run", "seq": seq, "rows": req.rows}
+        try:
+            for s, names in enumerate(self._stage_inputs):
+                rep.conns[s].send(header, {n: req.inputs[n] for n in names})
+        except OSError as exc:
+            self._fail(rep, rep.generation, f"sending batch {seq} failed: {exc}")
+
+    def _drain(self) -> None:
+        while self._waiting and not self._closed:
+            if self._waiting[0].future.done():
+                self._waiting.popleft()
+                continue
+            if self._pick() is None:
+                return
+            self._dispatch(self._waiting.popleft())
+
+    def _fail(self, rep: _Replica, generation: int, reason: str) -> None:
+        """Take a replica out of rotation, kill its workers, re-dispatch its batches, schedule a restart."""
+        with self._cond:
+            if rep.generation != generation or rep.state not in ("starting", "ready"):
+                return
+            rep.failures = 0 if rep.state == "ready" else rep.failures + 1
+            backoff = min(self.config.restart_backoff_s * 2 ** max(rep.failures - 1, 0), _MAX_BACKOFF_S)
+            rep.state, rep.restart_at = "failed", time.monotonic() + (backoff if rep.failures else 0.0)
+            rep.last_error = reason if rep.crash is None else f"{reason}; {rep.crash}"
+            log.warning("replica %s (generation %s) failed: %s; %d batches in flight retried; restart in %.1f s",
+                        rep.index, generation, reason, len(rep.inflight), max(0.0, rep.restart_at - time.monotonic()))
+            self._drop_processes(rep, kill=True)
+            orphans = list(rep.inflight.values())
+            rep.inflight.clear()
+            for req in orphans:
+                if req.future.done():
+                    continue
+                if req.attempts >= self.config.max_attempts:
+                    _resolve(req.future, error=BackendError(
+                        f"model {self.name!r}: replicas failed {req.attempts} times while running this batch "
+                        f"(PipelineConfig.max_attempts); last: {reason}"))
+                else:
+                    self._dispatch(req)
+            self._cond.notify_all()
+
+    def _drop_processes(self, rep: _Replica, *, kill: bool) -> None:
+        for chan in rep.conns.values():
+            chan.close()
+        rep.conns, rep.ready = {}, set()
+        if kill:
+            for p in rep.procs:
+                p.kill()
+        self._to_reap.extend(rep.procs)
+        rep.procs = []
+
+    # ------------------------------------------------------------------------------------------------ channel side
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve_conn, args=(sock,), name="stagewise-serve-conn", daemon=True).start()
+
+    def _serve_conn(self, sock: socket.socket) -> None:
+        sock.settimeout(10.0)
+        chan = Channel(sock, send_timeout_s=self.config.worker_timeout_s)
+        try:
+            hello = chan.recv(max_data_bytes=0)  # not yet authenticated: a hello carries no tensors
+            sock.settimeout(None)
+            h = hello.header if hello is not None and hello.kind == "hello" else {}
+            r, s, gen = int(h.get("replica", -1)), int(h.get("stage", -1)), int(h.get("generation", -1))
+            if not hmac.compare_digest(str(h.get("secret", "")), self._secret) or not 0 <= r < len(self._replicas) \
+                    or not 0 <= s < self.config.stages:
+                raise ChannelError(f"bad hello {h.get('kind')!r} from replica {r} stage {s}")
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("refused a channel connection: %s", exc)
+            chan.close()
+            return
+        rep = self._replicas[r]
+        with self._lock:
+            if rep.generation != gen or rep.state != "starting" or s in rep.conns:
+                chan.close()
+                return
+            rep.conns[s] = chan
+        reason = f"stage {s} closed its channel"
+        try:
+            while (msg := chan.recv()) is not None:
+                self._on_message(rep, gen, s, msg)
+        except Exception as exc:  # noqa: BLE001 - any broken channel takes the replica down
+            reason = f"stage {s} channel broke: {type(exc).__name__}: {exc}"
+        self._fail(rep, gen, reason)
+        chan.close()
+
+    def _on_message(self, rep: _Replica, gen: int, stage: int, msg: Message) -> None:
+        kind, h = msg.kind, msg.header
+        req: _Request | None = None
+        with self._cond:
+            if rep.generation != gen:
+                return
+            if kind == "ready":
+                if h.get("digest") != self._digests[stage]:
+                    rep.last_error = (f"stage {stage} built different weights than the gateway: the factory is not "
+                                      "deterministic (seed it, or load a checkpoint)")
+                    raise ChannelError(rep.last_error)
+                rep.ready.add(stage)
+                if len(rep.ready) == self.config.stages and rep.state == "starting":
+                    rep.state, rep.failures = "ready", 0
+                    log.info("replica %s ready (generation %s, %.1f s)", rep.index, gen,
+                             time.monotonic() - rep.started_at)
+                    self._drain()
+                    self._cond.notify_all()
+            elif kind in ("result", "error"):
+                req = rep.inflight.pop(int(h["seq"]), None)
+                rep.completed += kind == "result"
+                self._drain()
+            elif kind == "fatal":
+                rep.crash = f"stage {stage} crashed: {str(h.get('message', ''))[-800:]}"
+        if req is None:
+            return
+        if kind == "error":
+            _resolve(req.future, error=BackendError(f"model {self.name!r}, replica {rep.index} stage "
+                                                    f"{h.get('stage')}: {h.get('message')}"))
+            return
+        missing = [n for n in self._output_names if n not in msg.tensors]
+        if missing:
+            _resolve(req.future, error=BackendError(f"model {self.name!r}: result without outputs {missing}"))
+            return
+        _resolve(req.future, result={n: msg.tensors[n] for n in self._output_names})
+        if self._metrics is not None:
+            for s, seconds in enumerate(h.get("times", [])):
+                self._metrics.observe_stage_time(self.name, str(s), float(seconds))
+
+    # ------------------------------------------------------------------------------------------------ supervisor
+    def _supervise(self) -> None:
+        while True:
+            to_start: list[_Replica] = []
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                for rep in self._replicas:
+                    if rep.state in ("starting", "ready"):
+                        dead = [(s, p) for s, p in enumerate(rep.procs) if p.exitcode is not None]
+                        if dead:
+                            s, p = dead[0]
+                            self._fail(rep, rep.generation, f"stage {s} process {_describe_exit(p.exitcode)}")
+                        elif rep.state == "starting" and now - rep.started_at > self.config.startup_timeout_s:
+                            self._fail(rep, rep.generation, f"not ready within {self.config.startup_timeout_s:g} s "
+                                                            "(PipelineConfig.startup_timeout_s)")
+                    if rep.state == "failed" and now >= rep.restart_at:
+                        rep.state = "restarting"
+                        to_start.append(rep)
+                gone = [p for p in self._to_reap if p.exitcode is not None]
+                self._to_reap = [p for p in self._to_reap if p.exitcode is None]
+            for p in gone:  # exit code known: the forkserver reaped it; release our sentinel
+                p.close()
+            for rep in to_start:
+                self._start(rep)
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(0.1)
+
+    def _start(self, rep: _Replica) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            rep.generation += 1
+            rep.state, rep.started_at, rep.next_seq, rep.crash = "starting", time.monotonic(), 0, None
+            gen = rep.generation
+        cfg = self.config
+        port = find_free_port("127.0.0.1")
+        procs = []
+        try:
+            for s in range(cfg.stages):
+                wc = WorkerConfig(model=cfg.model, stages=cfg.stages, stage=s, replica=rep.index, generation=gen,
+                                  gateway_host=cfg.host, gateway_port=self._port, secret=self._secret, dist_port=port,
+                                  max_batch_size=cfg.max_batch_size, exclude_inputs=list(cfg.exclude_inputs),
+                                  seed=cfg.seed, threads=self._threads, timeout_s=cfg.worker_timeout_s,
+                                  precapture=cfg.precapture, checkpoint=cfg.checkpoint,
+                                  cuts=list(cfg.cuts) if cfg.cuts else None, log_level=log.getEffectiveLevel())
+                p = self._ctx.Process(target=worker_main, args=(wc.to_json(),), daemon=True,
+                                      name=f"stagewise-serve-r{rep.index}s{s}")
+                p.start()
+                procs.append(p)
+        except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
+            log.exception("starting replica %s failed", rep.index)
+            with self._lock:
+                rep.procs = procs
+                self._fail(rep, gen, f"start failed: {exc}")
+            return
+        with self._lock:
+            if rep.generation == gen and rep.state in ("starting", "ready") and not self._closed:
+                rep.procs = procs
+            else:
+                for p in procs:
+                    p.kill()
+                self._to_reap.extend(procs)

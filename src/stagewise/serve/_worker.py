@@ -1,0 +1,371 @@
+"""One stage-worker process of a serving pipeline replica, and the model preparation it shares with the gateway.
+
+A worker connects to the gateway's channel (hello), loads the model, splits it exactly as the gateway did, keeps its
+own stage, joins its replica's own gloo group (rank = stage), and reports ready with a digest of its stage's weights
+(the gateway checks it against its own: a factory that builds different weights in different processes is caught).
+
+Then, for every ``run`` message, in order: stage 0 takes the model inputs from the message; a later stage receives the
+activations from the stage before it (DistTransport, tag = seq mod 2**20) plus any model inputs it reads from the
+message; it runs its stage and sends on (the last stage answers the gateway over the channel). Every message announces
+one batch to every stage, so a stage only waits on gloo when a batch is really coming.
+
+Batch sizes: graphs are captured with static shapes, so a batch of ``n`` rows is padded (repeating its last row) to the
+next power of two (at most ``max_batch_size``) and the outputs are cut back to ``n`` rows. That bounds the captures per
+worker to ``log2(max_batch_size) + 1``, each made on first use. It is exact for models whose rows do not interact in
+eval mode (no cross-row ops); padded rows are never returned.
+
+A worker exits when its channel reaches EOF (the gateway closed it, or died): no worker outlives its gateway.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._spec import load_model_spec
+from ..comm import DistTransport, SendHandle
+from ..split import SplitModel, Stage, split
+from ..split._capture import input_leaves
+from ..split._tree import unflatten
+from ._backend import ModelMetadata, TensorMetadata
+from ._channel import Channel, Message
+from ._protocol import datatype_of
+
+__all__ = ["WorkerConfig", "ServingSplit", "load_serving_split", "describe_serving", "bucket_rows", "pad_rows",
+           "worker_main"]
+
+log = logging.getLogger(__name__)
+
+TAG_SPACE = 1 << 20
+"""Activation tags are ``seq % TAG_SPACE``."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class WorkerConfig:
+    """Everything one worker needs; travels to the process as JSON."""
+
+    model: str
+    """MODEL factory string."""
+    stages: int
+    """Stages per replica (the gloo group size)."""
+    stage: int
+    """This worker's stage (its rank in the replica's group)."""
+    replica: int
+    """Replica index."""
+    generation: int
+    """Start count of this replica; the gateway ignores workers of older generations."""
+    gateway_host: str
+    """Where the gateway's channel listens."""
+    gateway_port: int
+    """Port of the gateway's channel."""
+    secret: str
+    """Shared secret sent in the hello, so stray local connections are refused."""
+    dist_port: int
+    """Free port of this replica's gloo rendezvous (stage 0 listens)."""
+    max_batch_size: int
+    """Largest batch the gateway sends."""
+    exclude_inputs: list[str]
+    """Keyword example inputs dropped before capture (e.g. ``labels``)."""
+    seed: int
+    """torch seed set before calling the factory."""
+    threads: int
+    """torch intra-op threads."""
+    timeout_s: float
+    """Deadline of every gloo wait (and of the rendezvous)."""
+    precapture: bool = False
+    """Capture every batch-size bucket before reporting ready (else each on first use)."""
+    checkpoint: str | None = None
+    """A training checkpoint whose weights (by FQN) replace the factory's."""
+    cuts: list[str] | None = None
+    """Cut before these units (from a plan) instead of balancing."""
+    log_level: int = logging.WARNING
+    """Logging level of the worker process (the gateway's effective level)."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        return cls(**json.loads(text))
+
+
+@dataclasses.dataclass
+class ServingSplit:
+    """A model split for serving, with the example call that fixes every non-batch dimension."""
+
+    sm: SplitModel
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    name: str
+    """The factory's model name."""
+
+    @property
+    def example_rows(self) -> int:
+        leaves, _, _ = input_leaves(self.args, self.kwargs)
+        return int(leaves[0].shape[0])
+
+    def example_call(self, rows: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The example inputs with ``rows`` rows (example rows repeated): what a capture for that batch size needs."""
+        leaves, _, spec = input_leaves(self.args, self.kwargs)
+        idx = torch.arange(rows) % leaves[0].shape[0]
+        args, kwargs = unflatten(spec, [t[idx] for t in leaves])
+        return tuple(args), dict(kwargs)
+
+
+def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str] = ("labels",),
+                       seed: int = 0, checkpoint: str | None = None,
+                       cuts: Sequence[str] | None = None) -> ServingSplit:
+    """Build MODEL (under ``seed``), load ``checkpoint``'s weights if given, put it in eval mode and split it into a
+    chain of ``stages`` stages (at ``cuts`` when given)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        spec = load_model_spec(model)
+    if checkpoint is not None:
+        load_checkpoint_weights(spec.model, checkpoint)
+    spec.model.eval()
+    kwargs = {k: v for k, v in spec.kwargs.items() if k not in set(exclude_inputs)}
+    leaves, names, _ = input_leaves(spec.args, kwargs)
+    if not leaves:
+        raise ValueError(f"model {model!r} has no tensor inputs to serve")
+    rows = {int(t.shape[0]) if t.dim() else 0 for t in leaves}
+    if len(rows) != 1 or 0 in rows:
+        raise ValueError(f"every example input of {model!r} needs the batch on dim 0 with the same size; got "
+                         f"{dict(zip(names, (list(t.shape) for t in leaves)))}")
+    sm = split(spec.model, spec.args, kwargs, stages=stages, cuts=list(cuts) if cuts else None, model_name=model)
+    if sm.partition.mode == "tasks":
+        raise ValueError("serving runs a chain of stages; a task split (several heads) is not supported")
+    last = len(sm.stages) - 1
+    for st in sm.stages:
+        if st.spec.parent != (st.index - 1 if st.index else None):
+            raise ValueError(f"stage {st.index} receives from stage {st.spec.parent}; serving needs a chain")
+        if st.spec.outputs and st.index != last:
+            raise ValueError(f"stage {st.index} returns model outputs {st.spec.outputs}; serving needs them all from "
+                             "the last stage")
+    return ServingSplit(sm=sm, args=tuple(spec.args), kwargs=kwargs, name=spec.name)
+
+
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """Copy every weight of ``model`` from a training checkpoint (by FQN, from whatever layout saved it)."""
+    from ..checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, verify="read")
+    state = model.state_dict()
+    saved = ckpt.tensors(list(state))
+    missing = [k for k in state if k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} has no weights for {missing[:5]}; was it saved from this model?")
+    model.load_state_dict(saved, strict=True)
+
+
+def checkpoint_model(checkpoint: str) -> str:
+    """The MODEL factory string a training checkpoint was made from (its manifest records the run's config)."""
+    from ..checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, verify="size").extra.get("config", {}).get("model")
+    if not model:
+        raise ValueError(f"checkpoint {checkpoint} does not record its model; pass MODEL and --checkpoint DIR")
+    return str(model)
+
+
+def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, list[list[str]], list[str]]:
+    """Metadata (inputs/outputs by leaf name, dtypes from one in-process run), each stage's inputs and digest."""
+    leaves, names, _ = input_leaves(serving.args, serving.kwargs)
+    example = dict(zip(names, leaves))
+    stages = serving.sm.stages
+    outputs: list[Any] = [None] * len(serving.sm.partition.output_names)
+    recv: list[Any] = []
+    with torch.inference_mode():
+        for st in stages:
+            send, outs = st(recv, example)
+            by_name = {v.name: x for v, x in zip(st.spec.send, send)}
+            if st.index + 1 < len(stages):
+                recv = [by_name[v.name] for v in stages[st.index + 1].spec.recv]
+            for leaf, value in zip(st.output_index, outs):
+                outputs[leaf] = value
+    rows = serving.example_rows
+    out_meta = []
+    for leaf_name, value in zip(serving.sm.partition.output_names, outputs):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"model output {leaf_name!r} is {shape}: every served output needs the batch on dim 0 "
+                             f"({rows} rows for the example inputs); drop loss-only inputs with exclude_inputs")
+        out_meta.append(TensorMetadata(name=leaf_name, datatype=datatype_of(value), shape=(-1, *value.shape[1:])))
+    meta = ModelMetadata(
+        name=name, outputs=tuple(out_meta),
+        inputs=tuple(TensorMetadata(name=n, datatype=datatype_of(t), shape=(-1, *t.shape[1:]))
+                     for n, t in example.items()))
+    return meta, [list(st.spec.inputs) for st in stages], [stage_digest(st) for st in stages]
+
+
+def bucket_rows(rows: int, max_batch_size: int) -> int:
+    """The captured batch size that serves ``rows`` rows: the next power of two, at most ``max_batch_size``."""
+    assert 0 < rows <= max_batch_size, (rows, max_batch_size)
+    return min(1 << (rows - 1).bit_length(), max_batch_size)
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its last row repeated up to ``rows`` rows."""
+    extra = rows - t.shape[0]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])], dim=0)
+
+
+def stage_digest(stage: Stage) -> str:
+    """SHA-256 over the weights the stage owns and its constants (names, dtypes, shapes, bytes), to check that every
+    process built the same ones."""
+    h = hashlib.sha256()
+    owned = set(stage.spec.params)
+    state = dict(stage.module.named_parameters(remove_duplicate=False))
+    state.update(dict(stage.module.named_buffers(remove_duplicate=False)))
+    for name in sorted(n for n in state if n in owned or n.startswith("_stagewise_const")):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{list(state[name].shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _StageWorker:
+    def __init__(self, cfg: WorkerConfig, chan: Channel) -> None:
+        self.cfg, self.chan = cfg, chan
+        self.last = cfg.stage == cfg.stages - 1
+        t0 = time.perf_counter()
+        self.serving = load_serving_split(cfg.model, stages=cfg.stages, exclude_inputs=cfg.exclude_inputs,
+                                          seed=cfg.seed, checkpoint=cfg.checkpoint, cuts=cfg.cuts)
+        self.digest = stage_digest(self.serving.sm.stages[cfg.stage])
+        # batch rows -> (this stage, names of the values the next stage receives, in its order)
+        self._stages: dict[int, tuple[Stage, list[str]]] = {}
+        if self.serving.example_rows <= cfg.max_batch_size:
+            self._stages[self.serving.example_rows] = self._mine(self.serving.sm.stages)
+        t1 = time.perf_counter()
+        self.transport: DistTransport | None = None
+        if cfg.stages > 1:
+            self.transport = DistTransport.init(rank=cfg.stage, world_size=cfg.stages, master_port=cfg.dist_port,
+                                                timeout=cfg.timeout_s)
+        if cfg.precapture:
+            rows = 1
+            while rows < cfg.max_batch_size:
+                self.stage_for(rows)
+                rows *= 2
+            self.stage_for(cfg.max_batch_size)
+        log.info("replica %s stage %s: model split in %.2f s, rendezvous and captures in %.2f s", cfg.replica,
+                 cfg.stage, t1 - t0, time.perf_counter() - t1)
+        self._sends: collections.deque[SendHandle] = collections.deque()
+        self.inbox: queue.Queue[Message] = queue.Queue()
+
+    def _mine(self, stages: list[Stage]) -> tuple[Stage, list[str]]:
+        s = self.cfg.stage
+        return stages[s], [] if self.last else [v.name for v in stages[s + 1].spec.recv]
+
+    def stage_for(self, rows: int) -> tuple[Stage, list[str]]:
+        """This stage captured for ``rows`` rows (captured now if it is the first such batch)."""
+        found = self._stages.get(rows)
+        if found is None:
+            t0 = time.perf_counter()
+            _, stages = self.serving.sm.stages_for(*self.serving.example_call(rows))
+            found = self._stages[rows] = self._mine(stages)
+            log.info("replica %s stage %s: captured batch size %s in %.2f s", self.cfg.replica, self.cfg.stage, rows,
+                     time.perf_counter() - t0)
+        return found
+
+    def read_forever(self) -> None:
+        """Reader thread: channel messages into the inbox; EOF (gateway gone or closing) ends the process."""
+        try:
+            while (msg := self.chan.recv()) is not None:
+                self.inbox.put(msg)
+        except Exception as exc:  # noqa: BLE001 - any broken channel means the gateway is gone
+            log.debug("replica %s stage %s: channel broke: %s", self.cfg.replica, self.cfg.stage, exc)
+        os._exit(0)
+
+    def serve_forever(self) -> None:
+        threading.Thread(target=self.read_forever, name="stagewise-channel-reader", daemon=True).start()
+        self.chan.send({"kind": "ready", "stage": self.cfg.stage, "digest": self.digest})
+        while True:
+            msg = self.inbox.get()
+            if msg.kind == "run":
+                self.run_one(msg)
+            else:
+                log.warning("replica %s stage %s: ignoring message kind %r", self.cfg.replica, self.cfg.stage,
+                            msg.kind)
+
+    def run_one(self, msg: Message) -> None:
+        cfg = self.cfg
+        seq, rows = int(msg.header["seq"]), int(msg.header["rows"])
+        tag = seq % TAG_SPACE
+        ok, times, recv = True, [], []
+        if cfg.stage > 0:
+            assert self.transport is not None
+            values = self.transport.recv(src=cfg.stage - 1, tag=tag, timeout=cfg.timeout_s)
+            ok, n = values[0] == 0, int(values[1])  # type: ignore[arg-type]
+            times, recv = [float(t) for t in values[2:2 + n]], values[2 + n:]  # type: ignore[arg-type]
+        send: list[Any] = []
+        result: dict[str, torch.Tensor] = {}
+        if ok:
+            try:
+                if not 0 < rows <= cfg.max_batch_size:
+                    raise ValueError(f"batch of {rows} rows; this pipeline takes 1..{cfg.max_batch_size}")
+                padded = bucket_rows(rows, cfg.max_batch_size)
+                stage, next_names = self.stage_for(padded)
+                t0 = time.perf_counter()
+                inputs = {n: pad_rows(msg.tensors[n], padded) for n in stage.spec.inputs}
+                with torch.inference_mode():
+                    sent, outs = stage(recv, inputs)
+                times.append(time.perf_counter() - t0)
+                by_name = {v.name: x for v, x in zip(stage.spec.send, sent)}
+                send = [by_name[n] for n in next_names]  # what the next stage receives, in its order
+                if self.last:
+                    result = {name: out[:rows] for name, out in zip(stage.spec.outputs, outs)}
+            except Exception as exc:  # noqa: BLE001 - one bad batch fails that batch, not the worker
+                ok = False
+                log.exception("replica %s stage %s failed on batch %s", cfg.replica, cfg.stage, seq)
+                self.chan.send({"kind": "error", "seq": seq, "stage": cfg.stage,
+                                "message": f"{type(exc).__name__}: {exc}"})
+        if not self.last:
+            assert self.transport is not None
+            payload = [0 if ok else 1, len(times), *times, *(send if ok else [])]
+            self._sends.append(self.transport.isend(payload, dst=cfg.stage + 1, tag=tag))
+            while len(self._sends) > 2:  # bounded: the next stage takes them in order
+                self._sends.popleft().wait(cfg.timeout_s)
+        elif ok:
+            self.chan.send({"kind": "result", "seq": seq, "times": times}, result)
+
+
+def worker_main(config_json: str) -> None:
+    """Process entry point (module level, so the forkserver can start it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the gateway, which then closes our channel
+    cfg = WorkerConfig.from_json(config_json)
+    logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s [replica {cfg.replica} stage "
+                                                      f"{cfg.stage}] %(name)s: %(message)s")
+    torch.set_num_threads(cfg.threads)
+    sock = socket.create_connection((cfg.gateway_host, cfg.gateway_port), timeout=30.0)
+    sock.settimeout(None)
+    chan = Channel(sock, send_timeout_s=cfg.timeout_s)
+    try:
+        chan.send({"kind": "hello", "replica": cfg.replica, "generation": cfg.generation, "stage": cfg.stage,
+                   "secret": cfg.secret, "pid": os.getpid()})
+        _StageWorker(cfg, chan).serve_forever()
+    except BaseException:  # noqa: BLE001 - tell the gateway why, then go
+        text = traceback.format_exc()
+        sys.stderr.write(f"[stagewise serve replica {cfg.replica} stage {cfg.stage}] {text}")
+        sys.stderr.flush()
+        try:
+            chan.send({"kind": "fatal", "message": text[-4000:]})
+        except OSError:
+            pass
+        os._exit(1)

@@ -1,0 +1,313 @@
+"""The pipeline backend end to end: real stage-worker processes, a real HTTP server on a free port, httpx clients.
+
+Compared against the model run in this process (eval mode). Also: the channel's framing, batch padding, worker death
+mid-stream (every request still answered correctly, the replica restarts and serves again) and clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from stagewise._spec import load_model_spec
+from stagewise.serve import GatewayConfig, RunningServer, create_app, serve_app
+from stagewise.serve._channel import Channel, ChannelError, encode_frame
+from stagewise.serve._cli import add_infer_parser
+from stagewise.serve._pipeline import PipelineBackend, PipelineConfig
+from stagewise.serve._worker import bucket_rows, pad_rows
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.timeout(90)
+
+MODEL = "stagewise.zoo.basic:large_model"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _infer_json(client: httpx.Client, url: str, x: np.ndarray) -> np.ndarray:
+    body = {"inputs": [{"name": "arg0", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}]}
+    resp = client.post(f"{url}/v2/models/large_model/infer", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()["outputs"][0]
+    assert out["name"] == "output" and out["datatype"] == "FP32"
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+# ----------------------------------------------------------------------------------------------- no processes
+def test_channel_round_trips_every_dtype_over_a_socket() -> None:
+    a, b = socket.socketpair()
+    left, right = Channel(a), Channel(b)
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(2, 3).to(torch.bfloat16), "bool": torch.rand(4) > 0.5,
+        "i64": torch.arange(7).reshape(7, 1), "empty": torch.empty(0, 4),
+        "u8": torch.tensor([1, 2, 255], dtype=torch.uint8),
+        "noncontig": torch.randn(4, 6).t(), "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+    left.send({"kind": "run", "seq": 3}, tensors)
+    msg = right.recv()
+    assert msg is not None and msg.kind == "run" and msg.header["seq"] == 3
+    assert list(msg.tensors) == list(tensors)
+    for name, t in tensors.items():
+        got = msg.tensors[name]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+    left.close()
+    assert right.recv() is None  # clean EOF between frames
+    right.close()
+
+
+def test_channel_rejects_garbage_and_truncated_frames() -> None:
+    a, b = socket.socketpair()
+    chan = Channel(b)
+    a.sendall(b"GET / HTTP/1.1\r\n\r\n")  # a stray client: sizes far beyond the limits
+    with pytest.raises(ChannelError, match="exceed"):
+        chan.recv()
+    a.close()
+    chan.close()
+    a, b = socket.socketpair()
+    chan = Channel(b)
+    frame = encode_frame({"kind": "result"}, {"x": torch.ones(100)})
+    a.sendall(frame[:-10])
+    a.close()
+    with pytest.raises(ChannelError, match="inside a frame"):
+        chan.recv()
+    chan.close()
+
+
+def test_batches_pad_to_powers_of_two_within_the_limit() -> None:
+    assert [bucket_rows(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert bucket_rows(17, 24) == 24 and bucket_rows(3, 3) == 3
+    x = torch.arange(6.0).reshape(3, 2)
+    padded = pad_rows(x, 4)
+    assert padded.shape == (4, 2) and torch.equal(padded[:3], x) and torch.equal(padded[3], x[2])
+
+
+def test_pipeline_names_are_exported() -> None:
+    import stagewise.serve as serve
+
+    assert {"PipelineBackend", "PipelineConfig", "ReplicaStatus"} <= set(serve.__all__)
+    assert serve.PipelineBackend is PipelineBackend and serve.PipelineConfig is PipelineConfig
+
+
+def test_config_errors_name_the_setting() -> None:
+    with pytest.raises(ValueError, match="PipelineConfig.stages"):
+        PipelineConfig(model=MODEL, stages=0)
+    with pytest.raises(ValueError, match="PipelineConfig.name"):
+        PipelineConfig(model=MODEL, name="a/b")
+
+
+# ----------------------------------------------------------------------------------------------- real processes
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[PipelineBackend, RunningServer]]:
+    backend = PipelineBackend(MODEL, stages=2, replicas=2, max_batch_size=8, restart_backoff_s=0.1)
+    try:
+        backend.wait_ready(60, replicas=2)
+        app = create_app(backend, config=GatewayConfig(batching=backend.batching_config(max_delay_ms=2)))
+        with serve_app(app) as server:
+            yield backend, server
+    finally:
+        backend.shutdown()
+
+
+def test_metadata_names_inputs_and_outputs_by_leaf(served: tuple[PipelineBackend, RunningServer]) -> None:
+    backend, server = served
+    doc = httpx.get(f"{server.url}/v2/models/large_model", timeout=10).json()
+    assert doc["inputs"] == [{"name": "arg0", "datatype": "FP32", "shape": [-1, 10]}]
+    assert doc["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 40]}]
+    assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+    assert [r.state for r in backend.status()] == ["ready", "ready"]
+
+
+def test_concurrent_clients_get_the_models_answers(served: tuple[PipelineBackend, RunningServer]) -> None:
+    backend, server = served
+    model = load_model_spec(MODEL).model.eval()
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(i)
+        with httpx.Client(timeout=30) as c:
+            for k in range(6):
+                x = rng.standard_normal((1 + (i + k) % 3, 10)).astype(np.float32)  # each thread its own x
+                got = _infer_json(c, server.url, x)
+                with torch.no_grad():
+                    want = model(torch.from_numpy(x)).numpy()
+                if got.shape != want.shape or not np.allclose(got, want, atol=1e-5, rtol=0):
+                    errors.append(f"client {i} request {k}: max error {np.abs(got - want).max()}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for stage in ("0", "1"):
+        assert f'stagewise_stage_seconds_count{{model="large_model",stage="{stage}"}}' in metrics
+    assert sum(r.completed for r in backend.status()) >= 1
+
+
+def test_infer_cli_prints_the_outputs(served: tuple[PipelineBackend, RunningServer],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    _, server = served
+    parser = argparse.ArgumentParser()
+    add_infer_parser(parser.add_subparsers())
+    args = parser.parse_args(["infer", server.url, "large_model", "--random", "--rows", "3"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("output FP32 [3, 40]")
+    args = parser.parse_args(["infer", server.url, "large_model", "--input", "arg0=[[1,2,3,4,5,6,7,8,9,10]]",
+                              "--json"])
+    assert args.func(args) == 0
+    assert '"shape": [1, 40]' in capsys.readouterr().out
+
+
+def test_killing_a_worker_mid_stream_loses_no_request(served: tuple[PipelineBackend, RunningServer]) -> None:
+    backend, server = served
+    model = load_model_spec(MODEL).model.eval()
+    victim = backend.status()[0]
+    results: list[bool] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(100 + i)
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                x = rng.standard_normal((2, 10)).astype(np.float32)
+                try:
+                    got = _infer_json(c, server.url, x)
+                except AssertionError as exc:
+                    errors.append(str(exc))
+                    continue
+                with torch.no_grad():
+                    results.append(bool(np.allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_until(lambda: len(results) >= 20, 30, "20 answers before the kill")
+        os.kill(victim.pids[1], signal.SIGKILL)  # the last stage of replica 0, with batches in flight
+        _wait_until(lambda: backend.status()[0].generation > victim.generation, 10, "replica 0 to be taken down")
+        before = len(results)
+        _wait_until(lambda: len(results) >= before + 20, 30, "answers while replica 0 restarts")
+        _wait_until(lambda: backend.status()[0].state == "ready", 30, "replica 0 to come back")
+        done = backend.status()[0].completed
+        _wait_until(lambda: backend.status()[0].completed >= done + 5, 30, "the restarted replica to serve")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors[:3]
+    assert results and all(results), f"{results.count(False)} wrong answers of {len(results)}"
+    status = backend.status()[0]
+    assert not _alive(victim.pids[0]) and not _alive(victim.pids[1]), "the dead replica's other worker survived"
+    assert status.last_error is not None and "stage 1" in status.last_error
+
+
+def test_gpt2_pipeline_matches_and_close_reaps_every_worker() -> None:
+    pytest.importorskip("transformers")
+    backend = PipelineBackend("stagewise.zoo.hf:gpt2", stages=2, replicas=1, max_batch_size=4)
+    try:
+        backend.wait_ready(60)
+        meta = backend.metadata()
+        assert [t.name for t in meta.inputs] == ["input_ids", "attention_mask"]
+        assert meta.outputs[0].name == "logits" and meta.outputs[0].shape == (-1, 12, 128)
+        pids = [p for r in backend.status() for p in r.pids]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        spec = load_model_spec("stagewise.zoo.hf:gpt2")
+        ids = spec.kwargs["input_ids"][:3]
+        def body(input_ids: torch.Tensor) -> dict[str, object]:
+            pairs = (("input_ids", input_ids), ("attention_mask", torch.ones_like(input_ids)))
+            return {"inputs": [{"name": n, "datatype": "INT64", "shape": list(t.shape), "data": t.reshape(-1).tolist()}
+                               for n, t in pairs], "outputs": [{"name": "logits"}]}
+
+        with serve_app(create_app(backend, config=GatewayConfig(close_backends=False))) as server:
+            url = f"{server.url}/v2/models/gpt2/infer"
+            bad = httpx.post(url, json=body(torch.full_like(ids, 10**6)), timeout=60)  # token ids past the vocab
+            resp = httpx.post(url, json=body(ids), timeout=60)  # the pipeline stayed in step after the failure
+        assert bad.status_code == 500 and "stage 0" in bad.json()["error"], bad.text
+        assert backend.status()[0].generation == 1, "a bad batch must not cost a replica"
+        assert resp.status_code == 200, resp.text
+        out = resp.json()["outputs"][0]
+        got = torch.tensor(out["data"]).reshape(out["shape"])
+        with torch.no_grad():
+            want = spec.model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0)
+    finally:
+        backend.shutdown()
+    assert not backend.ready()
+    _wait_until(lambda: not any(_alive(p) for p in pids), 5, "every worker to be reaped")
+
+
+def test_a_factory_building_different_weights_per_process_is_refused(tmp_path: pytest.TempPathFactory) -> None:
+    path = tmp_path / "unseeded.py"  # type: ignore[operator]
+    path.write_text("import os, torch\n"
+                    "def factory():\n"
+                    "    torch.manual_seed(os.getpid())  # every process its own weights\n"
+                    "    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), torch.randn(2, 4)\n")
+    backend = PipelineBackend(f"{path}:factory", stages=2, replicas=1, max_batch_size=2, restart_backoff_s=0.05)
+    try:
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            backend.wait_ready(60)
+        assert not backend.ready()
+    finally:
+        backend.shutdown()
+
+
+def test_serves_a_training_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+    from safetensors.torch import load_file
+
+    from stagewise.checkpoint import export_state_dict, load_checkpoint
+    from stagewise.serve._worker import checkpoint_model
+    from stagewise.train import TrainConfig, Trainer
+
+    root = tmp_path / "ckpt"
+    Trainer(TrainConfig(model="stagewise.zoo.basic:large_model", stages=2, replicas=2, steps=2, global_batch=16,
+                        lr=0.05, save_dir=str(root), progress=False, log_every=0)).fit()
+    assert checkpoint_model(str(root)) == "stagewise.zoo.basic:large_model"
+    spec = load_model_spec("stagewise.zoo.basic:large_model")
+    x = torch.randn(3, 10)
+    fresh = spec.model.eval()(x).detach()
+    export_state_dict(load_checkpoint(root), tmp_path / "w.safetensors", model=spec.model)
+    spec.model.load_state_dict(load_file(str(tmp_path / "w.safetensors")), strict=True)
+    expected = spec.model(x).detach()
+    backend = PipelineBackend("stagewise.zoo.basic:large_model", stages=2, replicas=1, max_batch_size=4,
+                              checkpoint=str(root))
+    try:
+        backend.wait_ready(120)
+        app = create_app(backend, config=GatewayConfig(batching=backend.batching_config()))
+        with serve_app(app, port=0) as server:
+            body = {"inputs": [{"name": "arg0", "shape": [3, 10], "datatype": "FP32", "data": x.flatten().tolist()}]}
+            out = httpx.post(f"{server.url}/v2/models/large_model/infer", json=body, timeout=60).json()["outputs"][0]
+        got = torch.tensor(out["data"]).view(out["shape"])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(expected, fresh)  # the trained weights were served, not the factory's
+    finally:
+        backend.shutdown()
