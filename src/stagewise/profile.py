@@ -8,19 +8,11 @@ from typing import Any
 
 import torch
 
+from .runtime._executor import as_leaf
 from .split._build import _Layout, build_stage, plan_stages
 from .split._capture import Capture
 
 __all__ = ["profile_units"]
-
-
-def _detached(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        leaf = value.detach()
-        if value.requires_grad:
-            leaf.requires_grad_(True)
-        return leaf
-    return value
 
 
 def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 3, warmup: int = 1) -> list[tuple[float, float]]:
@@ -37,7 +29,7 @@ def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int
     for rep in range(warmup + repeats):
         recv: list[Any] = []
         for i, stage in enumerate(stages):
-            recv = [_detached(v) for v in recv]
+            recv = [as_leaf(v) for v in recv]
             start = time.perf_counter()
             send, outs = stage(recv, example)
             fwd = time.perf_counter() - start

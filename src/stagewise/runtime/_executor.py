@@ -46,7 +46,7 @@ class TimelineEvent:
         return {"name": self.name, "kind": self.kind, "stage": self.stage, "start": self.start, "end": self.end}
 
 
-def _leaf(value: Any) -> Any:
+def as_leaf(value: Any) -> Any:
     """A received value as a fresh autograd leaf (keeps requires_grad of what was sent)."""
     if isinstance(value, torch.Tensor):
         leaf = value.detach()
@@ -161,9 +161,9 @@ class PipelineExecutor:
         if s == 0:
             recv: list[Any] = []
         elif (s, m) in self._recv_f:
-            recv = [_leaf(v) for v in self._recv_f.pop((s, m))]
+            recv = [as_leaf(v) for v in self._recv_f.pop((s, m))]
         else:
-            recv = [_leaf(v) for v in self._local_f.pop((s, m))]
+            recv = [as_leaf(v) for v in self._local_f.pop((s, m))]
         send, outs = stage(recv, self._inputs[m])
         loss = None
         if s == self.num_stages - 1:
