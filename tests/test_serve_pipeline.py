@@ -311,3 +311,57 @@ def test_serves_a_training_checkpoint(tmp_path) -> None:  # type: ignore[no-unty
         assert not torch.allclose(expected, fresh)  # the trained weights were served, not the factory's
     finally:
         backend.shutdown()
+
+
+def test_each_task_head_is_served_as_its_own_model() -> None:
+    import httpx
+
+    spec = load_model_spec("stagewise.zoo.basic:multitask")
+    model = spec.model.eval()
+    x = spec.args[0][:2]
+    with torch.no_grad():
+        expected = model(x)
+    backends = [PipelineBackend("stagewise.zoo.basic:multitask", stages=2, max_batch_size=4,
+                                tasks=("heads.cls", "heads.reg"), head=h) for h in ("heads.cls", "heads.reg")]
+    try:
+        for b in backends:
+            b.wait_ready(120)
+        assert [b.name for b in backends] == ["multitask.heads.cls", "multitask.heads.reg"]
+        app = create_app(backends, config=GatewayConfig(model_batching={b.name: b.batching_config() for b in backends}))
+        with serve_app(app, port=0) as server:
+            for b, key in zip(backends, ("cls", "reg")):
+                meta = httpx.get(f"{server.url}/v2/models/{b.name}", timeout=30).json()
+                assert [o["name"] for o in meta["outputs"]] == [key]  # only this head's output
+                body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape), "datatype": "FP32",
+                                    "data": x.flatten().tolist()}]}
+                out = httpx.post(f"{server.url}/v2/models/{b.name}/infer", json=body, timeout=60).json()["outputs"][0]
+                torch.testing.assert_close(torch.tensor(out["data"]).view(out["shape"]), expected[key],
+                                           rtol=1e-5, atol=1e-5)
+    finally:
+        for b in backends:
+            b.shutdown()
+
+
+def test_a_sub_model_is_served_as_its_own_model() -> None:
+    import httpx
+
+    spec = load_model_spec("stagewise.zoo.basic:resnet")
+    model = spec.model.eval()
+    x = spec.args[0][:2]
+    with torch.no_grad():
+        expected = model.blocks(model.stem(x))
+    backend = PipelineBackend("stagewise.zoo.basic:resnet", stages=2, max_batch_size=4, submodule="blocks")
+    try:
+        backend.wait_ready(120)
+        assert backend.name == "resnet.blocks"
+        app = create_app(backend, config=GatewayConfig(batching=backend.batching_config()))
+        with serve_app(app, port=0) as server:
+            meta = httpx.get(f"{server.url}/v2/models/resnet.blocks", timeout=30).json()
+            h = model.stem(x).detach()  # what the sub-model receives inside the whole model
+            assert meta["inputs"][0]["shape"] == [-1, *h.shape[1:]]
+            body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(h.shape), "datatype": "FP32",
+                                "data": h.flatten().tolist()}]}
+            out = httpx.post(f"{server.url}/v2/models/resnet.blocks/infer", json=body, timeout=60).json()["outputs"][0]
+        torch.testing.assert_close(torch.tensor(out["data"]).view(out["shape"]), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        backend.shutdown()

@@ -40,6 +40,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         "checkpoint directory itself, which records its model")
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="a plan from 'stagewise plan --mode serve --json' (sets stages, replicas and the cut)")
+    p.add_argument("--tasks", default=None, metavar="FQN,...",
+                   help="task split: serve the trunk plus each named head as its own model, NAME.HEAD "
+                        "(the trunk takes --stages minus 1 stages)")
+    p.add_argument("--submodels", default=None, metavar="FQN,...",
+                   help="sub-model split: serve each named sub-module as its own model, NAME.FQN, on the inputs it "
+                        "receives in the example call (each split into --stages stages)")
     p.add_argument("--stages", type=int, default=2, help="pipeline stages per replica (default: 2)")
     p.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default: 1)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1; 0.0.0.0 for all)")
@@ -81,28 +87,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         plan = Plan.from_json(args.plan)
         stages, replicas, cuts = plan.stages, plan.replicas, tuple(plan.cut[1:]) or None
-    backend = PipelineBackend(model, stages=stages, replicas=replicas, max_batch_size=args.max_batch_size,
-                              name=args.name, threads_per_worker=args.threads, precapture=args.precapture,
-                              checkpoint=checkpoint, cuts=cuts)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
+    subs = [t.strip() for t in args.submodels.split(",") if t.strip()] if args.submodels else []
+    if tasks and subs:
+        raise ValueError("give either --tasks or --submodels, not both")
+    # One served model per task head or sub-model (each its own name), else the whole model.
+    variants: list[dict[str, Any]] = ([{"tasks": tasks, "head": h} for h in tasks] if tasks else
+                                      [{"submodule": m} for m in subs] or [{}])
+    backends: list[PipelineBackend] = []
     try:
-        print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {backend.name!r}",
+        for v in variants:
+            suffix = v.get("head") or v.get("submodule")
+            name = (f"{args.name}.{suffix}" if suffix else args.name) if args.name else None
+            backends.append(PipelineBackend(model, stages=stages, replicas=replicas,
+                                            max_batch_size=args.max_batch_size, name=name,
+                                            threads_per_worker=args.threads, precapture=args.precapture,
+                                            checkpoint=checkpoint, cuts=None if suffix else cuts, **v))
+        names = ", ".join(repr(b.name) for b in backends)
+        print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {names}",
               file=sys.stderr, flush=True)
         try:
-            backend.wait_ready(args.startup_timeout)
+            for backend in backends:
+                backend.wait_ready(args.startup_timeout)
         except (RuntimeError, TimeoutError) as exc:
             print(f"stagewise serve: error: no replica became ready: {exc}", file=sys.stderr)
             return 1
-        gateway_config.batching = backend.batching_config(max_delay_ms=args.max_delay_ms)
-        app = create_app(backend, config=gateway_config)
+        gateway_config.model_batching = {b.name: b.batching_config(max_delay_ms=args.max_delay_ms) for b in backends}
+        app = create_app(backends, config=gateway_config)
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"stagewise serve: {backend.name!r} at http://{host}:{args.port}/v2/models/{backend.name}"
-              f"{' (bearer token required)' if token else ''}; Ctrl-C stops", file=sys.stderr, flush=True)
+        for backend in backends:
+            print(f"stagewise serve: {backend.name!r} at http://{host}:{args.port}/v2/models/{backend.name}"
+                  f"{' (bearer token required)' if token else ''}", file=sys.stderr, flush=True)
+        print("stagewise serve: Ctrl-C stops", file=sys.stderr, flush=True)
         run(app, host=args.host, port=args.port,
             log_level="debug" if log.getEffectiveLevel() <= logging.DEBUG else "info")
     except KeyboardInterrupt:
         pass
     finally:
-        backend.shutdown()
+        for backend in backends:
+            backend.shutdown()
     return 0
 
 

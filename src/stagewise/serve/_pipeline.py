@@ -89,6 +89,12 @@ class PipelineConfig:
     """A training checkpoint directory whose weights (by FQN, any layout) the workers load."""
     cuts: tuple[str, ...] | None = None
     """Cut before these units (e.g. from a plan) instead of balancing by parameters."""
+    tasks: tuple[str, ...] | None = None
+    """Task split: the head FQNs of the model; ``head`` is the one this backend serves after the trunk."""
+    head: str | None = None
+    """Serve the trunk (``stages - 1`` stages) plus this task head as its own model (named ``name.head``)."""
+    submodule: str | None = None
+    """Serve only this sub-model (by FQN, e.g. ``encoder``) on the inputs it receives, named ``name.FQN``."""
     precapture: bool = False
     """Workers capture every batch-size bucket (1, 2, 4... max_batch_size) before reporting ready; else on first use
     (the first batch of each size then waits for its capture, ~0.1-1 s)."""
@@ -199,7 +205,8 @@ class PipelineBackend(InferenceBackend):
         threading.Thread(target=multiprocessing.forkserver.ensure_running, name="stagewise-forkserver-boot",
                          daemon=True).start()
         serving = load_serving_split(config.model, stages=config.stages, exclude_inputs=config.exclude_inputs,
-                                     seed=config.seed, checkpoint=config.checkpoint, cuts=config.cuts)
+                                     seed=config.seed, checkpoint=config.checkpoint, cuts=config.cuts,
+                                     tasks=config.tasks, head=config.head, submodule=config.submodule)
         self.name, self.max_batch_size = config.name or serving.name, config.max_batch_size
         self._meta, self._stage_inputs, self._digests = describe_serving(serving, self.name)
         del serving
@@ -515,7 +522,10 @@ class PipelineBackend(InferenceBackend):
                                   max_batch_size=cfg.max_batch_size, exclude_inputs=list(cfg.exclude_inputs),
                                   seed=cfg.seed, threads=self._threads, timeout_s=cfg.worker_timeout_s,
                                   precapture=cfg.precapture, checkpoint=cfg.checkpoint,
-                                  cuts=list(cfg.cuts) if cfg.cuts else None, log_level=log.getEffectiveLevel())
+                                  cuts=list(cfg.cuts) if cfg.cuts else None,
+                                  tasks=list(cfg.tasks) if cfg.tasks else None, head=cfg.head,
+                                  submodule=cfg.submodule,
+                                  log_level=log.getEffectiveLevel())
                 p = self._ctx.Process(target=worker_main, args=(wc.to_json(),), daemon=True,
                                       name=f"stagewise-serve-r{rep.index}s{s}")
                 p.start()

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .._spec import load_model_spec
+from .._spec import ModelSpec, load_model_spec
 from ..comm import DistTransport, SendHandle
 from ..split import SplitModel, Stage, split
 from ..split._capture import input_leaves
@@ -93,6 +93,12 @@ class WorkerConfig:
     """A training checkpoint whose weights (by FQN) replace the factory's."""
     cuts: list[str] | None = None
     """Cut before these units (from a plan) instead of balancing."""
+    tasks: list[str] | None = None
+    """Task split: the head FQNs; ``head`` picks the one this service runs after the trunk."""
+    head: str | None = None
+    """The task head served (the trunk is cut into ``stages - 1`` stages, then this head)."""
+    submodule: str | None = None
+    """Serve only this sub-module (by FQN), on the inputs it receives in the example call."""
     log_level: int = logging.WARNING
     """Logging level of the worker process (the gateway's effective level)."""
 
@@ -113,6 +119,11 @@ class ServingSplit:
     kwargs: dict[str, Any]
     name: str
     """The factory's model name."""
+    chain: list[int] = dataclasses.field(default_factory=list)
+    """Indices of the stages this service runs, in order (all of them; or a task split's trunk plus one head)."""
+
+    def chain_stages(self, stages: Sequence[Stage]) -> list[Stage]:
+        return [stages[i] for i in self.chain]
 
     @property
     def example_rows(self) -> int:
@@ -128,16 +139,20 @@ class ServingSplit:
 
 
 def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str] = ("labels",),
-                       seed: int = 0, checkpoint: str | None = None,
-                       cuts: Sequence[str] | None = None) -> ServingSplit:
+                       seed: int = 0, checkpoint: str | None = None, cuts: Sequence[str] | None = None,
+                       tasks: Sequence[str] | None = None, head: str | None = None,
+                       submodule: str | None = None) -> ServingSplit:
     """Build MODEL (under ``seed``), load ``checkpoint``'s weights if given, put it in eval mode and split it into a
-    chain of ``stages`` stages (at ``cuts`` when given)."""
+    chain of ``stages`` stages (at ``cuts`` when given). With ``tasks`` and ``head``: a task split whose trunk takes
+    ``stages - 1`` stages, followed by the stage of ``head`` alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         spec = load_model_spec(model)
     if checkpoint is not None:
         load_checkpoint_weights(spec.model, checkpoint)
     spec.model.eval()
+    if submodule is not None:
+        spec = _submodule_spec(spec, submodule)
     kwargs = {k: v for k, v in spec.kwargs.items() if k not in set(exclude_inputs)}
     leaves, names, _ = input_leaves(spec.args, kwargs)
     if not leaves:
@@ -146,17 +161,49 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
     if len(rows) != 1 or 0 in rows:
         raise ValueError(f"every example input of {model!r} needs the batch on dim 0 with the same size; got "
                          f"{dict(zip(names, (list(t.shape) for t in leaves)))}")
-    sm = split(spec.model, spec.args, kwargs, stages=stages, cuts=list(cuts) if cuts else None, model_name=model)
-    if sm.partition.mode == "tasks":
-        raise ValueError("serving runs a chain of stages; a task split (several heads) is not supported")
-    last = len(sm.stages) - 1
-    for st in sm.stages:
-        if st.spec.parent != (st.index - 1 if st.index else None):
+    if head is not None:
+        if not tasks or head not in tasks:
+            raise ValueError(f"head {head!r} is not one of the task heads {list(tasks or [])}")
+        if stages < 2:
+            raise ValueError("serving a task head needs at least 2 stages: the trunk and the head")
+        sm = split(spec.model, spec.args, kwargs, stages=stages - 1, tasks=list(tasks), model_name=model)
+        chain = [st.index for st in sm.stages if st.spec.head is None]
+        chain += [st.index for st in sm.stages if st.spec.head == head]
+    else:
+        sm = split(spec.model, spec.args, kwargs, stages=stages, cuts=list(cuts) if cuts else None, model_name=model)
+        if sm.partition.mode == "tasks":
+            raise ValueError("a task split serves one head per model name: give the head")
+        chain = [st.index for st in sm.stages]
+    for pos, i in enumerate(chain):
+        st = sm.stages[i]
+        if st.spec.parent != (chain[pos - 1] if pos else None):
             raise ValueError(f"stage {st.index} receives from stage {st.spec.parent}; serving needs a chain")
-        if st.spec.outputs and st.index != last:
+        if st.spec.outputs and pos != len(chain) - 1:
             raise ValueError(f"stage {st.index} returns model outputs {st.spec.outputs}; serving needs them all from "
                              "the last stage")
-    return ServingSplit(sm=sm, args=tuple(spec.args), kwargs=kwargs, name=spec.name)
+    return ServingSplit(sm=sm, args=tuple(spec.args), kwargs=kwargs, name=spec.name if head is None else
+                        f"{spec.name}.{head}", chain=chain)
+
+
+def _submodule_spec(spec: ModelSpec, fqn: str) -> ModelSpec:
+    """A sub-model as a model of its own: the module at ``fqn`` with the inputs it gets in the example call."""
+    try:
+        module = spec.model.get_submodule(fqn)
+    except AttributeError:
+        names = [n for n, _ in spec.model.named_children()]
+        raise ValueError(f"{type(spec.model).__name__} has no sub-module {fqn!r}; its children are {names}") from None
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    handle = module.register_forward_pre_hook(lambda _m, a, k: seen.append((a, k)) if not seen else None,
+                                              with_kwargs=True)
+    try:
+        with torch.no_grad():
+            spec.model(*spec.args, **spec.kwargs)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"sub-module {fqn!r} is never called by the model's forward on its example inputs")
+    args, kwargs = seen[0]
+    return ModelSpec(model=module, args=tuple(args), kwargs=dict(kwargs), name=f"{spec.name}.{fqn}")
 
 
 def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
@@ -186,20 +233,23 @@ def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, l
     """Metadata (inputs/outputs by leaf name, dtypes from one in-process run), each stage's inputs and digest."""
     leaves, names, _ = input_leaves(serving.args, serving.kwargs)
     example = dict(zip(names, leaves))
-    stages = serving.sm.stages
+    stages = serving.chain_stages(serving.sm.stages)
     outputs: list[Any] = [None] * len(serving.sm.partition.output_names)
     recv: list[Any] = []
     with torch.inference_mode():
-        for st in stages:
+        for pos, st in enumerate(stages):
             send, outs = st(recv, example)
             by_name = {v.name: x for v, x in zip(st.spec.send, send)}
-            if st.index + 1 < len(stages):
-                recv = [by_name[v.name] for v in stages[st.index + 1].spec.recv]
+            if pos + 1 < len(stages):
+                recv = [by_name[v.name] for v in stages[pos + 1].spec.recv]
             for leaf, value in zip(st.output_index, outs):
                 outputs[leaf] = value
     rows = serving.example_rows
     out_meta = []
+    served = set(stages[-1].spec.outputs)
     for leaf_name, value in zip(serving.sm.partition.output_names, outputs):
+        if leaf_name not in served:  # another task head's output
+            continue
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"model output {leaf_name!r} is {shape}: every served output needs the batch on dim 0 "
@@ -247,8 +297,9 @@ class _StageWorker:
         self.last = cfg.stage == cfg.stages - 1
         t0 = time.perf_counter()
         self.serving = load_serving_split(cfg.model, stages=cfg.stages, exclude_inputs=cfg.exclude_inputs,
-                                          seed=cfg.seed, checkpoint=cfg.checkpoint, cuts=cfg.cuts)
-        self.digest = stage_digest(self.serving.sm.stages[cfg.stage])
+                                          seed=cfg.seed, checkpoint=cfg.checkpoint, cuts=cfg.cuts, tasks=cfg.tasks,
+                                          head=cfg.head, submodule=cfg.submodule)
+        self.digest = stage_digest(self.serving.chain_stages(self.serving.sm.stages)[cfg.stage])
         # batch rows -> (this stage, names of the values the next stage receives, in its order)
         self._stages: dict[int, tuple[Stage, list[str]]] = {}
         if self.serving.example_rows <= cfg.max_batch_size:
@@ -270,8 +321,9 @@ class _StageWorker:
         self.inbox: queue.Queue[Message] = queue.Queue()
 
     def _mine(self, stages: list[Stage]) -> tuple[Stage, list[str]]:
+        chain = self.serving.chain_stages(stages)
         s = self.cfg.stage
-        return stages[s], [] if self.last else [v.name for v in stages[s + 1].spec.recv]
+        return chain[s], [] if self.last else [v.name for v in chain[s + 1].spec.recv]
 
     def stage_for(self, rows: int) -> tuple[Stage, list[str]]:
         """This stage captured for ``rows`` rows (captured now if it is the first such batch)."""
