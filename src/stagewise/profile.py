@@ -15,8 +15,22 @@ from .split._capture import Capture
 __all__ = ["profile_units"]
 
 
-def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 3, warmup: int = 1) -> list[tuple[float, float]]:
-    """(forward ms, backward ms) of every unit, each run alone on the values that reach it."""
+def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 3, warmup: int = 1,
+                  threads: int = 1) -> list[tuple[float, float]]:
+    """(forward ms, backward ms) of every unit, each run alone on the values that reach it.
+
+    Timed with ``threads`` compute threads (1, like each training rank by default): on a busy machine a multi-threaded
+    tiny op can take 100x longer while OpenMP threads spin, which would make the costs noise.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _profile(cap, inputs, repeats=repeats, warmup=warmup)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _profile(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int, warmup: int) -> list[tuple[float, float]]:
     nodes: list[list[Any]] = [[] for _ in cap.units]
     for node in cap.compute_nodes():
         nodes[cap.node_unit[node]].append(node)

@@ -25,8 +25,9 @@ def print_partition(partition: Partition, console: Console | None = None) -> Non
         if not console.is_terminal:  # piped or captured: do not wrap rows at 80 columns
             console = Console(width=200)
     units = {u.name: u for u in partition.units}
-    table = Table(title=f"{partition.model or 'model'}: {partition.num_stages} stages ({partition.mode}, "
-                        f"cut by {partition.by})")
+    console.print(escape(f"{partition.model or 'model'}: {partition.num_stages} stages ({partition.mode}, "
+                         f"cut by {partition.by})"), soft_wrap=True)
+    table = Table()
     for col in ("stage", "units", "params", "fwd ms", "bwd ms", "sends", "inputs"):
         table.add_column(col, justify="left" if col in ("units", "inputs") else "right")
     for stage in partition.stages:

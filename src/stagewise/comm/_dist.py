@@ -29,6 +29,8 @@ import torch.distributed as dist
 from ._errors import CommError, CommTimeoutError
 from ._framing import (
     HEADER_SLOTS,
+    PACK_LIMIT,
+    TensorDesc,
     Value,
     alloc_payloads,
     check_expect,
@@ -36,6 +38,7 @@ from ._framing import (
     materialise,
     parse_descriptors,
     parse_header,
+    payload_layout,
 )
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
@@ -44,6 +47,19 @@ __all__ = ["DistTransport"]
 log = logging.getLogger(__name__)
 
 _BACKENDS = ("gloo", "nccl")
+_HEADER_BYTES = HEADER_SLOTS * 8
+_INLINE_BYTES = 64 * 1024
+_FIRST_BYTES = _HEADER_BYTES + _INLINE_BYTES
+
+
+def _inline_size(descs: Sequence[Any], extension: torch.Tensor | None) -> int | None:
+    """Bytes of the small-tensor pack when it travels inside the first message (both sides decide alike)."""
+    if extension is not None:
+        return None
+    sizes, where = payload_layout(descs)
+    has_pack = any(w is not None and w[0] == 0 for w, d in zip(where, descs)
+                   if isinstance(d, TensorDesc) and 0 < d.nbytes <= PACK_LIMIT)
+    return sizes[0] if has_pack and sizes[0] <= _INLINE_BYTES else None
 
 
 def _wait(transport: DistTransport, work: Any, *, deadline: float, waited: float, op: str, peer: int | None,
@@ -180,7 +196,16 @@ class DistTransport(Transport):
         self._check_peer(dst, name="dst")
         self._check_tag(tag)
         frame = encode(values, src=self.rank, tag=tag, device=self.device)
-        tensors = frame.tensors()
+        # The first message is the header followed by an inline area: when every small tensor fits there (the common
+        # case: activations and gradients of a microbatch), the whole message is ONE transfer instead of two.
+        first = torch.zeros(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+        first[:_HEADER_BYTES] = frame.header.view(torch.uint8)
+        payloads = list(frame.payloads)
+        if _inline_size(parse_descriptors(frame.header, frame.extension), frame.extension) is not None:
+            pack = payloads.pop(0)
+            first[_HEADER_BYTES:_HEADER_BYTES + pack.numel()] = pack
+        ext = [] if frame.extension is None else [frame.extension]
+        tensors = [first, *ext, *payloads]
         works = [dist.isend(t, dst=dst, tag=tag) for t in tensors]
         return _DistSendHandle(self, works, tensors, dst=dst, tag=tag)
 
@@ -193,8 +218,9 @@ class DistTransport(Transport):
         def wait(work: Any) -> None:
             _wait(self, work, deadline=deadline, waited=t, op="recv", peer=src, tag=tag)
 
-        header = torch.empty(HEADER_SLOTS, dtype=torch.int64, device=self.device)
-        wait(dist.irecv(header, src=src, tag=tag))
+        first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+        wait(dist.irecv(first, src=src, tag=tag))
+        header = first[:_HEADER_BYTES].view(torch.int64)
         _, ext_len = parse_header(header, src=src, tag=tag)
         extension = None
         if ext_len:
@@ -202,8 +228,11 @@ class DistTransport(Transport):
             wait(dist.irecv(extension, src=src, tag=tag))
         descs = parse_descriptors(header, extension)
         buffers = alloc_payloads(descs, self.device)
-        works = [dist.irecv(b, src=src, tag=tag) for b in buffers]  # post all: they match in send order
-        for w in works:
+        inline = _inline_size(descs, extension)
+        if inline is not None:  # the pack came inside the first message
+            buffers[0] = first[_HEADER_BYTES:_HEADER_BYTES + inline].clone()
+        works = [dist.irecv(b, src=src, tag=tag) for b in buffers[1 if inline is not None else 0:]]
+        for w in works:  # posted together: they match in send order
             wait(w)
         values = materialise(descs, buffers, self.device)
         check_expect(values, expect, where=f"recv on rank {self.rank} from rank {src} (tag {tag})")

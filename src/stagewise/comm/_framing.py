@@ -13,7 +13,9 @@ A message is, in wire order, on one (src, dst, tag) channel:
 3. the tensor bytes as uint8 buffers: first one *pack* holding every small tensor (``0 < nbytes <= PACK_LIMIT``)
    back to back, then one buffer per large tensor. Zero-element tensors send nothing.
 
-Both sides derive the buffer layout from ``desc`` alone (:func:`payload_layout`), so the receiver allocates exact
+:class:`DistTransport` sends the header inside a fixed-size first message whose inline area also carries the pack
+when it fits, so a typical activation or gradient message is a single transfer. Both sides derive the buffer layout
+from ``desc`` alone (:func:`payload_layout`), so the receiver allocates exact
 buffers before the bytes arrive. Data moves as raw bytes (``tensor.view(torch.uint8)``), so every dtype in
 :data:`DTYPE_CODES` works on every backend, whatever dtypes the backend itself supports. Received tensors are
 contiguous and own their storage.
