@@ -4,10 +4,12 @@ Run: ``PYTHONPATH=src python bench/plan_accuracy.py``. A model with deliberately
 projection, a few narrow middle layers, a large classifier head) is profiled by the planner's own path
 (:func:`stagewise.plan.profile_chain`), the links are probed (:func:`stagewise.plan.measure_links`), and
 :func:`stagewise.plan.search` plans it for 2 devices (2 worker processes, 1 thread each). The top 3 plans, plus the
-best plan's layout cut by ``by="uniform"`` and by ``by="params"`` (and the best plan of the other kind of layout,
-stages vs replicas, when the top 3 hold none), are trained for real; each one's step time is the median, over the
-steps after the warm-up ones, of the time between the starts of consecutive steps (from the run's trace). The last
-line is machine-readable:
+best pipelined plan's layout cut by ``by="uniform"`` and by ``by="params"`` (and the best plan of the other kind of
+layout, stages vs replicas, when the top 3 hold none), are trained for real. A run's step time is the median, over
+the steps after the warm-up ones, of the time between the starts of consecutive steps (from the run's trace). Every
+distinct configuration runs ``--rounds`` times, round-robin, and counts with the median of its runs: two runs of one
+configuration can differ by a third (other processes on this shared 2-core machine, and each process's own memory
+allocator history). The last line is machine-readable:
 ``plan_accuracy median_err=E worst_err=W chosen_vs_best=C`` where E and W are the median and worst of
 ``|predicted - measured| / measured`` over the top 3 plans (goals 0.10 and 0.20) and C is the measured step time of
 the top plan over the best measured step time of every run (goal <= 1.05).
@@ -96,7 +98,19 @@ class Run:
     plan: Plan
     by: str | None = None
     """Cut by this cost in the workers (baselines) instead of the plan's cut."""
-    measured_s: float = 0.0
+    runs_s: list[float] = dataclasses.field(default_factory=list)
+    """Median step time of each run."""
+    same_as: Run | None = None
+    """An earlier configuration this one equals (measured once, under that label)."""
+
+    @property
+    def key(self) -> tuple:
+        p = self.plan
+        return p.stages, p.replicas, p.stages_per_rank, p.microbatches, p.schedule, tuple(p.cut)
+
+    @property
+    def measured_s(self) -> float:
+        return statistics.median(self.same_as.runs_s if self.same_as is not None else self.runs_s)
 
 
 def step_times(trace_dir: Path) -> list[float]:
@@ -139,23 +153,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=13, help="steps per run (the first --warmup are not timed)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per unit when profiling")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration (their median counts)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)", flush=True)
 
-    measured_links = measure_links(nbytes=1 << 20, repeats=7)
+    measured_links = measure_links(repeats=7)
     cluster = apply_measurement(Cluster.detect(use_cuda=False), measured_links)
     if cluster.num_devices < DEVICES:  # a 1-core machine still runs 2 processes; plan for them
         cluster = dataclasses.replace(cluster, nodes=[dataclasses.replace(cluster.nodes[0], devices=DEVICES)])
     print(f"probe: latency {cluster.intra_latency * 1e6:.0f} us, bandwidth {cluster.intra_bandwidth / 1e9:.2f} GB/s, "
           f"all-reduce {cluster.allreduce_bandwidth / 1e9:.2f} GB/s + {cluster.allreduce_latency * 1e6:.0f} us/step, "
           f"send {cluster.send_overhead * 1e6:.0f} us, recv {cluster.recv_overhead * 1e6:.0f} us, "
-          f"action {cluster.action_overhead * 1e6:.0f} us", flush=True)
+          f"action {cluster.action_overhead * 1e6:.0f} us, contention x{cluster.contention:.2f}", flush=True)
 
     spec = factory()
-    profile = profile_chain(spec, rows=profile_rows(GLOBAL_BATCH), repeats=args.repeats, threads=1)
+    profile = profile_chain(spec, rows=profile_rows(GLOBAL_BATCH), repeats=args.repeats, rounds=2, threads=1)
     for i, rows in enumerate(profile.rows):
         print(f"profile at {rows:2d} rows: forward {sum(profile.forward_ms[i]):7.3f} ms, backward "
               f"{sum(profile.backward_ms[i]):7.3f} ms, loss {profile.loss_forward_ms[i] + profile.loss_backward_ms[i]:.3f}"
@@ -165,26 +180,34 @@ def main() -> None:
 
     plans = search(profile, cluster, global_batch=GLOBAL_BATCH, devices=DEVICES, limit=None)
     runs = [Run(label=f"top-{i + 1}", plan=p) for i, p in enumerate(plans[:3])]
-    best = plans[0]
+    piped = next((p for p in plans if p.num_stages > 1), None)
     units = profile.units
-    if best.num_stages > 1:
+    if piped is not None:
         for by in ("uniform", "params"):
-            cut = baseline_cut(units, best, by)
-            pred = predict(profile, cluster, stages=best.stages, replicas=best.replicas,
-                           microbatches=best.microbatches, schedule=best.schedule,
-                           stages_per_rank=best.stages_per_rank, cut=cut, global_batch=GLOBAL_BATCH)
+            cut = baseline_cut(units, piped, by)
+            pred = predict(profile, cluster, stages=piped.stages, replicas=piped.replicas,
+                           microbatches=piped.microbatches, schedule=piped.schedule,
+                           stages_per_rank=piped.stages_per_rank, cut=cut, global_batch=GLOBAL_BATCH)
             runs.append(Run(label=f"by-{by}", plan=pred, by=by))
     if len({p.stages for p in plans[:3]}) == 1:  # also run the best plan of the other kind of layout
-        other = next((p for p in plans if p.stages != best.stages), None)
+        other = next((p for p in plans if p.stages != plans[0].stages), None)
         if other is not None:
             runs.append(Run(label="other-layout", plan=other))
+    for i, run in enumerate(runs):
+        run.same_as = next((r for r in runs[:i] if r.same_as is None and r.key == run.key), None)
 
     with tempfile.TemporaryDirectory(prefix="stagewise-plan-accuracy-") as tmp:
-        for run in runs:
-            run.measured_s = measure(run, steps=args.steps, warmup=args.warmup, tmp=Path(tmp))
-            err = abs(run.plan.step_time_s - run.measured_s) / run.measured_s
-            print(f"{run.label:>12}: {layout(run.plan)}: predicted {run.plan.step_time_s * 1e3:7.2f} ms, "
-                  f"measured {run.measured_s * 1e3:7.2f} ms, err {err:6.1%}", flush=True)
+        for round_ in range(args.rounds):
+            for run in runs:
+                if run.same_as is None:
+                    run.runs_s.append(measure(run, steps=args.steps, warmup=args.warmup, tmp=Path(tmp)))
+            print(f"round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+    for run in runs:
+        err = abs(run.plan.step_time_s - run.measured_s) / run.measured_s
+        each = ", ".join(f"{t * 1e3:.1f}" for t in (run.same_as or run).runs_s)
+        same = f" (= {run.same_as.label})" if run.same_as is not None else ""
+        print(f"{run.label:>12}: {layout(run.plan)}: predicted {run.plan.step_time_s * 1e3:6.2f} ms, measured "
+              f"{run.measured_s * 1e3:6.2f} ms [{each}]{same}, err {err:5.1%}", flush=True)
 
     errors = [abs(r.plan.step_time_s - r.measured_s) / r.measured_s for r in runs if r.label.startswith("top-")]
     chosen = runs[0].measured_s / min(r.measured_s for r in runs)

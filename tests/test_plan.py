@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import stagewise.plan as plan_pkg
+from stagewise import ModelSpec
 from stagewise.plan import (
+    ChainProfile,
     Cluster,
     Node,
     Plan,
@@ -26,17 +28,22 @@ from stagewise.plan import (
     capped_min_max_cuts,
     optimizer_time,
     pipeline_lower_bound,
+    predict,
+    profile_chain,
     search,
     simulate_costs,
     stage_memory,
     transfer_time,
 )
-from stagewise.plan._cli import add_plan_parser, add_probe_parser
+from stagewise.plan._cli import add_plan_parser, add_probe_parser, profile_rows
 from stagewise.plan._cost import rank_lists
 from stagewise.plan._cut import Chain
+from stagewise.plan._profile import interpolate
+from stagewise.plan._shared import simulate_shared
 from stagewise.schedule import build, peak_activations, simulate
 from stagewise.split import UnitInfo
 from stagewise.train import TrainConfig
+from stagewise.zoo.basic import Samples
 
 KIB = 1024
 
@@ -52,7 +59,8 @@ def chain_units(fwd_ms: list[float], *, param_bytes: int | list[int] = 1000, out
 
 def one_node(devices: int, memory: int = 2**30, **links: float) -> Cluster:
     defaults = {"intra_bandwidth": 1e6, "intra_latency": 1e-4, "inter_bandwidth": 1e5, "inter_latency": 1e-3,
-                "allreduce_bandwidth": 1e6}
+                "allreduce_bandwidth": 1e6, "allreduce_latency": 1e-4, "send_overhead": 0.0, "recv_overhead": 0.0,
+                "action_overhead": 0.0, "contention": 1.0}
     return Cluster(nodes=[Node(name="box", devices=devices, memory_bytes=memory)], **{**defaults, **links})
 
 
@@ -135,28 +143,175 @@ def test_link_occupancy_queues_transfers_by_hand() -> None:
     assert step == 1 + 1.5 + 1 + 2 + 1.5 + 2
 
 
+def test_rank_side_transfer_costs_start_and_tail_by_hand() -> None:
+    # 1F1B, 2 ranks, 1 microbatch, F = 1, B = 2, link latency 0.5; sending costs the rank 0.25, receiving 0.125.
+    # rank 0 loads its batch for 0.5: F0 .5-1.5, send -1.75, arrives 2.25; rank 1 receives -2.375, F1 -3.375, B1
+    # -5.375, send -5.625, arrives 6.125; rank 0 receives -6.25, B0 -8.25. Tails: rank 0 1.0, rank 1 4.0.
+    kw = dict(ranks=2, microbatches=1, forward=[1, 1], backward=[2, 2], send_forward=[(0.5, 0.0)],
+              send_backward=[(0.5, 0.0)], send_cost=0.25, recv_cost=0.125, start=[0.5, 0.0])
+    step, _, busy = simulate_costs("1f1b", **kw, tail=[1.0, 4.0])
+    assert step == 9.625  # rank 1: 5.625 + 4.0 ends after rank 0's 8.25 + 1.0
+    assert busy == [3.0, 3.0]  # compute only
+    assert simulate_costs("1f1b", **kw, tail=[1.0, 1.0])[0] == 9.25
+    # The search's lower bound stays below the simulation with rank costs, start and tail.
+    rng = random.Random(1)
+    for _ in range(200):
+        name = rng.choice(["gpipe", "1f1b", "zb", "interleaved"])
+        P = rng.randint(1, 4)
+        V = 2 if name == "interleaved" else 1
+        M = rng.randint(1, 4) * (P if name == "interleaved" else 1)
+        S = P * V
+        f = [rng.uniform(0.1, 2) for _ in range(S)]
+        b = [rng.uniform(0.1, 3) for _ in range(S)]
+        links = [(rng.uniform(0, 0.5), rng.uniform(0, 0.5)) for _ in range(S - 1)]
+        so, ro = rng.uniform(0, 0.3), rng.uniform(0, 0.3)
+        start = [rng.uniform(0, 1) for _ in range(P)]
+        tail = [rng.uniform(0, 2) for _ in range(P)]
+        step, _, _ = simulate_costs(name, ranks=P, microbatches=M, stages_per_rank=V, forward=f, backward=b,
+                                    send_forward=links, send_backward=links, send_cost=so, recv_cost=ro,
+                                    start=start, tail=tail)
+        busy = [0.0] * P
+        for j in range(S):
+            remote = sum(1 for k in (j - 1, j + 1) if 0 <= k < S and k % P != j % P)
+            busy[j % P] += M * (f[j] + b[j] + remote * (so + ro))
+        bound = pipeline_lower_bound(name, ranks=P, busy=busy, forward=f, backward=b, start=start, tail=tail,
+                                     fwd_delay=[so + lat + occ for lat, occ in links],
+                                     bwd_delay=[lat + occ + ro for lat, occ in links])
+        assert bound <= step + 1e-12, (name, P, M)
+
+
 def test_stage_time_transfer_allreduce_and_memory_of_a_plan_by_hand() -> None:
     # Two units profiled at 4 rows: forward 10 / 20 ms, backward 20 / 40 ms, 1000 param bytes each, unit 0 sends
     # 1000 bytes. Links: 1e6 B/s, 1e-4 s; all-reduce 1e6 B/s; optimizer 1e-6 s per byte.
     units = chain_units([10.0, 20.0])
     plans = search(units, one_node(2), global_batch=4, profile_batch=4, limit=None, seconds_per_byte=1e-6)
-    p = find(plans, stages=2, replicas=1, microbatches=1, schedule="1f1b")
+    p = find(plans, stages=2, replicas=1, microbatches=1, schedule="gpipe")  # 1F1B with M = 1 is GPipe: listed once
+    assert not [q for q in plans if q.microbatches == 1 and q.schedule == "1f1b" and q.stages > 1]
     assert p.cut == ["layers.0", "layers.1"]
     assert p.stage_time_s == pytest.approx([0.03, 0.06])
-    # F0 0-.01, transfer 1e-3 + 1e-4, F1 .0111-.0311, B1 -.0711, transfer back .0011, B0 .0722-.0922; optimizer 1e-3
-    assert p.allreduce_s == pytest.approx(1e-3)
-    assert p.step_time_s == pytest.approx(0.0922 + 1e-3)
+    # F0 0-.01, transfer 1e-3 + 1e-4, F1 .0111-.0311, B1 -.0711, transfer back .0011, B0 .0722-.0922; optimizer 1e-3,
+    # then the loss all-reduce over both ranks: 2*1/2*8/1e6 + 2*1e-4.
+    loss_sync = 8e-6 + 2e-4
+    assert p.allreduce_s == pytest.approx(1e-3 + loss_sync)
+    assert p.step_time_s == pytest.approx(0.0922 + 1e-3 + loss_sync)
     # Memory: params + grads + Adam (4 x 1000) + live x (input + outputs) x rows / profile rows.
     p2 = find(plans, stages=2, replicas=1, microbatches=2, schedule="1f1b")  # 2 rows per microbatch
     assert p2.stage_time_s == pytest.approx([0.015, 0.03])
     assert p2.memory_bytes == [4000 + 2 * 1000 * 2 // 4, 4000 + 1 * 1000 * 2 // 4]
     assert find(plans, stages=2, replicas=1, microbatches=2, schedule="gpipe").memory_bytes == [5000, 5000]
-    # Two replicas: a ring all-reduce of each rank's 1000 gradient bytes, 2*1/2*1000/1e6 + 2*1e-4, then the optimizer.
+    # Two replicas: a ring all-reduce of each rank's 1000 gradient bytes, 2*1/2*1000/1e6 + 2*1e-4, then the optimizer,
+    # then the loss all-reduce over 4 ranks: 2*3/4*8/1e6 + 6*1e-4.
     p4 = find(search(units, one_node(4), global_batch=8, profile_batch=4, limit=None, seconds_per_byte=1e-6),
-              stages=2, replicas=2, microbatches=1, schedule="1f1b")
-    assert p4.allreduce_s == pytest.approx(1e-3 + 2e-4 + 1e-3)
-    assert p4.step_time_s == pytest.approx(0.0922 + 2.2e-3)
+              stages=2, replicas=2, microbatches=1, schedule="gpipe")
+    post = 1e-3 + 2e-4 + 1e-3 + 1.2e-5 + 6e-4
+    assert p4.allreduce_s == pytest.approx(post)
+    assert p4.step_time_s == pytest.approx(0.0922 + post)
     assert p4.throughput == pytest.approx(8 / p4.step_time_s)
+
+
+def test_shared_compute_simulation_by_hand_and_against_the_fast_one() -> None:
+    # Without contention the event simulation is the fast one.
+    rng = random.Random(2)
+    for _ in range(80):
+        name = rng.choice(["gpipe", "1f1b", "zb", "interleaved"])
+        P = rng.randint(1, 4)
+        V = 2 if name == "interleaved" else 1
+        M = rng.randint(1, 4) * (P if name == "interleaved" else 1)
+        S = P * V
+        kw = dict(ranks=P, microbatches=M, stages_per_rank=V, forward=[rng.uniform(0.1, 2) for _ in range(S)],
+                  backward=[rng.uniform(0.1, 3) for _ in range(S)],
+                  send_forward=[(rng.uniform(0, 0.5), rng.uniform(0, 0.5)) for _ in range(S - 1)],
+                  send_backward=[(rng.uniform(0, 0.5), rng.uniform(0, 0.5)) for _ in range(S - 1)],
+                  send_cost=rng.uniform(0, 0.2), recv_cost=rng.uniform(0, 0.2),
+                  start=[rng.uniform(0, 1) for _ in range(P)])
+        tail, work = [rng.uniform(0, 1) for _ in range(P)], [rng.uniform(0, 1) for _ in range(P)]
+        fast = simulate_costs(name, **kw, tail=[a + b for a, b in zip(tail, work)])
+        shared = simulate_shared(name, **kw, tail=tail, tail_work=work, contention=1.0)
+        assert shared[0] == pytest.approx(fast[0]) and shared[2] == pytest.approx(fast[2])
+        slowed = simulate_shared(name, **kw, tail=tail, tail_work=work, contention=1.5)
+        assert fast[0] - 1e-9 <= slowed[0] <= 1.5 * fast[0] + 1e-9
+    # GPipe, 2 ranks, 1 microbatch, F = B = 1, then 1 s of optimizer each, both ranks on a 2-device node that runs at
+    # half speed when both compute: F0 0-1, F1 1-2, B1 2-3, then rank 1's optimizer and B0 share the node: each does
+    # half a second's work a second, both done at 5; rank 0's optimizer alone 5-6.
+    kw = dict(ranks=2, microbatches=1, forward=[1, 1], backward=[1, 1], tail_work=[1.0, 1.0], contention=2.0)
+    assert simulate_shared("gpipe", **kw)[0] == pytest.approx(6.0)
+    # Two replicas of a 1-stage pipeline on the node: always both computing, everything at half speed.
+    assert simulate_shared("1f1b", ranks=1, microbatches=2, forward=[1], backward=[1], tail_work=[1.0],
+                           contention=2.0, pool=[2], share=[[2]])[0] == pytest.approx(10.0)
+    # The search prices a CPU node's contention: data parallelism (both ranks always computing) slows the most.
+    units = chain_units([5.0, 5.0])
+    plans = {c: search(units, one_node(2, contention=c), global_batch=4, profile_batch=4, limit=None)
+             for c in (1.0, 2.0)}
+    dp = [find(found, stages=1, replicas=2, microbatches=1) for found in (plans[1.0], plans[2.0])]
+    assert dp[1].step_time_s > 1.9 * (dp[0].step_time_s - dp[0].allreduce_s)
+    with pytest.raises(ValueError, match="contention must be >= 1"):
+        one_node(2, contention=0.5)
+
+
+def test_interpolated_profile_and_its_terms_in_a_plan_by_hand() -> None:
+    assert interpolate([4], [2.0], 2) == 1.0  # one point: proportional
+    assert interpolate([1, 4, 16], [1.0, 2.5, 4.0], 2) == pytest.approx(1.5)
+    assert interpolate([1, 4, 16], [1.0, 2.5, 4.0], 32) == pytest.approx(6.0)  # extrapolated from the last two
+    assert interpolate([1, 4], [3.0, 1.0], 16) == 0.0  # never negative
+    # Two units timed at 1 and 4 rows: each call costs 1 ms however small, plus 1 (forward) / 2 (backward) ms a row.
+    units = chain_units([5.0, 5.0])
+    profile = ChainProfile(units=units, rows=[1, 4], forward_ms=[[2.0, 2.0], [5.0, 5.0]],
+                           backward_ms=[[3.0, 3.0], [9.0, 9.0]], loss_forward_ms=[0.5, 0.5],
+                           loss_backward_ms=[0.25, 0.25], load_rows=[1, 4], load_ms=[0.1, 0.4],
+                           optimizer="adam", optimizer_ms=[1.5, 2.5])
+    assert profile.unit_ms(2) == ([3.0, 3.5], [5.0, 5.25])  # the loss is part of the last unit
+    assert profile.load_seconds(8) == pytest.approx(0.8e-3)
+    cluster = one_node(2, action_overhead=1e-4, send_overhead=2e-4, recv_overhead=3e-4, intra_latency=0.0,
+                       intra_bandwidth=1e12)
+    p = predict(profile, cluster, stages=2, microbatches=2, schedule="gpipe", cut=["layers.0", "layers.1"],
+                global_batch=4)
+    # 2 rows a microbatch: F 3 / 3.5 ms, B 5 / 5.25 ms, each action + 0.1 ms.
+    assert p.stage_time_s == pytest.approx([8.2e-3, 8.95e-3])
+    # Both ranks load 4 rows (0.4 ms) first. rank 0: F m0 .4-.5.5? in ms: F m0 0.4-3.5, send -3.7; F m1 -6.8, send
+    # -7.0. rank 1: recv m0 3.7-4.0, F -7.6; recv m1 7.6-7.9, F -11.5, B m0 -16.85, send -17.05, B m1 -22.4, send
+    # -22.6. rank 0: recv -17.35, B m0 -22.45; recv m1 22.6-22.9, B -28.0. Tails: optimizer 1.5 / 2.5 ms + loss
+    # all-reduce 2 * 1/2 * 8 / 1e6 + 2e-4 s.
+    loss_sync = 8e-6 + 2e-4
+    assert p.allreduce_s == pytest.approx(2.5e-3 + loss_sync)
+    assert p.step_time_s == pytest.approx(28.0e-3 + 1.5e-3 + loss_sync)
+    plans = search(profile, cluster, global_batch=4, limit=None)
+    same = find(plans, stages=2, microbatches=2, schedule="gpipe")
+    assert same.step_time_s == pytest.approx(p.step_time_s) and same.cut == p.cut
+    # With fixed costs per call, a pipeline is best with fewer, larger microbatches; in proportion to rows, with more.
+    free = one_node(2, intra_latency=0.0, allreduce_latency=0.0)
+    found = [search(profile, free, global_batch=4, limit=None),
+             search(units, free, global_batch=4, profile_batch=4, limit=None)]
+    piped = [next(p for p in plans if p.stages == 2) for plans in found]
+    assert piped[0].microbatches < piped[1].microbatches
+    assert search(profile, cluster, global_batch=4, limit=3) == plans[:3]
+    with pytest.raises(ValueError, match="cut must name 2"):
+        predict(profile, cluster, stages=2, microbatches=2, schedule="gpipe", cut=["layers.1"], global_batch=4)
+    with pytest.raises(ValueError, match="profile_batch=2 disagrees"):
+        search(profile, cluster, global_batch=4, profile_batch=2)
+    with pytest.raises(ValueError, match="forward_ms needs one list per row count"):
+        ChainProfile(units=units, rows=[1, 4], forward_ms=[[1.0, 1.0]], backward_ms=[[1.0, 1.0], [1.0, 1.0]])
+
+
+def test_profile_chain_times_a_real_model_without_touching_it() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    xs, ys = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    spec = ModelSpec(model=net, args=(xs[:2],), loss=torch.nn.functional.cross_entropy,
+                     dataset=lambda: Samples((xs,), (ys,)))
+    profile = profile_chain(spec, rows=[4, 1], repeats=2)
+    assert profile.rows == [1, 4] and [u.name for u in profile.units] == ["0", "1", "2"]
+    assert all(len(t) == 3 for t in profile.forward_ms + profile.backward_ms)
+    assert all(t > 0 for t in profile.forward_ms[0] + profile.loss_forward_ms + profile.loss_backward_ms)
+    assert profile.load_rows == [1, 4] and all(t > 0 for t in profile.load_ms)
+    assert profile.optimizer == "adam" and profile.optimizer_ms[0] > 0 and profile.optimizer_ms[1] == 0.0  # ReLU
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert profile.units[0].out_bytes == 32 * 4 * 4  # activations at the largest row count
+    bare = profile_chain(ModelSpec(model=net, args=(xs[:2],)), rows=[3], repeats=1, rounds=2, optimizer=None)
+    assert bare.loss_forward_ms == [] and bare.load_ms == [] and bare.optimizer_ms == []
+    assert bare.units[0].out_bytes == 3 * 32 * 4  # the 2-row example tiled to 3 rows
+    with pytest.raises(ValueError, match="fewer than the 32 rows"):
+        profile_chain(spec, rows=[32])
 
 
 def test_transfers_across_nodes_use_the_inter_node_link() -> None:
@@ -164,11 +319,12 @@ def test_transfers_across_nodes_use_the_inter_node_link() -> None:
     two_nodes = Cluster(nodes=[Node(name="a", devices=1, memory_bytes=2**30), Node(name="b", devices=1,
                                                                                    memory_bytes=2**30)],
                         intra_bandwidth=1e6, intra_latency=1e-4, inter_bandwidth=1e5, inter_latency=1e-3,
-                        allreduce_bandwidth=1e6)
+                        allreduce_bandwidth=1e6, send_overhead=0.0, recv_overhead=0.0, action_overhead=0.0)
     p = find(search(units, two_nodes, global_batch=4, profile_batch=4, limit=None, seconds_per_byte=0.0),
-             stages=2, microbatches=1, schedule="1f1b")
+             stages=2, microbatches=1, schedule="gpipe")
     hop = 1e-3 + 1000 / 1e5
-    assert p.step_time_s == pytest.approx(0.01 + hop + 0.02 + 0.04 + hop + 0.02)
+    loss_sync = 8 / 1e5 + 2 * 1e-3  # the loss all-reduce spans both nodes: inter-node bandwidth and latency
+    assert p.step_time_s == pytest.approx(0.01 + hop + 0.02 + 0.04 + hop + 0.02 + loss_sync)
     assert p.latency_s == pytest.approx(0.01 + hop + 0.02)
 
 
@@ -399,15 +555,16 @@ def test_cluster_toml_round_trip(tmp_path: Path) -> None:
     cluster = Cluster(nodes=[Node(name="gpu-a", devices=8, memory_bytes=80 * 2**30, device_kind="cuda", flops=1e14),
                              Node(name='odd "name"', devices=2, memory_bytes=12345)],
                       intra_bandwidth=1.5e11, intra_latency=1e-5, inter_bandwidth=2.5e10, inter_latency=2e-5,
-                      allreduce_bandwidth=7e10)
+                      allreduce_bandwidth=7e10, allreduce_latency=1.5e-5, send_overhead=3e-6, recv_overhead=4e-6,
+                      action_overhead=6e-6)
     assert Cluster.from_toml(cluster.to_toml()) == cluster
     path = tmp_path / "cluster.toml"
     cluster.write(path)
     assert Cluster.read(path) == cluster
     assert cluster.num_devices == 10 and cluster.device_memory == 12345 and cluster.device_kind == "cpu"
     assert cluster.link(0, 7) == (1.5e11, 1e-5) and cluster.link(7, 8) == (2.5e10, 2e-5)
-    assert cluster.allreduce_link([0, 3]) == (7e10, 1e-5)
-    assert cluster.allreduce_link([0, 9]) == (2.5e10, 2e-5)
+    assert cluster.allreduce_link([0, 3]) == (7e10, 1.5e-5)
+    assert cluster.allreduce_link([0, 9]) == (2.5e10, 2e-5)  # across nodes: inter-node bandwidth and latency
     assert cluster.take(9).nodes[1].devices == 1 and cluster.take(3).num_devices == 3
 
 
@@ -458,6 +615,15 @@ def test_probe_measures_two_real_processes_and_writes_the_cluster_file(tmp_path:
     assert measured.intra_bandwidth > 1e5 and measured.allreduce_bandwidth > 1e5
     assert (measured.intra_latency, measured.intra_bandwidth) != (Cluster.intra_latency, Cluster.intra_bandwidth)
     assert measured.inter_bandwidth <= measured.intra_bandwidth  # another node is never nearer than this one
+    # What a transfer costs the ranks themselves, and the all-reduce latency, were measured too.
+    for name in ("allreduce_latency", "send_overhead", "recv_overhead"):
+        assert 0 < getattr(measured, name) < 0.5 and getattr(measured, name) != getattr(Cluster, name), name
+    assert 1.0 <= measured.contention < 10.0  # how much the two processes slowed each other computing at once
+    assert 0.0 <= measured.action_overhead < 0.01  # the runtime's own cost per compute action
+    # A cluster file written before these fields existed still reads, with the defaults.
+    old = "\n".join(line for line in path.read_text().splitlines()
+                    if not line.startswith(("allreduce_latency", "send_overhead", "recv_overhead", "action_overhead")))
+    assert Cluster.from_toml(old).send_overhead == Cluster.send_overhead
 
 
 def test_apply_measurement_keeps_inter_node_links_no_faster_than_measured() -> None:
@@ -494,6 +660,8 @@ def test_cmd_plan_profiles_a_model_and_writes_the_best_plan(tmp_path: Path, caps
     assert best.cut[0] == "0"
     printed = capsys.readouterr().out
     assert "step ms" in printed and "best plan written to" in printed
+    assert "profiled at 1, 2, 4, 8 rows" in printed  # the global batch and smaller microbatches down to 1 row
+    assert profile_rows(32) == [1, 4, 8, 32] and profile_rows(1) == [1] and profile_rows(512) == [1, 8, 64, 512]
 
 
 def test_public_surface() -> None:

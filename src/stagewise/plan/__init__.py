@@ -2,12 +2,14 @@
 
 >>> from stagewise.plan import Cluster, Node, search
 >>> cluster = Cluster(nodes=[Node(name="box", devices=4, memory_bytes=2**30)])
->>> plans = search(partition.units, cluster, global_batch=32, profile_batch=4)   # doctest: +SKIP
+>>> profile = profile_chain(spec, rows=[1, 4, 32])                                # doctest: +SKIP
+>>> plans = search(profile, cluster, global_batch=32)                             # doctest: +SKIP
 >>> plans[0].to_train_kwargs()                                                   # doctest: +SKIP
 {'stages': 2, 'replicas': 2, 'microbatches': 4, 'schedule': '1f1b', ...}
 
-Everything that decides is pure (cost model, exact memory-capped cut, search) and works on profiled units
-(:class:`stagewise.split.UnitInfo`); :func:`measure_links` is the only part that starts processes.
+Everything that decides is pure (cost model, exact memory-capped cut, search) and works on a profiled chain
+(:class:`ChainProfile`, or plain :class:`stagewise.split.UnitInfo`); :func:`profile_chain` times a model in this
+process and :func:`measure_links` is the only part that starts processes.
 """
 
 from ._cluster import DEVICE_KINDS, Cluster, Node
@@ -22,8 +24,9 @@ from ._cost import (
 )
 from ._cut import capped_min_max_cuts, nested_live, stage_memory
 from ._plan import MODES, Plan, PlanError
-from ._probe import LinkMeasurement, apply_measurement, measure_links
-from ._search import OPTIMIZER_SECONDS_PER_BYTE, TRAIN_SCHEDULES, search
+from ._probe import LinkMeasurement, apply_measurement, measure_action_overhead, measure_links
+from ._profile import ChainProfile, profile_chain
+from ._search import OPTIMIZER_SECONDS_PER_BYTE, TRAIN_SCHEDULES, predict, search
 
 __all__ = [
     "DEVICE_KINDS",
@@ -31,6 +34,7 @@ __all__ = [
     "OPTIMIZER_SECONDS_PER_BYTE",
     "STATE_FACTORS",
     "TRAIN_SCHEDULES",
+    "ChainProfile",
     "Cluster",
     "LinkMeasurement",
     "Node",
@@ -40,10 +44,13 @@ __all__ = [
     "allreduce_time",
     "apply_measurement",
     "capped_min_max_cuts",
+    "measure_action_overhead",
     "measure_links",
     "nested_live",
     "optimizer_time",
     "pipeline_lower_bound",
+    "predict",
+    "profile_chain",
     "search",
     "simulate_costs",
     "stage_memory",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from ._cluster import Cluster
 from ._plan import MODES, Plan
 
-__all__ = ["add_plan_parser", "cmd_plan", "add_probe_parser", "cmd_probe", "print_plans"]
+__all__ = ["add_plan_parser", "cmd_plan", "add_probe_parser", "cmd_probe", "print_plans", "profile_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--global-batch", type=int, default=32,
                    help="samples per step over all replicas (serve: per batch wave) (default: 32)")
     p.add_argument("--profile-batch", type=int, default=None,
-                   help="rows of the example input the units are timed at (default: its first dimension)")
+                   help="largest microbatch (rows) the units are timed at; they are also timed at a few smaller "
+                        "sizes down to 1 row (default: the global batch)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="compute threads per training process, as TrainConfig.threads (default: 1)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
                    help="optimizer whose state counts against memory in train mode (default: adam)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per unit when profiling (default: 3)")
@@ -44,40 +48,32 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return p
 
 
-def _first_dim(value: Any) -> int | None:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return int(value.shape[0]) if value.dim() > 0 else None
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            found = _first_dim(item)
-            if found is not None:
-                return found
-    return None
+def profile_rows(largest: int) -> list[int]:
+    """The microbatch sizes to profile up to ``largest``: 1, ``largest`` and two powers of two evenly spaced between
+    them on a log scale (the cost model interpolates between these)."""
+    if largest < 1:
+        raise ValueError(f"the largest profiled batch must be >= 1, got {largest}")
+    inner = {2 ** round(math.log2(largest) * k / 3) for k in (1, 2)}
+    return sorted({1, largest} | {r for r in inner if 1 < r < largest})
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .._spec import load_model_spec
-    from ..split import split
+    from ._profile import profile_chain
     from ._search import search
 
     cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
     spec = load_model_spec(args.model)
-    profile_batch = args.profile_batch or _first_dim([spec.args, spec.kwargs])
-    if profile_batch is None:
-        raise ValueError("cannot tell the batch size of MODEL's example inputs (no tensor with a first dimension); "
-                         "pass --profile-batch N")
-    sm = split(spec, stages=1, by="time", profile=True, repeats=args.repeats, model_name=args.model)
-    units = sm.partition.units
-    plans = search(units, cluster, mode=args.mode, global_batch=args.global_batch, profile_batch=profile_batch,
-                   devices=args.devices, optimizer=args.optimizer, limit=max(1, args.top))
+    rows = profile_rows(args.profile_batch or args.global_batch)
+    profile = profile_chain(spec, rows=rows, repeats=args.repeats, threads=args.threads,
+                            optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model)
+    units = profile.units
+    plans = search(profile, cluster, mode=args.mode, global_batch=args.global_batch, devices=args.devices,
+                   optimizer=args.optimizer, limit=max(1, args.top))
     for plan in plans:
         plan.model = args.model
     print_plans(plans, title=f"{args.model}: best {args.mode} plans for {plans[0].devices} device(s) "
-                             f"({len(units)} units, profiled at {profile_batch} rows)")
+                             f"({len(units)} units, profiled at {', '.join(map(str, rows))} rows)")
     if args.json:
         plans[0].to_json(args.json)
         print(f"best plan written to {args.json}")
@@ -116,9 +112,10 @@ def print_plans(plans: Sequence[Plan], *, title: str = "plans", console: Any = N
 def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "probe", help="measure this machine's links and write them into a cluster TOML file",
-        description="Start two processes, measure point-to-point latency and bandwidth and all-reduce bandwidth, "
-                    "and write them as the intra-node links of the cluster file (created from this machine's devices "
-                    "if it does not exist; other fields of an existing file are kept).")
+        description="Start two processes, measure point-to-point latency and bandwidth, all-reduce bandwidth and "
+                    "latency, what a transfer costs the two processes while they compute, and how much they slow "
+                    "each other when both compute, and write them into the cluster file (created from this machine's "
+                    "devices if it does not exist; other fields of an existing file are kept).")
     p.add_argument("--cluster", metavar="FILE", default="cluster.toml",
                    help="cluster TOML file (default: cluster.toml)")
     p.add_argument("--bytes", dest="nbytes", type=int, default=4 * 2**20,
@@ -145,6 +142,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cluster = apply_measurement(cluster, measured)
     cluster.write(path)
     print(f"latency {measured.latency_s * 1e6:.1f} us, bandwidth {measured.bandwidth / 1e9:.3f} GB/s, all-reduce "
-          f"{measured.allreduce_bandwidth / 1e9:.3f} GB/s ({measured.nbytes} bytes, {measured.backend}); "
-          f"written to {path}")
+          f"{measured.allreduce_bandwidth / 1e9:.3f} GB/s + {cluster.allreduce_latency * 1e6:.1f} us per ring step, "
+          f"send {cluster.send_overhead * 1e6:.1f} us, receive {cluster.recv_overhead * 1e6:.1f} us, "
+          f"{cluster.action_overhead * 1e6:.1f} us per compute action, compute contention x{cluster.contention:.2f} "
+          f"({measured.nbytes} bytes, {measured.backend}); written to {path}")
     return 0

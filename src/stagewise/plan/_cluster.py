@@ -7,6 +7,11 @@ A cluster file looks like this (``Cluster.to_toml`` writes it; ``stagewise probe
     inter_bandwidth = 1250000000.0   # bytes/s between devices on different nodes
     inter_latency = 0.0001
     allreduce_bandwidth = 1000000000.0
+    allreduce_latency = 0.0001       # seconds per ring step of an all-reduce
+    send_overhead = 0.0001           # seconds a rank is busy posting one message
+    recv_overhead = 0.0001           # seconds a rank is busy taking in one message that has arrived
+    action_overhead = 5e-05          # seconds of runtime bookkeeping per compute action (F, B, I, W)
+    contention = 1.2                 # slowdown of a device's compute while all devices of its node compute
 
     [[nodes]]
     name = "gpu-a"
@@ -36,12 +41,15 @@ log = logging.getLogger(__name__)
 
 DEVICE_KINDS = ("cpu", "cuda")
 
-# Rough defaults for links nobody measured yet (``stagewise probe`` replaces the intra-node ones).
+# Defaults for links nobody measured yet (``stagewise probe`` replaces the intra-node ones and the rank costs).
 _DEFAULT_LINKS = {
-    "cpu": {"intra_bandwidth": 2e9, "intra_latency": 5e-5, "inter_bandwidth": 1.25e9, "inter_latency": 1e-4,
-            "allreduce_bandwidth": 1e9},
+    # measured with `stagewise probe` on a quiet 2-core KVM machine, gloo over loopback
+    "cpu": {"intra_bandwidth": 1.2e9, "intra_latency": 5e-4, "inter_bandwidth": 1.25e9, "inter_latency": 1e-3,
+            "allreduce_bandwidth": 6e8, "allreduce_latency": 2.2e-4, "send_overhead": 4e-4, "recv_overhead": 5e-4,
+            "action_overhead": 5e-5, "contention": 1.05},
     "cuda": {"intra_bandwidth": 1e11, "intra_latency": 1e-5, "inter_bandwidth": 1.25e10, "inter_latency": 2e-5,
-             "allreduce_bandwidth": 5e10},
+             "allreduce_bandwidth": 5e10, "allreduce_latency": 2e-5, "send_overhead": 3e-5, "recv_overhead": 3e-5,
+             "action_overhead": 5e-5, "contention": 1.0},
 }
 
 
@@ -110,8 +118,22 @@ class Cluster:
     """Seconds per message between devices on different nodes."""
     allreduce_bandwidth: float = 1e9
     """Bus bandwidth of a ring all-reduce inside one node, bytes per second: an all-reduce of ``n`` bytes over ``D``
-    devices takes ``2 (D - 1) / D * n / allreduce_bandwidth`` plus latencies. A group spanning nodes is further
-    limited to ``inter_bandwidth``."""
+    devices takes ``2 (D - 1) / D * n / allreduce_bandwidth`` plus ``2 (D - 1)`` times ``allreduce_latency``. A group
+    spanning nodes is further limited to ``inter_bandwidth`` (and pays at least ``inter_latency`` per step)."""
+    allreduce_latency: float = 1e-4
+    """Seconds per ring step of an all-reduce inside one node (a tiny all-reduce over ``D`` devices takes
+    ``2 (D - 1)`` of them); also prices the loss all-reduce every training step ends with."""
+    send_overhead: float = 1e-4
+    """Seconds a rank is busy posting one point-to-point transfer (framing it, then its header and payload
+    messages); the rank computes nothing meanwhile."""
+    recv_overhead: float = 1e-4
+    """Seconds a rank is busy taking in one transfer that has already arrived (header, then payload)."""
+    action_overhead: float = 5e-5
+    """Seconds of runtime bookkeeping per compute action (F, B, I, W) on top of the profiled compute."""
+    contention: float = 1.0
+    """How many times slower a device computes while every device of its node computes too: CPU cores share memory
+    bandwidth and caches (``stagewise probe`` measures it); 1.0 for independent devices such as GPUs. With ``k`` of a
+    node's ``n`` devices busy, each computes ``1 + (contention - 1) (k - 1) / (n - 1)`` times slower."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, list) or not self.nodes:
@@ -122,7 +144,12 @@ class Cluster:
             node.validate(f"cluster.nodes[{i}]")
         for name in ("intra_bandwidth", "inter_bandwidth", "allreduce_bandwidth"):
             setattr(self, name, _positive_number(f"cluster.{name}", getattr(self, name)))
-        for name in ("intra_latency", "inter_latency"):
+        self.contention = _positive_number("cluster.contention", self.contention)
+        if self.contention < 1.0:
+            raise ValueError(f"cluster.contention must be >= 1 (1: devices never slow each other), got "
+                             f"{self.contention}")
+        for name in ("intra_latency", "inter_latency", "allreduce_latency", "send_overhead", "recv_overhead",
+                     "action_overhead"):
             setattr(self, name, _non_negative_number(f"cluster.{name}", getattr(self, name)))
 
     # -- queries -------------------------------------------------------------------------------------------------
@@ -159,8 +186,8 @@ class Cluster:
         """(bus bandwidth bytes/s, latency per ring step s) of an all-reduce over ``devices``."""
         nodes = self.node_of()
         if len({nodes[d] for d in devices}) <= 1:
-            return self.allreduce_bandwidth, self.intra_latency
-        return min(self.allreduce_bandwidth, self.inter_bandwidth), self.inter_latency
+            return self.allreduce_bandwidth, self.allreduce_latency
+        return min(self.allreduce_bandwidth, self.inter_bandwidth), max(self.allreduce_latency, self.inter_latency)
 
     def take(self, devices: int) -> Cluster:
         """The same cluster cut down to its first ``devices`` devices (node order)."""

@@ -2,16 +2,25 @@
 
 Terms (each a small function below, unit-tested on hand-computed examples):
 
-- compute: a unit's forward/backward milliseconds were measured at ``profile_rows`` rows; at a microbatch of ``rows``
-  they scale by ``rows / profile_rows``. A stage's cost is the sum over its units.
-- transfer: the activation crossing a cut (``out_bytes`` of the stage's last unit, scaled the same way) moves in
+- compute: a unit's forward/backward milliseconds at a microbatch of ``rows`` come from its profile
+  (:class:`~stagewise.plan.ChainProfile`): interpolated between the row counts it was timed at (one row count:
+  proportional to rows). The loss is part of the last unit. A stage's cost is the sum over its units, plus the
+  runtime's ``action_overhead`` per compute action (F and B; I and W under ZB).
+- transfer: the activation crossing a cut (``out_bytes`` of the stage's last unit, scaled by rows) moves in
   ``latency + bytes / bandwidth`` forward, and its gradient (same size) back. The bytes/bandwidth part occupies the
-  link (transfers on one link queue), the latency part does not; neither occupies a rank (sends are asynchronous).
+  link (transfers on one link queue), the latency part does not. The ranks pay too: the sender is busy
+  ``send_overhead`` posting it, the receiver ``recv_overhead`` taking it in (the runtime's SEND and RECV actions).
 - all-reduce (train, ``D > 1``): ring all-reduce of the rank's gradient bytes, ``2 (D-1)/D * bytes / bandwidth`` plus
-  ``2 (D-1)`` latencies.
-- optimizer: ``param bytes * seconds_per_byte``.
+  ``2 (D-1)`` ring-step latencies; every step also ends with an all-reduce of the loss over all ranks.
+- optimizer: the profiled optimizer step of the rank's units (:mod:`stagewise.plan._optimizer`), or
+  ``param bytes * seconds_per_byte``.
+- data: the ranks that read inputs or targets (those holding the first or the last stage) load their replica's
+  batch before the pipeline starts.
 - step time: the schedule is *simulated* with those stage and transfer costs (:func:`simulate_costs`, which matches
-  :func:`stagewise.schedule.simulate` and adds per-boundary link costs); all-reduce and optimizer follow it.
+  :func:`stagewise.schedule.simulate` and adds per-boundary link and per-rank transfer costs); each rank's all-reduce
+  and optimizer follow its last action, and the step ends with the loss all-reduce. On nodes whose devices slow each
+  other down (CPU cores: :attr:`~stagewise.plan.Cluster.contention` > 1) the step is simulated with compute shared
+  (:func:`~stagewise.plan._shared.simulate_shared`).
 - memory per rank: parameters + gradients + optimizer state (train; Adam keeps 2x params) or parameters (serve), plus
   per microbatch the activations a stage holds (its input and every unit's output, scaled to ``rows``) times the most
   microbatches in flight at that stage under the schedule (:func:`activation_peaks`).
@@ -150,7 +159,9 @@ def rank_lists(schedule: str, ranks: int, microbatches: int, stages_per_rank: in
 def simulate_costs(schedule: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1,
                    forward: Sequence[float], backward: Sequence[float], weight: Sequence[float] | None = None,
                    send_forward: Sequence[tuple[float, float]] | None = None,
-                   send_backward: Sequence[tuple[float, float]] | None = None) -> tuple[float, float, list[float]]:
+                   send_backward: Sequence[tuple[float, float]] | None = None, send_cost: float = 0.0,
+                   recv_cost: float = 0.0, start: Sequence[float] | None = None,
+                   tail: Sequence[float] | None = None) -> tuple[float, float, list[float]]:
     """Simulate one step of ``schedule``; returns ``(step_time, bubble_fraction, busy per rank)``.
 
     Same rules as :func:`stagewise.schedule.simulate` (each rank runs its list in order; an action starts when its
@@ -159,6 +170,12 @@ def simulate_costs(schedule: str, *, ranks: int, microbatches: int, stages_per_r
     (both ignored when the two stages share a rank). A value arrives ``occupancy`` after the link is free and it was
     produced, plus ``latency``; the link is busy meanwhile. With zero occupancy and one latency everywhere this equals
     ``simulate(..., comm_cost=latency)``. ``weight`` is the W part of a split backward (default half of it).
+
+    What a transfer costs the ranks themselves (the runtime's SEND and RECV actions): the producing rank is busy
+    ``send_cost`` after the compute before the value leaves, the consuming rank ``recv_cost`` once it has arrived,
+    before the compute. Rank ``r`` starts at ``start[r]`` (e.g. after loading its batch) and works ``tail[r]`` after
+    its last action (gradient all-reduce, optimizer); the step ends when the last rank does. The bubble is the idle
+    share of the pipeline part (up to the last action), compute only.
     """
     S = ranks * stages_per_rank
     M = microbatches
@@ -176,7 +193,7 @@ def simulate_costs(schedule: str, *, ranks: int, microbatches: int, stages_per_r
     g_ready = [-1.0] * ((S - 1) * M) + [0.0] * M
     link_f = [0.0] * S
     link_b = [0.0] * S
-    clock = [0.0] * ranks
+    clock = [0.0] * ranks if start is None else [float(x) for x in start]
     nxt = [0] * ranks
     last = S - 1
     left = sum(len(x) for x in lists)
@@ -192,10 +209,13 @@ def simulate_costs(schedule: str, *, ranks: int, microbatches: int, stages_per_r
                     if ready < 0:
                         break
                     t = (t if t > ready else ready) + fw[s]
+                    if s > 0 and not local[s - 1]:
+                        t += recv_cost
                     if s < last:
                         if local[s]:
                             f_ready[s * M + M + m] = t
                         else:
+                            t += send_cost
                             free = link_f[s]
                             free = (t if t > free else free) + occ_f[s]
                             link_f[s] = free
@@ -207,10 +227,13 @@ def simulate_costs(schedule: str, *, ranks: int, microbatches: int, stages_per_r
                     if ready < 0:
                         break
                     t = (t if t > ready else ready) + (bw[s] if kind == 1 else iw[s])
+                    if s < last and not local[s]:
+                        t += recv_cost
                     if s > 0:
                         if local[s - 1]:
                             g_ready[s * M - M + m] = t
                         else:
+                            t += send_cost
                             free = link_b[s - 1]
                             free = (t if t > free else free) + occ_b[s - 1]
                             link_b[s - 1] = free
@@ -222,22 +245,32 @@ def simulate_costs(schedule: str, *, ranks: int, microbatches: int, stages_per_r
     busy = [0.0] * ranks
     for s in range(S):
         busy[s % ranks] += M * (fw[s] + bw[s])
-    step = max(clock)
-    bubble = 1.0 - sum(busy) / (ranks * step) if step > 0 else 0.0
+    span = max(clock)
+    bubble = 1.0 - sum(busy) / (ranks * span) if span > 0 else 0.0
+    step = span if tail is None else max(c + x for c, x in zip(clock, tail))
     return step, bubble, busy
 
 
 def pipeline_lower_bound(schedule: str, *, ranks: int, busy: Sequence[float], forward: Sequence[float],
-                         backward: Sequence[float], fwd_delay: Sequence[float],
-                         bwd_delay: Sequence[float]) -> float:
-    """A cheap lower bound on :func:`simulate_costs`' step time: rank ``r`` cannot start before microbatch 0's forward
-    reached it, works ``busy[r]``, and (except ZB, whose last actions are deferred W) its last backward still has to
-    travel back through stages ``r - 1 .. 0``. ``*_delay[j]``: the minimum time a value takes across boundary ``j``."""
+                         backward: Sequence[float], fwd_delay: Sequence[float], bwd_delay: Sequence[float],
+                         start: Sequence[float] | None = None, tail: Sequence[float] | None = None) -> float:
+    """A cheap lower bound on :func:`simulate_costs`' step time: rank ``r`` cannot start before ``start[r]`` nor
+    before microbatch 0's forward reached it, works ``busy[r]`` (everything it does in the pipeline, transfer costs
+    on the rank included), then ``tail[r]``; and (except ZB, whose last actions are deferred W) its last backward
+    still has to travel back through stages ``r - 1 .. 0`` before rank 0's tail. ``fwd_delay[j]``: the least time
+    from the end of stage ``j``'s forward to its value arriving at ``j + 1``; ``bwd_delay[j]``: from the end of stage
+    ``j + 1``'s backward until stage ``j`` can compute on the gradient."""
+    begin = [0.0] * ranks if start is None else list(start)
+    after = [0.0] * ranks if tail is None else list(tail)
     best = 0.0
-    head = tail = 0.0
+    head = begin[0]
+    back = 0.0
     for r in range(ranks):
         if r > 0:
             head += forward[r - 1] + fwd_delay[r - 1]
-            tail += backward[r - 1] + bwd_delay[r - 1]
-        best = max(best, head + busy[r] + (0.0 if schedule == "zb" else tail))
+            back += backward[r - 1] + bwd_delay[r - 1]
+        work = max(head, begin[r]) + busy[r]
+        best = max(best, work + after[r])
+        if schedule != "zb" and r > 0:
+            best = max(best, work + back + after[0])
     return best

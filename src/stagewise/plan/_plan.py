@@ -59,7 +59,8 @@ class Plan:
     latency_s: float = 0.0
     """Seconds for one microbatch to pass forward through the pipeline, transfers included."""
     allreduce_s: float = 0.0
-    """Predicted seconds of the slowest rank's gradient all-reduce plus optimizer step (train)."""
+    """Predicted seconds the slowest rank spends after its last pipeline action (train): gradient all-reduce,
+    optimizer step and the loss all-reduce."""
     model: str | None = None
     """The ``MODEL`` string planned for, when known."""
 

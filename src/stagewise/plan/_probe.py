@@ -1,4 +1,5 @@
-"""Measure the links between two real processes on this machine (gloo): latency, bandwidth, all-reduce bandwidth."""
+"""Measure the links between two real processes on this machine (gloo): latency, bandwidth, all-reduce bandwidth and
+latency, and what a transfer costs the two ranks themselves while they compute (as pipeline stages do)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 
 from ..comm import DistTransport, spawn
 from ._cluster import Cluster
+from ._optimizer import _cache_bytes
 
-__all__ = ["LinkMeasurement", "measure_links", "apply_measurement"]
+__all__ = ["LinkMeasurement", "measure_links", "measure_action_overhead", "apply_measurement"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,19 @@ class LinkMeasurement:
     """Size of the large message and of the all-reduced tensor."""
     backend: str = "gloo"
     """torch.distributed backend used."""
+    allreduce_latency_s: float | None = None
+    """Seconds per ring step: half of a tiny all-reduce between the two processes (None: not measured)."""
+    send_overhead_s: float | None = None
+    """Seconds the sender spends posting a small transfer while its peer computes (None: not measured)."""
+    recv_overhead_s: float | None = None
+    """Seconds the receiver spends taking in a small transfer that was sent while it computed, the sender computing
+    meanwhile too (None: not measured)."""
+    action_overhead_s: float | None = None
+    """Seconds the pipeline runtime adds to each compute action beyond the stage's profiled forward or backward
+    (:func:`measure_action_overhead`; None: not measured)."""
+    contention: float | None = None
+    """How many times longer a training step (MLP forward, backward, Adam; state twice the last-level cache) takes
+    on each process when both run it at once than when one runs it alone (None: not measured)."""
 
 
 def _median_time(fn: object, repeats: int) -> float:
@@ -44,6 +59,13 @@ def _median_time(fn: object, repeats: int) -> float:
         fn()  # type: ignore[operator]
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _busy(seconds: float, work: torch.Tensor) -> None:
+    """Compute (one thread) for ``seconds``, as a pipeline stage would between its transfers."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        torch.mm(work, work)
 
 
 def _probe_rank(rank: int, world_size: int, port: int, out: str, nbytes: int, repeats: int, timeout: float,
@@ -83,14 +105,81 @@ def _probe_rank(rank: int, world_size: int, port: int, out: str, nbytes: int, re
             transport.all_reduce(big)
             sync()
 
-        for fn in (ping, push, reduce):  # warm up every path once
+        def reduce_tiny() -> None:
+            transport.all_reduce(tiny)
+            sync()
+
+        work = torch.randn(64, 64, device=transport.device)
+        small = torch.zeros(256, dtype=torch.float32, device=transport.device)  # 1 KiB: a small activation
+        expect_small = [((256,), torch.float32)]
+        send_s: list[float] = []
+        recv_s: list[float] = []
+
+        def busy_transfer() -> None:
+            # Both ranks compute; rank 0 posts a transfer mid-way, rank 1 takes it in once its compute is done.
+            transport.barrier()
+            if rank == 0:
+                _busy(0.001, work)
+                start = time.perf_counter()
+                handle = transport.isend([small], dst=peer)
+                send_s.append(time.perf_counter() - start)
+                _busy(0.004, work)
+                handle.wait()
+            else:
+                _busy(0.003, work)
+                start = time.perf_counter()
+                transport.recv(src=peer, expect=expect_small)
+                recv_s.append(time.perf_counter() - start)
+
+        # A training step whose parameters, gradients and Adam state (4x the parameters) span about twice the
+        # last-level cache, as real models' do: what two cores share then is memory bandwidth.
+        torch.manual_seed(rank)
+        width = 1024
+        hidden = max(256, _cache_bytes() // 4 // (4 * 2 * width))
+        net = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width)).to(
+            transport.device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        x = torch.randn(32, width, device=transport.device)
+        alone_s: list[float] = []
+        both_s: list[float] = []
+
+        def train_step() -> None:
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+
+        def shared_compute() -> None:
+            # Each rank alone, then both at once; the barriers keep the idle rank out of the way.
+            for who in (0, 1, -1):
+                transport.barrier()
+                if who in (rank, -1):
+                    start = time.perf_counter()
+                    for _ in range(2):
+                        train_step()
+                    (both_s if who < 0 else alone_s).append(time.perf_counter() - start)
+            transport.barrier()
+
+        for fn in (ping, push, reduce, reduce_tiny, busy_transfer, shared_compute):  # warm up every path once
             fn()
+        for times in (send_s, recv_s, alone_s, both_s):
+            times.clear()
         transport.barrier()
         rtt = _median_time(ping, 4 * repeats)
         transport.barrier()
         push_s = _median_time(push, repeats)
         transport.barrier()
         reduce_s = _median_time(reduce, repeats)
+        transport.barrier()
+        tiny_reduce_s = _median_time(reduce_tiny, 4 * repeats)
+        for _ in range(4 * repeats):
+            busy_transfer()
+        for _ in range(2 * repeats):
+            shared_compute()
+        # rank 1's receive costs and both ranks' compute times travel to rank 0, which writes the result
+        costs = torch.tensor([statistics.median(recv_s) if recv_s else 0.0, statistics.median(alone_s),
+                              statistics.median(both_s)], dtype=torch.float64, device=transport.device)
+        transport.all_reduce(costs)
         if rank == 0:
             latency = rtt / 2
             bytes_sent = big.numel() * 4
@@ -99,19 +188,66 @@ def _probe_rank(rank: int, world_size: int, port: int, out: str, nbytes: int, re
             reduce_bw_s = max(reduce_s - 2 * (world_size - 1) * latency, reduce_s / 2)
             result = LinkMeasurement(latency_s=latency, bandwidth=bytes_sent / transfer,
                                      allreduce_bandwidth=2 * (world_size - 1) / world_size * bytes_sent / reduce_bw_s,
-                                     nbytes=bytes_sent, backend=backend)
+                                     nbytes=bytes_sent, backend=backend,
+                                     allreduce_latency_s=tiny_reduce_s / (2 * (world_size - 1)),
+                                     send_overhead_s=statistics.median(send_s), recv_overhead_s=float(costs[0]),
+                                     contention=max(1.0, float(costs[2] / costs[1])))
             Path(out).write_text(json.dumps(dataclasses.asdict(result)))
         transport.barrier()
     finally:
         transport.close()
 
 
+def measure_action_overhead(*, microbatches: int = 8, repeats: int = 5) -> float:
+    """Seconds the pipeline runtime (:class:`stagewise.runtime.PipelineExecutor`) adds to each compute action beyond
+    the stage's own forward or backward as :func:`stagewise.split.split` profiles it: a one-unit stage runs a 1F1B
+    step of ``microbatches`` (with a loss, as the last stage does) in this process, one thread, and the median F and
+    B action times are compared with the unit's profile. Never negative."""
+    from ..comm import LocalHub
+    from ..runtime import PipelineExecutor
+    from ..schedule import add_communication, build
+    from ..split import split
+    from ..split._capture import input_leaves
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        x = torch.randn(4, 64)
+        sm = split(model, (x,), stages=1, by="time", profile=True, repeats=max(repeats, 5))
+        unit = sm.partition.units[0]
+        stage = sm.stages[0]
+        leaves, names, _ = input_leaves((x,), {})
+        inputs = [{n: t for n, t in zip(names, leaves) if n in stage.spec.inputs}] * microbatches
+        executor = PipelineExecutor(stages={0: stage}, schedule=add_communication(build("1f1b", ranks=1,
+                                                                                          microbatches=microbatches)),
+                                    transport=LocalHub(1).transport(0), peers=[0], num_stages=1,
+                                    loss_fn=lambda outs, m: outs[0].sum(), record=True)
+        times: dict[str, list[float]] = {"F": [], "B": []}
+        for rep in range(repeats + 1):
+            executor.run(inputs)
+            if rep:  # the first step warms up
+                for event in executor.timeline:
+                    if event.kind in times:
+                        times[event.kind].append(event.end - event.start)
+        for p in stage.parameters():
+            p.grad = None
+        extra = [statistics.median(times["F"]) - unit.forward_ms / 1e3,
+                 statistics.median(times["B"]) - unit.backward_ms / 1e3]
+        return max(0.0, statistics.mean(extra))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float = 60.0,
                   backend: str = "gloo") -> LinkMeasurement:
-    """Spawn two processes on this machine and measure point-to-point latency and bandwidth (``nbytes`` messages)
-    and all-reduce bandwidth, each the median of ``repeats`` timings, over ``backend`` (``gloo``: CPU tensors;
-    ``nccl``: one GPU per process, needs two). Raises :class:`stagewise.comm.SpawnError` if a process fails or
-    ``timeout`` seconds pass."""
+    """Spawn two processes on this machine and measure point-to-point latency and bandwidth (``nbytes`` messages),
+    all-reduce bandwidth and latency, what a small transfer costs each process while both compute, and how much the
+    two slow each other computing at once, each the median of ``repeats`` (or a few times more) timings, over
+    ``backend`` (``gloo``: CPU tensors; ``nccl``: one GPU per process, needs two); with gloo also the runtime's
+    overhead per compute action (:func:`measure_action_overhead`, in this process). Raises
+    :class:`stagewise.comm.SpawnError` if a process fails or ``timeout`` seconds pass."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and torch.cuda.device_count() < 2:
@@ -125,14 +261,22 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
         spawn(_probe_rank, 2, args=(out, int(nbytes), int(repeats), float(timeout), backend), timeout=timeout)
         data = json.loads(Path(out).read_text())
     result = LinkMeasurement(**data)
+    if backend == "gloo":  # the runtime's own overhead (CPU); a GPU's launches are asynchronous, so it is not measured
+        result.action_overhead_s = measure_action_overhead(repeats=repeats)
     log.info("measured links: %s", result)
     return result
 
 
 def apply_measurement(cluster: Cluster, measured: LinkMeasurement) -> Cluster:
-    """``cluster`` with its intra-node links and all-reduce bandwidth replaced by ``measured``. Inter-node links
-    cannot be measured from one machine; they are kept, but made no faster than the measured intra-node link."""
+    """``cluster`` with its intra-node links, all-reduce bandwidth and (where measured) all-reduce latency,
+    per-transfer rank costs, per-action runtime overhead and compute contention replaced by ``measured``. Inter-node links cannot be measured from one machine; they are
+    kept, but made no faster than the measured intra-node link."""
+    extra = {name: value for name, value in (("allreduce_latency", measured.allreduce_latency_s),
+                                              ("send_overhead", measured.send_overhead_s),
+                                              ("recv_overhead", measured.recv_overhead_s),
+                                              ("action_overhead", measured.action_overhead_s),
+                                              ("contention", measured.contention)) if value is not None}
     return dataclasses.replace(cluster, intra_latency=measured.latency_s, intra_bandwidth=measured.bandwidth,
                                allreduce_bandwidth=measured.allreduce_bandwidth,
                                inter_latency=max(cluster.inter_latency, measured.latency_s),
-                               inter_bandwidth=min(cluster.inter_bandwidth, measured.bandwidth))
+                               inter_bandwidth=min(cluster.inter_bandwidth, measured.bandwidth), **extra)

@@ -1,0 +1,107 @@
+"""Timing the optimizer step as a training process pays it.
+
+What one step costs depends less on arithmetic than on memory: the optimizer state is touched once a step, so it is
+cold; and every step gradients are made afresh (``zero_grad(set_to_none=True)``, then backward), and the optimizer makes
+temporaries as large as the parameters, which the C allocator may hand back to the system and fault in again, page
+by page, the next step (several milliseconds a step on a VM). How often that happens depends on the process's history
+(glibc raises its threshold for handing blocks back as large ones are freed, and trims its heap when enough is free).
+In a training process, which frees its activations, gradients and temporaries every step, the temporaries do fault in
+again every step. So :func:`time_optimizer` times, in a fresh process with free memory handed back first (``malloc_trim``)
+and caches evicted, what a step spends on memory of parameter size: allocating fresh gradients (in training, backward
+does, on a step's first microbatch; the unit profile accumulates into existing ones and misses it), then one
+optimizer's ``step`` and ``zero_grad`` over every unit's parameters; each unit gets its share by parameter bytes (one
+optimizer streams every tensor the same way, so a rank's step is about its bytes' share; timing each unit alone
+instead would count the per-step churn once per unit).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["OPTIMIZERS", "time_optimizer"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+"""Optimizers :func:`time_optimizer` knows (TrainConfig's built-in ones)."""
+
+_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _cache_bytes() -> int:
+    """Twice the last-level cache of this machine (64 MiB when it cannot be read): enough to evict it."""
+    size = 32 << 20
+    path = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    try:
+        text = path.read_text().strip().upper()
+        size = int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text)
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    return 2 * size
+
+
+def _release_free_memory() -> Any:
+    """glibc's ``malloc_trim(0)`` (hand every free block back to the system), or a no-op without glibc."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda _pad: 0
+
+
+def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json: str, optimizer: str, repeats: int,
+                   threads: int) -> None:
+    """The fresh process (module level so that spawn can start it): writes each unit's share of the step to ``out``."""
+    torch.set_num_threads(threads)
+    units = [[torch.nn.Parameter(torch.randn(shape)) for shape in shapes] for shapes in json.loads(shapes_json)]
+    params = [p for unit in units for p in unit]
+    nbytes = [sum(p.numel() * p.element_size() for p in unit) for unit in units]
+    total = 0.0
+    if params:
+        evict = torch.empty(_cache_bytes(), dtype=torch.uint8)
+        grads = [torch.randn_like(p) for p in params]
+        opt = _CLASSES[optimizer](params, lr=1e-3)
+        trim = _release_free_memory()
+        times = []
+        for i in range(repeats + 1):
+            evict.fill_(i & 0xFF)
+            trim(0)  # a training step frees its large blocks and the system takes them back
+            start = time.perf_counter()
+            for p, g in zip(params, grads):
+                p.grad = g.clone()  # the fresh gradients backward makes (their page faults are this step's too)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:  # the first step creates the optimizer state
+                times.append((time.perf_counter() - start) * 1e3)
+        total = statistics.median(times)
+    Path(out).write_text(json.dumps([total * b / max(1, sum(nbytes)) for b in nbytes]))
+
+
+def time_optimizer(shapes: Sequence[Sequence[Sequence[int]]], *, optimizer: str = "adam", repeats: int = 5,
+                   threads: int = 1, processes: int = 2, timeout: float = 120.0) -> list[float]:
+    """Milliseconds a training process spends per step on making fresh gradients, then the ``optimizer`` step and
+    ``zero_grad``, for each unit's parameters (``shapes[u]``: the shapes of unit ``u``'s trainable parameters,
+    float32): the median of ``repeats`` steps over all of them in a fresh process with ``threads`` threads, shared out
+    by parameter bytes, averaged over ``processes`` processes one after the other (processes differ by their
+    allocator's history as training ranks do)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    from ..comm import spawn
+
+    payload = json.dumps([[list(map(int, s)) for s in unit] for unit in shapes])
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="stagewise-optimizer-") as tmp:
+        for i in range(processes):
+            out = str(Path(tmp) / f"optimizer{i}.json")
+            spawn(_time_in_child, 1, args=(out, payload, optimizer, int(repeats), int(threads)), timeout=timeout)
+            runs.append([float(x) for x in json.loads(Path(out).read_text())])
+    return [statistics.mean(unit) for unit in zip(*runs)] if shapes else []

@@ -1,0 +1,275 @@
+"""The planner's profile of a model: every unit timed at several microbatch sizes, plus the loss and the data loading.
+
+A unit's time is not proportional to its rows: each call pays a fixed cost (Python, dispatch, kernel launches) that a
+1-row microbatch pays as much as a 32-row one. So :func:`profile_chain` times the chain at a few row counts and the cost
+model interpolates piecewise linearly between them (:meth:`ChainProfile.unit_ms`), extrapolating from the nearest two.
+It also times what the stage profile leaves out but a training step pays: the loss (forward and backward, on the last
+stage), loading a batch from the data set (on the ranks that read inputs or targets) and the optimizer step
+(:func:`~stagewise.plan._optimizer.time_optimizer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .._spec import ModelSpec
+from ..split import UnitInfo
+from ._optimizer import OPTIMIZERS, time_optimizer
+
+__all__ = ["ChainProfile", "profile_chain", "interpolate"]
+
+log = logging.getLogger(__name__)
+
+
+def interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
+    """``ys`` at ``x``, piecewise linear over the ascending ``xs``, extrapolated from the nearest two points, never
+    negative; one point: proportional (``ys[0] * x / xs[0]``)."""
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(f"need as many values as points, got {len(xs)} points and {len(ys)} values")
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = 1
+    while i < len(xs) - 1 and xs[i] < x:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclasses.dataclass(kw_only=True)
+class ChainProfile:
+    """A profiled chain of units at several microbatch sizes; the cost model's view of one model."""
+
+    units: list[UnitInfo]
+    """The units with their times at the largest profiled row count (``rows[-1]``), parameters and activation bytes."""
+    rows: list[int]
+    """Row counts the chain was timed at, ascending."""
+    forward_ms: list[list[float]]
+    """``forward_ms[i][u]``: forward milliseconds of unit ``u`` at ``rows[i]`` rows."""
+    backward_ms: list[list[float]]
+    """``backward_ms[i][u]``: backward milliseconds of unit ``u`` at ``rows[i]`` rows."""
+    loss_forward_ms: list[float] = dataclasses.field(default_factory=list)
+    """Loss forward milliseconds at each of ``rows`` (empty: no loss was timed; counts as 0)."""
+    loss_backward_ms: list[float] = dataclasses.field(default_factory=list)
+    """Loss backward milliseconds at each of ``rows`` (empty: none)."""
+    load_rows: list[int] = dataclasses.field(default_factory=list)
+    """Batch sizes the data loading was timed at, ascending (empty: not timed; counts as 0)."""
+    load_ms: list[float] = dataclasses.field(default_factory=list)
+    """Milliseconds to read and collate a batch of ``load_rows[i]`` samples from the data set."""
+    optimizer: str | None = None
+    """The optimizer ``optimizer_ms`` was timed with (None: not timed)."""
+    optimizer_ms: list[float] = dataclasses.field(default_factory=list)
+    """Milliseconds of one optimizer step (and ``zero_grad``) over each unit's parameters, state in main memory
+    (empty: not timed)."""
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            raise ValueError("ChainProfile.units must not be empty")
+        if not self.rows or any(r < 1 for r in self.rows) or sorted(set(self.rows)) != list(self.rows):
+            raise ValueError(f"ChainProfile.rows must be distinct ints >= 1 in ascending order, got {self.rows}")
+        for name in ("forward_ms", "backward_ms"):
+            table = getattr(self, name)
+            if len(table) != len(self.rows) or any(len(t) != len(self.units) for t in table):
+                raise ValueError(f"ChainProfile.{name} needs one list per row count ({len(self.rows)}), each with "
+                                 f"one entry per unit ({len(self.units)})")
+        for name in ("loss_forward_ms", "loss_backward_ms"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.rows):
+                raise ValueError(f"ChainProfile.{name} needs one entry per row count ({len(self.rows)}) or none")
+        if len(self.load_rows) != len(self.load_ms):
+            raise ValueError("ChainProfile.load_rows and load_ms need the same length")
+        if self.optimizer_ms and len(self.optimizer_ms) != len(self.units):
+            raise ValueError(f"ChainProfile.optimizer_ms needs one entry per unit ({len(self.units)}) or none")
+
+    @property
+    def profile_batch(self) -> int:
+        """The largest profiled row count: the rows ``units``' times are at."""
+        return self.rows[-1]
+
+    @classmethod
+    def from_units(cls, units: Sequence[UnitInfo], *, profile_batch: int) -> ChainProfile:
+        """A one-point profile: times proportional to rows, no loss, no loading (the plain-units cost model)."""
+        return cls(units=list(units), rows=[profile_batch], forward_ms=[[u.forward_ms for u in units]],
+                   backward_ms=[[u.backward_ms for u in units]])
+
+    def unit_ms(self, rows: int) -> tuple[list[float], list[float]]:
+        """(forward, backward) milliseconds of every unit at ``rows`` rows; the loss is added to the last unit."""
+        n = len(self.units)
+        fwd = [interpolate(self.rows, [t[u] for t in self.forward_ms], rows) for u in range(n)]
+        bwd = [interpolate(self.rows, [t[u] for t in self.backward_ms], rows) for u in range(n)]
+        if self.loss_forward_ms:
+            fwd[-1] += interpolate(self.rows, self.loss_forward_ms, rows)
+        if self.loss_backward_ms:
+            bwd[-1] += interpolate(self.rows, self.loss_backward_ms, rows)
+        return fwd, bwd
+
+    def load_seconds(self, rows: int) -> float:
+        """Seconds to load a batch of ``rows`` samples (0 when not timed)."""
+        return interpolate(self.load_rows, self.load_ms, rows) / 1e3 if self.load_rows else 0.0
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _call_of(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def _rows_of(value: Any, rows: int) -> Any:
+    """The first ``rows`` rows of every tensor (dim 0 is the batch), tiled when the example has fewer."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value
+        reps = -(-rows // value.shape[0])
+        return (value.repeat(reps, *[1] * (value.dim() - 1)) if reps > 1 else value)[:rows]
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows_of(v, rows) for v in value)
+    return value
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _loss_ms(spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], targets: tuple[Any, ...],
+             repeats: int) -> tuple[float, float]:
+    """(forward, backward) milliseconds of ``spec.loss`` on the model's output for these inputs."""
+    assert spec.loss is not None
+    with torch.no_grad():
+        out = spec.model(*args, **kwargs)
+    leaves, tree = torch.utils._pytree.tree_flatten(out)
+    fresh = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in leaves]
+    output = torch.utils._pytree.tree_unflatten(fresh, tree)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        loss = spec.loss(output, *targets)
+        mid = time.perf_counter()
+        loss.backward()
+        end = time.perf_counter()
+        if i:
+            fwd.append((mid - start) * 1e3)
+            bwd.append((end - mid) * 1e3)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+@dataclasses.dataclass
+class _AtRows:
+    """One timing of the chain at one row count."""
+
+    units: list[UnitInfo]
+    forward: list[float]
+    backward: list[float]
+    loss: tuple[float, float] | None
+    load: float | None
+    split: Any
+
+    def faster(self, other: _AtRows) -> _AtRows:
+        """Each time the smaller of the two (other processes on the machine only ever add time)."""
+        def low(a: list[float], b: list[float]) -> list[float]:
+            return [min(x, y) for x, y in zip(a, b)]
+
+        loss = None if self.loss is None or other.loss is None else (min(self.loss[0], other.loss[0]),
+                                                                      min(self.loss[1], other.loss[1]))
+        load = None if self.load is None or other.load is None else min(self.load, other.load)
+        return _AtRows(units=self.units, forward=low(self.forward, other.forward),
+                       backward=low(self.backward, other.backward), loss=loss, load=load, split=self.split)
+
+
+def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, model_name: str | None) -> _AtRows:
+    from ..split import split
+
+    collate = torch.utils.data.default_collate
+    targets: tuple[Any, ...] = ()
+    load = None
+    if data is not None:
+        inputs, targets = collate([data[i] for i in range(rows)])
+        args, kwargs = _call_of(inputs)
+        load = _median_ms(lambda: collate([data[i] for i in range(rows)]), repeats)
+    else:
+        args, kwargs = _rows_of(spec.args, rows), _rows_of(spec.kwargs, rows)
+    was_training = spec.model.training
+    sm = split(spec.model, args, kwargs, stages=1, by="time", profile=True, repeats=repeats,
+               model_name=model_name or spec.name)
+    spec.model.train(was_training)
+    units = sm.partition.units
+    loss = None
+    if spec.loss is not None and data is not None:
+        loss = _loss_ms(spec, args, kwargs, tuple(targets), repeats)
+    log.debug("profiled %d units at %d rows: %.3f ms forward, %.3f ms backward", len(units), rows,
+              sum(u.forward_ms for u in units), sum(u.backward_ms for u in units))
+    return _AtRows(units=units, forward=[u.forward_ms for u in units], backward=[u.backward_ms for u in units],
+                   loss=loss, load=load, split=sm)
+
+
+def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rounds: int = 1, threads: int = 1,
+                  optimizer: str | None = "adam", model_name: str | None = None) -> ChainProfile:
+    """Time every unit of ``spec``'s chain at each microbatch size in ``rows`` (the chain is captured again per size;
+    inputs come from the data set when there is one, else the example inputs cut or tiled to that many rows), with
+    ``threads`` compute threads (what each training process uses), plus the loss, the data loading and one
+    ``optimizer`` step over each unit's parameters (``adam``, ``adamw`` or ``sgd``; None: not timed).
+
+    Each time is the median of ``repeats`` runs after a warm-up; with ``rounds`` > 1 every row count is timed again
+    after the others and each time keeps its smallest median (a burst of load from other processes rarely hits every
+    round).
+    """
+    wanted = sorted({int(r) for r in rows})
+    if not wanted or wanted[0] < 1:
+        raise ValueError(f"rows must be row counts >= 1, got {list(rows)}")
+    if repeats < 1 or rounds < 1:
+        raise ValueError(f"repeats and rounds must be >= 1, got {repeats} and {rounds}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
+    data = spec.dataset() if spec.dataset is not None else None
+    if data is not None and len(data) < wanted[-1]:
+        raise ValueError(f"the data set has {len(data)} samples, fewer than the {wanted[-1]} rows to profile; "
+                         "profile fewer rows")
+    opt_ms: list[float] = []
+    with _threads(threads):
+        timed = [_time_at(spec, data, r, repeats, model_name) for r in wanted]
+        for _ in range(rounds - 1):
+            timed = [t.faster(_time_at(spec, data, r, repeats, model_name)) for t, r in zip(timed, wanted)]
+        if len({len(t.units) for t in timed}) != 1:
+            raise ValueError(f"the chain has a different number of units at different row counts ({wanted}); "
+                             "profile a single row count")
+        units, sm = timed[-1].units, timed[-1].split
+        if optimizer is not None and sm.partition.mode == "layers":
+            per_unit = sm.recut(stages=len(units), by="uniform") if len(units) > 1 else sm
+            shapes = [[list(p.shape) for p in stage.parameters() if p.requires_grad] for stage in per_unit.stages]
+            opt_ms = time_optimizer(shapes, optimizer=optimizer, repeats=repeats, threads=threads)
+    losses = [t.loss for t in timed]
+    loads = [t.load for t in timed]
+    has_loss = all(x is not None for x in losses)
+    has_load = all(x is not None for x in loads)
+    return ChainProfile(units=units, rows=wanted, forward_ms=[t.forward for t in timed],
+                        backward_ms=[t.backward for t in timed],
+                        loss_forward_ms=[x[0] for x in losses] if has_loss else [],  # type: ignore[index]
+                        loss_backward_ms=[x[1] for x in losses] if has_loss else [],  # type: ignore[index]
+                        load_rows=wanted if has_load else [], load_ms=loads if has_load else [],  # type: ignore
+                        optimizer=optimizer if opt_ms else None, optimizer_ms=opt_ms)
