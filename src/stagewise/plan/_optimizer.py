@@ -5,11 +5,12 @@ cold; and every step gradients are made afresh (``zero_grad(set_to_none=True)``,
 temporaries as large as the parameters, which the C allocator may hand back to the system and fault in again, page
 by page, the next step (several milliseconds a step on a VM). How often that happens depends on the process's history
 (glibc raises its threshold for handing blocks back as large ones are freed, and trims its heap when enough is free).
-In a training process, which frees its activations, gradients and temporaries every step, the temporaries do fault in
-again every step. So :func:`time_optimizer` times, in a fresh process with free memory handed back first (``malloc_trim``)
-and caches evicted, what a step spends on memory of parameter size: allocating fresh gradients (in training, backward
-does, on a step's first microbatch; the unit profile accumulates into existing ones and misses it), then one
-optimizer's ``step`` and ``zero_grad`` over every unit's parameters; each unit gets its share by parameter bytes (one
+In a training process, which frees its activations, gradients and temporaries every step, the temporaries do fault
+in again every step. So :func:`time_optimizer` times, in a fresh process with free memory handed back first
+(``malloc_trim``) and caches evicted, what a step spends on memory of parameter size: allocating fresh gradients (in
+training, backward does, on a step's first microbatch; the unit profile accumulates into existing ones and misses it),
+then one optimizer's ``step`` and ``zero_grad`` over every unit's parameters; each unit gets its share by parameter
+bytes (one
 optimizer streams every tensor the same way, so a rank's step is about its bytes' share; timing each unit alone
 instead would count the per-step churn once per unit).
 """

@@ -269,8 +269,8 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
 
 def apply_measurement(cluster: Cluster, measured: LinkMeasurement) -> Cluster:
     """``cluster`` with its intra-node links, all-reduce bandwidth and (where measured) all-reduce latency,
-    per-transfer rank costs, per-action runtime overhead and compute contention replaced by ``measured``. Inter-node links cannot be measured from one machine; they are
-    kept, but made no faster than the measured intra-node link."""
+    per-transfer rank costs, per-action runtime overhead and compute contention replaced by ``measured``. Inter-node
+    links cannot be measured from one machine; they are kept, but made no faster than the measured intra-node link."""
     extra = {name: value for name, value in (("allreduce_latency", measured.allreduce_latency_s),
                                               ("send_overhead", measured.send_overhead_s),
                                               ("recv_overhead", measured.recv_overhead_s),

@@ -3,10 +3,10 @@
 For every factorisation ``devices = D x P`` (``P`` at most the number of units), every microbatch count ``M`` dividing
 the per-replica batch, and every schedule (gpipe, 1f1b, zb; interleaved with ``V = 2`` when ``M % P == 0``): cut the
 chain exactly by the units' times at that layout's microbatch size (slowest stage minimal, every stage under the
-memory cap; :func:`capped_min_max_cuts`), price the layout with the cost model, and rank. With ``V = 2`` a rank holds two stages, so each stage is cut to fit half the device
-memory (safe, possibly stricter than needed). Train mode simulates layouts in order of a cheap lower bound on their
-step time and stops once the bound exceeds the ``limit``-th best simulated step, so only a handful of schedules are
-ever simulated.
+memory cap; :func:`capped_min_max_cuts`), price the layout with the cost model, and rank. With ``V = 2`` a rank holds
+two stages, so each stage is cut to fit half the device memory (safe, possibly stricter than needed). Train mode
+simulates layouts in order of a cheap lower bound on their step time and stops once the bound exceeds the
+``limit``-th best simulated step, so only a handful of schedules are ever simulated.
 """
 
 from __future__ import annotations
