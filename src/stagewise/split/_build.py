@@ -21,8 +21,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _meta(node: fx.Node, cap: Capture) -> tuple[list[int], str]:
     if node in cap.state_nodes:
-        t = cap.model.get_parameter(cap.state_nodes[node]) if _is_param(cap, node) else \
-            cap.model.get_buffer(cap.state_nodes[node])
+        t = _state_tensor(cap, cap.state_nodes[node])
         return list(t.shape), _dtype_name(t.dtype)
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
@@ -30,9 +29,12 @@ def _meta(node: fx.Node, cap: Capture) -> tuple[list[int], str]:
     return [], "float32"
 
 
-def _is_param(cap: Capture, node: fx.Node) -> bool:
-    fqn = cap.state_nodes[node]
-    return any(name == fqn for name, _ in cap.model.named_parameters(remove_duplicate=False))
+def _state_tensor(cap: Capture, fqn: str) -> torch.Tensor:
+    """The parameter or buffer at ``fqn`` (a lookup by path, not a scan of every parameter)."""
+    try:
+        return cap.model.get_parameter(fqn)
+    except AttributeError:
+        return cap.model.get_buffer(fqn)
 
 
 def value_bytes(node: fx.Node, cap: Capture) -> int:
@@ -116,6 +118,7 @@ def plan_stages(cap: Capture, layout: _Layout) -> list[StageSpec]:
             want.update(dict.fromkeys(recv[c]))
         recv[s] = [n for n in want if n not in defined[s]]
     topo = {n: i for i, n in enumerate(cap.graph.nodes)}
+    state_order = {fqn: i for i, fqn in enumerate(cap.state_nodes.values())}
     specs = []
     for s in range(n_stages):
         if layout.parents[s] is None and recv[s]:
@@ -146,17 +149,10 @@ def plan_stages(cap: Capture, layout: _Layout) -> list[StageSpec]:
 
         specs.append(StageSpec(
             index=s, units=layout.units[s], parent=layout.parents[s],
-            params=sorted((cap.state_nodes[n] for n, o in owner.items() if o == s), key=lambda f: topo_of(cap, f)),
+            params=sorted((cap.state_nodes[n] for n, o in owner.items() if o == s), key=state_order.__getitem__),
             recv=[spec(n) for n in rv], inputs=inputs, send=[spec(n) for n in sends], outputs=outputs,
             head=layout.heads[s]))
     return specs
-
-
-def topo_of(cap: Capture, fqn: str) -> int:
-    for i, (node, name) in enumerate(cap.state_nodes.items()):
-        if name == fqn:
-            return i
-    return -1
 
 
 class Stage:
