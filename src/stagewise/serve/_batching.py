@@ -175,23 +175,38 @@ class DynamicBatcher:
         self._report_depth()
         assert self._wakeup is not None
         self._wakeup.set()
-        waiters: set[asyncio.Future[object]] = {item.future}  # type: ignore[arg-type]
-        if cancel is not None:
-            waiters.add(cancel)
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not item.future.done():  # timed out, client gone, or this task was cancelled: drop the request
+        # Plain callbacks on the request's own future, not asyncio.wait/wait_for: no extra tasks or futures per request.
+        why: list[str] = []
+
+        def drop(reason: str) -> None:
+            if not item.future.done():
+                why.append(reason)
                 item.future.cancel()
+
+        timer = loop.call_later(timeout, drop, "timeout")
+        on_gone = None
+        if cancel is not None:
+            on_gone = lambda _: drop("disconnect")  # noqa: E731
+            cancel.add_done_callback(on_gone)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            if not why:  # this task itself was cancelled
+                raise
+            if why[0] == "disconnect":
+                raise ClientDisconnectedError(f"client of model {self.model!r} went away before its answer") from None
+            raise GatewayTimeoutError(f"model {self.model!r} did not answer within {timeout:g} s "
+                                      f"({self.queue_depth} requests queued)") from None
+        finally:
+            timer.cancel()
+            if on_gone is not None and cancel is not None:
+                cancel.remove_done_callback(on_gone)
+            if not item.future.done():
+                item.future.cancel()
+            if item.future.cancelled():  # timed out, client gone, or this task was cancelled: drop the request
                 with contextlib.suppress(ValueError):  # ValueError: already taken into a batch
                     self._queue.remove(item)
                 self._report_depth()
-        if item.future.cancelled():
-            if cancel is not None and cancel.done():
-                raise ClientDisconnectedError(f"client of model {self.model!r} went away before its answer")
-            raise GatewayTimeoutError(f"model {self.model!r} did not answer within {timeout:g} s "
-                                      f"({self.queue_depth} requests queued)")
-        return item.future.result()
 
     # ------------------------------------------------------------------------------------------------ internals
     def _report_depth(self) -> None:

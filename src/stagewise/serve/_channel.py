@@ -16,6 +16,7 @@ on its connection, never a hang. Message kinds (see ``_worker`` and ``_pipeline`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import socket
@@ -118,12 +119,21 @@ def _decode_tensors(table: Any, data: bytearray) -> dict[str, torch.Tensor]:
 
 
 class Channel:
-    """A framed, thread-safe-for-sending connection. ``recv`` belongs to one reader thread."""
+    """A framed, thread-safe-for-sending connection. ``recv`` belongs to one reader thread.
+
+    ``send`` never blocks its caller on a slow reader (the gateway sends from its event loop): it writes what the
+    socket takes at once (``MSG_DONTWAIT``) and leaves the rest, in order, to a flusher thread started on first need.
+    """
 
     def __init__(self, sock: socket.socket, *, send_timeout_s: float = 30.0) -> None:
         self.sock = sock
         self._send_lock = threading.Lock()
         self._closed = False
+        self._backlog: collections.deque[memoryview] = collections.deque()
+        self._flushing = threading.Condition(self._send_lock)
+        self._flusher: threading.Thread | None = None
+        self.send_error: OSError | None = None
+        """Why a backlogged send failed (the connection is then closed)."""
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
         # A send that cannot make progress for this long fails instead of blocking its caller forever (a stuck peer).
@@ -132,12 +142,45 @@ class Channel:
                         struct.pack("ll", secs, int((send_timeout_s - secs) * 1e6)))
 
     def send(self, header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Send one frame; raises ``OSError`` when the connection is gone."""
-        frame = encode_frame(header, tensors)
+        """Send one frame without blocking on the peer; raises ``OSError`` when the connection is gone."""
+        frame = memoryview(encode_frame(header, tensors))
         with self._send_lock:
             if self._closed:
-                raise ConnectionError("channel is closed")
-            self.sock.sendall(frame)
+                raise ConnectionError("channel is closed" if self.send_error is None else
+                                      f"channel is closed: {self.send_error}")
+            if not self._backlog:
+                try:
+                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                frame = frame[sent:]
+                if not frame:
+                    return
+            self._backlog.append(frame)
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush, name="stagewise-channel-flush", daemon=True)
+                self._flusher.start()
+            self._flushing.notify()
+
+    def _flush(self) -> None:
+        """Flusher thread: writes the backlog in order with blocking sends (bounded by the send timeout)."""
+        while True:
+            with self._send_lock:
+                while not self._backlog and not self._closed:
+                    self._flushing.wait()
+                if self._closed:
+                    return
+                chunk = self._backlog[0]
+            try:
+                self.sock.sendall(chunk)  # outside the lock: senders keep appending meanwhile
+            except OSError as exc:
+                with self._send_lock:
+                    self.send_error = exc
+                    self._backlog.clear()
+                self.close()
+                return
+            with self._send_lock:
+                self._backlog.popleft()
 
     def _read_exact(self, n: int, *, at_start: bool = False) -> bytearray | None:
         buf = bytearray(n)
@@ -178,11 +221,13 @@ class Channel:
 
     def close(self) -> None:
         """Shut the connection down (wakes a reader blocked in ``recv``); idempotent."""
-        if self._closed:
-            return
-        self._closed = True  # not under the send lock: a sender stuck in sendall is woken by the shutdown below
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._flushing.notify_all()
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # also wakes a flusher stuck in sendall
         except OSError:
             pass
         self.sock.close()

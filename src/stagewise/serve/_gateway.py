@@ -21,7 +21,6 @@ import hmac
 import importlib.metadata
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -30,11 +29,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._backend import InferenceBackend, validate_inputs
+from ._backend import InferenceBackend
 from ._batching import BatchingConfig, DynamicBatcher
+from ._infer_route import InferRoute, error_response
 from ._metrics import GatewayMetrics
-from ._protocol import (BadRequestError, ModelNotFoundError, PayloadTooLargeError, ServeError,
-                        ServiceUnavailableError, UnauthorizedError, encode_infer_response, parse_infer_request)
+from ._protocol import ModelNotFoundError, ServeError, ServiceUnavailableError, UnauthorizedError
 
 __all__ = ["GatewayConfig", "Gateway", "create_app"]
 
@@ -120,13 +119,10 @@ class Gateway:
                     logger.exception("closing backend %s failed", backend.name)
 
 
-def _error(exc: ServeError) -> JSONResponse:
-    headers: dict[str, str] = {}
-    if isinstance(exc, ServiceUnavailableError):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    if isinstance(exc, UnauthorizedError):
-        headers["WWW-Authenticate"] = 'Bearer realm="stagewise"'
-    return JSONResponse({"error": str(exc)}, status_code=exc.status_code, headers=headers)
+def _error(exc: ServeError) -> Response:
+    status, body, headers = error_response(exc)
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={k.decode(): v.decode() for k, v in headers})
 
 
 class _AuthMiddleware:
@@ -144,90 +140,6 @@ class _AuthMiddleware:
                 await _error(UnauthorizedError(f"{msg}: send 'Authorization: Bearer <token>'"))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before or while reading, and after inflating."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise BadRequestError(f"invalid Content-Length {length!r}")
-        if int(length) > limit:
-            raise PayloadTooLargeError(f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
-                                       "(GatewayConfig.max_payload_bytes)")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes "
-                                       "(GatewayConfig.max_payload_bytes)")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("gzip", "deflate"):
-        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error as exc:
-            raise BadRequestError(f"cannot {encoding}-decompress the request body: {exc}") from None
-        if len(body) > limit or inflater.unconsumed_tail:
-            raise PayloadTooLargeError(f"decompressed request body exceeds the limit of {limit} bytes "
-                                       "(GatewayConfig.max_payload_bytes)")
-    elif encoding != "identity":
-        raise BadRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    return body
-
-
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(_HEADER_LENGTH)
-    if raw is None:
-        return None
-    if not raw.strip().isdigit():
-        raise BadRequestError(f"Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
-    return int(raw)
-
-
-def _timeout_s(parameters: Mapping[str, Any]) -> float | None:
-    """The request's own ``parameters.timeout`` (microseconds, as Triton clients send it), if any."""
-    raw = parameters.get("timeout")
-    if raw is None:
-        return None
-    if not isinstance(raw, int) or isinstance(raw, bool) or raw <= 0:
-        raise BadRequestError(f"parameters.timeout must be a positive integer (microseconds), got {raw!r}")
-    return raw / 1e6
-
-
-async def _disconnected(request: Request) -> None:
-    """Completes when the client goes away (uvicorn answers ``receive()`` with http.disconnect after the body)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _infer(gw: Gateway, request: Request, name: str, version: str | None) -> Response:
-    backend = gw.backend(name, version)
-    if not backend.ready():
-        raise ServiceUnavailableError(f"model {name!r} is not ready; retry later")
-    meta = backend.metadata()
-    body = await _read_body(request, gw.config.max_payload_bytes)
-    req = parse_infer_request(body, _header_length(request))
-    inputs = validate_inputs(req, meta)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        outputs = await gw.batchers[name].submit(inputs, timeout_s=_timeout_s(req.parameters), cancel=watcher)
-    finally:
-        watcher.cancel()
-    if req.outputs is not None:  # only the outputs asked for, in the order asked
-        selected = [(o.name, outputs[o.name], o.binary) for o in req.outputs]
-    else:
-        selected = [(t.name, outputs[t.name], req.binary_output) for t in meta.outputs]
-    content, header_length = encode_infer_response(model_name=name, model_version=version or meta.versions[0],
-                                                   request_id=req.id, outputs=selected)
-    if header_length is None:
-        return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(header_length)})
 
 
 def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[str, InferenceBackend], *,
@@ -262,7 +174,8 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
 
     app = FastAPI(title=config.server_name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
-    if config.auth_token is not None:
+    app.add_middleware(InferRoute, gateway=gw)  # inference requests skip FastAPI's routing (see _infer_route)
+    if config.auth_token is not None:  # added last: outermost, so it guards the inference route too
         app.add_middleware(_AuthMiddleware, token=config.auth_token)
 
     @app.exception_handler(ServeError)
@@ -301,24 +214,6 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
         if backend.ready() and gw.batchers[name].running:
             return JSONResponse({"name": name, "ready": True})
         return _error(ServiceUnavailableError(f"model {name!r} is not ready"))
-
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        start, status, reason = time.perf_counter(), 500, "internal"
-        try:
-            response = await _infer(gw, request, name, version)
-            status, reason = response.status_code, ""
-            return response
-        except ServeError as exc:
-            status, reason = exc.status_code, type(exc).__name__.removesuffix("Error")
-            return _error(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one request a 500, not the server
-            logger.exception("inference request for model %s failed", name)
-            return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
-        finally:
-            label = name if name in gw.backends else "_unknown"  # bounded label set: never echo arbitrary names
-            gw.metrics.observe_request(label, status, time.perf_counter() - start, reason or None)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

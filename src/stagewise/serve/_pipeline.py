@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import dataclasses
 import hmac
 import logging
@@ -140,7 +139,9 @@ class ReplicaStatus:
 class _Request:
     inputs: dict[str, torch.Tensor]
     rows: int
-    future: concurrent.futures.Future[dict[str, torch.Tensor]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[dict[str, torch.Tensor]]
+    """Settled on ``loop`` only (reader and supervisor threads go through :func:`_resolve`)."""
     attempts: int = 0
 
 
@@ -162,15 +163,20 @@ class _Replica:
     crash: str | None = None
 
 
-def _resolve(future: concurrent.futures.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
-    if future.done():
-        return
-    try:
+def _resolve(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle ``req`` from any thread (its future belongs to the event loop that awaits it)."""
+
+    def settle() -> None:
+        if req.future.done():  # cancelled by the waiter in between
+            return
         if error is not None:
-            future.set_exception(error)
+            req.future.set_exception(error)
         else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:  # cancelled by the waiter in between
+            req.future.set_result(result)
+
+    try:
+        req.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody waits any more
         pass
 
 
@@ -274,16 +280,28 @@ class PipelineBackend(InferenceBackend):
         rows = int(next(iter(tensors.values())).shape[0])
         if not 0 < rows <= self.max_batch_size:
             raise BadRequestError(f"batch of {rows} rows; model {self.name!r} takes 1..{self.max_batch_size}")
-        req = _Request(tensors, rows, concurrent.futures.Future())
+        loop = asyncio.get_running_loop()
+        req = _Request(tensors, rows, loop, loop.create_future())
         with self._lock:
             self._dispatch(req)
+        timed_out: list[bool] = []
+
+        def expire() -> None:
+            if not req.future.done():
+                timed_out.append(True)
+                req.future.cancel()
+
+        timer = loop.call_later(self.config.request_timeout_s, expire)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(req.future), self.config.request_timeout_s)
-        except asyncio.TimeoutError:
+            return await req.future
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
             limit = self.config.request_timeout_s
             raise GatewayTimeoutError(f"model {self.name!r}: no replica answered within {limit:g} s "
                                       "(PipelineConfig.request_timeout_s)") from None
         finally:
+            timer.cancel()
             if not req.future.done():
                 req.future.cancel()  # a result arriving later is dropped; a waiting batch is skipped
 
@@ -305,7 +323,7 @@ class PipelineBackend(InferenceBackend):
             self._cond.notify_all()
         atexit.unregister(self.shutdown)
         for req in pending:
-            _resolve(req.future, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+            _resolve(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
         for t in self._threads_run:
             t.join(5.0)
         self._listener.close()
@@ -335,7 +353,7 @@ class PipelineBackend(InferenceBackend):
     def _dispatch(self, req: _Request) -> None:
         """Send ``req`` to the least-loaded ready replica, or queue it; lock held."""
         if self._closed:
-            _resolve(req.future, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+            _resolve(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
             return
         rep = self._pick()
         if rep is None:
@@ -378,7 +396,7 @@ class PipelineBackend(InferenceBackend):
                 if req.future.done():
                     continue
                 if req.attempts >= self.config.max_attempts:
-                    _resolve(req.future, error=BackendError(
+                    _resolve(req, error=BackendError(
                         f"model {self.name!r}: replicas failed {req.attempts} times while running this batch "
                         f"(PipelineConfig.max_attempts); last: {reason}"))
                 else:
@@ -463,14 +481,14 @@ class PipelineBackend(InferenceBackend):
         if req is None:
             return
         if kind == "error":
-            _resolve(req.future, error=BackendError(f"model {self.name!r}, replica {rep.index} stage "
+            _resolve(req, error=BackendError(f"model {self.name!r}, replica {rep.index} stage "
                                                     f"{h.get('stage')}: {h.get('message')}"))
             return
         missing = [n for n in self._output_names if n not in msg.tensors]
         if missing:
-            _resolve(req.future, error=BackendError(f"model {self.name!r}: result without outputs {missing}"))
+            _resolve(req, error=BackendError(f"model {self.name!r}: result without outputs {missing}"))
             return
-        _resolve(req.future, result={n: msg.tensors[n] for n in self._output_names})
+        _resolve(req, result={n: msg.tensors[n] for n in self._output_names})
         if self._metrics is not None:
             for s, seconds in enumerate(h.get("times", [])):
                 self._metrics.observe_stage_time(self.name, str(s), float(seconds))

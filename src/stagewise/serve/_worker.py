@@ -25,11 +25,9 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -318,7 +316,6 @@ class _StageWorker:
         log.info("replica %s stage %s: model split in %.2f s, rendezvous and captures in %.2f s", cfg.replica,
                  cfg.stage, t1 - t0, time.perf_counter() - t1)
         self._sends: collections.deque[SendHandle] = collections.deque()
-        self.inbox: queue.Queue[Message] = queue.Queue()
 
     def _mine(self, stages: list[Stage]) -> tuple[Stage, list[str]]:
         chain = self.serving.chain_stages(stages)
@@ -336,25 +333,20 @@ class _StageWorker:
                      time.perf_counter() - t0)
         return found
 
-    def read_forever(self) -> None:
-        """Reader thread: channel messages into the inbox; EOF (gateway gone or closing) ends the process."""
+    def serve_forever(self) -> None:
+        """Run batches as their messages arrive, read on this thread (a reader thread would cost a thread hand-off
+        per batch; the gateway's sends never block on us). EOF (gateway gone or closing) ends the process."""
+        self.chan.send({"kind": "ready", "stage": self.cfg.stage, "digest": self.digest})
         try:
             while (msg := self.chan.recv()) is not None:
-                self.inbox.put(msg)
-        except Exception as exc:  # noqa: BLE001 - any broken channel means the gateway is gone
+                if msg.kind == "run":
+                    self.run_one(msg)
+                else:
+                    log.warning("replica %s stage %s: ignoring message kind %r", self.cfg.replica, self.cfg.stage,
+                                msg.kind)
+        except OSError as exc:  # any broken channel means the gateway is gone (ChannelError is an OSError)
             log.debug("replica %s stage %s: channel broke: %s", self.cfg.replica, self.cfg.stage, exc)
         os._exit(0)
-
-    def serve_forever(self) -> None:
-        threading.Thread(target=self.read_forever, name="stagewise-channel-reader", daemon=True).start()
-        self.chan.send({"kind": "ready", "stage": self.cfg.stage, "digest": self.digest})
-        while True:
-            msg = self.inbox.get()
-            if msg.kind == "run":
-                self.run_one(msg)
-            else:
-                log.warning("replica %s stage %s: ignoring message kind %r", self.cfg.replica, self.cfg.stage,
-                            msg.kind)
 
     def run_one(self, msg: Message) -> None:
         cfg = self.cfg
