@@ -28,10 +28,12 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +79,33 @@ def _serve_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench-serve")
     add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", *argv])
+    if args.stages == 0:
+        return _echo_main(args.port)
     return int(args.func(args))
+
+
+def _echo_main(port: int) -> int:
+    """The gateway (same app, same uvicorn settings) in front of a backend that returns its input: no model."""
+    from stagewise.serve import BatchingConfig, GatewayConfig, InferenceBackend, ModelMetadata, TensorMetadata
+    from stagewise.serve import create_app, run
+
+    class Echo(InferenceBackend):
+        name, max_batch_size = "overhead", 1
+
+        def metadata(self) -> ModelMetadata:
+            spec = TensorMetadata(name="arg0", datatype="FP32", shape=(-1, 16384))
+            return ModelMetadata(name=self.name, inputs=(spec,), outputs=(TensorMetadata(
+                name="output", datatype="FP32", shape=(-1, 16384)),))
+
+        def ready(self) -> bool:
+            return True
+
+        async def infer(self, inputs: dict[str, object]) -> dict[str, object]:
+            return {"output": inputs["arg0"]}
+
+    run(create_app([Echo()], config=GatewayConfig(batching=BatchingConfig(max_delay_ms=2))), port=port,
+        log_level="warning")
+    return 0
 
 
 class Server:
@@ -194,6 +222,60 @@ async def _throughput(port: int, path: str, x: np.ndarray, concurrency: int, sec
             c.close()
 
 
+class _BlockingConn:
+    """One keep-alive HTTP/1.1 connection on a blocking socket: for one-at-a-time latency, the cheapest client there
+    is (an event loop costs the client ~0.1-0.2 ms per request on a small machine, which is not the server's)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def post(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._more()
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        size = int(headers.get("content-length", "0"))
+        while len(rest) < size:
+            rest += self._more()
+        self.buf = rest[size:]
+        return int(lines[0].split()[1]), headers, rest[:size]
+
+    def _more(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _sequential(port: int, request: bytes, requests: int, local: Callable[[], object] | None = None
+                ) -> tuple[list[float], list[float]]:
+    """``requests`` served latencies (after 20 warm-up requests), each after one ``local()`` call timed alike."""
+    conn = _BlockingConn(port)
+    try:
+        lats, served = [], []
+        for i in range(requests + 20):
+            t0 = time.perf_counter()
+            if local is not None:
+                local()
+            t1 = time.perf_counter()
+            status, _, content = conn.post(request)
+            t2 = time.perf_counter()
+            assert status == 200, content[:500]
+            if i >= 20:  # warm-up
+                lats.append(t1 - t0)
+                served.append(t2 - t1)
+        return lats, served
+    finally:
+        conn.close()
+
+
 def measure_overhead(requests: int) -> tuple[float, float]:
     """Alternate one in-process forward and one served request, so both see the same machine load."""
     model = overhead_model().model.eval()
@@ -202,41 +284,38 @@ def measure_overhead(requests: int) -> tuple[float, float]:
     body, headers = _binary_request("arg0", x)
     path = "/v2/models/overhead/infer"
 
-    async def run(port: int) -> tuple[list[float], list[float]]:
-        conn = await _Conn.open("127.0.0.1", port)
-        request = _raw_request(port, path, body, headers)
-        try:
-            status, head, content = await conn.post(request)
-            assert status == 200, content[:500]
-            n = int(head["inference-header-content-length"])
-            got = np.frombuffer(content[n:], dtype=np.float32).reshape(1, -1)
-            with torch.inference_mode():
-                want = model(torch.from_numpy(x)).numpy()
-            assert np.allclose(got, want, atol=1e-4), f"served output differs by {np.abs(got - want).max()}"
-            local, served = [], []
-            for i in range(requests + 20):
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    model(torch.from_numpy(x))
-                t1 = time.perf_counter()
-                status, _, _ = await conn.post(request)
-                t2 = time.perf_counter()
-                assert status == 200
-                if i >= 20:  # warm-up
-                    local.append(t1 - t0)
-                    served.append(t2 - t1)
-            return local, served
-        finally:
-            conn.close()
+    def forward() -> object:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
 
     with Server("overhead_model", stages=2, max_batch_size=1) as server:
-        local, served = asyncio.run(run(server.port))
+        request = _raw_request(server.port, path, body, headers)
+        conn = _BlockingConn(server.port)
+        status, head, content = conn.post(request)
+        conn.close()
+        assert status == 200, content[:500]
+        n = int(head["inference-header-content-length"])
+        got = np.frombuffer(content[n:], dtype=np.float32).reshape(1, -1)
+        want = forward().numpy()
+        assert np.allclose(got, want, atol=1e-4), f"served output differs by {np.abs(got - want).max()}"
+        local, served = _sequential(server.port, request, requests, forward)
     local_p50 = statistics.median(local)
     q = statistics.quantiles(served, n=100)
     print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; served (2 stages) p50 "
           f"{statistics.median(served) * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, "
           "64 KiB in and out)")
     return (statistics.median(served) - local_p50) * 1e3, (q[98] - local_p50) * 1e3
+
+
+def measure_http_floor(requests: int) -> None:
+    """For scale: the same client, gateway and request against a backend that does nothing (no worker processes)."""
+    with Server("overhead_model", stages=0, max_batch_size=1) as server:
+        request = _raw_request(server.port, "/v2/models/overhead/infer", *_binary_request(
+            "arg0", np.zeros((1, 16384), dtype=np.float32)))
+        _, served = _sequential(server.port, request, requests)
+    q = statistics.quantiles(served, n=100)
+    print(f"http floor (gateway with an echo backend, no model, no workers): p50 {statistics.median(served) * 1e3:.2f} "
+          f"ms, p99 {q[98] * 1e3:.2f} ms")
 
 
 def compare_rps(factory: str, name: str, x: np.ndarray, a: dict[str, int], b: dict[str, int], *, seconds: float,
@@ -261,6 +340,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPU cores shared by every server and client process; load average "
           f"{os.getloadavg()[0]:.1f}")
+    measure_http_floor(args.requests)
     p50, p99 = measure_overhead(args.requests)
     rng = np.random.default_rng(1)
     gain = compare_rps("batching_model", "batching", rng.standard_normal((1, 1024)).astype(np.float32),

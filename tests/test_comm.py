@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import os
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,16 @@ from stagewise.comm import (
     TransportClosedError,
     spawn,
 )
-from stagewise.comm._framing import PACK_LIMIT, encode, parse_descriptors, parse_header, payload_layout
+from stagewise.comm._framing import (
+    HEADER_STRUCT,
+    PACK_LIMIT,
+    TensorDesc,
+    encode,
+    parse_descriptors,
+    parse_header,
+    payload_layout,
+    prepare,
+)
 
 # --- Cases: deterministic, so a spawned rank can rebuild exactly what its peer sent.
 
@@ -58,6 +68,9 @@ def _cases() -> dict[str, list[Any]]:
         "mixed": [torch.randn(2, 3, generator=g, requires_grad=True), 4, None, torch.ones(3, dtype=torch.int32),
                   torch.randn(PACK_LIMIT // 4 + 10, generator=g), torch.tensor(7), 0.25],
         "header_overflow": [torch.zeros(1, 2, 1, 2, 1, dtype=torch.float16) + i for i in range(12)],
+        "pack_fills_first_message": [torch.randn(PACK_LIMIT // 4, generator=g), 3],  # inline area exactly full
+        "pack_spills": [_random_of(torch.bfloat16, (40, 512), g), torch.randn(40, 256, generator=g),  # 80 KiB pack
+                        torch.randn(PACK_LIMIT // 8 + 1, dtype=torch.float64, generator=g)],
         "nothing": [],
     }
     return cases
@@ -146,6 +159,21 @@ def test_frame_layout_matches_header() -> None:
     assert frame.extension is not None and len(frame.payloads) == 1  # 12 small tensors share one pack
     frame = encode(_cases()["mixed"], src=0, tag=1)
     assert [p.numel() > PACK_LIMIT for p in frame.payloads] == [False, True]
+
+
+def test_header_bytes_pin_the_wire_format() -> None:
+    values = [0, 1, 0.001, torch.ones(1, 256, requires_grad=True), None, True]
+    frame = encode(values, src=2, tag=7)
+    bits = struct.unpack("=q", struct.pack("=d", 0.001))[0]
+    desc = [2, 0, 2, 1, 3, bits, 1, 12, 1, 2, 1, 256, 5, 4, 1]  # INT, INT, FLOAT, TENSOR f32 grad (1, 256), NONE, BOOL
+    assert frame.header.tolist() == [0x53544757, 1, 2, 7, 6, len(desc), *desc] + [0] * (64 - 6 - len(desc))
+    assert frame.extension is None and [p.numel() for p in frame.payloads] == [1024]
+    raw = bytearray(HEADER_STRUCT.size)  # the transports' path: one pack_into, one unpack_from
+    prepare(values).write_header(raw, src=2, tag=7)
+    assert bytes(raw) == frame.header.numpy().tobytes()
+    slots = HEADER_STRUCT.unpack(raw)
+    assert parse_header(slots, src=2, tag=7) == (6, 0)
+    assert parse_descriptors(slots, None) == [0, 1, 0.001, TensorDesc(torch.float32, (1, 256), True), None, True]
 
 
 def test_frame_checks_magic_sender_and_tag() -> None:
@@ -313,6 +341,33 @@ def _roundtrip_worker(rank: int, world_size: int, port: int) -> None:
 
 def test_dist_roundtrip_and_boundary_check_gloo() -> None:
     spawn(_roundtrip_worker, 2, timeout=_DEADLINE)
+
+
+def _reuse_worker(rank: int, world_size: int, port: int) -> None:
+    with _init(rank, world_size, port) as t:
+        if rank == 0:
+            x = torch.zeros(4)
+            handle = t.isend([x, 0], dst=1, tag=1)
+            x += 1  # after isend: small tensors were copied into the message
+            handle.wait(10.0)
+            for k in range(1, 6):
+                t.send([torch.full((2, 3), float(k)), torch.arange(k + 1), k, k / 2], dst=1, tag=1, timeout=10.0)
+        else:
+            x, zero = t.recv(src=0, tag=1, timeout=10.0)
+            assert torch.equal(x, torch.zeros(4)) and zero == 0
+            got = [t.recv(src=0, tag=1, timeout=10.0) for _ in range(5)]
+            # Every message landed in the same reused buffer: message k's values must survive messages k+1..5.
+            for k, (a, b, n, f) in enumerate(got, start=1):
+                assert torch.equal(a, torch.full((2, 3), float(k))) and torch.equal(b, torch.arange(k + 1)), k
+                assert (n, f) == (k, k / 2)
+            assert len({v.untyped_storage().data_ptr() for m in got for v in m[:2]}) == 10  # each owns its storage
+            got[0][0].add_(100)
+            assert torch.equal(got[0][1], torch.arange(2)) and torch.equal(got[1][0], torch.full((2, 3), 2.0))
+        t.barrier(timeout=10.0)
+
+
+def test_dist_received_values_survive_later_messages() -> None:
+    spawn(_reuse_worker, 2, timeout=_DEADLINE)
 
 
 def _timeout_worker(rank: int, world_size: int, port: int, done: Any) -> None:

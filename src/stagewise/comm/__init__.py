@@ -24,7 +24,8 @@ from ._errors import (
     SpawnError,
     TransportClosedError,
 )
-from ._framing import DTYPE_CODES, Value, check_expect
+from ._expect import check_expect
+from ._framing import DTYPE_CODES, Value
 from ._local import LocalHub, LocalTransport
 from ._spawn import find_free_port, spawn
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport

@@ -9,6 +9,9 @@ What this relies on from torch.distributed:
   report ``is_completed()`` only after ``wait()``; so deadlines use ``work.wait(timeout)``. When that times out gloo
   closes the link to the peer ("Application timeout caused pair closure"): after a :class:`CommTimeoutError` close
   the transport.
+- gloo lets a receive buffer be longer than the message it matches (the bytes land at its start). So on gloo the
+  first message of a frame (header + inline pack) is only as long as what it carries, received into a reused buffer of
+  the largest possible size; NCCL needs equal counts, so there it is padded to that size.
 - NCCL ignores tags (per-pair order only; see :func:`~stagewise.comm._framing.parse_header`) and ``wait()`` only
   orders CUDA streams, so deadlines poll ``is_completed()``. Tensors travel on ``device`` (the rank's GPU); CPU values
   are copied there and received tensors land there. With gloo, CUDA tensors are staged through the CPU.
@@ -23,22 +26,21 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ._errors import CommError, CommTimeoutError
+from ._expect import check_expect
 from ._framing import (
     HEADER_SLOTS,
-    PACK_LIMIT,
-    TensorDesc,
+    HEADER_STRUCT,
     Value,
-    alloc_payloads,
-    check_expect,
-    encode,
-    materialise,
+    buffer_layout,
+    materialise_from,
     parse_descriptors,
     parse_header,
-    payload_layout,
+    prepare,
 )
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
@@ -50,16 +52,6 @@ _BACKENDS = ("gloo", "nccl")
 _HEADER_BYTES = HEADER_SLOTS * 8
 _INLINE_BYTES = 64 * 1024
 _FIRST_BYTES = _HEADER_BYTES + _INLINE_BYTES
-
-
-def _inline_size(descs: Sequence[Any], extension: torch.Tensor | None) -> int | None:
-    """Bytes of the small-tensor pack when it travels inside the first message (both sides decide alike)."""
-    if extension is not None:
-        return None
-    sizes, where = payload_layout(descs)
-    has_pack = any(w is not None and w[0] == 0 for w, d in zip(where, descs)
-                   if isinstance(d, TensorDesc) and 0 < d.nbytes <= PACK_LIMIT)
-    return sizes[0] if has_pack and sizes[0] <= _INLINE_BYTES else None
 
 
 def _wait(transport: DistTransport, work: Any, *, deadline: float, waited: float, op: str, peer: int | None,
@@ -127,6 +119,9 @@ class DistTransport(Transport):
         if backend == "gloo" and self.device.type != "cpu":
             raise ValueError(f"backend 'gloo' moves CPU tensors here; device must be 'cpu', got {self.device}")
         self._owns = owns_process_group
+        self._trim = backend == "gloo"  # see the module docstring: gloo accepts a message shorter than its buffer
+        self._landing: tuple[torch.Tensor, np.ndarray | None] | None = None
+        self._pg = dist.group.WORLD
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -195,18 +190,34 @@ class DistTransport(Transport):
     def isend(self, values: Sequence[Value], *, dst: int, tag: int = 0) -> SendHandle:
         self._check_peer(dst, name="dst")
         self._check_tag(tag)
-        frame = encode(values, src=self.rank, tag=tag, device=self.device)
+        p = prepare(values)
         # The first message is the header followed by an inline area: when every small tensor fits there (the common
         # case: activations and gradients of a microbatch), the whole message is ONE transfer instead of two.
-        first = torch.zeros(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
-        first[:_HEADER_BYTES] = frame.header.view(torch.uint8)
-        payloads = list(frame.payloads)
-        if _inline_size(parse_descriptors(frame.header, frame.extension), frame.extension) is not None:
-            pack = payloads.pop(0)
-            first[_HEADER_BYTES:_HEADER_BYTES + pack.numel()] = pack
-        ext = [] if frame.extension is None else [frame.extension]
-        tensors = [first, *ext, *payloads]
-        works = [dist.isend(t, dst=dst, tag=tag) for t in tensors]
+        extension = p.extension()
+        inline = p.pack_bytes if extension is None and p.pack_bytes <= _INLINE_BYTES else 0
+        if self._trim:  # gloo, CPU: exactly the bytes carried, written through numpy (no memset, no torch slicing)
+            first = torch.empty(_HEADER_BYTES + inline, dtype=torch.uint8)
+            first_np = first.numpy()
+            p.write_header(first_np, src=self.rank, tag=tag)
+            if inline:
+                p.write_pack(first, _HEADER_BYTES, first_np)
+        else:  # NCCL: fixed size, on the device
+            header = torch.empty(_HEADER_BYTES, dtype=torch.uint8)
+            p.write_header(header.numpy(), src=self.rank, tag=tag)
+            first = torch.zeros(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+            first[:_HEADER_BYTES].copy_(header)
+            if inline:
+                p.write_pack(first, _HEADER_BYTES)
+        tensors = [first]
+        if extension is not None:
+            tensors.append(extension.to(self.device))
+        if p.small and not inline:
+            pack = torch.empty(p.pack_bytes, dtype=torch.uint8, device=self.device)
+            p.write_pack(pack)
+            tensors.append(pack)
+        for t in p.large:  # sent from the caller's memory when possible (it must not change them until wait())
+            tensors.append(t.contiguous().reshape(-1).view(torch.uint8).to(self.device))
+        works = [self._pg.send([t], dst, tag) for t in tensors]  # what dist.isend ends with, minus its per-call checks
         return _DistSendHandle(self, works, tensors, dst=dst, tag=tag)
 
     def recv(self, *, src: int, tag: int = 0, timeout: float | None = None,
@@ -218,23 +229,37 @@ class DistTransport(Transport):
         def wait(work: Any) -> None:
             _wait(self, work, deadline=deadline, waited=t, op="recv", peer=src, tag=tag)
 
-        first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
-        wait(dist.irecv(first, src=src, tag=tag))
-        header = first[:_HEADER_BYTES].view(torch.int64)
-        _, ext_len = parse_header(header, src=src, tag=tag)
+        # On gloo the landing buffer of first messages is reused: values are copied out of it before recv returns.
+        # It is taken away while in use, so after a failure (a receive may still be pending in gloo) a new one is made.
+        landing = self._landing
+        self._landing = None
+        if landing is None:
+            first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+            landing = (first, first.numpy() if first.is_cpu else None)
+        first, first_np = landing
+        wait(self._pg.recv([first], src, tag))
+        if first_np is not None:
+            h: Sequence[int] = HEADER_STRUCT.unpack_from(first_np)
+        else:
+            h = first[:_HEADER_BYTES].view(torch.int64).tolist()
+        _, ext_len = parse_header(h, src=src, tag=tag)
         extension = None
         if ext_len:
-            extension = torch.empty(ext_len, dtype=torch.int64, device=self.device)
-            wait(dist.irecv(extension, src=src, tag=tag))
-        descs = parse_descriptors(header, extension)
-        buffers = alloc_payloads(descs, self.device)
-        inline = _inline_size(descs, extension)
-        if inline is not None:  # the pack came inside the first message
-            buffers[0] = first[_HEADER_BYTES:_HEADER_BYTES + inline].clone()
-        works = [dist.irecv(b, src=src, tag=tag) for b in buffers[1 if inline is not None else 0:]]
+            ext = torch.empty(ext_len, dtype=torch.int64, device=self.device)
+            wait(self._pg.recv([ext], src, tag))
+            extension = ext.tolist()
+        descs = parse_descriptors(h, extension)
+        sizes, where, pack_bytes = buffer_layout(descs)
+        # Same rule as isend: the pack came inside the first message when there is no extension and it fits.
+        inline = pack_bytes if extension is None and pack_bytes <= _INLINE_BYTES else 0
+        buffers = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes[1 if inline else 0 :]]
+        works = [self._pg.recv([b], src, tag) for b in buffers]
         for w in works:  # posted together: they match in send order
             wait(w)
-        values = materialise(descs, buffers, self.device)
+        values = materialise_from(descs, where, pack_bytes, buffers, first=first if inline else None,
+                                  first_np=first_np, first_offset=_HEADER_BYTES, device=self.device)
+        if self._trim:  # every small value was copied out: the buffer may take the next message
+            self._landing = landing
         check_expect(values, expect, where=f"recv on rank {self.rank} from rank {src} (tag {tag})")
         return values
 

@@ -2,23 +2,27 @@
 
 A message is, in wire order, on one (src, dst, tag) channel:
 
-1. a fixed-size header, ``HEADER_SLOTS`` int64 values::
+1. a fixed-size header, ``HEADER_SLOTS`` int64 values (native byte order)::
 
        [MAGIC, VERSION, src, tag, n_values, desc_len, desc[0], desc[1], ...]
 
    ``desc`` describes every value in order. A tensor is ``[TENSOR, dtype_code, flags, ndim, *shape]`` (flag bit 0:
    requires_grad); a python scalar carries its value inline: ``[INT, value]``, ``[FLOAT, float64 bits]``,
-   ``[BOOL, 0|1]``, ``[NONE]``. Scalars and None therefore cost no extra message.
+   ``[BOOL, 0|1]``, ``[NONE]``. Scalars and None therefore cost no extra message. Unused slots are 0.
 2. only when ``desc_len`` does not fit in the header: an int64 extension holding the rest of ``desc``.
 3. the tensor bytes as uint8 buffers: first one *pack* holding every small tensor (``0 < nbytes <= PACK_LIMIT``)
    back to back, then one buffer per large tensor. Zero-element tensors send nothing.
 
-:class:`DistTransport` sends the header inside a fixed-size first message whose inline area also carries the pack
-when it fits, so a typical activation or gradient message is a single transfer. Both sides derive the buffer layout
-from ``desc`` alone (:func:`payload_layout`), so the receiver allocates exact
-buffers before the bytes arrive. Data moves as raw bytes (``tensor.view(torch.uint8)``), so every dtype in
-:data:`DTYPE_CODES` works on every backend, whatever dtypes the backend itself supports. Received tensors are
-contiguous and own their storage.
+:class:`DistTransport` sends the header at the start of a first message whose inline area also carries the pack when
+it fits, so a typical activation or gradient message is a single transfer (on gloo the first message is only as long
+as what it carries; NCCL pads it to a fixed size). Both sides derive the buffer layout from ``desc`` alone
+(:func:`payload_layout`), so the receiver allocates exact buffers before the bytes arrive. Data moves as raw bytes
+(``tensor.view(torch.uint8)``), so every dtype in :data:`DTYPE_CODES` works on every backend, whatever dtypes the
+backend itself supports. Received tensors are contiguous and own their storage.
+
+The hot path (one message per microbatch, stage and direction) avoids small torch ops: :func:`prepare` only inspects
+the values, the header is written with one ``struct.pack_into`` and read with one ``unpack_from``, and small tensors
+on the CPU are copied through numpy views of their bytes.
 """
 
 from __future__ import annotations
@@ -28,27 +32,18 @@ import enum
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, NoReturn, Union
 
+import numpy as np
 import torch
 
-from ._errors import BoundaryMismatchError, FramingError
+from ._errors import FramingError
 
 __all__ = [
-    "Value",
-    "DTYPE_CODES",
-    "HEADER_SLOTS",
-    "PACK_LIMIT",
-    "Frame",
-    "TensorDesc",
-    "encode",
-    "parse_header",
-    "parse_descriptors",
-    "payload_layout",
-    "alloc_payloads",
-    "materialise",
-    "check_expect",
-]
+    "Value", "DTYPE_CODES", "HEADER_SLOTS", "HEADER_STRUCT", "PACK_LIMIT", "Frame", "Prepared", "TensorDesc",
+    "encode", "prepare", "parse_header", "parse_descriptors", "payload_layout", "buffer_layout", "alloc_payloads",
+    "materialise", "materialise_from", "check_expect",
+]  # fmt: skip
 
 Value = Union[torch.Tensor, int, float, bool, None]
 """What may cross a stage boundary: a tensor or a python scalar or None."""
@@ -58,8 +53,12 @@ VERSION = 1
 HEADER_SLOTS = 64
 """int64 slots in the fixed header (512 bytes): 6 fixed fields + up to 58 descriptor slots inline."""
 _FIXED = 6
+_INLINE_DESC = HEADER_SLOTS - _FIXED
 PACK_LIMIT = 64 * 1024
 """Tensors of at most this many bytes travel together in one pack buffer (one message instead of many)."""
+HEADER_STRUCT = struct.Struct(f"={HEADER_SLOTS}q")
+"""The header as raw bytes: ``HEADER_STRUCT.pack_into`` / ``unpack_from`` write and read it in one call."""
+_I64, _F64 = struct.Struct("=q"), struct.Struct("=d")
 
 # Stable wire codes; never renumber (append new dtypes at the end). Names missing from an older torch are skipped.
 DTYPE_CODES: dict[str, int] = {
@@ -76,6 +75,20 @@ _DTYPE_TO_CODE: dict[torch.dtype, int] = {
 _CODE_TO_DTYPE: dict[int, torch.dtype] = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
 
 
+def _numpy_viewable(name: str) -> bool:
+    try:
+        torch.empty(1, dtype=getattr(torch, name)).numpy()
+    except (AttributeError, TypeError, RuntimeError):  # missing from this torch, or numpy cannot view it
+        return False
+    return True
+
+
+_NUMPY_DTYPES = frozenset(getattr(torch, n) for n in ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16",
+                          "uint32", "uint64", "float16", "float32", "float64", "complex64", "complex128")
+                          if _numpy_viewable(n))
+"""Dtypes whose CPU tensors numpy can view: their bytes are copied through numpy, without small torch ops."""
+
+
 class Kind(enum.IntEnum):
     TENSOR = 1
     INT = 2
@@ -84,6 +97,7 @@ class Kind(enum.IntEnum):
     NONE = 5
 
 
+_TENSOR, _INT, _FLOAT, _BOOL, _NONE = (int(k) for k in Kind)  # plain ints on the hot path
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -118,40 +132,123 @@ class Frame:
         return [self.header, *ext, *self.payloads]
 
 
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Prepared:
+    """A message checked and described, before any byte is copied: what :func:`encode` and the transports build on."""
+
+    n_values: int
+    """How many values the message holds."""
+    desc: list[int]
+    """The descriptor slots of every value, in order (see the module docstring)."""
+    small: list[torch.Tensor]
+    """Tensors that go into the pack (``0 < nbytes <= PACK_LIMIT``), in order; detached, maybe not contiguous."""
+    pack_bytes: int
+    """Length of the pack: the sum of the small tensors' bytes (0: no pack)."""
+    large: list[torch.Tensor]
+    """Tensors sent as buffers of their own, in order; detached, maybe not contiguous."""
+
+    def write_header(self, buffer: Any, *, src: int, tag: int) -> None:
+        """Write the ``HEADER_SLOTS * 8`` header bytes at the start of ``buffer`` (a writable buffer, e.g. numpy)."""
+        desc, n = self.desc, len(self.desc)
+        inline = desc[:_INLINE_DESC] if n >= _INLINE_DESC else desc + [0] * (_INLINE_DESC - n)
+        HEADER_STRUCT.pack_into(buffer, 0, MAGIC, VERSION, src, tag, self.n_values, n, *inline)
+
+    def extension(self) -> torch.Tensor | None:
+        """The descriptor slots that do not fit in the header, as an int64 tensor (None: everything fits)."""
+        rest = self.desc[_INLINE_DESC:]
+        return torch.tensor(rest, dtype=torch.int64) if rest else None
+
+    def write_pack(self, out: torch.Tensor, offset: int = 0, out_np: np.ndarray | None = None) -> None:
+        """Copy the small tensors' bytes back to back into uint8 ``out`` (``out_np``: its numpy view, if at hand),
+        starting at byte ``offset``."""
+        if out_np is None and out.is_cpu:
+            out_np = out.numpy()
+        for t in self.small:
+            n = t.nbytes
+            src = None if out_np is None else _numpy_bytes(t)
+            if src is not None:
+                out_np[offset : offset + n] = src
+            else:
+                out[offset : offset + n].copy_(_as_bytes(t))
+            offset += n
 
 
-def _bits_float(b: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", b))[0]
+def _numpy_bytes(t: torch.Tensor) -> np.ndarray | None:
+    """A flat uint8 numpy view of a contiguous CPU tensor's bytes, or None when numpy cannot view ``t``."""
+    if t.is_cpu and t.dtype in _NUMPY_DTYPES and t.is_contiguous():
+        return t.numpy().reshape(-1).view(np.uint8)
+    return None
 
 
-def _describe(i: int, v: Any) -> tuple[list[int], torch.Tensor | None]:
-    """The descriptor slots for value ``i`` and, for a tensor, the detached, resolved tensor to send."""
-    if isinstance(v, torch.Tensor):
-        if v.layout != torch.strided or v.is_quantized or v.is_meta:
-            raise ValueError(f"value {i}: only dense (strided) tensors with data can be sent, got layout={v.layout}, "
-                             f"dtype={v.dtype}, device={v.device}")
-        code = _DTYPE_TO_CODE.get(v.dtype)
-        if code is None:
-            raise ValueError(f"value {i}: dtype {v.dtype} cannot be sent; supported: {sorted(DTYPE_CODES)}")
-        t = v.detach().resolve_conj().resolve_neg()
-        return [Kind.TENSOR, code, int(v.requires_grad), v.dim(), *v.shape], t
-    if v is None:
-        return [Kind.NONE], None
-    if isinstance(v, bool):  # before int: bool is an int subclass
-        return [Kind.BOOL, int(v)], None
-    if isinstance(v, int):
-        if not _INT64_MIN <= v <= _INT64_MAX:
-            raise ValueError(f"value {i}: python int {v} does not fit in int64; send it as a tensor or a float")
-        return [Kind.INT, v], None
-    if isinstance(v, float):
-        return [Kind.FLOAT, _float_bits(v)], None
-    raise TypeError(f"value {i}: cannot send {type(v).__name__}; values must be torch.Tensor, int, float, bool or None")
+def _reject(i: int, v: torch.Tensor) -> NoReturn:
+    if v.layout != torch.strided or v.is_quantized or v.is_meta:
+        raise ValueError(f"value {i}: only dense (strided) tensors with data can be sent, got layout={v.layout}, "
+                         f"dtype={v.dtype}, device={v.device}")
+    raise ValueError(f"value {i}: dtype {v.dtype} cannot be sent; supported: {sorted(DTYPE_CODES)}")
 
 
-def _is_small(nbytes: int) -> bool:
-    return 0 < nbytes <= PACK_LIMIT
+def prepare(values: Sequence[Value]) -> Prepared:
+    """Check ``values`` and describe them; tensors are detached with lazy conjugate/negative bits resolved."""
+    if type(values) not in (list, tuple) and (isinstance(values, (torch.Tensor, str, bytes))
+                                              or not isinstance(values, Sequence)):
+        raise TypeError(f"values must be a list or tuple of values, got {type(values).__name__}")
+    desc: list[int] = []
+    small: list[torch.Tensor] = []
+    large: list[torch.Tensor] = []
+    pack = 0
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            code = _DTYPE_TO_CODE.get(v.dtype)
+            if code is None or v.layout != torch.strided or v.is_meta:
+                _reject(i, v)
+            shape = v.shape
+            desc += (_TENSOR, code, int(v.requires_grad), len(shape), *shape)
+            nbytes = v.nbytes
+            if nbytes:  # zero-element tensors travel as their descriptor only
+                t = v.detach()
+                if t.is_conj() or t.is_neg():
+                    t = t.resolve_conj().resolve_neg()
+                if nbytes <= PACK_LIMIT:
+                    small.append(t)
+                    pack += nbytes
+                else:
+                    large.append(t)
+        elif v is None:
+            desc.append(_NONE)
+        elif isinstance(v, bool):  # before int: bool is an int subclass
+            desc += (_BOOL, int(v))
+        elif isinstance(v, int):
+            if not _INT64_MIN <= v <= _INT64_MAX:
+                raise ValueError(f"value {i}: python int {v} does not fit in int64; send it as a tensor or a float")
+            desc += (_INT, int(v))
+        elif isinstance(v, float):
+            desc += (_FLOAT, _I64.unpack(_F64.pack(v))[0])
+        else:
+            raise TypeError(f"value {i}: cannot send {type(v).__name__}; values must be torch.Tensor, int, float, "
+                            "bool or None")
+    return Prepared(n_values=len(values), desc=desc, small=small, pack_bytes=pack, large=large)
+
+
+def buffer_layout(descs: Sequence[Desc]) -> tuple[list[int], list[tuple[int, int, int] | None], int]:
+    """:func:`payload_layout` with byte counts, ``where[i] = (buffer index, offset, nbytes)``, and the pack's length."""
+    where: list[tuple[int, int, int] | None] = [None] * len(descs)
+    large: list[int] = []
+    offset = 0
+    for i, d in enumerate(descs):
+        if type(d) is TensorDesc:
+            n = math.prod(d.shape) * d.dtype.itemsize
+            if n > PACK_LIMIT:
+                large.append(i)
+                where[i] = (0, 0, n)  # buffer index fixed below, once the pack's presence is known
+            elif n:
+                where[i] = (0, offset, n)
+                offset += n
+    sizes = [offset] if offset else []
+    for i in large:
+        n = where[i][2]  # type: ignore[index]
+        where[i] = (len(sizes), 0, n)
+        sizes.append(n)
+    return sizes, where, offset
 
 
 def payload_layout(descs: Sequence[Desc]) -> tuple[list[int], list[tuple[int, int] | None]]:
@@ -159,25 +256,13 @@ def payload_layout(descs: Sequence[Desc]) -> tuple[list[int], list[tuple[int, in
 
     Small tensors share buffer 0 (the pack) when there is at least one; each large tensor gets its own buffer.
     """
-    sizes: list[int] = []
-    where: list[tuple[int, int] | None] = [None] * len(descs)
-    small = [i for i, d in enumerate(descs) if isinstance(d, TensorDesc) and _is_small(d.nbytes)]
-    if small:
-        offset = 0
-        for i in small:
-            where[i] = (0, offset)
-            offset += descs[i].nbytes  # type: ignore[union-attr]
-        sizes.append(offset)
-    for i, d in enumerate(descs):
-        if isinstance(d, TensorDesc) and d.nbytes > PACK_LIMIT:  # zero-byte tensors get no buffer
-            where[i] = (len(sizes), 0)
-            sizes.append(d.nbytes)
-    return sizes, where
+    sizes, where, _ = buffer_layout(descs)
+    return sizes, [None if w is None else (w[0], w[1]) for w in where]
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes as a flat uint8 view (no copy)."""
-    return t.reshape(-1).view(torch.uint8)
+    """A tensor's bytes as a flat uint8 tensor (a view when contiguous, else a contiguous copy)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def encode(values: Sequence[Value], *, src: int, tag: int, device: torch.device | None = None,
@@ -187,43 +272,31 @@ def encode(values: Sequence[Value], *, src: int, tag: int, device: torch.device 
     Non-contiguous tensors (e.g. an ``expand``-ed mask with stride 0) are made contiguous. With ``copy=True`` the frame
     never aliases the caller's tensors (a snapshot); otherwise large contiguous tensors may be sent from their memory.
     """
-    if isinstance(values, (torch.Tensor, str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"values must be a list or tuple of values, got {type(values).__name__}")
-    desc: list[int] = []
-    tensors: list[torch.Tensor] = []
-    for i, v in enumerate(values):
-        slots, t = _describe(i, v)
-        desc.extend(int(s) for s in slots)
-        if t is not None and t.numel() > 0:  # zero-element tensors travel as their descriptor only
-            tensors.append(t)
-    pack: list[torch.Tensor] = []
-    large: list[torch.Tensor] = []
-    for t in tensors:  # same order and split as payload_layout()
-        if _is_small(t.nbytes):
-            dev = device if device is not None else pack[0].device if pack else t.device
-            pack.append(_as_bytes(t.contiguous()).to(dev))  # torch.cat below copies: a snapshot either way
-        else:
-            if copy or not t.is_contiguous():
-                t = t.clone(memory_format=torch.contiguous_format)
-            large.append(_as_bytes(t).to(device if device is not None else t.device))
-    payloads = ([torch.cat(pack)] if pack else []) + large
-    inline = desc[: HEADER_SLOTS - _FIXED]
-    fixed = [MAGIC, VERSION, src, tag, len(values), len(desc)]
-    header = torch.tensor(fixed + inline + [0] * (HEADER_SLOTS - _FIXED - len(inline)), dtype=torch.int64)
-    rest = desc[len(inline) :]
-    extension = torch.tensor(rest, dtype=torch.int64) if rest else None
+    p = prepare(values)
+    header = torch.empty(HEADER_SLOTS, dtype=torch.int64)
+    p.write_header(header.numpy(), src=src, tag=tag)
+    extension = p.extension()
+    payloads: list[torch.Tensor] = []
+    if p.small:  # a fresh buffer: a snapshot either way
+        pack_device = device if device is not None else p.small[0].device
+        payloads.append(torch.empty(p.pack_bytes, dtype=torch.uint8, device=pack_device))
+        p.write_pack(payloads[0])
+    for t in p.large:
+        if copy or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        payloads.append(_as_bytes(t).to(device if device is not None else t.device))
     if device is not None:
         header = header.to(device)
         extension = None if extension is None else extension.to(device)
     return Frame(header=header, extension=extension, payloads=payloads)
 
 
-def parse_header(header: torch.Tensor, *, src: int, tag: int) -> tuple[int, int]:
-    """Check a received header; return ``(n_values, extension_len)``."""
-    h = header.tolist()
+def parse_header(header: torch.Tensor | Sequence[int], *, src: int, tag: int) -> tuple[int, int]:
+    """Check a received header (the int64 tensor, or its ``HEADER_SLOTS`` values); return ``(n_values, ext_len)``."""
+    h = header.tolist() if isinstance(header, torch.Tensor) else header
     if len(h) != HEADER_SLOTS or h[0] != MAGIC:
-        raise FramingError(f"message from rank {src} with tag {tag} is not a Stagewise frame (first slots {h[:4]}); "
-                           "is something else sending on this process group and tag?")
+        raise FramingError(f"message from rank {src} with tag {tag} is not a Stagewise frame (first slots "
+                           f"{list(h[:4])}); is something else sending on this process group and tag?")
     if h[1] != VERSION:
         raise FramingError(f"message from rank {src} with tag {tag} uses frame version {h[1]}, this side speaks "
                            f"version {VERSION}; run the same stagewise version on every rank")
@@ -231,36 +304,39 @@ def parse_header(header: torch.Tensor, *, src: int, tag: int) -> tuple[int, int]
         raise FramingError(
             f"waiting for a message from rank {src} with tag {tag} but received one sent by rank {h[2]} with tag "
             f"{h[3]}; backends that ignore tags (NCCL) need messages between two ranks received in the order sent")
-    n_values, desc_len = h[4], h[5]
-    return n_values, max(0, desc_len - (HEADER_SLOTS - _FIXED))
+    return h[4], max(0, h[5] - _INLINE_DESC)
 
 
-def parse_descriptors(header: torch.Tensor, extension: torch.Tensor | None) -> list[Desc]:
-    """Decode the per-value descriptors of a header already checked by :func:`parse_header`."""
-    h = header.tolist()
+def parse_descriptors(header: torch.Tensor | Sequence[int],
+                      extension: torch.Tensor | Sequence[int] | None) -> list[Desc]:
+    """Decode the per-value descriptors of a header already checked by :func:`parse_header` (tensors or values)."""
+    h = header.tolist() if isinstance(header, torch.Tensor) else header
+    if isinstance(extension, torch.Tensor):
+        extension = extension.tolist()
     n_values, desc_len = h[4], h[5]
-    desc = h[_FIXED:HEADER_SLOTS] + ([] if extension is None else extension.tolist())
-    desc = desc[:desc_len]
+    desc = (h[_FIXED:] if not extension else [*h[_FIXED:], *extension])[:desc_len]
     out: list[Desc] = []
     pos = 0
     try:
         for _ in range(n_values):
-            kind = Kind(desc[pos])
-            if kind is Kind.TENSOR:
+            kind = desc[pos]
+            if kind == _TENSOR:
                 code, flags, ndim = desc[pos + 1 : pos + 4]
-                shape = tuple(desc[pos + 4 : pos + 4 + ndim])
-                if code not in _CODE_TO_DTYPE:
+                dtype = _CODE_TO_DTYPE.get(code)
+                if dtype is None:
                     raise FramingError(f"unknown dtype code {code}; the sender runs a newer torch or stagewise")
-                out.append(TensorDesc(_CODE_TO_DTYPE[code], shape, bool(flags & 1)))
+                out.append(TensorDesc(dtype, tuple(desc[pos + 4 : pos + 4 + ndim]), bool(flags & 1)))
                 pos += 4 + ndim
-            elif kind is Kind.NONE:
+            elif kind == _NONE:
                 out.append(None)
                 pos += 1
-            else:
+            elif kind == _INT or kind == _BOOL or kind == _FLOAT:
                 raw = desc[pos + 1]
-                out.append(int(raw) if kind is Kind.INT else bool(raw) if kind is Kind.BOOL else _bits_float(raw))
+                out.append(int(raw) if kind == _INT else bool(raw) if kind == _BOOL else _F64.unpack(_I64.pack(raw))[0])
                 pos += 2
-    except (ValueError, IndexError) as exc:
+            else:
+                raise ValueError(f"{kind} is not a valid Kind")
+    except (ValueError, IndexError, struct.error) as exc:
         if isinstance(exc, FramingError):
             raise
         raise FramingError(f"corrupt frame descriptor at slot {pos}: {exc}") from exc
@@ -271,85 +347,53 @@ def parse_descriptors(header: torch.Tensor, extension: torch.Tensor | None) -> l
 
 def alloc_payloads(descs: Sequence[Desc], device: torch.device) -> list[torch.Tensor]:
     """Empty uint8 buffers, in wire order, to receive the bytes of ``descs`` into."""
-    sizes, _ = payload_layout(descs)
+    sizes, _, _ = buffer_layout(descs)
     return [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
 
 
 def materialise(descs: Sequence[Desc], payloads: Sequence[torch.Tensor], device: torch.device) -> list[Value]:
-    """Turn descriptors plus received buffers into values; every tensor is contiguous and owns its storage."""
-    sizes, where = payload_layout(descs)
-    if [p.numel() for p in payloads] != sizes:
+    """Turn descriptors plus received buffers into values; every tensor is contiguous and owns its storage.
+
+    Small tensors are copied out of the pack (so the pack buffer may be reused afterwards); a large tensor is a view
+    of its own buffer.
+    """
+    sizes, where, pack_bytes = buffer_layout(descs)
+    if len(payloads) != len(sizes) or any(p.numel() != n for p, n in zip(payloads, sizes)):
         raise FramingError(f"payload sizes {[p.numel() for p in payloads]} do not match the header's {sizes}")
+    return materialise_from(descs, where, pack_bytes, payloads, device=device)
+
+
+def materialise_from(descs: Sequence[Desc], where: Sequence[tuple[int, int, int] | None], pack_bytes: int,
+                     payloads: Sequence[torch.Tensor], *, device: torch.device, first: torch.Tensor | None = None,
+                     first_np: np.ndarray | None = None, first_offset: int = 0) -> list[Value]:
+    """:func:`materialise` for buffers already checked against ``buffer_layout(descs)`` (``where``, ``pack_bytes``).
+
+    With ``first``, the pack is not ``payloads[0]`` but lies in ``first`` from byte ``first_offset`` (a transport's
+    first message; ``first_np``: a numpy view of it, if at hand) and ``payloads`` holds only the large ones' buffers.
+    """
+    if first is not None:  # buffer index in ``where`` -> index in ``payloads``: the pack is not among them
+        pack, base, shift, pack_np = first, first_offset, 1, first_np
+    else:
+        pack, base, shift, pack_np = (payloads[0] if pack_bytes else None), 0, 0, None
+    if pack_np is None and pack is not None and pack.is_cpu:
+        pack_np = pack.numpy()
     values: list[Value] = []
     for d, w in zip(descs, where):
-        if not isinstance(d, TensorDesc):
+        if type(d) is not TensorDesc:
             values.append(d)
             continue
         if w is None:  # zero elements: nothing travelled
             t = torch.empty(d.shape, dtype=d.dtype, device=device)
-        else:
-            buf_index, offset = w
-            raw = payloads[buf_index][offset : offset + d.nbytes]
-            if _is_small(d.nbytes):
-                raw = raw.clone()  # a slice of the pack: give it its own storage
-            t = raw.view(d.dtype).reshape(d.shape)
+        elif w[2] > PACK_LIMIT:  # its own buffer
+            t = payloads[w[0] - shift].view(d.dtype).reshape(d.shape)
+        else:  # a slice of the pack: give it its own storage
+            start, end = base + w[1], base + w[1] + w[2]
+            if pack_np is not None and d.dtype in _NUMPY_DTYPES:  # copy through numpy: no torch slicing ops
+                t = torch.empty(d.shape, dtype=d.dtype)
+                t.numpy().reshape(-1).view(np.uint8)[:] = pack_np[start:end]
+            else:
+                t = pack[start:end].clone().view(d.dtype).reshape(d.shape)  # type: ignore[index]
         if d.requires_grad:
             t.requires_grad_(True)
         values.append(t)
     return values
-
-
-def _normalise_spec(spec: Any) -> tuple[tuple[int, ...], torch.dtype] | type | None:
-    if spec is None or isinstance(spec, type):
-        return spec
-    if hasattr(spec, "shape") and hasattr(spec, "dtype"):
-        shape, dtype = spec.shape, spec.dtype
-    else:
-        shape, dtype = spec
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if not isinstance(getattr(torch, name, None), torch.dtype):
-            raise ValueError(f"expect: unknown dtype name {dtype!r}")
-        dtype = getattr(torch, name)
-    return tuple(int(s) for s in shape), dtype
-
-
-def _show(v: Value) -> str:
-    if isinstance(v, torch.Tensor):
-        return f"shape {tuple(v.shape)} dtype {v.dtype}"
-    return f"{type(v).__name__} {v!r}"
-
-
-def check_expect(values: Sequence[Value], expect: Sequence[Any] | None, *, where: str) -> None:
-    """Raise :class:`BoundaryMismatchError` unless ``values`` match ``expect``.
-
-    Each spec is ``(shape, dtype)`` (dtype a ``torch.dtype`` or its name; a dim of -1 matches any size), an object with
-    ``.shape`` and ``.dtype`` (e.g. ``split.ValueSpec``), a python type (``int``, ``float``, ``bool``, ``type(None)``)
-    for a scalar, or None to accept anything at that position.
-    """
-    if expect is None:
-        return
-    if len(expect) != len(values):
-        got = ", ".join(_show(v) for v in values)
-        raise BoundaryMismatchError(
-            f"{where}: expected {len(expect)} values, received {len(values)} ({got}); the sending stage's outputs "
-            "do not match this stage's inputs (re-split, or fix the stage boundary)",
-            index=None, expected=f"{len(expect)} values", received=f"{len(values)} values")
-    for i, (v, raw) in enumerate(zip(values, expect)):
-        spec = _normalise_spec(raw)
-        if spec is None:
-            continue
-        if isinstance(spec, type):
-            ok = (type(v) is bool) == (spec is bool) and isinstance(v, spec) and not isinstance(v, torch.Tensor)
-            expected = spec.__name__
-        else:
-            shape, dtype = spec
-            ok = (isinstance(v, torch.Tensor) and v.dtype == dtype and v.dim() == len(shape)
-                  and all(e in (-1, r) for e, r in zip(shape, v.shape)))
-            expected = f"shape {shape} dtype {dtype}"
-        if not ok:
-            received = _show(v)
-            raise BoundaryMismatchError(
-                f"{where}: value {i} does not match: expected {expected}, received {received}; the sending stage's "
-                "output and this stage's input spec disagree (re-split the model, or fix the microbatch size/dtype)",
-                index=i, expected=expected, received=received)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ._errors import CommTimeoutError
-from ._framing import Frame, Value, check_expect, encode, materialise, parse_descriptors, parse_header
+from ._expect import check_expect
+from ._framing import Frame, Value, encode, materialise, parse_descriptors, parse_header
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
 __all__ = ["LocalHub", "LocalTransport"]

@@ -1,0 +1,153 @@
+"""Point-to-point latency: Stagewise's ``DistTransport`` framing vs bare ``torch.distributed`` send/recv on gloo.
+
+Run: ``PYTHONPATH=src python bench/comm_latency.py [--rounds 2000] [--repeats 3]``.
+
+Two gloo processes on 127.0.0.1 (free port from ``stagewise.comm.find_free_port``), one compute thread each
+(``OMP_NUM_THREADS=1``), ping-pong ``--rounds`` times per case; a round trip is rank 0's send plus its receive of the
+echo, timed on rank 0 with ``time.perf_counter``. Cases:
+
+- ``raw 1KiB`` / ``raw 256KiB``: ``dist.send`` / ``dist.recv`` of a (1, 256) / (64, 1024) float32 tensor (the
+  receiver allocates with ``torch.empty`` every round, as a transport must).
+- ``stagewise small``: ``isend(values).wait()`` / ``recv()`` of ``[0, 1, 0.001, torch.randn(1, 256)]`` (a
+  microbatch index, a step, a scalar and a small activation: the typical pipeline message).
+- ``stagewise 256KiB``: the same with ``[torch.randn(64, 1024)]``.
+
+Cases alternate ``--repeats`` times (this 2-core machine is shared; bursts hit single rounds); each case keeps the
+median of its best repeat. Also printed: the median time of the ``isend`` call itself (Python and posting, before the
+wait) and of ``framing.encode`` in-process, to show where the per-message overhead goes.
+
+The last line is ``comm_latency raw_us=R stagewise_us=S overhead_ratio=S/R`` for the small message (round trip
+medians, microseconds).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch starts its thread pool; forked ranks inherit it
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagewise.comm import find_free_port, spawn
+
+CASES = ("raw 1KiB", "stagewise small", "raw 256KiB", "stagewise 256KiB")
+
+
+def _values(case: str) -> list[Any]:
+    g = torch.Generator().manual_seed(0)
+    if case.endswith("small"):
+        return [0, 1, 0.001, torch.randn(1, 256, generator=g)]
+    return [torch.randn(64, 1024, generator=g)]
+
+
+def _ping_pong(transport: Any, case: str, rounds: int) -> tuple[list[float], list[float]]:
+    """Round-trip times (s) of ``rounds`` ping-pongs on rank 0 (empty lists on rank 1), and isend call times (s)."""
+    import torch.distributed as dist
+
+    rank = transport.rank
+    peer = 1 - rank
+    times: list[float] = []
+    calls: list[float] = []
+    if case.startswith("raw"):
+        x = torch.randn(1, 256) if case == "raw 1KiB" else torch.randn(64, 1024)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(x, dst=peer, tag=1)
+                y = torch.empty_like(x)
+                dist.recv(y, src=peer, tag=2)
+            else:
+                y = torch.empty_like(x)
+                dist.recv(y, src=peer, tag=1)
+                dist.send(y, dst=peer, tag=2)
+            times.append(time.perf_counter() - t0)
+    else:
+        values = _values(case)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            if rank == 0:
+                handle = transport.isend(values, dst=peer, tag=1)
+                calls.append(time.perf_counter() - t0)
+                handle.wait(10.0)
+                got = transport.recv(src=peer, tag=2, timeout=10.0)
+            else:
+                got = transport.recv(src=peer, tag=1, timeout=10.0)
+                transport.isend(got, dst=peer, tag=2).wait(10.0)
+            times.append(time.perf_counter() - t0)
+        if rank == 0:
+            assert len(got) == len(values) and torch.equal(got[-1], values[-1]), "echo does not match what was sent"
+    return (times if rank == 0 else []), calls
+
+
+def _rank(rank: int, world_size: int, port: int, out_dir: str, rounds: int, repeats: int) -> None:
+    from stagewise.comm import DistTransport
+
+    torch.set_num_threads(1)
+    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=30.0)
+    try:
+        best: dict[str, dict[str, float]] = {}
+        for case in CASES:  # warm up every path (first messages set up gloo pairs and allocator pools)
+            _ping_pong(transport, case, 50)
+        for _ in range(repeats):
+            for case in CASES:
+                times, calls = _ping_pong(transport, case, rounds)
+                if rank != 0:
+                    continue
+                med = statistics.median(times) * 1e6
+                if case not in best or med < best[case]["rt_us"]:
+                    best[case] = {"rt_us": med, "isend_us": statistics.median(calls) * 1e6 if calls else 0.0}
+        if rank == 0:
+            Path(out_dir, "comm_latency.json").write_text(json.dumps(best))
+        transport.barrier(timeout=30.0)
+    finally:
+        transport.close()
+
+
+def _encode_us(values: list[Any], n: int = 2000) -> float:
+    """Median time (us) of one ``framing.encode`` call, in this process."""
+    from stagewise.comm._framing import encode
+
+    torch.set_num_threads(1)
+    for _ in range(100):
+        encode(values, src=0, tag=1)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        encode(values, src=0, tag=1)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2000, help="ping-pongs per case and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating passes over all cases; best kept")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn(_rank, 2, args=(tmp, args.rounds, args.repeats), port=find_free_port(), timeout=600,
+              preload=("torch", "stagewise.comm"))
+        res = json.loads(Path(tmp, "comm_latency.json").read_text())
+    for case in CASES:
+        extra = f", isend call {res[case]['isend_us']:.0f} us" if case.startswith("stagewise") else ""
+        print(f"{case:17s} round trip median {res[case]['rt_us']:7.0f} us{extra}")
+    for case in ("stagewise small", "stagewise 256KiB"):
+        print(f"encode ({case.split()[1]}) median {_encode_us(_values(case)):.1f} us")
+    raw, sw = res["raw 1KiB"]["rt_us"], res["stagewise small"]["rt_us"]
+    print(f"load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
+    sys.stdout.flush()
+    print(f"comm_latency raw_us={raw:.0f} stagewise_us={sw:.0f} overhead_ratio={sw / raw:.3f}")
+
+
+if __name__ == "__main__":
+    main()
