@@ -7,6 +7,7 @@ mid-stream (every request still answered correctly, the replica restarts and ser
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -363,5 +364,88 @@ def test_a_sub_model_is_served_as_its_own_model() -> None:
                                 "data": h.flatten().tolist()}]}
             out = httpx.post(f"{server.url}/v2/models/resnet.blocks/infer", json=body, timeout=60).json()["outputs"][0]
         torch.testing.assert_close(torch.tensor(out["data"]).view(out["shape"]), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        backend.shutdown()
+
+
+def test_model_inputs_read_by_later_stages_travel_with_the_activations() -> None:
+    from stagewise.serve._worker import load_serving_split
+
+    model = "stagewise.zoo.basic:kwargs_model"
+    serving = load_serving_split(model, stages=3)
+    later = {n for st in serving.sm.stages[1:] for n in st.spec.inputs}
+    assert later, "the test needs a model input read after stage 0"
+    backend = PipelineBackend(model, stages=3, replicas=1, max_batch_size=4)
+    try:
+        backend.wait_ready(60)
+        names = [t.name for t in backend.metadata().inputs]
+        assert later <= set(names)
+        spec = load_model_spec(model)
+        rng = torch.Generator().manual_seed(3)
+        x = torch.randn(3, 10, generator=rng)
+        mask = torch.rand(3, 32, generator=rng) > 0.3
+        extra = torch.randn(3, 8, generator=rng)
+        values = dict(zip(names, (x, mask, extra)))
+        body = {"inputs": [{"name": n, "datatype": "BOOL" if t.dtype == torch.bool else "FP32",
+                            "shape": list(t.shape), "data": t.reshape(-1).tolist()} for n, t in values.items()]}
+        with serve_app(create_app(backend, config=GatewayConfig(close_backends=False))) as server:
+            resp = httpx.post(f"{server.url}/v2/models/kwargs_model/infer", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        out = resp.json()["outputs"][0]
+        got = torch.tensor(out["data"]).reshape(out["shape"])
+        with torch.no_grad():
+            want = spec.model.eval()(x, mask=mask, scale=spec.kwargs["scale"], extra=extra)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    finally:
+        backend.shutdown()
+
+
+_STALLING = '''
+import time, torch
+
+@torch.library.custom_op("stagewise_test::stall_on_huge", mutates_args=())
+def stall_on_huge(x: torch.Tensor) -> torch.Tensor:
+    if float(x.reshape(-1)[0]) > 1e6:  # a poisoned request: this stage hangs
+        time.sleep(30)
+    return x.clone()
+
+@stall_on_huge.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+class Stalling(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.ops.stagewise_test.stall_on_huge(self.a(x) + 0 * x[:, :1] + x[:, :1]))
+
+def factory():
+    torch.manual_seed(0)
+    return Stalling(), torch.randn(2, 4)
+'''
+
+
+def test_a_stuck_stage_fails_its_replica_and_the_pipeline_recovers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "stalling.py"
+    path.write_text(_STALLING)
+    backend = PipelineBackend(f"{path}:factory", stages=2, replicas=1, max_batch_size=2, worker_timeout_s=1.0,
+                              max_attempts=2, restart_backoff_s=0.05)
+    try:
+        backend.wait_ready(60)
+
+        def infer(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return asyncio.run(backend.infer({"arg0": x}))
+
+        x = torch.randn(2, 4)
+        good = infer(x)["output"]
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="not answered within 1 s"):
+            infer(torch.full((1, 4), 1e7))
+        assert time.monotonic() - t0 < 20, "a stuck batch must fail in about worker_timeout_s per attempt"
+        backend.wait_ready(60)
+        assert backend.status()[0].generation >= 3, "each stuck attempt must restart the replica"
+        assert torch.equal(infer(x)["output"], good)
     finally:
         backend.shutdown()

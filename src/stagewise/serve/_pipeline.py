@@ -4,7 +4,11 @@ Each replica is ``stages`` worker processes in their own gloo group (own port); 
 DistTransport. The gateway talks to every worker through a local TCP channel that the *gateway* listens on
 (``_channel``), so a worker's death is an EOF here, never a hang: the replica leaves the rotation at once, its
 batches in flight are sent again to another replica (or wait for one), the rest of its processes are killed, and a
-supervisor thread starts a new generation of it, which rejoins when all its stages report ready.
+supervisor thread starts a new generation of it, which rejoins when all its stages report ready. A batch in flight
+longer than ``worker_timeout_s`` fails its replica the same way (a stuck stage).
+
+A batch goes to stage 0 only (every input); the stages pass it on among themselves and the last answers (see
+``_worker``).
 
 Routing: the ready replica with the fewest batches in flight (at most ``inflight_per_replica`` each, default one per
 stage so that every stage stays busy); batches wait in the backend when every replica is full. Each result carries the
@@ -79,7 +83,8 @@ class PipelineConfig:
     request_timeout_s: float = 60.0
     """Longest a batch may take in the backend, waiting included."""
     worker_timeout_s: float = 60.0
-    """Deadline of every gloo wait inside a replica (and of its rendezvous)."""
+    """Longest a batch may stay in a replica before the replica counts as stuck (killed, restarted, batch retried);
+    also the deadline of its rendezvous and of every send between its stages."""
     startup_timeout_s: float = 120.0
     """A replica not ready this long after its start is restarted."""
     restart_backoff_s: float = 0.5
@@ -143,6 +148,8 @@ class _Request:
     future: asyncio.Future[dict[str, torch.Tensor]]
     """Settled on ``loop`` only (reader and supervisor threads go through :func:`_resolve`)."""
     attempts: int = 0
+    sent_at: float = 0.0
+    """When it was last dispatched (``time.monotonic``)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -214,7 +221,7 @@ class PipelineBackend(InferenceBackend):
                                      seed=config.seed, checkpoint=config.checkpoint, cuts=config.cuts,
                                      tasks=config.tasks, head=config.head, submodule=config.submodule)
         self.name, self.max_batch_size = config.name or serving.name, config.max_batch_size
-        self._meta, self._stage_inputs, self._digests = describe_serving(serving, self.name)
+        self._meta, self._digests = describe_serving(serving, self.name)
         del serving
         self._output_names = [t.name for t in self._meta.outputs]
         self._cap = config.inflight_per_replica or config.stages
@@ -362,10 +369,9 @@ class PipelineBackend(InferenceBackend):
         seq, rep.next_seq = rep.next_seq, rep.next_seq + 1
         rep.inflight[seq] = req
         req.attempts += 1
-        header = {"kind": "run", "seq": seq, "rows": req.rows}
-        try:
-            for s, names in enumerate(self._stage_inputs):
-                rep.conns[s].send(header, {n: req.inputs[n] for n in names})
+        req.sent_at = time.monotonic()
+        try:  # every input goes to stage 0, which passes on what later stages read (see _worker)
+            rep.conns[0].send({"kind": "run", "seq": seq, "rows": req.rows}, req.inputs)
         except OSError as exc:
             self._fail(rep, rep.generation, f"sending batch {seq} failed: {exc}")
 
@@ -510,6 +516,11 @@ class PipelineBackend(InferenceBackend):
                         elif rep.state == "starting" and now - rep.started_at > self.config.startup_timeout_s:
                             self._fail(rep, rep.generation, f"not ready within {self.config.startup_timeout_s:g} s "
                                                             "(PipelineConfig.startup_timeout_s)")
+                        elif stuck := [q for q, r in rep.inflight.items()
+                                       if now - r.sent_at > self.config.worker_timeout_s]:
+                            self._fail(rep, rep.generation, f"batch {stuck[0]} not answered within "
+                                                            f"{self.config.worker_timeout_s:g} s "
+                                                            "(PipelineConfig.worker_timeout_s): a stage is stuck")
                     if rep.state == "failed" and now >= rep.restart_at:
                         rep.state = "restarting"
                         to_start.append(rep)

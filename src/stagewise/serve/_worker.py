@@ -4,17 +4,19 @@ A worker connects to the gateway's channel (hello), loads the model, splits it e
 own stage, joins its replica's own gloo group (rank = stage), and reports ready with a digest of its stage's weights
 (the gateway checks it against its own: a factory that builds different weights in different processes is caught).
 
-Then, for every ``run`` message, in order: stage 0 takes the model inputs from the message; a later stage receives the
-activations from the stage before it (DistTransport, tag = seq mod 2**20) plus any model inputs it reads from the
-message; it runs its stage and sends on (the last stage answers the gateway over the channel). Every message announces
-one batch to every stage, so a stage only waits on gloo when a batch is really coming.
+Then batch after batch, in sequence: stage 0 takes a ``run`` message (seq, rows, every model input) from its channel; a
+later stage receives from the stage before it (DistTransport, tag = seq mod 2**20) the batch's row count, the stage
+times so far, the model inputs that it or a later stage reads, and its activations. Each stage runs and sends on; the
+last one answers the gateway over its channel. Only stage 0 hears from the gateway per batch: a later stage is woken
+once, when its input arrives (on a small machine, waking every stage at dispatch costs the first stage its core).
 
 Batch sizes: graphs are captured with static shapes, so a batch of ``n`` rows is padded (repeating its last row) to the
 next power of two (at most ``max_batch_size``) and the outputs are cut back to ``n`` rows. That bounds the captures per
 worker to ``log2(max_batch_size) + 1``, each made on first use. It is exact for models whose rows do not interact in
 eval mode (no cross-row ops); padded rows are never returned.
 
-A worker exits when its channel reaches EOF (the gateway closed it, or died): no worker outlives its gateway.
+Stage 0 exits when its channel reaches EOF (the gateway closed it, or died); a later stage exits when the stage before
+it does (its wait breaks): no worker outlives its gateway.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from typing import Any
 import torch
 
 from .._spec import ModelSpec, load_model_spec
-from ..comm import DistTransport, SendHandle
+from ..comm import CommError, DistTransport, SendHandle
 from ..split import SplitModel, Stage, split
 from ..split._capture import input_leaves
 from ..split._tree import unflatten
 from ._backend import ModelMetadata, TensorMetadata
-from ._channel import Channel, Message
+from ._channel import Channel
 from ._protocol import datatype_of
 
 __all__ = ["WorkerConfig", "ServingSplit", "load_serving_split", "describe_serving", "bucket_rows", "pad_rows",
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 TAG_SPACE = 1 << 20
 """Activation tags are ``seq % TAG_SPACE``."""
+_IDLE_WAIT_S = 10.0 * 365 * 24 * 3600
+"""How long a later stage waits for its next batch: as long as the service idles (see ``serve_forever``)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -122,6 +126,11 @@ class ServingSplit:
 
     def chain_stages(self, stages: Sequence[Stage]) -> list[Stage]:
         return [stages[i] for i in self.chain]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The served inputs' names, in metadata order."""
+        return list(input_leaves(self.args, self.kwargs)[1])
 
     @property
     def example_rows(self) -> int:
@@ -227,8 +236,8 @@ def checkpoint_model(checkpoint: str) -> str:
     return str(model)
 
 
-def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, list[list[str]], list[str]]:
-    """Metadata (inputs/outputs by leaf name, dtypes from one in-process run), each stage's inputs and digest."""
+def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, list[str]]:
+    """Metadata (inputs/outputs by leaf name, dtypes from one in-process run) and each stage's weight digest."""
     leaves, names, _ = input_leaves(serving.args, serving.kwargs)
     example = dict(zip(names, leaves))
     stages = serving.chain_stages(serving.sm.stages)
@@ -257,7 +266,7 @@ def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, l
         name=name, outputs=tuple(out_meta),
         inputs=tuple(TensorMetadata(name=n, datatype=datatype_of(t), shape=(-1, *t.shape[1:]))
                      for n, t in example.items()))
-    return meta, [list(st.spec.inputs) for st in stages], [stage_digest(st) for st in stages]
+    return meta, [stage_digest(st) for st in stages]
 
 
 def bucket_rows(rows: int, max_batch_size: int) -> int:
@@ -316,6 +325,12 @@ class _StageWorker:
         log.info("replica %s stage %s: model split in %.2f s, rendezvous and captures in %.2f s", cfg.replica,
                  cfg.stage, t1 - t0, time.perf_counter() - t1)
         self._sends: collections.deque[SendHandle] = collections.deque()
+        # Model inputs read by the stages after this one travel with the activations (the gateway sends every input
+        # to stage 0 only), in the metadata's input order: what this stage receives, and what it passes on.
+        chain = self.serving.chain_stages(self.serving.sm.stages)
+        names = self.serving.input_names
+        self.forwarded = [n for n in names if any(n in st.spec.inputs for st in chain[cfg.stage:])]
+        self.forwarded_next = [n for n in names if any(n in st.spec.inputs for st in chain[cfg.stage + 1:])]
 
     def _mine(self, stages: list[Stage]) -> tuple[Stage, list[str]]:
         chain = self.serving.chain_stages(stages)
@@ -334,30 +349,51 @@ class _StageWorker:
         return found
 
     def serve_forever(self) -> None:
-        """Run batches as their messages arrive, read on this thread (a reader thread would cost a thread hand-off
-        per batch; the gateway's sends never block on us). EOF (gateway gone or closing) ends the process."""
-        self.chan.send({"kind": "ready", "stage": self.cfg.stage, "digest": self.digest})
+        """Run batches in order until the gateway goes away, then exit the process.
+
+        Stage 0 reads each batch from its channel, on this thread (a reader thread would cost a thread hand-off per
+        batch; the gateway's sends never block on us); EOF (gateway gone or closing) ends the process. A later stage
+        waits only on the stage before it, for the next batch in sequence: the gateway announces nothing to it, so it
+        is not woken for a batch until its input is there. It may wait as long as the service idles; a peer that dies
+        breaks the wait at once, and the gateway fails a replica whose batch stays in flight too long.
+        """
+        cfg = self.cfg
+        self.chan.send({"kind": "ready", "stage": cfg.stage, "digest": self.digest})
+        if cfg.stage > 0:
+            seq = 0
+            while True:
+                try:
+                    batch = self._receive(seq)
+                except CommError as exc:  # the stage before exited (shutdown, or its crash the gateway sees itself)
+                    log.debug("replica %s stage %s: stage before is gone: %s", cfg.replica, cfg.stage, exc)
+                    os._exit(0)
+                self.run_one(*batch)
+                seq += 1
         try:
             while (msg := self.chan.recv()) is not None:
                 if msg.kind == "run":
-                    self.run_one(msg)
+                    self.run_one(int(msg.header["seq"]), int(msg.header["rows"]), True, [], msg.tensors, [])
                 else:
-                    log.warning("replica %s stage %s: ignoring message kind %r", self.cfg.replica, self.cfg.stage,
-                                msg.kind)
+                    log.warning("replica %s stage 0: ignoring message kind %r", cfg.replica, msg.kind)
         except OSError as exc:  # any broken channel means the gateway is gone (ChannelError is an OSError)
-            log.debug("replica %s stage %s: channel broke: %s", self.cfg.replica, self.cfg.stage, exc)
+            log.debug("replica %s stage 0: channel broke: %s", cfg.replica, exc)
         os._exit(0)
 
-    def run_one(self, msg: Message) -> None:
+    def _receive(self, seq: int) -> tuple[int, int, bool, list[float], dict[str, torch.Tensor], list[Any]]:
+        """Batch ``seq`` from the stage before: ``[ok, rows, n_times, *times, n_inputs, *model inputs (name order),
+        *values this stage receives]``."""
+        assert self.transport is not None
+        values = self.transport.recv(src=self.cfg.stage - 1, tag=seq % TAG_SPACE, timeout=_IDLE_WAIT_S)
+        ok, rows, n = values[0] == 0, int(values[1]), int(values[2])  # type: ignore[arg-type]
+        times = [float(t) for t in values[3:3 + n]]  # type: ignore[arg-type]
+        k = int(values[3 + n])  # type: ignore[arg-type]
+        inputs = dict(zip(self.forwarded, values[4 + n:4 + n + k]))
+        return seq, rows, ok, times, inputs, values[4 + n + k:]  # type: ignore[return-value]
+
+    def run_one(self, seq: int, rows: int, ok: bool, times: list[float], inputs: dict[str, torch.Tensor],
+                recv: list[Any]) -> None:
+        """Run batch ``seq`` (unless a stage before failed it: ``ok`` False) and pass it on."""
         cfg = self.cfg
-        seq, rows = int(msg.header["seq"]), int(msg.header["rows"])
-        tag = seq % TAG_SPACE
-        ok, times, recv = True, [], []
-        if cfg.stage > 0:
-            assert self.transport is not None
-            values = self.transport.recv(src=cfg.stage - 1, tag=tag, timeout=cfg.timeout_s)
-            ok, n = values[0] == 0, int(values[1])  # type: ignore[arg-type]
-            times, recv = [float(t) for t in values[2:2 + n]], values[2 + n:]  # type: ignore[arg-type]
         send: list[Any] = []
         result: dict[str, torch.Tensor] = {}
         if ok:
@@ -367,9 +403,9 @@ class _StageWorker:
                 padded = bucket_rows(rows, cfg.max_batch_size)
                 stage, next_names = self.stage_for(padded)
                 t0 = time.perf_counter()
-                inputs = {n: pad_rows(msg.tensors[n], padded) for n in stage.spec.inputs}
+                mine = {n: pad_rows(inputs[n], padded) for n in stage.spec.inputs}
                 with torch.inference_mode():
-                    sent, outs = stage(recv, inputs)
+                    sent, outs = stage(recv, mine)
                 times.append(time.perf_counter() - t0)
                 by_name = {v.name: x for v, x in zip(stage.spec.send, sent)}
                 send = [by_name[n] for n in next_names]  # what the next stage receives, in its order
@@ -380,10 +416,11 @@ class _StageWorker:
                 log.exception("replica %s stage %s failed on batch %s", cfg.replica, cfg.stage, seq)
                 self.chan.send({"kind": "error", "seq": seq, "stage": cfg.stage,
                                 "message": f"{type(exc).__name__}: {exc}"})
-        if not self.last:
+        if not self.last:  # always sent, failed or not: the next stage expects every batch in sequence
             assert self.transport is not None
-            payload = [0 if ok else 1, len(times), *times, *(send if ok else [])]
-            self._sends.append(self.transport.isend(payload, dst=cfg.stage + 1, tag=tag))
+            later = [inputs[n] for n in self.forwarded_next] if ok else []
+            payload = [0 if ok else 1, rows, len(times), *times, len(later), *later, *(send if ok else [])]
+            self._sends.append(self.transport.isend(payload, dst=cfg.stage + 1, tag=seq % TAG_SPACE))
             while len(self._sends) > 2:  # bounded: the next stage takes them in order
                 self._sends.popleft().wait(cfg.timeout_s)
         elif ok:
