@@ -61,6 +61,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="torch threads per worker (default: cores / (workers + 1), at least 1)")
     p.add_argument("--precapture", action="store_true",
                    help="capture every batch-size bucket at startup instead of on first use")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every HTTP request (off by default: /metrics counts requests, and a log line per request "
+                        "costs the gateway CPU at high request rates)")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds to wait for the first ready replica (default: 300)")
     p.set_defaults(func=cmd_serve)
@@ -119,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"stagewise serve: {backend.name!r} at http://{host}:{args.port}/v2/models/{backend.name}"
                   f"{' (bearer token required)' if token else ''}", file=sys.stderr, flush=True)
         print("stagewise serve: Ctrl-C stops", file=sys.stderr, flush=True)
-        run(app, host=args.host, port=args.port,
+        run(app, host=args.host, port=args.port, access_log=args.access_log,
             log_level="debug" if log.getEffectiveLevel() <= logging.DEBUG else "info")
     except KeyboardInterrupt:
         pass

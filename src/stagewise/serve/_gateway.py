@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._backend import InferenceBackend
 from ._batching import BatchingConfig, DynamicBatcher
-from ._infer_route import InferRoute, error_response
+from ._infer_route import INFER_PATH, InferRoute, error_response
 from ._metrics import GatewayMetrics
 from ._protocol import ModelNotFoundError, ServeError, ServiceUnavailableError, UnauthorizedError
 
@@ -142,6 +142,18 @@ class _AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+class _GatewayApp(FastAPI):
+    """FastAPI, except that inference requests skip its middleware and routing for :class:`InferRoute`."""
+
+    infer_route: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and INFER_PATH.fullmatch(scope["path"]):
+            await self.infer_route(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[str, InferenceBackend], *,
                config: GatewayConfig | None = None, metrics: GatewayMetrics | None = None) -> FastAPI:
     """A FastAPI app serving ``models`` (one backend, a list, or ``name -> backend``; names must be unique)."""
@@ -172,11 +184,12 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
         finally:
             await gw.stop()
 
-    app = FastAPI(title=config.server_name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = _GatewayApp(title=config.server_name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
-    app.add_middleware(InferRoute, gateway=gw)  # inference requests skip FastAPI's routing (see _infer_route)
-    if config.auth_token is not None:  # added last: outermost, so it guards the inference route too
+    app.infer_route = InferRoute(gw)
+    if config.auth_token is not None:
         app.add_middleware(_AuthMiddleware, token=config.auth_token)
+        app.infer_route = _AuthMiddleware(app.infer_route, config.auth_token)
 
     @app.exception_handler(ServeError)
     async def _on_serve_error(_: Request, exc: ServeError) -> JSONResponse:

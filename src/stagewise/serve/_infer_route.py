@@ -1,9 +1,10 @@
-"""``POST /v2/models/{name}[/versions/{v}]/infer`` as a raw ASGI handler in front of the FastAPI app.
+"""``POST /v2/models/{name}[/versions/{v}]/infer`` as a raw ASGI handler, in front of the FastAPI app.
 
-The inference route is the only hot one, and FastAPI's per-request machinery (routing, ``Request`` objects, dependency
-solving, response classes) costs more CPU than everything else a request does here: on a small machine ~1 ms of a
-~1.5 ms echo. So this middleware answers inference requests itself, straight on ASGI messages, and passes every other
-request to FastAPI (metadata, health, metrics: cold routes where FastAPI's conveniences are worth their cost).
+The inference route is the only hot one, and FastAPI's per-request machinery (middleware stack, routing, ``Request``
+objects, dependency solving, response classes) costs more CPU than everything else a request does here: on a small
+machine ~1 ms of a ~1.5 ms echo. So the gateway app hands inference requests to this handler, straight on ASGI
+messages, and every other request to FastAPI (metadata, health, metrics: cold routes where FastAPI's conveniences are
+worth their cost).
 
 It does exactly what the route did: body limits (by ``Content-Length``, while reading, after inflating gzip/deflate),
 v2 JSON and binary parsing, validation against the model's metadata, the batcher with the client's own timeout and
@@ -21,7 +22,7 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ._backend import validate_inputs
 from ._protocol import (BadRequestError, ClientDisconnectedError, PayloadTooLargeError, ServeError,
@@ -30,7 +31,7 @@ from ._protocol import (BadRequestError, ClientDisconnectedError, PayloadTooLarg
 if TYPE_CHECKING:
     from ._gateway import Gateway
 
-__all__ = ["InferRoute", "error_response"]
+__all__ = ["INFER_PATH", "InferRoute", "error_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +122,14 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class InferRoute:
-    """ASGI middleware: inference requests are answered here, everything else goes on to ``app``."""
+    """The ASGI app of the inference paths (:data:`INFER_PATH`); anything it raises becomes an ``{"error"}`` answer."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app, self.gw = app, gateway
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
+        match = INFER_PATH.fullmatch(scope["path"])
+        assert match is not None, scope["path"]
         name, version = match["name"], match["version"]
         if scope["method"] != "POST":
             await _respond(send, 405, json.dumps({"error": f"method {scope['method']} not allowed on "
