@@ -2,12 +2,13 @@
 
 Run: ``PYTHONPATH=src python bench/serve.py``. Every server is a real ``stagewise serve`` process (through the CLI code,
 on a free port, stopped with SIGINT) with real stage-worker processes. Clients speak HTTP/1.1 keep-alive with the binary
-tensor extension through a minimal asyncio client (httpx costs as much CPU per request as the gateway itself, which on
-a small machine would measure the client).
+tensor extension through minimal clients (httpx costs as much CPU per request as the gateway itself, which on a small
+machine would measure the client): a blocking socket for one-at-a-time latency, asyncio on uvloop for throughput.
 
 - overhead: one client, one request at a time, a (1, 16384) float32 input (64 KiB) through a Linear stack served by a
   2-stage pipeline, alternating with an in-process forward of the same model; overhead = served latency - in-process
-  latency (p50 - p50, and p99 - p50).
+  latency (p50 - p50, and p99 - p50). For scale, the same client against the same gateway with an echo backend (no
+  model, no workers) is printed first: what HTTP and the gateway alone cost on this machine.
 - batching_gain: requests/s at concurrency 32 with dynamic batching (max batch 32) over batch-1 serving (max batch 1),
   2 stages, a weight-bound MLP (one-row requests).
 - pipeline_gain: requests/s at concurrency 32 of 2 stages over 1 stage, a compute-heavy Linear stack (8-row requests).
@@ -33,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -318,6 +320,15 @@ def measure_http_floor(requests: int) -> None:
           f"ms, p99 {q[98] * 1e3:.2f} ms")
 
 
+def _run(coro: Coroutine[Any, Any, float]) -> float:
+    """Run the load generator on uvloop when it is there: the client's CPU is taken from the servers' two cores."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def compare_rps(factory: str, name: str, x: np.ndarray, a: dict[str, int], b: dict[str, int], *, seconds: float,
                 rounds: int = 3) -> float:
     """Median over ``rounds`` of rps(a) / rps(b), both servers up at once and measured alternately (ABAB...)."""
@@ -325,8 +336,8 @@ def compare_rps(factory: str, name: str, x: np.ndarray, a: dict[str, int], b: di
     with Server(factory, **a) as sa, Server(factory, **b) as sb:
         ratios = []
         for r in range(rounds):
-            ra = asyncio.run(_throughput(sa.port, path, x, 32, seconds))
-            rb = asyncio.run(_throughput(sb.port, path, x, 32, seconds))
+            ra = _run(_throughput(sa.port, path, x, 32, seconds))
+            rb = _run(_throughput(sb.port, path, x, 32, seconds))
             ratios.append(ra / rb)
             print(f"{name} round {r}: {a} {ra:.1f} requests/s, {b} {rb:.1f} requests/s at concurrency 32")
     return statistics.median(ratios)
