@@ -2,17 +2,13 @@
 
 What one step costs depends less on arithmetic than on memory: the optimizer state is touched once a step, so it is
 cold; and every step gradients are made afresh (``zero_grad(set_to_none=True)``, then backward), and the optimizer makes
-temporaries as large as the parameters, which the C allocator may hand back to the system and fault in again, page
-by page, the next step (several milliseconds a step on a VM). How often that happens depends on the process's history
-(glibc raises its threshold for handing blocks back as large ones are freed, and trims its heap when enough is free).
-In a training process, which frees its activations, gradients and temporaries every step, the temporaries do fault
-in again every step. So :func:`time_optimizer` times, in a fresh process with free memory handed back first
-(``malloc_trim``) and caches evicted, what a step spends on memory of parameter size: allocating fresh gradients (in
-training, backward does, on a step's first microbatch; the unit profile accumulates into existing ones and misses it),
-then one optimizer's ``step`` and ``zero_grad`` over every unit's parameters; each unit gets its share by parameter
-bytes (one
-optimizer streams every tensor the same way, so a rank's step is about its bytes' share; timing each unit alone
-instead would count the per-step churn once per unit).
+temporaries as large as the parameters. Training workers keep freed blocks mapped (:func:`~stagewise._allocator.
+tune_allocator`), so those do not fault in again each step; the timing process does the same. So
+:func:`time_optimizer` times, in a fresh process with caches evicted, what a step spends on memory of parameter size:
+allocating fresh gradients (in training, backward does, on a step's first microbatch; the unit profile accumulates into
+existing ones and misses it), then one optimizer's ``step`` and ``zero_grad`` over every unit's parameters; each unit
+gets its share by parameter bytes (one optimizer streams every tensor the same way, so a rank's step is about its
+bytes' share; timing each unit alone instead would count the per-step churn once per unit).
 """
 
 from __future__ import annotations
@@ -23,9 +19,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from .._allocator import tune_allocator
 
 __all__ = ["OPTIMIZERS", "time_optimizer"]
 
@@ -47,19 +44,10 @@ def _cache_bytes() -> int:
     return 2 * size
 
 
-def _release_free_memory() -> Any:
-    """glibc's ``malloc_trim(0)`` (hand every free block back to the system), or a no-op without glibc."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda _pad: 0
-
-
 def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json: str, optimizer: str, repeats: int,
                    threads: int) -> None:
     """The fresh process (module level so that spawn can start it): writes each unit's share of the step to ``out``."""
+    tune_allocator()  # as training workers do: freed blocks stay mapped between steps
     torch.set_num_threads(threads)
     units = [[torch.nn.Parameter(torch.randn(shape)) for shape in shapes] for shapes in json.loads(shapes_json)]
     params = [p for unit in units for p in unit]
@@ -69,14 +57,12 @@ def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json:
         evict = torch.empty(_cache_bytes(), dtype=torch.uint8)
         grads = [torch.randn_like(p) for p in params]
         opt = _CLASSES[optimizer](params, lr=1e-3)
-        trim = _release_free_memory()
         times = []
         for i in range(repeats + 1):
             evict.fill_(i & 0xFF)
-            trim(0)  # a training step frees its large blocks and the system takes them back
             start = time.perf_counter()
             for p, g in zip(params, grads):
-                p.grad = g.clone()  # the fresh gradients backward makes (their page faults are this step's too)
+                p.grad = g.clone()  # the fresh gradients backward makes
             opt.step()
             opt.zero_grad(set_to_none=True)
             if i:  # the first step creates the optimizer state

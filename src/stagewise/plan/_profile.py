@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .._allocator import tune_allocator
 from .._spec import ModelSpec
 from ..split import UnitInfo
 from ._optimizer import OPTIMIZERS, time_optimizer
@@ -239,6 +240,7 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
     after the others and each time keeps its smallest median (a burst of load from other processes rarely hits every
     round).
     """
+    tune_allocator()  # time what training workers run: freed blocks stay mapped between steps
     wanted = sorted({int(r) for r in rows})
     if not wanted or wanted[0] < 1:
         raise ValueError(f"rows must be row counts >= 1, got {list(rows)}")

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .._allocator import tune_allocator
 from .._spec import ModelSpec, load_model_spec
 from ..comm import CommError, DistTransport, SendHandle
 from ..split import SplitModel, Stage, split
@@ -433,6 +434,7 @@ def worker_main(config_json: str) -> None:
     cfg = WorkerConfig.from_json(config_json)
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s [replica {cfg.replica} stage "
                                                       f"{cfg.stage}] %(name)s: %(message)s")
+    tune_allocator()
     torch.set_num_threads(cfg.threads)
     sock = socket.create_connection((cfg.gateway_host, cfg.gateway_port), timeout=30.0)
     sock.settimeout(None)

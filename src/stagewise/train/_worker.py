@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._allocator import tune_allocator
 from .._spec import ModelSpec, load_model_spec
 from ..comm import CommGroup, Transport
 from ..runtime import PipelineExecutor, StepError, all_reduce_grads, broadcast_params, clip_global_norm
@@ -96,6 +97,7 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tup
 
 def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced)."""
+    tune_allocator()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     layout = Layout(config)
