@@ -24,7 +24,7 @@ from stagewise.serve import GatewayConfig, RunningServer, create_app, serve_app
 from stagewise.serve._channel import Channel, ChannelError, encode_frame
 from stagewise.serve._cli import add_infer_parser
 from stagewise.serve._pipeline import PipelineBackend, PipelineConfig
-from stagewise.serve._worker import bucket_rows, pad_rows
+from stagewise.serve._serving_split import bucket_rows, pad_rows
 
 httpx = pytest.importorskip("httpx")
 
@@ -286,7 +286,7 @@ def test_serves_a_training_checkpoint(tmp_path) -> None:  # type: ignore[no-unty
     from safetensors.torch import load_file
 
     from stagewise.checkpoint import export_state_dict, load_checkpoint
-    from stagewise.serve._worker import checkpoint_model
+    from stagewise.serve._serving_split import checkpoint_model
     from stagewise.train import TrainConfig, Trainer
 
     root = tmp_path / "ckpt"
@@ -369,7 +369,7 @@ def test_a_sub_model_is_served_as_its_own_model() -> None:
 
 
 def test_model_inputs_read_by_later_stages_travel_with_the_activations() -> None:
-    from stagewise.serve._worker import load_serving_split
+    from stagewise.serve._serving_split import load_serving_split
 
     model = "stagewise.zoo.basic:kwargs_model"
     serving = load_serving_split(model, stages=3)

@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gateway_config = GatewayConfig(auth_token=token, max_payload_bytes=int(args.max_payload_mb * 2**20))
     model, checkpoint = args.model, args.checkpoint
     if Path(model).is_dir():  # a checkpoint directory: its manifest names the model
-        from ._worker import checkpoint_model
+        from ._serving_split import checkpoint_model
 
         model, checkpoint = checkpoint_model(model), model
     stages, replicas, cuts = args.stages, args.replicas, None

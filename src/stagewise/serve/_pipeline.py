@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import dataclasses
 import hmac
 import logging
 import multiprocessing.forkserver
@@ -42,7 +41,9 @@ from ._batching import BatchingConfig
 from ._channel import Channel, ChannelError, Message
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
-from ._worker import WorkerConfig, describe_serving, load_serving_split, worker_main
+from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus, settle
+from ._serving_split import describe_serving, load_serving_split
+from ._worker import WorkerConfig, worker_main
 
 __all__ = ["PipelineConfig", "PipelineBackend", "ReplicaStatus"]
 
@@ -52,139 +53,6 @@ log = logging.getLogger(__name__)
 # torch.export's lazily imported machinery (seconds per process).
 _PRELOAD = ("torch", "torch.export", "torch._dynamo", "torch.export._trace", "stagewise.serve._worker")
 _MAX_BACKOFF_S = 10.0
-
-
-@dataclasses.dataclass(kw_only=True)
-class PipelineConfig:
-    """How a model is split and replicated for serving."""
-
-    model: str
-    """MODEL factory string (``path/file.py:factory`` or ``package.module:factory``)."""
-    stages: int = 2
-    """Pipeline stages per replica (worker processes per replica)."""
-    replicas: int = 1
-    """Independent pipeline replicas."""
-    max_batch_size: int = 32
-    """Most rows per batch; batches are padded to the next power of two (capped here) so captures stay few."""
-    name: str | None = None
-    """Model name in the URL; None uses the factory's ``ModelSpec.name``."""
-    host: str = "127.0.0.1"
-    """Address the worker channel listens on (workers are local processes)."""
-    threads_per_worker: int | None = None
-    """torch threads per worker; None shares the CPU cores evenly among the workers and this process (at least 1)."""
-    exclude_inputs: tuple[str, ...] = ("labels",)
-    """Keyword example inputs not served (a Hugging Face model given ``labels`` returns a batch-less loss)."""
-    seed: int = 0
-    """torch seed set before every process calls the factory, so unseeded factories build the same weights."""
-    inflight_per_replica: int | None = None
-    """Batches in one replica at once; None = ``stages``."""
-    max_attempts: int = 3
-    """Times a batch is dispatched before it fails because replicas kept dying under it."""
-    request_timeout_s: float = 60.0
-    """Longest a batch may take in the backend, waiting included."""
-    worker_timeout_s: float = 60.0
-    """Longest a batch may stay in a replica before the replica counts as stuck (killed, restarted, batch retried);
-    also the deadline of its rendezvous and of every send between its stages."""
-    startup_timeout_s: float = 120.0
-    """A replica not ready this long after its start is restarted."""
-    restart_backoff_s: float = 0.5
-    """Delay before restarting a replica that failed while starting; doubles per failure (up to 10 s)."""
-    checkpoint: str | None = None
-    """A training checkpoint directory whose weights (by FQN, any layout) the workers load."""
-    cuts: tuple[str, ...] | None = None
-    """Cut before these units (e.g. from a plan) instead of balancing by parameters."""
-    tasks: tuple[str, ...] | None = None
-    """Task split: the head FQNs of the model; ``head`` is the one this backend serves after the trunk."""
-    head: str | None = None
-    """Serve the trunk (``stages - 1`` stages) plus this task head as its own model (named ``name.head``)."""
-    submodule: str | None = None
-    """Serve only this sub-model (by FQN, e.g. ``encoder``) on the inputs it receives, named ``name.FQN``."""
-    precapture: bool = False
-    """Workers capture every batch-size bucket (1, 2, 4... max_batch_size) before reporting ready; else on first use
-    (the first batch of each size then waits for its capture, ~0.1-1 s)."""
-
-    def __post_init__(self) -> None:
-        for field in ("stages", "replicas", "max_batch_size", "max_attempts"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"PipelineConfig.{field} must be >= 1, got {getattr(self, field)}")
-        for field in ("threads_per_worker", "inflight_per_replica"):
-            value = getattr(self, field)
-            if value is not None and value < 1:
-                raise ValueError(f"PipelineConfig.{field} must be >= 1 or None, got {value}")
-        for field in ("request_timeout_s", "worker_timeout_s", "startup_timeout_s"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"PipelineConfig.{field} must be > 0, got {getattr(self, field)}")
-        if self.restart_backoff_s < 0:
-            raise ValueError(f"PipelineConfig.restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
-        if self.name is not None and (not self.name or "/" in self.name):
-            raise ValueError(f"PipelineConfig.name must be a non-empty string without '/', got {self.name!r}")
-        self.exclude_inputs = tuple(self.exclude_inputs)
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class ReplicaStatus:
-    """A snapshot of one replica."""
-
-    index: int
-    generation: int
-    """How many times it was started."""
-    state: str
-    """``starting``, ``ready``, ``failed`` (restart pending), ``restarting`` or ``stopped``."""
-    pids: tuple[int, ...]
-    """Worker process ids by stage (empty while none run)."""
-    inflight: int
-    """Batches dispatched to it and not yet answered."""
-    completed: int
-    """Batches it answered, over all its generations."""
-    last_error: str | None
-    """Why it last failed."""
-
-
-@dataclasses.dataclass(eq=False)
-class _Request:
-    inputs: dict[str, torch.Tensor]
-    rows: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[dict[str, torch.Tensor]]
-    """Settled on ``loop`` only (reader and supervisor threads go through :func:`_resolve`)."""
-    attempts: int = 0
-    sent_at: float = 0.0
-    """When it was last dispatched (``time.monotonic``)."""
-
-
-@dataclasses.dataclass(eq=False)
-class _Replica:
-    index: int
-    generation: int = 0
-    state: str = "failed"
-    procs: list[Any] = dataclasses.field(default_factory=list)
-    conns: dict[int, Channel] = dataclasses.field(default_factory=dict)
-    ready: set[int] = dataclasses.field(default_factory=set)
-    inflight: dict[int, _Request] = dataclasses.field(default_factory=dict)
-    next_seq: int = 0
-    started_at: float = 0.0
-    restart_at: float = 0.0
-    failures: int = 0
-    completed: int = 0
-    last_error: str | None = None
-    crash: str | None = None
-
-
-def _resolve(req: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
-    """Settle ``req`` from any thread (its future belongs to the event loop that awaits it)."""
-
-    def settle() -> None:
-        if req.future.done():  # cancelled by the waiter in between
-            return
-        if error is not None:
-            req.future.set_exception(error)
-        else:
-            req.future.set_result(result)
-
-    try:
-        req.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
 
 
 def _as_tensor(name: str, value: TensorValue) -> torch.Tensor:
@@ -232,13 +100,13 @@ class PipelineBackend(InferenceBackend):
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
-        self._waiting: collections.deque[_Request] = collections.deque()
+        self._waiting: collections.deque[PendingBatch] = collections.deque()
         self._to_reap: list[Any] = []
         self._rr = 0
         self._listener = socket.create_server((config.host, 0), backlog=64)
         self._listener.settimeout(0.2)
         self._port = int(self._listener.getsockname()[1])
-        self._replicas = [_Replica(i) for i in range(config.replicas)]
+        self._replicas = [ReplicaState(i) for i in range(config.replicas)]
         self._threads_run = [threading.Thread(target=self._accept_loop, name="stagewise-serve-accept", daemon=True),
                              threading.Thread(target=self._supervise, name="stagewise-serve-supervisor", daemon=True)]
         for t in self._threads_run:
@@ -288,7 +156,7 @@ class PipelineBackend(InferenceBackend):
         if not 0 < rows <= self.max_batch_size:
             raise BadRequestError(f"batch of {rows} rows; model {self.name!r} takes 1..{self.max_batch_size}")
         loop = asyncio.get_running_loop()
-        req = _Request(tensors, rows, loop, loop.create_future())
+        req = PendingBatch(tensors, rows, loop, loop.create_future())
         with self._lock:
             self._dispatch(req)
         timed_out: list[bool] = []
@@ -330,7 +198,7 @@ class PipelineBackend(InferenceBackend):
             self._cond.notify_all()
         atexit.unregister(self.shutdown)
         for req in pending:
-            _resolve(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+            settle(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
         for t in self._threads_run:
             t.join(5.0)
         self._listener.close()
@@ -349,7 +217,7 @@ class PipelineBackend(InferenceBackend):
         log.info("pipeline backend %s stopped (%d workers reaped)", self.name, len(procs))
 
     # ------------------------------------------------------------------------------------------------ routing
-    def _pick(self) -> _Replica | None:
+    def _pick(self) -> ReplicaState | None:
         free = [r for r in self._replicas if r.state == "ready" and len(r.inflight) < self._cap]
         if not free:
             return None
@@ -357,10 +225,10 @@ class PipelineBackend(InferenceBackend):
         n = len(self._replicas)
         return min(free, key=lambda r: (len(r.inflight), (r.index - self._rr) % n))
 
-    def _dispatch(self, req: _Request) -> None:
+    def _dispatch(self, req: PendingBatch) -> None:
         """Send ``req`` to the least-loaded ready replica, or queue it; lock held."""
         if self._closed:
-            _resolve(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+            settle(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
             return
         rep = self._pick()
         if rep is None:
@@ -384,7 +252,7 @@ class PipelineBackend(InferenceBackend):
                 return
             self._dispatch(self._waiting.popleft())
 
-    def _fail(self, rep: _Replica, generation: int, reason: str) -> None:
+    def _fail(self, rep: ReplicaState, generation: int, reason: str) -> None:
         """Take a replica out of rotation, kill its workers, re-dispatch its batches, schedule a restart."""
         with self._cond:
             if rep.generation != generation or rep.state not in ("starting", "ready"):
@@ -402,14 +270,14 @@ class PipelineBackend(InferenceBackend):
                 if req.future.done():
                     continue
                 if req.attempts >= self.config.max_attempts:
-                    _resolve(req, error=BackendError(
+                    settle(req, error=BackendError(
                         f"model {self.name!r}: replicas failed {req.attempts} times while running this batch "
                         f"(PipelineConfig.max_attempts); last: {reason}"))
                 else:
                     self._dispatch(req)
             self._cond.notify_all()
 
-    def _drop_processes(self, rep: _Replica, *, kill: bool) -> None:
+    def _drop_processes(self, rep: ReplicaState, *, kill: bool) -> None:
         for chan in rep.conns.values():
             chan.close()
         rep.conns, rep.ready = {}, set()
@@ -460,9 +328,9 @@ class PipelineBackend(InferenceBackend):
         self._fail(rep, gen, reason)
         chan.close()
 
-    def _on_message(self, rep: _Replica, gen: int, stage: int, msg: Message) -> None:
+    def _on_message(self, rep: ReplicaState, gen: int, stage: int, msg: Message) -> None:
         kind, h = msg.kind, msg.header
-        req: _Request | None = None
+        req: PendingBatch | None = None
         with self._cond:
             if rep.generation != gen:
                 return
@@ -487,14 +355,14 @@ class PipelineBackend(InferenceBackend):
         if req is None:
             return
         if kind == "error":
-            _resolve(req, error=BackendError(f"model {self.name!r}, replica {rep.index} stage "
+            settle(req, error=BackendError(f"model {self.name!r}, replica {rep.index} stage "
                                                     f"{h.get('stage')}: {h.get('message')}"))
             return
         missing = [n for n in self._output_names if n not in msg.tensors]
         if missing:
-            _resolve(req, error=BackendError(f"model {self.name!r}: result without outputs {missing}"))
+            settle(req, error=BackendError(f"model {self.name!r}: result without outputs {missing}"))
             return
-        _resolve(req, result={n: msg.tensors[n] for n in self._output_names})
+        settle(req, result={n: msg.tensors[n] for n in self._output_names})
         if self._metrics is not None:
             for s, seconds in enumerate(h.get("times", [])):
                 self._metrics.observe_stage_time(self.name, str(s), float(seconds))
@@ -502,7 +370,7 @@ class PipelineBackend(InferenceBackend):
     # ------------------------------------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:
         while True:
-            to_start: list[_Replica] = []
+            to_start: list[ReplicaState] = []
             with self._cond:
                 if self._closed:
                     return
@@ -534,7 +402,7 @@ class PipelineBackend(InferenceBackend):
                 if not self._closed:
                     self._cond.wait(0.1)
 
-    def _start(self, rep: _Replica) -> None:
+    def _start(self, rep: ReplicaState) -> None:
         with self._lock:
             if self._closed:
                 return

@@ -1,0 +1,150 @@
+"""What a pipeline backend is made of: its configuration, the state of each replica and of each batch in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import torch
+
+from ._channel import Channel
+
+__all__ = ["PipelineConfig", "ReplicaStatus", "PendingBatch", "ReplicaState", "settle"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class PipelineConfig:
+    """How a model is split and replicated for serving."""
+
+    model: str
+    """MODEL factory string (``path/file.py:factory`` or ``package.module:factory``)."""
+    stages: int = 2
+    """Pipeline stages per replica (worker processes per replica)."""
+    replicas: int = 1
+    """Independent pipeline replicas."""
+    max_batch_size: int = 32
+    """Most rows per batch; batches are padded to the next power of two (capped here) so captures stay few."""
+    name: str | None = None
+    """Model name in the URL; None uses the factory's ``ModelSpec.name``."""
+    host: str = "127.0.0.1"
+    """Address the worker channel listens on (workers are local processes)."""
+    threads_per_worker: int | None = None
+    """torch threads per worker; None shares the CPU cores evenly among the workers and this process (at least 1)."""
+    exclude_inputs: tuple[str, ...] = ("labels",)
+    """Keyword example inputs not served (a Hugging Face model given ``labels`` returns a batch-less loss)."""
+    seed: int = 0
+    """torch seed set before every process calls the factory, so unseeded factories build the same weights."""
+    inflight_per_replica: int | None = None
+    """Batches in one replica at once; None = ``stages``."""
+    max_attempts: int = 3
+    """Times a batch is dispatched before it fails because replicas kept dying under it."""
+    request_timeout_s: float = 60.0
+    """Longest a batch may take in the backend, waiting included."""
+    worker_timeout_s: float = 60.0
+    """Longest a batch may stay in a replica before the replica counts as stuck (killed, restarted, batch retried);
+    also the deadline of its rendezvous and of every send between its stages."""
+    startup_timeout_s: float = 120.0
+    """A replica not ready this long after its start is restarted."""
+    restart_backoff_s: float = 0.5
+    """Delay before restarting a replica that failed while starting; doubles per failure (up to 10 s)."""
+    checkpoint: str | None = None
+    """A training checkpoint directory whose weights (by FQN, any layout) the workers load."""
+    cuts: tuple[str, ...] | None = None
+    """Cut before these units (e.g. from a plan) instead of balancing by parameters."""
+    tasks: tuple[str, ...] | None = None
+    """Task split: the head FQNs of the model; ``head`` is the one this backend serves after the trunk."""
+    head: str | None = None
+    """Serve the trunk (``stages - 1`` stages) plus this task head as its own model (named ``name.head``)."""
+    submodule: str | None = None
+    """Serve only this sub-model (by FQN, e.g. ``encoder``) on the inputs it receives, named ``name.FQN``."""
+    precapture: bool = False
+    """Workers capture every batch-size bucket (1, 2, 4... max_batch_size) before reporting ready; else on first use
+    (the first batch of each size then waits for its capture, ~0.1-1 s)."""
+
+    def __post_init__(self) -> None:
+        for field in ("stages", "replicas", "max_batch_size", "max_attempts"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"PipelineConfig.{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("threads_per_worker", "inflight_per_replica"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"PipelineConfig.{field} must be >= 1 or None, got {value}")
+        for field in ("request_timeout_s", "worker_timeout_s", "startup_timeout_s"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"PipelineConfig.{field} must be > 0, got {getattr(self, field)}")
+        if self.restart_backoff_s < 0:
+            raise ValueError(f"PipelineConfig.restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ValueError(f"PipelineConfig.name must be a non-empty string without '/', got {self.name!r}")
+        self.exclude_inputs = tuple(self.exclude_inputs)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ReplicaStatus:
+    """A snapshot of one replica."""
+
+    index: int
+    generation: int
+    """How many times it was started."""
+    state: str
+    """``starting``, ``ready``, ``failed`` (restart pending), ``restarting`` or ``stopped``."""
+    pids: tuple[int, ...]
+    """Worker process ids by stage (empty while none run)."""
+    inflight: int
+    """Batches dispatched to it and not yet answered."""
+    completed: int
+    """Batches it answered, over all its generations."""
+    last_error: str | None
+    """Why it last failed."""
+
+
+@dataclasses.dataclass(eq=False)
+class PendingBatch:
+    """A batch the backend accepted and has not answered: queued, or in flight on one replica."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[dict[str, torch.Tensor]]
+    """Settled on ``loop`` only (reader and supervisor threads go through :func:`settle`)."""
+    attempts: int = 0
+    sent_at: float = 0.0
+    """When it was last dispatched (``time.monotonic``)."""
+
+
+@dataclasses.dataclass(eq=False)
+class ReplicaState:
+    """One replica's processes, channels and batches in flight (guarded by the backend's lock)."""
+
+    index: int
+    generation: int = 0
+    state: str = "failed"
+    procs: list[Any] = dataclasses.field(default_factory=list)
+    conns: dict[int, Channel] = dataclasses.field(default_factory=dict)
+    ready: set[int] = dataclasses.field(default_factory=set)
+    inflight: dict[int, PendingBatch] = dataclasses.field(default_factory=dict)
+    next_seq: int = 0
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    failures: int = 0
+    completed: int = 0
+    last_error: str | None = None
+    crash: str | None = None
+
+
+def settle(req: PendingBatch, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle ``req`` from any thread (its future belongs to the event loop that awaits it)."""
+
+    def on_loop() -> None:
+        if req.future.done():  # cancelled by the waiter in between
+            return
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            req.future.set_result(result)
+
+    try:
+        req.loop.call_soon_threadsafe(on_loop)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass

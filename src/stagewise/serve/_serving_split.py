@@ -1,0 +1,216 @@
+"""A model prepared for serving, the same way in the gateway and in every stage worker.
+
+:func:`load_serving_split` builds the model (seeded), loads a checkpoint's weights, and splits it into the chain of
+stages a replica runs (all stages; a task split's trunk plus one head; or one sub-model). :func:`describe_serving`
+derives the served metadata and each stage's weight digest (the gateway checks every worker's against it).
+
+Batch sizes: graphs are captured with static shapes, so a batch of ``n`` rows is padded (repeating its last row) to the
+next power of two (at most ``max_batch_size``) and the outputs are cut back to ``n`` rows (:func:`bucket_rows`,
+:func:`pad_rows`). That bounds the captures per worker to ``log2(max_batch_size) + 1``, each made on first use. It is
+exact for models whose rows do not interact in eval mode (no cross-row ops); padded rows are never returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._spec import ModelSpec, load_model_spec
+from ..split import SplitModel, Stage, split
+from ..split._capture import input_leaves
+from ..split._tree import unflatten
+from ._backend import ModelMetadata, TensorMetadata
+from ._protocol import datatype_of
+
+__all__ = ["ServingSplit", "load_serving_split", "load_checkpoint_weights", "checkpoint_model", "describe_serving",
+           "bucket_rows", "pad_rows", "stage_digest"]
+
+
+@dataclasses.dataclass
+class ServingSplit:
+    """A model split for serving, with the example call that fixes every non-batch dimension."""
+
+    sm: SplitModel
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    name: str
+    """The factory's model name."""
+    chain: list[int] = dataclasses.field(default_factory=list)
+    """Indices of the stages this service runs, in order (all of them; or a task split's trunk plus one head)."""
+
+    def chain_stages(self, stages: Sequence[Stage]) -> list[Stage]:
+        return [stages[i] for i in self.chain]
+
+    @property
+    def input_names(self) -> list[str]:
+        """The served inputs' names, in metadata order."""
+        return list(input_leaves(self.args, self.kwargs)[1])
+
+    @property
+    def example_rows(self) -> int:
+        leaves, _, _ = input_leaves(self.args, self.kwargs)
+        return int(leaves[0].shape[0])
+
+    def example_call(self, rows: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The example inputs with ``rows`` rows (example rows repeated): what a capture for that batch size needs."""
+        leaves, _, spec = input_leaves(self.args, self.kwargs)
+        idx = torch.arange(rows) % leaves[0].shape[0]
+        args, kwargs = unflatten(spec, [t[idx] for t in leaves])
+        return tuple(args), dict(kwargs)
+
+
+def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str] = ("labels",),
+                       seed: int = 0, checkpoint: str | None = None, cuts: Sequence[str] | None = None,
+                       tasks: Sequence[str] | None = None, head: str | None = None,
+                       submodule: str | None = None) -> ServingSplit:
+    """Build MODEL (under ``seed``), load ``checkpoint``'s weights if given, put it in eval mode and split it into a
+    chain of ``stages`` stages (at ``cuts`` when given). With ``tasks`` and ``head``: a task split whose trunk takes
+    ``stages - 1`` stages, followed by the stage of ``head`` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        spec = load_model_spec(model)
+    if checkpoint is not None:
+        load_checkpoint_weights(spec.model, checkpoint)
+    spec.model.eval()
+    if submodule is not None:
+        spec = _submodule_spec(spec, submodule)
+    kwargs = {k: v for k, v in spec.kwargs.items() if k not in set(exclude_inputs)}
+    leaves, names, _ = input_leaves(spec.args, kwargs)
+    if not leaves:
+        raise ValueError(f"model {model!r} has no tensor inputs to serve")
+    rows = {int(t.shape[0]) if t.dim() else 0 for t in leaves}
+    if len(rows) != 1 or 0 in rows:
+        raise ValueError(f"every example input of {model!r} needs the batch on dim 0 with the same size; got "
+                         f"{dict(zip(names, (list(t.shape) for t in leaves)))}")
+    if head is not None:
+        if not tasks or head not in tasks:
+            raise ValueError(f"head {head!r} is not one of the task heads {list(tasks or [])}")
+        if stages < 2:
+            raise ValueError("serving a task head needs at least 2 stages: the trunk and the head")
+        sm = split(spec.model, spec.args, kwargs, stages=stages - 1, tasks=list(tasks), model_name=model)
+        chain = [st.index for st in sm.stages if st.spec.head is None]
+        chain += [st.index for st in sm.stages if st.spec.head == head]
+    else:
+        sm = split(spec.model, spec.args, kwargs, stages=stages, cuts=list(cuts) if cuts else None, model_name=model)
+        if sm.partition.mode == "tasks":
+            raise ValueError("a task split serves one head per model name: give the head")
+        chain = [st.index for st in sm.stages]
+    for pos, i in enumerate(chain):
+        st = sm.stages[i]
+        if st.spec.parent != (chain[pos - 1] if pos else None):
+            raise ValueError(f"stage {st.index} receives from stage {st.spec.parent}; serving needs a chain")
+        if st.spec.outputs and pos != len(chain) - 1:
+            raise ValueError(f"stage {st.index} returns model outputs {st.spec.outputs}; serving needs them all from "
+                             "the last stage")
+    return ServingSplit(sm=sm, args=tuple(spec.args), kwargs=kwargs, name=spec.name if head is None else
+                        f"{spec.name}.{head}", chain=chain)
+
+
+def _submodule_spec(spec: ModelSpec, fqn: str) -> ModelSpec:
+    """A sub-model as a model of its own: the module at ``fqn`` with the inputs it gets in the example call."""
+    try:
+        module = spec.model.get_submodule(fqn)
+    except AttributeError:
+        names = [n for n, _ in spec.model.named_children()]
+        raise ValueError(f"{type(spec.model).__name__} has no sub-module {fqn!r}; its children are {names}") from None
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    handle = module.register_forward_pre_hook(lambda _m, a, k: seen.append((a, k)) if not seen else None,
+                                              with_kwargs=True)
+    try:
+        with torch.no_grad():
+            spec.model(*spec.args, **spec.kwargs)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"sub-module {fqn!r} is never called by the model's forward on its example inputs")
+    args, kwargs = seen[0]
+    return ModelSpec(model=module, args=tuple(args), kwargs=dict(kwargs), name=f"{spec.name}.{fqn}")
+
+
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """Copy every weight of ``model`` from a training checkpoint (by FQN, from whatever layout saved it)."""
+    from ..checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, verify="read")
+    state = model.state_dict()
+    saved = ckpt.tensors(list(state))
+    missing = [k for k in state if k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} has no weights for {missing[:5]}; was it saved from this model?")
+    model.load_state_dict(saved, strict=True)
+
+
+def checkpoint_model(checkpoint: str) -> str:
+    """The MODEL factory string a training checkpoint was made from (its manifest records the run's config)."""
+    from ..checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, verify="size").extra.get("config", {}).get("model")
+    if not model:
+        raise ValueError(f"checkpoint {checkpoint} does not record its model; pass MODEL and --checkpoint DIR")
+    return str(model)
+
+
+def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, list[str]]:
+    """Metadata (inputs/outputs by leaf name, dtypes from one in-process run) and each stage's weight digest."""
+    leaves, names, _ = input_leaves(serving.args, serving.kwargs)
+    example = dict(zip(names, leaves))
+    stages = serving.chain_stages(serving.sm.stages)
+    outputs: list[Any] = [None] * len(serving.sm.partition.output_names)
+    recv: list[Any] = []
+    with torch.inference_mode():
+        for pos, st in enumerate(stages):
+            send, outs = st(recv, example)
+            by_name = {v.name: x for v, x in zip(st.spec.send, send)}
+            if pos + 1 < len(stages):
+                recv = [by_name[v.name] for v in stages[pos + 1].spec.recv]
+            for leaf, value in zip(st.output_index, outs):
+                outputs[leaf] = value
+    rows = serving.example_rows
+    out_meta = []
+    served = set(stages[-1].spec.outputs)
+    for leaf_name, value in zip(serving.sm.partition.output_names, outputs):
+        if leaf_name not in served:  # another task head's output
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"model output {leaf_name!r} is {shape}: every served output needs the batch on dim 0 "
+                             f"({rows} rows for the example inputs); drop loss-only inputs with exclude_inputs")
+        out_meta.append(TensorMetadata(name=leaf_name, datatype=datatype_of(value), shape=(-1, *value.shape[1:])))
+    meta = ModelMetadata(
+        name=name, outputs=tuple(out_meta),
+        inputs=tuple(TensorMetadata(name=n, datatype=datatype_of(t), shape=(-1, *t.shape[1:]))
+                     for n, t in example.items()))
+    return meta, [stage_digest(st) for st in stages]
+
+
+def bucket_rows(rows: int, max_batch_size: int) -> int:
+    """The captured batch size that serves ``rows`` rows: the next power of two, at most ``max_batch_size``."""
+    assert 0 < rows <= max_batch_size, (rows, max_batch_size)
+    return min(1 << (rows - 1).bit_length(), max_batch_size)
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its last row repeated up to ``rows`` rows."""
+    extra = rows - t.shape[0]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])], dim=0)
+
+
+def stage_digest(stage: Stage) -> str:
+    """SHA-256 over the weights the stage owns and its constants (names, dtypes, shapes, bytes), to check that every
+    process built the same ones."""
+    h = hashlib.sha256()
+    owned = set(stage.spec.params)
+    state = dict(stage.module.named_parameters(remove_duplicate=False))
+    state.update(dict(stage.module.named_buffers(remove_duplicate=False)))
+    for name in sorted(n for n in state if n in owned or n.startswith("_stagewise_const")):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{list(state[name].shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
