@@ -169,11 +169,10 @@ class _StageWorker:
             seq = 0
             while True:
                 try:
-                    batch = self._receive(seq)
-                except CommError as exc:  # the stage before exited (shutdown, or its crash the gateway sees itself)
-                    log.debug("replica %s stage %s: stage before is gone: %s", cfg.replica, cfg.stage, exc)
+                    self.run_one(*self._receive(seq))
+                except (CommError, OSError) as exc:  # a neighbour or the gateway is gone (shutdown, or a crash the
+                    log.debug("replica %s stage %s: %s", cfg.replica, cfg.stage, exc)  # gateway sees itself)
                     os._exit(0)
-                self.run_one(*batch)
                 seq += 1
         try:
             while (msg := self.chan.recv()) is not None:
