@@ -91,6 +91,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="capture the model in eval mode (deterministic, no dropout)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait may take (default: 30)")
     p.add_argument("--threads", type=int, default=1, help="compute threads per process (default: 1)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where stages compute: cpu, cuda (GPUs shared by ranks go through pinned host memory), or "
+                        "auto (cuda when available) (default: cpu)")
     p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
                    help="write final weights (safetensors by FQN) and losses here")
     p.add_argument("--save", dest="save_dir", default=None, metavar="DIR",

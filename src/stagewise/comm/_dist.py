@@ -14,7 +14,11 @@ What this relies on from torch.distributed:
   the largest possible size; NCCL needs equal counts, so there it is padded to that size.
 - NCCL ignores tags (per-pair order only; see :func:`~stagewise.comm._framing.parse_header`) and ``wait()`` only
   orders CUDA streams, so deadlines poll ``is_completed()``. Tensors travel on ``device`` (the rank's GPU); CPU values
-  are copied there and received tensors land there. With gloo, CUDA tensors are staged through the CPU.
+  are copied there and received tensors land there.
+- Ranks that share a GPU cannot use NCCL ("Duplicate GPU detected"), and gloo cannot read CUDA memory. So gloo with a
+  CUDA ``device`` is the *staged* mode (:attr:`DistTransport.staged`): the wire is the CPU, every CUDA tensor sent or
+  reduced is first copied to pinned host memory (see ``_staging``), and received values (and reduced tensors) are
+  copied back to ``device``. With a CPU ``device`` nothing is staged: gloo reads and writes the caller's tensors.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ._framing import (
     parse_header,
     prepare,
 )
+from ._staging import pinned_empty, to_device, to_host
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
 __all__ = ["DistTransport"]
@@ -99,7 +104,9 @@ class DistTransport(Transport):
 
     Build with :meth:`init` (starts the process group), :meth:`from_env` (under torchrun) or
     :meth:`from_process_group` (wraps a group somebody else initialised; ``close`` then leaves it alone).
-    ``backend`` is ``"gloo"`` or ``"nccl"``; ``device`` is where tensors travel and where received tensors land.
+    ``backend`` is ``"gloo"`` or ``"nccl"``; ``device`` is where received tensors land: the rank's GPU with NCCL, the
+    CPU or a GPU with gloo. gloo with a GPU ``device`` is :attr:`staged`: tensors cross through pinned host memory, for
+    ranks that share one GPU (NCCL refuses those).
     """
 
     def __init__(self, *, timeout: float = 30.0, device: torch.device | str | None = None,
@@ -116,8 +123,12 @@ class DistTransport(Transport):
         self.device = torch.device(device)
         if backend == "nccl" and self.device.type != "cuda":
             raise ValueError(f"backend 'nccl' moves CUDA tensors; device must be a CUDA device, got {self.device}")
-        if backend == "gloo" and self.device.type != "cpu":
-            raise ValueError(f"backend 'gloo' moves CPU tensors here; device must be 'cpu', got {self.device}")
+        if backend == "gloo" and self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend 'gloo' moves CPU tensors, staging CUDA ones through the host; device must be "
+                             f"'cpu' or a CUDA device, got {self.device}")
+        self.staged = backend == "gloo" and self.device.type == "cuda"
+        """True when tensors travel through pinned host memory (gloo, CUDA ``device``)."""
+        self._wire = torch.device("cpu") if backend == "gloo" else self.device  # where the backend reads and writes
         self._owns = owns_process_group
         self._trim = backend == "gloo"  # see the module docstring: gloo accepts a message shorter than its buffer
         self._landing: tuple[torch.Tensor, np.ndarray | None] | None = None
@@ -130,7 +141,8 @@ class DistTransport(Transport):
         """Start the default process group over TCP at ``master_addr:master_port`` (rank 0 listens there).
 
         ``timeout`` is both the process group's timeout and the default deadline of every wait. With NCCL, ``device``
-        defaults to GPU ``rank % device_count``.
+        defaults to GPU ``rank % device_count``; a ``device`` of ``"cuda"`` without an index means that GPU too (with
+        gloo it makes the transport :attr:`staged`).
         """
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -150,10 +162,12 @@ class DistTransport(Transport):
         return cls(timeout=timeout, device=device, owns_process_group=True)
 
     @classmethod
-    def from_env(cls, *, backend: str = "gloo", timeout: float = 30.0) -> DistTransport:
+    def from_env(cls, *, backend: str = "gloo", timeout: float = 30.0,
+                 device: torch.device | str | None = None) -> DistTransport:
         """Start the process group from torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``.
 
-        Uses ``env://`` so torchrun's own store is reused; with NCCL the GPU is ``LOCAL_RANK``.
+        Uses ``env://`` so torchrun's own store is reused; with NCCL (or ``device="cuda"``) the GPU is
+        ``LOCAL_RANK % device_count``.
         """
         names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         missing = [n for n in names if not os.environ.get(n)]
@@ -166,7 +180,7 @@ class DistTransport(Transport):
             raise ValueError("torch.distributed is already initialised; use DistTransport.from_process_group()")
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device = cls._pick_device(backend, local_rank, None)
+        device = cls._pick_device(backend, local_rank, device)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         return cls(timeout=timeout, device=device, owns_process_group=True)
@@ -179,10 +193,17 @@ class DistTransport(Transport):
     @staticmethod
     def _pick_device(backend: str, local_rank: int, device: torch.device | str | None) -> torch.device:
         if backend != "nccl":
-            return torch.device("cpu") if device is None else torch.device(device)
-        if not torch.cuda.is_available():
+            dev = torch.device("cpu") if device is None else torch.device(device)
+            if dev.type != "cuda":
+                return dev
+        elif not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA, which is not available here; use backend='gloo'")
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if device is None else torch.device(device)
+        else:
+            dev = torch.device("cuda") if device is None else torch.device(device)
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {dev} needs CUDA, which is not available here; use device='cpu'")
+        if dev.index is None:  # one GPU per local rank, wrapping around when ranks outnumber GPUs (gloo, staged)
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
         return dev
 
@@ -190,6 +211,8 @@ class DistTransport(Transport):
     def isend(self, values: Sequence[Value], *, dst: int, tag: int = 0) -> SendHandle:
         self._check_peer(dst, name="dst")
         self._check_tag(tag)
+        if self.staged:  # CUDA tensors -> pinned host copies; the gloo path below then sends those
+            values = to_host(values)
         p = prepare(values)
         # The first message is the header followed by an inline area: when every small tensor fits there (the common
         # case: activations and gradients of a microbatch), the whole message is ONE transfer instead of two.
@@ -210,13 +233,13 @@ class DistTransport(Transport):
                 p.write_pack(first, _HEADER_BYTES)
         tensors = [first]
         if extension is not None:
-            tensors.append(extension.to(self.device))
+            tensors.append(extension.to(self._wire))
         if p.small and not inline:
-            pack = torch.empty(p.pack_bytes, dtype=torch.uint8, device=self.device)
+            pack = torch.empty(p.pack_bytes, dtype=torch.uint8, device=self._wire)
             p.write_pack(pack)
             tensors.append(pack)
         for t in p.large:  # sent from the caller's memory when possible (it must not change them until wait())
-            tensors.append(t.contiguous().reshape(-1).view(torch.uint8).to(self.device))
+            tensors.append(t.contiguous().reshape(-1).view(torch.uint8).to(self._wire))
         works = [self._pg.send([t], dst, tag) for t in tensors]  # what dist.isend ends with, minus its per-call checks
         return _DistSendHandle(self, works, tensors, dst=dst, tag=tag)
 
@@ -234,7 +257,7 @@ class DistTransport(Transport):
         landing = self._landing
         self._landing = None
         if landing is None:
-            first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+            first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self._wire)
             landing = (first, first.numpy() if first.is_cpu else None)
         first, first_np = landing
         wait(self._pg.recv([first], src, tag))
@@ -245,19 +268,24 @@ class DistTransport(Transport):
         _, ext_len = parse_header(h, src=src, tag=tag)
         extension = None
         if ext_len:
-            ext = torch.empty(ext_len, dtype=torch.int64, device=self.device)
+            ext = torch.empty(ext_len, dtype=torch.int64, device=self._wire)
             wait(self._pg.recv([ext], src, tag))
             extension = ext.tolist()
         descs = parse_descriptors(h, extension)
         sizes, where, pack_bytes = buffer_layout(descs)
         # Same rule as isend: the pack came inside the first message when there is no extension and it fits.
         inline = pack_bytes if extension is None and pack_bytes <= _INLINE_BYTES else 0
-        buffers = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes[1 if inline else 0 :]]
+        if self.staged:  # pinned: the copies to the GPU below run asynchronously
+            buffers = [pinned_empty((n,), torch.uint8) for n in sizes[1 if inline else 0 :]]
+        else:
+            buffers = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes[1 if inline else 0 :]]
         works = [self._pg.recv([b], src, tag) for b in buffers]
         for w in works:  # posted together: they match in send order
             wait(w)
         values = materialise_from(descs, where, pack_bytes, buffers, first=first if inline else None,
-                                  first_np=first_np, first_offset=_HEADER_BYTES, device=self.device)
+                                  first_np=first_np, first_offset=_HEADER_BYTES, device=self._wire)
+        if self.staged:  # host values -> this rank's GPU
+            values = to_device(values, self.device)
         if self._trim:  # every small value was copied out: the buffer may take the next message
             self._landing = landing
         check_expect(values, expect, where=f"recv on rank {self.rank} from rank {src} (tag {tag})")
@@ -265,10 +293,15 @@ class DistTransport(Transport):
 
     # -- collectives ---------------------------------------------------------------------------------------------
     def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` itself when the backend can use it in place, else a contiguous copy on :attr:`device`."""
-        if tensor.device == self.device and tensor.is_contiguous():
+        """``tensor`` itself when the backend can use it in place, else a contiguous copy where the backend reads it
+        (:attr:`device`; the CPU with gloo, in pinned memory when the tensor is on a GPU)."""
+        if tensor.device == self._wire and tensor.is_contiguous():
             return tensor.detach()
-        return tensor.detach().to(self.device, memory_format=torch.contiguous_format, copy=True)
+        if self._wire.type == "cpu" and tensor.device.type == "cuda":
+            (host,) = to_host([tensor.detach()])
+            assert isinstance(host, torch.Tensor)
+            return host
+        return tensor.detach().to(self._wire, memory_format=torch.contiguous_format, copy=True)
 
     def _run(self, kind: str, work: Any, when: tuple[float, float]) -> None:
         t, deadline = when
@@ -312,7 +345,7 @@ class DistTransport(Transport):
         # A one-element all_reduce rather than dist.barrier(): it honours our deadline on every backend.
         self._resolve_group(None, op="barrier")
         when = self._deadline(timeout)
-        work = dist.all_reduce(torch.zeros(1, device=self.device), group=None, async_op=True)
+        work = dist.all_reduce(torch.zeros(1, device=self._wire), group=None, async_op=True)
         self._run("barrier", work, when)
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ def clip_global_norm(params: Sequence[torch.nn.Parameter], max_norm: float, tran
     ``group`` holds one rank per stage (one pipeline replica): replicas hold equal gradients after synchronisation.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    local = torch.zeros(1, dtype=torch.float64)
+    local = torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else None)  # beside the gradients
     for g in grads:
         local += g.detach().double().pow(2).sum()
     if group is not None and group.size > 1:

@@ -9,6 +9,7 @@ from typing import Any
 __all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
+DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
@@ -68,6 +69,9 @@ class TrainConfig:
     """Seconds any wait (receive, collective) may take before the run fails with an error naming it."""
     threads: int = 1
     """Compute threads per process (torch.set_num_threads)."""
+    device: str = "cpu"
+    """Where stages compute: cpu, cuda (rank r on GPU local_rank % GPUs; NCCL when every rank has its own GPU, else
+    gloo staged through pinned host memory), or auto (cuda when CUDA is available)."""
     out_dir: str | None = None
     """Where workers write the final weights (safetensors by FQN) and the loss history."""
     save_dir: str | None = None
@@ -113,6 +117,8 @@ class TrainConfig:
             raise ValueError("save_every must be >= 0 and keep >= 1")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}; set device (--device)")
 
     @property
     def world_size(self) -> int:

@@ -9,16 +9,26 @@ import torch
 from .._spec import load_model_spec
 from ._config import TrainConfig
 from ._data import global_batches, sample_to_call
+from ._device import resolve_device, strict_fp32, to_device
 from ._worker import make_optimizer, model_loss
 
 __all__ = ["train_reference"]
 
 
 def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train ``config.model`` in this process on the same global batches; returns (losses, final state dict)."""
+    """Train ``config.model`` in this process on the same global batches; returns (losses, final state dict).
+
+    With ``config.device`` cuda the model trains on the current GPU in true fp32 (TF32 off, as in the workers); the
+    returned state dict is always on the CPU.
+    """
     torch.manual_seed(config.seed)
     spec = load_model_spec(config.model)
     model = spec.model.train(config.dropout)
+    device = torch.device("cpu")
+    if resolve_device(config.device) == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        strict_fp32(device)
+        model.to(device)
     if spec.dataset is None:
         raise ValueError(f"model {spec.name!r} has no dataset")
     data = spec.dataset()
@@ -28,6 +38,8 @@ def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.T
     for indices in global_batches(len(data), global_batch=config.global_batch, steps=config.steps, seed=config.seed,
                                   shuffle=config.shuffle):
         inputs, targets = torch.utils.data.default_collate([data[i] for i in indices])
+        if device.type != "cpu":
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
         args, kwargs = sample_to_call(inputs)
         loss = model_loss(spec, model(*args, **kwargs), targets)
         loss.backward()
@@ -37,5 +49,5 @@ def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.T
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    state: dict[str, Any] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state: dict[str, Any] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return losses, state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,9 +14,12 @@ import torch
 
 from ..comm import DistTransport, spawn
 from ._config import TrainConfig
+from ._device import DevicePlan, plan_devices
 from ._worker import run_worker
 
 __all__ = ["Trainer", "TrainResult", "under_torchrun"]
+
+log = logging.getLogger(__name__)
 
 
 def under_torchrun() -> bool:
@@ -52,13 +56,22 @@ class TrainResult:
         return model
 
 
+def _ranks_on_host(config: TrainConfig) -> int:
+    """Training processes on this host: all of them when spawned here; torchrun's ``LOCAL_WORLD_SIZE`` under it."""
+    if under_torchrun():
+        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"])
+    return config.world_size
+
+
 # Imported once by the forkserver so that every rank starts without re-importing them.
 _PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker", "stagewise.comm")
 
 
-def _local_rank_main(rank: int, world_size: int, port: int, config_json: str) -> None:
+def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, backend: str = "gloo",
+                     device: str = "cpu") -> None:
     config = TrainConfig.from_json(config_json)
-    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.timeout)
+    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.timeout,
+                                   backend=backend, device=None if device == "cpu" else device)
     try:
         run_worker(config, transport)
     finally:
@@ -66,16 +79,25 @@ def _local_rank_main(rank: int, world_size: int, port: int, config_json: str) ->
 
 
 class Trainer:
-    """Train ``config.model`` split into ``config.stages`` x ``config.replicas`` processes."""
+    """Train ``config.model`` split into ``config.stages`` x ``config.replicas`` processes.
+
+    :attr:`devices` says where they compute and how they talk (logged at INFO): on the CPU over gloo; with
+    ``device`` cuda over NCCL when every rank on the host has a GPU of its own, else over gloo with CUDA tensors staged
+    through pinned host memory (ranks sharing a GPU: NCCL refuses them).
+    """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.devices: DevicePlan = plan_devices(config.device, _ranks_on_host(config))
+        """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
 
     def fit(self, *, timeout: float | None = None) -> TrainResult:
         """Spawn the processes on this machine (or, under torchrun, run this rank) and wait for them."""
-        config = self.config
+        config, plan = self.config, self.devices
+        log.info("training %s: %s", config.model, plan.describe())
+        device = None if plan.device == "cpu" else plan.device
         if under_torchrun():  # every rank runs this; out_dir, if any, must be a path all ranks share
-            transport = DistTransport.from_env(timeout=config.timeout)
+            transport = DistTransport.from_env(backend=plan.backend, timeout=config.timeout, device=device)
             try:
                 summary = run_worker(config, transport)
             finally:
@@ -89,7 +111,8 @@ class Trainer:
         os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * config.timeout / 30.0)
-        spawn(_local_rank_main, config.world_size, args=(config.to_json(),), timeout=budget, preload=_PRELOAD)
+        spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device), timeout=budget,
+              preload=_PRELOAD)
         out = Path(config.out_dir or ".")
         summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
         return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out)

@@ -23,9 +23,10 @@ from ..split._capture import input_leaves
 from ..split._tree import unflatten
 from ._config import TrainConfig
 from ._data import ReplicaBatches, sample_to_call, split_microbatches
+from ._device import move_stage, resolve_device, strict_fp32, to_device
 from ._progress import Progress
 
-__all__ = ["run_worker", "Layout", "model_loss"]
+__all__ = ["run_worker", "rank_device", "Layout", "model_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,22 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tup
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def rank_device(config: TrainConfig, transport: Transport) -> torch.device:
+    """Where this rank computes: the CPU, or with ``device`` cuda the transport's GPU (else the current one)."""
+    if resolve_device(config.device) == "cpu":
+        return torch.device("cpu")
+    device = getattr(transport, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
-    """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced)."""
+    """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced).
+
+    With ``config.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state live on
+    the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved afterwards.
+    """
     tune_allocator()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -119,6 +134,14 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                    model_name=config.model)
     cap, stages = sm.stages_for(args, kwargs)
     mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}
+    device = rank_device(config, transport)
+    if device.type != "cpu":
+        strict_fp32(device)
+        for st in mine.values():
+            move_stage(st, device)
+        if rank == 0:
+            log.info("training on %s (backend %s%s)", device, getattr(transport, "backend", "?"),
+                     ", staged through pinned host memory" if getattr(transport, "staged", False) else "")
     params = [p for st in mine.values() for p in st.parameters() if p.requires_grad]
     # Every rank creates every group in the same order (a torch.distributed requirement).
     dp_groups = [transport.new_group(layout.replicas_of(p)) for p in range(layout.P)]
@@ -173,6 +196,9 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                     leaves, names, _ = input_leaves(a, k)
                     inputs[m] = {n: t for n, t in zip(names, leaves) if n in needed}
                     targets_by_mb.append(mb_targets)
+                    if device.type != "cpu":
+                        inputs[m] = to_device(inputs[m], device)
+                        targets_by_mb[m] = to_device(mb_targets, device)
             mb_losses = executor.run(inputs, loss_scale=scale)
             t_sync = time.time()
             all_reduce_grads(params, transport, dp_group, average=False, timeout=config.timeout)
@@ -207,7 +233,8 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     ran = config.steps - start_step
     summary = {"losses": losses, "seconds": elapsed, "steps_per_s": ran / elapsed if elapsed else 0.0,
-               "start_step": start_step}
+               "start_step": start_step, "device": str(device), "backend": getattr(transport, "backend", None),
+               "staged": bool(getattr(transport, "staged", False))}
     if config.out_dir and replica == 0:
         _write_outputs(Path(config.out_dir), mine, summary if rank == 0 else None)
     if config.trace is not None:
@@ -233,7 +260,7 @@ def _write_outputs(out: Path, stages: dict[int, Any], summary: dict[str, Any] | 
 
     out.mkdir(parents=True, exist_ok=True)
     for s, stage in stages.items():
-        tensors = {k: v.detach().contiguous() for k, v in stage.module.state_dict().items()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in stage.module.state_dict().items()
                    if not k.startswith("_stagewise_const")}
         save_file(tensors, str(out / f"stage{s}.safetensors"))
     if summary is not None:
