@@ -370,6 +370,35 @@ def test_dist_received_values_survive_later_messages() -> None:
     spawn(_reuse_worker, 2, timeout=_DEADLINE)
 
 
+def _post_recv_worker(rank: int, world_size: int, port: int) -> None:
+    with _init(rank, world_size, port) as t:
+        big = torch.arange(40_000, dtype=torch.float32).reshape(200, 200)  # beyond the first message: a 2nd transfer
+        if rank == 0:
+            t.barrier(timeout=10.0)  # rank 1 has posted its receives
+            sends = [t.isend([tag, torch.full((2, 3), float(tag)), big * tag], dst=1, tag=tag)
+                     for tag in (5, 3, 4)]  # out of the order they were posted and received in
+            sends.append(t.isend([9, torch.ones(1)], dst=1, tag=9))  # never posted ahead: the plain path
+            for handle in sends:
+                handle.wait(10.0)
+        else:
+            for tag in (3, 4, 5):
+                t.post_recv(src=0, tag=tag)
+            t.post_recv(src=0, tag=3)  # posting twice is one receive
+            t.barrier(timeout=10.0)
+            got = {tag: t.recv(src=0, tag=tag, timeout=10.0) for tag in (4, 3, 5)}
+            for tag, values in got.items():
+                assert values[0] == tag and torch.equal(values[1], torch.full((2, 3), float(tag)))
+                assert torch.equal(values[2], big * tag)
+            assert got[3][1].data_ptr() != got[4][1].data_ptr()  # each message its own storage
+            last = t.recv(src=0, tag=9, timeout=10.0)
+            assert last[0] == 9 and torch.equal(last[1], torch.ones(1))
+        t.barrier(timeout=10.0)
+
+
+def test_dist_post_recv_receives_ahead_on_any_tag_order() -> None:
+    spawn(_post_recv_worker, 2, timeout=_DEADLINE)
+
+
 def _timeout_worker(rank: int, world_size: int, port: int, done: Any) -> None:
     t = _init(rank, world_size, port)
     if rank == 1:

@@ -132,6 +132,7 @@ class DistTransport(Transport):
         self._owns = owns_process_group
         self._trim = backend == "gloo"  # see the module docstring: gloo accepts a message shorter than its buffer
         self._landing: tuple[torch.Tensor, np.ndarray | None] | None = None
+        self._posted: dict[tuple[int, int], tuple[tuple[torch.Tensor, np.ndarray | None], Any]] = {}
         self._pg = dist.group.WORLD
 
     # -- construction --------------------------------------------------------------------------------------------
@@ -243,6 +244,21 @@ class DistTransport(Transport):
         works = [self._pg.send([t], dst, tag) for t in tensors]  # what dist.isend ends with, minus its per-call checks
         return _DistSendHandle(self, works, tensors, dst=dst, tag=tag)
 
+    def post_recv(self, *, src: int, tag: int = 0) -> None:
+        """Post the receive of the next message's first transfer from ``src`` on ``tag`` now (gloo; a no-op on NCCL,
+        which matches point-to-point operations in issue order, not by tag). The sender's ``isend`` then finds it
+        waiting and its bytes land while this rank computes; the next ``recv(src=src, tag=tag)`` completes it."""
+        self._check_peer(src, name="src")
+        self._check_tag(tag)
+        if self.backend != "gloo" or (src, tag) in self._posted:
+            return
+        landing = self._new_landing()
+        self._posted[(src, tag)] = (landing, self._pg.recv([landing[0]], src, tag))
+
+    def _new_landing(self) -> tuple[torch.Tensor, np.ndarray | None]:
+        first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self._wire)
+        return first, first.numpy() if first.is_cpu else None
+
     def recv(self, *, src: int, tag: int = 0, timeout: float | None = None,
              expect: Sequence[Any] | None = None) -> list[Value]:
         self._check_peer(src, name="src")
@@ -252,15 +268,20 @@ class DistTransport(Transport):
         def wait(work: Any) -> None:
             _wait(self, work, deadline=deadline, waited=t, op="recv", peer=src, tag=tag)
 
-        # On gloo the landing buffer of first messages is reused: values are copied out of it before recv returns.
-        # It is taken away while in use, so after a failure (a receive may still be pending in gloo) a new one is made.
-        landing = self._landing
-        self._landing = None
-        if landing is None:
-            first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self._wire)
-            landing = (first, first.numpy() if first.is_cpu else None)
+        posted = self._posted.pop((src, tag), None)
+        if posted is not None:  # received ahead (post_recv): the first transfer may already be here
+            landing, work = posted
+        else:
+            # On gloo the landing buffer of first messages is reused: values are copied out of it before recv
+            # returns. It is taken away while in use, so after a failure (a receive may still be pending in gloo) a
+            # new one is made.
+            landing = self._landing
+            self._landing = None
+            if landing is None:
+                landing = self._new_landing()
+            work = self._pg.recv([landing[0]], src, tag)
         first, first_np = landing
-        wait(self._pg.recv([first], src, tag))
+        wait(work)
         if first_np is not None:
             h: Sequence[int] = HEADER_STRUCT.unpack_from(first_np)
         else:
@@ -286,7 +307,7 @@ class DistTransport(Transport):
                                   first_np=first_np, first_offset=_HEADER_BYTES, device=self._wire)
         if self.staged:  # host values -> this rank's GPU
             values = to_device(values, self.device)
-        if self._trim:  # every small value was copied out: the buffer may take the next message
+        if self._trim and posted is None:  # every small value was copied out: the buffer may take the next message
             self._landing = landing
         check_expect(values, expect, where=f"recv on rank {self.rank} from rank {src} (tag {tag})")
         return values

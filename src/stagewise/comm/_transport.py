@@ -103,6 +103,11 @@ class Transport(abc.ABC):
         :class:`BoundaryMismatchError` after the whole message was received, so the channel stays usable.
         """
 
+    def post_recv(self, *, src: int, tag: int = 0) -> None:  # noqa: B027 - optional, a no-op by default
+        """Start receiving the next message from ``src`` on ``tag`` now, so its bytes can land while this rank
+        computes; the next :meth:`recv` with the same ``src`` and ``tag`` completes it. A hint: transports that cannot
+        receive ahead ignore it."""
+
     # -- collectives ---------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def all_reduce(self, tensor: torch.Tensor, *, group: CommGroup | None = None, op: ReduceOp = "sum",

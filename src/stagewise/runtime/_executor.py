@@ -112,6 +112,13 @@ class PipelineExecutor:
         self._losses: dict[int, float] = {}
         self._inputs = inputs
         self._scale = loss_scale
+        for action in actions:  # receive ahead: every transfer of the step lands while this rank computes
+            if action.kind == "RECV_F":
+                self.transport.post_recv(src=self._rank_of(action.stage - 1),
+                                         tag=self._tag(action.stage - 1, action.microbatch, False))
+            elif action.kind == "RECV_B":
+                self.transport.post_recv(src=self._rank_of(action.stage + 1),
+                                         tag=self._tag(action.stage, action.microbatch, True))
         for step, action in enumerate(actions):
             start = time.time()
             try:
