@@ -10,8 +10,8 @@ The gateway listens and the workers connect, so the gateway's end survives any w
 on its connection, never a hang. Message kinds (see ``_worker`` and ``_pipeline``):
 
     worker -> gateway   hello {replica, generation, stage, secret, pid}, ready {stage, digest}, fatal {message},
-                        result {seq, times, +output tensors}, error {seq, stage, message}
-    gateway -> worker   run {seq, rows, +the model inputs this stage reads}
+                        result {seq, times, +output tensors} (last stage), error {seq, stage, message}
+    gateway -> stage 0  run {seq, rows, +every model input} (later stages get theirs from the stage before)
 """
 
 from __future__ import annotations
