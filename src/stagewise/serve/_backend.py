@@ -26,7 +26,7 @@ from ._protocol import DATATYPES, BadRequestError, InferRequest, TensorValue, da
 if TYPE_CHECKING:
     from ._metrics import GatewayMetrics
 
-__all__ = ["TensorMetadata", "ModelMetadata", "validate_inputs", "InferenceBackend", "LocalBackend"]
+__all__ = ["TensorMetadata", "ModelMetadata", "validate_inputs", "numeric_tensor", "InferenceBackend", "LocalBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +142,14 @@ class InferenceBackend(abc.ABC):
         """Release resources; called when the gateway shuts down."""
 
 
-def _as_tensor(value: TensorValue, name: str) -> torch.Tensor:
+def numeric_tensor(name: str, value: TensorValue, *, served_by: str) -> torch.Tensor:
+    """Input ``name`` as a tensor for a backend that runs numeric models only (``served_by`` names it in the error)."""
     if isinstance(value, torch.Tensor):
         return value
-    if value.dtype.kind in "OS":
-        raise ValueError(f"input {name!r} is BYTES; LocalBackend only runs models on numeric tensors")
-    return torch.from_numpy(np.ascontiguousarray(value))
+    if value.dtype.kind in "OSU":
+        raise BadRequestError(f"input {name!r} is BYTES; {served_by} runs models on numeric tensors only")
+    array = np.ascontiguousarray(value)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _named_outputs(out: Any, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
@@ -245,7 +247,7 @@ class LocalBackend(InferenceBackend):
             return self.model(*values)
 
     def _run(self, inputs: Mapping[str, TensorValue]) -> dict[str, torch.Tensor]:
-        tensors = {n: _as_tensor(inputs[n], n) for n in self.input_names}
+        tensors = {n: numeric_tensor(n, inputs[n], served_by="LocalBackend") for n in self.input_names}
         outputs = _named_outputs(self._forward(tensors), self.output_names)
         return {k: v.detach().cpu() for k, v in outputs.items()}
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from ._metrics import GatewayMetrics
 from ._protocol import (BackendError, BadRequestError, ClientDisconnectedError, GatewayTimeoutError,
                         ServiceUnavailableError, TensorValue, datatype_of, rows_of)
 
-__all__ = ["BatchingConfig", "DynamicBatcher", "should_wait"]
+__all__ = ["BatchingConfig", "DynamicBatcher", "should_wait", "await_or_drop", "Dropped"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,46 @@ def should_wait(*, gap_s: float, inflight: int, max_delay_s: float) -> bool:
     it (traffic is dense), or another batch is in flight (requests are flowing). A lone request is sent at once.
     """
     return max_delay_s > 0 and (gap_s <= max_delay_s or inflight > 0)
+
+
+class Dropped(Exception):
+    """:func:`await_or_drop` cancelled the future: ``reason`` is ``"timeout"`` or ``"cancel"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def await_or_drop(future: asyncio.Future[T], *, timeout_s: float,
+                        cancel: asyncio.Future[object] | None = None) -> T:
+    """``await future``, cancelling it after ``timeout_s`` or as soon as ``cancel`` completes (then :class:`Dropped`).
+
+    Plain callbacks on the future itself, not ``asyncio.wait``/``wait_for``: no extra task or future per request (on a
+    small machine those cost a noticeable share of a request). Cancelling the awaiting task cancels ``future`` too,
+    so ``future`` is done whenever this returns or raises.
+    """
+    why: list[str] = []
+
+    def drop(reason: str) -> None:
+        if not future.done():
+            why.append(reason)
+            future.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, drop, "timeout")
+    on_cancel = None
+    if cancel is not None:
+        on_cancel = lambda _: drop("cancel")  # noqa: E731
+        cancel.add_done_callback(on_cancel)
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if not why:  # the awaiting task itself was cancelled
+            raise
+        raise Dropped(why[0]) from None
+    finally:
+        timer.cancel()
+        if cancel is not None and on_cancel is not None:
+            cancel.remove_done_callback(on_cancel)
 
 
 @dataclasses.dataclass(eq=False)
@@ -175,34 +218,14 @@ class DynamicBatcher:
         self._report_depth()
         assert self._wakeup is not None
         self._wakeup.set()
-        # Plain callbacks on the request's own future, not asyncio.wait/wait_for: no extra tasks or futures per request.
-        why: list[str] = []
-
-        def drop(reason: str) -> None:
-            if not item.future.done():
-                why.append(reason)
-                item.future.cancel()
-
-        timer = loop.call_later(timeout, drop, "timeout")
-        on_gone = None
-        if cancel is not None:
-            on_gone = lambda _: drop("disconnect")  # noqa: E731
-            cancel.add_done_callback(on_gone)
         try:
-            return await item.future
-        except asyncio.CancelledError:
-            if not why:  # this task itself was cancelled
-                raise
-            if why[0] == "disconnect":
+            return await await_or_drop(item.future, timeout_s=timeout, cancel=cancel)
+        except Dropped as exc:
+            if exc.reason == "cancel":
                 raise ClientDisconnectedError(f"client of model {self.model!r} went away before its answer") from None
             raise GatewayTimeoutError(f"model {self.model!r} did not answer within {timeout:g} s "
                                       f"({self.queue_depth} requests queued)") from None
-        finally:
-            timer.cancel()
-            if on_gone is not None and cancel is not None:
-                cancel.remove_done_callback(on_gone)
-            if not item.future.done():
-                item.future.cancel()
+        finally:  # the future is done however it ended
             if item.future.cancelled():  # timed out, client gone, or this task was cancelled: drop the request
                 with contextlib.suppress(ValueError):  # ValueError: already taken into a batch
                     self._queue.remove(item)

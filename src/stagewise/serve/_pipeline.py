@@ -31,13 +31,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..comm import find_free_port
 from ..comm._spawn import _context, _describe_exit
-from ._backend import InferenceBackend, ModelMetadata
-from ._batching import BatchingConfig
+from ._backend import InferenceBackend, ModelMetadata, numeric_tensor
+from ._batching import BatchingConfig, Dropped, await_or_drop
 from ._channel import Channel, ChannelError, Message
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
@@ -53,14 +52,6 @@ log = logging.getLogger(__name__)
 # torch.export's lazily imported machinery (seconds per process).
 _PRELOAD = ("torch", "torch.export", "torch._dynamo", "torch.export._trace", "stagewise.serve._worker")
 _MAX_BACKOFF_S = 10.0
-
-
-def _as_tensor(name: str, value: TensorValue) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if value.dtype.kind in "OSU":
-        raise BadRequestError(f"input {name!r} is BYTES; a pipeline serves numeric tensors only")
-    return torch.from_numpy(np.array(value, copy=True))
 
 
 class PipelineBackend(InferenceBackend):
@@ -151,7 +142,7 @@ class PipelineBackend(InferenceBackend):
                 self._cond.wait(min(left, 0.5))
 
     async def infer(self, inputs: Mapping[str, TensorValue]) -> dict[str, torch.Tensor]:
-        tensors = {t.name: _as_tensor(t.name, inputs[t.name]) for t in self._meta.inputs}
+        tensors = {t.name: numeric_tensor(t.name, inputs[t.name], served_by="a pipeline") for t in self._meta.inputs}
         rows = int(next(iter(tensors.values())).shape[0])
         if not 0 < rows <= self.max_batch_size:
             raise BadRequestError(f"batch of {rows} rows; model {self.name!r} takes 1..{self.max_batch_size}")
@@ -159,26 +150,12 @@ class PipelineBackend(InferenceBackend):
         req = PendingBatch(tensors, rows, loop, loop.create_future())
         with self._lock:
             self._dispatch(req)
-        timed_out: list[bool] = []
-
-        def expire() -> None:
-            if not req.future.done():
-                timed_out.append(True)
-                req.future.cancel()
-
-        timer = loop.call_later(self.config.request_timeout_s, expire)
-        try:
-            return await req.future
-        except asyncio.CancelledError:
-            if not timed_out:
-                raise
+        try:  # when this returns or raises, req.future is done: a late result is dropped, a waiting batch skipped
+            return await await_or_drop(req.future, timeout_s=self.config.request_timeout_s)
+        except Dropped:
             limit = self.config.request_timeout_s
             raise GatewayTimeoutError(f"model {self.name!r}: no replica answered within {limit:g} s "
                                       "(PipelineConfig.request_timeout_s)") from None
-        finally:
-            timer.cancel()
-            if not req.future.done():
-                req.future.cancel()  # a result arriving later is dropped; a waiting batch is skipped
 
     async def close(self) -> None:
         await asyncio.to_thread(self.shutdown)
