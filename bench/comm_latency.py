@@ -14,7 +14,8 @@ echo, timed on rank 0 with ``time.perf_counter``. Cases:
 
 Cases alternate ``--repeats`` times (this 2-core machine is shared; bursts hit single rounds); each case keeps the
 median of its best repeat. Also printed: the median time of the ``isend`` call itself (Python and posting, before the
-wait) and of ``framing.encode`` in-process, to show where the per-message overhead goes.
+wait) and of framing the first message in-process (``prepare`` + header + pack, what ``isend`` does before gloo), to
+show where the per-message overhead goes.
 
 The last line is ``comm_latency raw_us=R stagewise_us=S overhead_ratio=S/R`` for the small message (round trip
 medians, microseconds).
@@ -113,16 +114,24 @@ def _rank(rank: int, world_size: int, port: int, out_dir: str, rounds: int, repe
 
 
 def _encode_us(values: list[Any], n: int = 2000) -> float:
-    """Median time (us) of one ``framing.encode`` call, in this process."""
-    from stagewise.comm._framing import encode
+    """Median time (us) of framing one first message in this process: ``prepare`` + header + pack (as ``isend``)."""
+    from stagewise.comm._framing import HEADER_SLOTS, prepare
+
+    def frame() -> None:
+        p = prepare(values)
+        first = torch.empty(HEADER_SLOTS * 8 + p.pack_bytes, dtype=torch.uint8)
+        first_np = first.numpy()
+        p.write_header(first_np, src=0, tag=1)
+        if p.pack_bytes:
+            p.write_pack(first, HEADER_SLOTS * 8, first_np)
 
     torch.set_num_threads(1)
     for _ in range(100):
-        encode(values, src=0, tag=1)
+        frame()
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
-        encode(values, src=0, tag=1)
+        frame()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
 
@@ -142,7 +151,7 @@ def main() -> None:
         extra = f", isend call {res[case]['isend_us']:.0f} us" if case.startswith("stagewise") else ""
         print(f"{case:17s} round trip median {res[case]['rt_us']:7.0f} us{extra}")
     for case in ("stagewise small", "stagewise 256KiB"):
-        print(f"encode ({case.split()[1]}) median {_encode_us(_values(case)):.1f} us")
+        print(f"framing ({case.split()[1]}) median {_encode_us(_values(case)):.1f} us")
     raw, sw = res["raw 1KiB"]["rt_us"], res["stagewise small"]["rt_us"]
     print(f"load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
     sys.stdout.flush()

@@ -32,10 +32,10 @@ from stagewise.comm._framing import (
     HEADER_STRUCT,
     PACK_LIMIT,
     TensorDesc,
+    buffer_layout,
     encode,
     parse_descriptors,
     parse_header,
-    payload_layout,
     prepare,
 )
 
@@ -154,7 +154,7 @@ def test_frame_layout_matches_header() -> None:
         descs = parse_descriptors(frame.header, frame.extension)
         assert n == len(values) == len(descs), name
         assert ext_len == (0 if frame.extension is None else frame.extension.numel()), name
-        assert [p.numel() for p in frame.payloads] == payload_layout(descs)[0], name
+        assert [p.numel() for p in frame.payloads] == buffer_layout(descs)[0], name
     frame = encode(_cases()["header_overflow"], src=0, tag=1)
     assert frame.extension is not None and len(frame.payloads) == 1  # 12 small tensors share one pack
     frame = encode(_cases()["mixed"], src=0, tag=1)

@@ -40,6 +40,7 @@ from ._framing import (
     HEADER_SLOTS,
     HEADER_STRUCT,
     Value,
+    as_bytes,
     buffer_layout,
     materialise_from,
     parse_descriptors,
@@ -57,6 +58,12 @@ _BACKENDS = ("gloo", "nccl")
 _HEADER_BYTES = HEADER_SLOTS * 8
 _INLINE_BYTES = 64 * 1024
 _FIRST_BYTES = _HEADER_BYTES + _INLINE_BYTES
+
+
+def _inline_bytes(pack_bytes: int, has_extension: bool) -> int:
+    """Bytes of the small-tensor pack that ride inside the first message (0: it travels on its own). isend and recv
+    must agree: the pack is inline when there is no descriptor extension and it fits the inline area."""
+    return pack_bytes if not has_extension and pack_bytes <= _INLINE_BYTES else 0
 
 
 def _wait(transport: DistTransport, work: Any, *, deadline: float, waited: float, op: str, peer: int | None,
@@ -218,7 +225,7 @@ class DistTransport(Transport):
         # The first message is the header followed by an inline area: when every small tensor fits there (the common
         # case: activations and gradients of a microbatch), the whole message is ONE transfer instead of two.
         extension = p.extension()
-        inline = p.pack_bytes if extension is None and p.pack_bytes <= _INLINE_BYTES else 0
+        inline = _inline_bytes(p.pack_bytes, extension is not None)
         if self._trim:  # gloo, CPU: exactly the bytes carried, written through numpy (no memset, no torch slicing)
             first = torch.empty(_HEADER_BYTES + inline, dtype=torch.uint8)
             first_np = first.numpy()
@@ -240,7 +247,7 @@ class DistTransport(Transport):
             p.write_pack(pack)
             tensors.append(pack)
         for t in p.large:  # sent from the caller's memory when possible (it must not change them until wait())
-            tensors.append(t.contiguous().reshape(-1).view(torch.uint8).to(self._wire))
+            tensors.append(as_bytes(t).to(self._wire))
         works = [self._pg.send([t], dst, tag) for t in tensors]  # what dist.isend ends with, minus its per-call checks
         return _DistSendHandle(self, works, tensors, dst=dst, tag=tag)
 
@@ -294,12 +301,12 @@ class DistTransport(Transport):
             extension = ext.tolist()
         descs = parse_descriptors(h, extension)
         sizes, where, pack_bytes = buffer_layout(descs)
-        # Same rule as isend: the pack came inside the first message when there is no extension and it fits.
-        inline = pack_bytes if extension is None and pack_bytes <= _INLINE_BYTES else 0
+        inline = _inline_bytes(pack_bytes, extension is not None)
+        rest = sizes[1:] if inline else sizes  # what follows the first message
         if self.staged:  # pinned: the copies to the GPU below run asynchronously
-            buffers = [pinned_empty((n,), torch.uint8) for n in sizes[1 if inline else 0 :]]
+            buffers = [pinned_empty((n,), torch.uint8) for n in rest]
         else:
-            buffers = [torch.empty(n, dtype=torch.uint8, device=self.device) for n in sizes[1 if inline else 0 :]]
+            buffers = [torch.empty(n, dtype=torch.uint8, device=self._wire) for n in rest]
         works = [self._pg.recv([b], src, tag) for b in buffers]
         for w in works:  # posted together: they match in send order
             wait(w)

@@ -16,7 +16,7 @@ A message is, in wire order, on one (src, dst, tag) channel:
 :class:`DistTransport` sends the header at the start of a first message whose inline area also carries the pack when
 it fits, so a typical activation or gradient message is a single transfer (on gloo the first message is only as long
 as what it carries; NCCL pads it to a fixed size). Both sides derive the buffer layout from ``desc`` alone
-(:func:`payload_layout`), so the receiver allocates exact buffers before the bytes arrive. Data moves as raw bytes
+(:func:`buffer_layout`), so the receiver allocates exact buffers before the bytes arrive. Data moves as raw bytes
 (``tensor.view(torch.uint8)``), so every dtype in :data:`DTYPE_CODES` works on every backend, whatever dtypes the
 backend itself supports. Received tensors are contiguous and own their storage.
 
@@ -41,8 +41,7 @@ from ._errors import FramingError
 
 __all__ = [
     "Value", "DTYPE_CODES", "HEADER_SLOTS", "HEADER_STRUCT", "PACK_LIMIT", "Frame", "Prepared", "TensorDesc",
-    "encode", "prepare", "parse_header", "parse_descriptors", "payload_layout", "buffer_layout", "alloc_payloads",
-    "materialise", "materialise_from", "check_expect",
+    "as_bytes", "encode", "prepare", "parse_header", "parse_descriptors", "buffer_layout", "materialise", "materialise_from",
 ]  # fmt: skip
 
 Value = Union[torch.Tensor, int, float, bool, None]
@@ -169,7 +168,7 @@ class Prepared:
             if src is not None:
                 out_np[offset : offset + n] = src
             else:
-                out[offset : offset + n].copy_(_as_bytes(t))
+                out[offset : offset + n].copy_(as_bytes(t))
             offset += n
 
 
@@ -230,7 +229,8 @@ def prepare(values: Sequence[Value]) -> Prepared:
 
 
 def buffer_layout(descs: Sequence[Desc]) -> tuple[list[int], list[tuple[int, int, int] | None], int]:
-    """:func:`payload_layout` with byte counts, ``where[i] = (buffer index, offset, nbytes)``, and the pack's length."""
+    """Buffer sizes in wire order (small tensors share buffer 0, the pack, when there is one; each large tensor gets its
+    own), ``where[i] = (buffer index, byte offset, nbytes)`` of each value (None: no bytes), and the pack's length."""
     where: list[tuple[int, int, int] | None] = [None] * len(descs)
     large: list[int] = []
     offset = 0
@@ -251,16 +251,7 @@ def buffer_layout(descs: Sequence[Desc]) -> tuple[list[int], list[tuple[int, int
     return sizes, where, offset
 
 
-def payload_layout(descs: Sequence[Desc]) -> tuple[list[int], list[tuple[int, int] | None]]:
-    """Buffer sizes in wire order, and for each value its ``(buffer index, byte offset)`` (None: no bytes).
-
-    Small tensors share buffer 0 (the pack) when there is at least one; each large tensor gets its own buffer.
-    """
-    sizes, where, _ = buffer_layout(descs)
-    return sizes, [None if w is None else (w[0], w[1]) for w in where]
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A tensor's bytes as a flat uint8 tensor (a view when contiguous, else a contiguous copy)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
 
@@ -284,7 +275,7 @@ def encode(values: Sequence[Value], *, src: int, tag: int, device: torch.device 
     for t in p.large:
         if copy or not t.is_contiguous():
             t = t.clone(memory_format=torch.contiguous_format)
-        payloads.append(_as_bytes(t).to(device if device is not None else t.device))
+        payloads.append(as_bytes(t).to(device if device is not None else t.device))
     if device is not None:
         header = header.to(device)
         extension = None if extension is None else extension.to(device)
@@ -343,12 +334,6 @@ def parse_descriptors(header: torch.Tensor | Sequence[int],
     if pos != desc_len:
         raise FramingError(f"corrupt frame: descriptors use {pos} slots, header says {desc_len}")
     return out
-
-
-def alloc_payloads(descs: Sequence[Desc], device: torch.device) -> list[torch.Tensor]:
-    """Empty uint8 buffers, in wire order, to receive the bytes of ``descs`` into."""
-    sizes, _, _ = buffer_layout(descs)
-    return [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
 
 
 def materialise(descs: Sequence[Desc], payloads: Sequence[torch.Tensor], device: torch.device) -> list[Value]:

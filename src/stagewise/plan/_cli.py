@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..train._config import OPTIMIZERS
 from ._cluster import Cluster
 from ._plan import MODES, Plan
 
@@ -39,7 +40,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         "sizes down to 1 row (default: the global batch)")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads per training process, as TrainConfig.threads (default: 1)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
                    help="optimizer whose state counts against memory in train mode (default: adam)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per unit when profiling (default: 3)")
     p.add_argument("--top", type=int, default=3, help="plans to print (default: 3)")

@@ -23,13 +23,10 @@ from pathlib import Path
 import torch
 
 from .._allocator import tune_allocator
+from ..train._config import OPTIMIZER_CLASSES, OPTIMIZERS
 
-__all__ = ["OPTIMIZERS", "time_optimizer"]
+__all__ = ["OPTIMIZERS", "time_optimizer"]  # OPTIMIZERS: TrainConfig's built-in ones
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-"""Optimizers :func:`time_optimizer` knows (TrainConfig's built-in ones)."""
-
-_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def _cache_bytes() -> int:
@@ -56,7 +53,7 @@ def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json:
     if params:
         evict = torch.empty(_cache_bytes(), dtype=torch.uint8)
         grads = [torch.randn_like(p) for p in params]
-        opt = _CLASSES[optimizer](params, lr=1e-3)
+        opt = OPTIMIZER_CLASSES[optimizer](params, lr=1e-3)
         times = []
         for i in range(repeats + 1):
             evict.fill_(i & 0xFF)

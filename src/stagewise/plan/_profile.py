@@ -23,6 +23,7 @@ import torch
 from .._allocator import tune_allocator
 from .._spec import ModelSpec
 from ..split import UnitInfo
+from ..train._data import sample_to_call
 from ._optimizer import OPTIMIZERS, time_optimizer
 
 __all__ = ["ChainProfile", "profile_chain", "interpolate"]
@@ -125,14 +126,6 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _call_of(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (list, tuple)):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
 def _rows_of(value: Any, rows: int) -> Any:
     """The first ``rows`` rows of every tensor (dim 0 is the batch), tiled when the example has fewer."""
     if isinstance(value, torch.Tensor):
@@ -211,7 +204,7 @@ def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, model_name: st
     load = None
     if data is not None:
         inputs, targets = collate([data[i] for i in range(rows)])
-        args, kwargs = _call_of(inputs)
+        args, kwargs = sample_to_call(inputs)
         load = _median_ms(lambda: collate([data[i] for i in range(rows)]), repeats)
     else:
         args, kwargs = _rows_of(spec.args, rows), _rows_of(spec.kwargs, rows)

@@ -103,6 +103,9 @@ class _Search:
             spb = OPTIMIZER_SECONDS_PER_BYTE[cluster.device_kind] if seconds_per_byte is None else seconds_per_byte
             opt_s = [optimizer_time(u.param_bytes, seconds_per_byte=spb) for u in self.units]
         self.opt_prefix = _prefix(opt_s)
+        bw, lat = cluster.allreduce_link(list(range(self.N)))
+        self.loss_sync = allreduce_time(8, replicas=self.N, bandwidth=bw, latency=lat)
+        """Seconds of the step's loss all-reduce over every device (the same for every layout)."""
         self._at_rows: dict[int, tuple[Chain, list[float], list[float]]] = {}
         self._cuts: dict[tuple[int, int, int, tuple[int, ...]], list[int] | None] = {}
         self._links: dict[tuple[int, int, int], set[tuple[float, float]]] = {}
@@ -200,11 +203,9 @@ class _Search:
         else:
             load = self.profile.load_seconds(self.G // D)  # the ranks with inputs or targets read the batch
             start[0] = start[P - 1] = load
-            bw_, lat = cl.allreduce_link(list(range(self.N)))
-            loss_sync = allreduce_time(8, replicas=self.N, bandwidth=bw_, latency=lat)  # the step's loss
             for r in range(P):
                 bw_, lat = self.reduce_link(P, D, r)
-                tail[r] = allreduce_time(params[r], replicas=D, bandwidth=bw_, latency=lat) + loss_sync
+                tail[r] = allreduce_time(params[r], replicas=D, bandwidth=bw_, latency=lat) + self.loss_sync
         c = _Candidate(P=P, D=D, V=V, M=M, rows=rows, schedule=schedule, starts=starts, fwd=fwd, bwd=bwd,
                        weight=weight, send=send, memory=memory, start=start, tail=tail, opt=opt)
         so, ro = cl.send_overhead, cl.recv_overhead

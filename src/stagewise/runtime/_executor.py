@@ -93,6 +93,12 @@ class PipelineExecutor:
     def _tag(self, boundary: int, microbatch: int, backward: bool) -> int:
         return (boundary * self.schedule.microbatches + microbatch) * 2 + int(backward)
 
+    def _recv_peer(self, action: Action) -> tuple[int, int]:
+        """``(src rank, tag)`` of a RECV_F / RECV_B action: the neighbour stage's rank and the boundary's tag."""
+        if action.kind == "RECV_F":
+            return self._rank_of(action.stage - 1), self._tag(action.stage - 1, action.microbatch, False)
+        return self._rank_of(action.stage + 1), self._tag(action.stage, action.microbatch, True)
+
     # -- one step ---------------------------------------------------------------------------------------------------
     def run(self, inputs: Sequence[Mapping[str, Any]], *, loss_scale: float = 1.0) -> list[float]:
         """Run every action of this rank for one step. ``inputs[m]``: the model inputs microbatch ``m`` needs here.
@@ -113,12 +119,9 @@ class PipelineExecutor:
         self._inputs = inputs
         self._scale = loss_scale
         for action in actions:  # receive ahead: every transfer of the step lands while this rank computes
-            if action.kind == "RECV_F":
-                self.transport.post_recv(src=self._rank_of(action.stage - 1),
-                                         tag=self._tag(action.stage - 1, action.microbatch, False))
-            elif action.kind == "RECV_B":
-                self.transport.post_recv(src=self._rank_of(action.stage + 1),
-                                         tag=self._tag(action.stage, action.microbatch, True))
+            if action.kind in ("RECV_F", "RECV_B"):
+                src, tag = self._recv_peer(action)
+                self.transport.post_recv(src=src, tag=tag)
         for step, action in enumerate(actions):
             start = time.time()
             try:
@@ -152,14 +155,15 @@ class PipelineExecutor:
             self._handles.append(self.transport.isend(values, dst=self._rank_of(s + 1), tag=self._tag(s, m, False)))
         elif kind == "RECV_F":
             # Shapes and dtypes are checked against the partition: a mismatch is a typed error, never a hang.
-            self._recv_f[(s, m)] = self.transport.recv(src=self._rank_of(s - 1), tag=self._tag(s - 1, m, False),
-                                                       timeout=self.timeout, expect=self.stages[s].spec.recv)
+            src, tag = self._recv_peer(action)
+            self._recv_f[(s, m)] = self.transport.recv(src=src, tag=tag, timeout=self.timeout,
+                                                       expect=self.stages[s].spec.recv)
         elif kind == "SEND_B":
             grads = self._out_b.pop((s, m))
             self._handles.append(self.transport.isend(grads, dst=self._rank_of(s - 1), tag=self._tag(s - 1, m, True)))
         elif kind == "RECV_B":
-            self._recv_b[(s, m)] = self.transport.recv(src=self._rank_of(s + 1), tag=self._tag(s, m, True),
-                                                       timeout=self.timeout)
+            src, tag = self._recv_peer(action)
+            self._recv_b[(s, m)] = self.transport.recv(src=src, tag=tag, timeout=self.timeout)
         else:  # pragma: no cover - the schedule validator rejects unknown kinds
             raise ValueError(f"unknown action kind {kind!r}")
 

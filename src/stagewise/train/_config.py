@@ -6,11 +6,16 @@ import dataclasses
 import json
 from typing import Any
 
-__all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS"]
+import torch
+
+__all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "OPTIMIZER_CLASSES"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 DEVICES = ("cpu", "cuda", "auto")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+"""The optimizers known by name (any other is a dotted path)."""
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -21,7 +21,7 @@ from ..schedule import add_communication, build, validate
 from ..split import Partition, split
 from ..split._capture import input_leaves
 from ..split._tree import unflatten
-from ._config import TrainConfig
+from ._config import OPTIMIZER_CLASSES, TrainConfig
 from ._data import ReplicaBatches, sample_to_call, split_microbatches
 from ._device import move_stage, resolve_device, strict_fp32, to_device
 from ._progress import Progress
@@ -77,9 +77,8 @@ def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
-    builtin = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if config.optimizer in builtin:
-        cls = builtin[config.optimizer]
+    if config.optimizer in OPTIMIZER_CLASSES:
+        cls = OPTIMIZER_CLASSES[config.optimizer]
     else:
         module, _, name = config.optimizer.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
