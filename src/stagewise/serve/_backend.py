@@ -26,9 +26,20 @@ from ._protocol import DATATYPES, BadRequestError, InferRequest, TensorValue, da
 if TYPE_CHECKING:
     from ._metrics import GatewayMetrics
 
-__all__ = ["TensorMetadata", "ModelMetadata", "validate_inputs", "numeric_tensor", "InferenceBackend", "LocalBackend"]
+__all__ = ["TensorMetadata", "ModelMetadata", "ModelError", "validate_inputs", "numeric_tensor", "InferenceBackend",
+           "LocalBackend"]
 
 logger = logging.getLogger(__name__)
+
+
+class ModelError(BadRequestError):
+    """The model itself raised on a request's inputs (an embedding id out of range...): a 400 naming the exception, as
+    Triton answers, not a 500: the service is fine, the input is not. The batcher re-runs a failing batch of several
+    requests one by one, so only the request that causes it gets this answer."""
+
+    def __init__(self, model: str, error: str, message: str, *, where: str = "") -> None:
+        super().__init__(f"model {model!r} raised {error}: {message}" + (f" ({where})" if where else ""))
+        self.error = error
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -248,7 +259,11 @@ class LocalBackend(InferenceBackend):
 
     def _run(self, inputs: Mapping[str, TensorValue]) -> dict[str, torch.Tensor]:
         tensors = {n: numeric_tensor(n, inputs[n], served_by="LocalBackend") for n in self.input_names}
-        outputs = _named_outputs(self._forward(tensors), self.output_names)
+        try:
+            out = self._forward(tensors)
+        except Exception as exc:  # noqa: BLE001 - the model's own exception: this input's fault, a 400
+            raise ModelError(self.name, type(exc).__name__, str(exc)) from exc
+        outputs = _named_outputs(out, self.output_names)
         return {k: v.detach().cpu() for k, v in outputs.items()}
 
     def metadata(self) -> ModelMetadata:

@@ -4,7 +4,9 @@ One loop per model collects pending requests up to ``max_batch_size`` rows, wait
 (only when more are likely: another request arrived within the last ``max_delay_ms``, or a batch is already in
 flight; a lone request on an idle server is sent at once), and dispatches up to ``max_inflight`` batches to the backend
 concurrently (a pipeline backend wants one per stage). Outputs are checked against the backend's contract and split
-back per request. Requests cancelled, disconnected or timed out before dispatch are dropped from the queue.
+back per request. Requests cancelled, disconnected or timed out before dispatch are dropped from the queue. When the
+model raises on a batch of several requests (:class:`ModelError`), each is run again alone, so only the request that
+causes the error gets it (a 400) and its batch-mates get their answers.
 
 A request with more rows than ``max_batch_size`` is rejected with a 400 (it is not split): the limit is a property of
 the backend (memory, compiled shapes), and splitting would let one client hold many queue slots.
@@ -24,9 +26,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ._backend import InferenceBackend
+from ._backend import InferenceBackend, ModelError
 from ._metrics import GatewayMetrics
-from ._protocol import (BackendError, BadRequestError, ClientDisconnectedError, GatewayTimeoutError,
+from ._protocol import (BackendError, BadRequestError, ClientDisconnectedError, GatewayTimeoutError, ServeError,
                         ServiceUnavailableError, TensorValue, datatype_of, rows_of)
 
 __all__ = ["BatchingConfig", "DynamicBatcher", "should_wait", "await_or_drop", "Dropped"]
@@ -299,29 +301,41 @@ class DynamicBatcher:
         try:
             if self.metrics is not None:
                 self.metrics.observe_batch(self.model, rows)
-            names = list(batch[0].inputs)
-            inputs = {n: _concat([item.inputs[n] for item in batch]) for n in names}
-            try:
-                outputs = self._check_outputs(await self.backend.infer(inputs), rows)
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to the requests in this batch
-                err = exc if isinstance(exc, BackendError) else BackendError(
-                    f"model {self.model!r} failed on a batch of {rows} rows: {type(exc).__name__}: {exc}")
-                if not isinstance(exc, BackendError):
-                    logger.exception("backend %s failed on a batch of %s rows", self.model, rows)
+            failed = await self._run(batch, rows)
+            if isinstance(failed, ModelError) and len(batch) > 1:  # find the request(s) the model raises on
                 for item in batch:
                     if not item.future.done():
-                        item.future.set_exception(err)
-                return
-            start = 0
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_result({k: v[start:start + item.rows] for k, v in outputs.items()})
-                start += item.rows
+                        await self._run([item], item.rows)
         finally:
             self._inflight -= 1
             if self.metrics is not None:
                 self.metrics.set_inflight(self.model, self._inflight)
             self._slots.release()
+
+    async def _run(self, batch: list[_Pending], rows: int) -> ModelError | None:
+        """One backend call on ``batch``; settles every request of it, except on a :class:`ModelError` of several
+        requests, which is returned (the caller isolates)."""
+        names = list(batch[0].inputs)
+        inputs = {n: _concat([item.inputs[n] for item in batch]) for n in names}
+        try:
+            outputs = self._check_outputs(await self.backend.infer(inputs), rows)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the requests in this batch
+            if isinstance(exc, ModelError) and len(batch) > 1:
+                return exc
+            err = exc if isinstance(exc, ServeError) else BackendError(
+                f"model {self.model!r} failed on a batch of {rows} rows: {type(exc).__name__}: {exc}")
+            if err is not exc:
+                logger.exception("backend %s failed on a batch of %s rows", self.model, rows)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return None
+        start = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result({k: v[start:start + item.rows] for k, v in outputs.items()})
+            start += item.rows
+        return None
 
     def _check_outputs(self, outputs: Mapping[str, TensorValue], rows: int) -> dict[str, TensorValue]:
         """The backend's contract: every metadata output, as a tensor with ``rows`` rows of the declared datatype."""

@@ -9,8 +9,10 @@ A frame is, in wire order::
 The gateway listens and the workers connect, so the gateway's end survives any worker's death: a dead worker is an EOF
 on its connection, never a hang. Message kinds (see ``_worker`` and ``_pipeline``):
 
-    worker -> gateway   hello {replica, generation, stage, secret, pid}, ready {stage, digest}, fatal {message},
-                        result {seq, times, +output tensors} (last stage), error {seq, stage, message}
+    gateway -> worker   challenge {nonce} (on accept; see ``_listener``)
+    worker -> gateway   hello {replica, generation, stage, pid, mac}, ready {stage, digest}, fatal {message},
+                        beat {} (every heartbeat interval, from a thread of its own),
+                        result {seq, times, +output tensors} (last stage), error {seq, stage, error, message}
     gateway -> stage 0  run {seq, rows, +every model input} (later stages get theirs from the stage before)
 """
 
@@ -27,9 +29,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ChannelError", "Message", "Channel", "encode_frame", "DTYPES"]
+__all__ = ["ChannelError", "Message", "Channel", "encode_frame", "parse_header", "DTYPES", "PREFIX"]
 
-_PREFIX = struct.Struct("!IQ")
+PREFIX = struct.Struct("!IQ")
+"""Frame prefix: header length, data length (bytes)."""
 _ALIGN = 64
 MAX_HEADER_BYTES = 1 << 20
 """Largest JSON header accepted (1 MiB): anything larger is a corrupt or foreign stream."""
@@ -92,7 +95,23 @@ def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] 
     head = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     if len(head) > MAX_HEADER_BYTES:
         raise ValueError(f"frame header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
-    return b"".join([_PREFIX.pack(len(head), offset), head, *blobs])
+    return b"".join([PREFIX.pack(len(head), offset), head, *blobs])
+
+
+def _no_constant(name: str) -> Any:
+    raise ChannelError(f"frame header holds {name}, which no stagewise peer sends")
+
+
+def parse_header(raw: bytes | bytearray) -> dict[str, Any]:
+    """A frame's JSON header as a dict; ``ChannelError`` for anything else (NaN/Infinity included: a forged
+    ``"replica": Infinity`` must not reach an ``int()``)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ChannelError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ChannelError("frame header must be a JSON object")
+    return header
 
 
 def _decode_tensors(table: Any, data: bytearray) -> dict[str, torch.Tensor]:
@@ -103,7 +122,7 @@ def _decode_tensors(table: Any, data: bytearray) -> dict[str, torch.Tensor]:
         try:
             name, dtype, shape = str(entry["name"]), DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
             offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ChannelError(f"bad tensor entry {entry!r} in frame header: {exc}") from None
         numel = 1
         for d in shape:
@@ -200,20 +219,15 @@ class Channel:
 
         ``max_data_bytes`` bounds what an unauthenticated peer can make this side allocate (0 for a hello).
         """
-        prefix = self._read_exact(_PREFIX.size, at_start=True)
+        prefix = self._read_exact(PREFIX.size, at_start=True)
         if prefix is None:
             return None
-        head_len, data_len = _PREFIX.unpack(prefix)
+        head_len, data_len = PREFIX.unpack(prefix)
         if head_len > MAX_HEADER_BYTES or data_len > max_data_bytes:
             raise ChannelError(f"frame sizes {head_len}/{data_len} bytes exceed the limits: not a stagewise peer?")
         head = self._read_exact(head_len)
         assert head is not None
-        try:
-            header = json.loads(head.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ChannelError(f"frame header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise ChannelError("frame header must be a JSON object")
+        header = parse_header(head)
         data = self._read_exact(data_len) if data_len else bytearray()
         assert data is not None
         tensors = _decode_tensors(header.pop("tensors", []), data)

@@ -35,6 +35,10 @@ class GatewayMetrics:
                                  ["model"], namespace=ns, registry=reg)
         self.inflight = Gauge("inflight_batches", "Batches dispatched to a backend and not yet answered.",
                               ["model"], namespace=ns, registry=reg)
+        self.replica_ready = Gauge("replica_ready", "1 while a pipeline replica serves, 0 while it is down.",
+                                   ["model", "replica"], namespace=ns, registry=reg)
+        self.replica_restarts = Counter("replica_restarts", "Pipeline replica restarts after a failure.",
+                                        ["model", "replica"], namespace=ns, registry=reg)
         self.stage_time = Histogram("stage_seconds", "Time one batch spends in one pipeline stage.",
                                     ["model", "stage"], namespace=ns, registry=reg, buckets=_LATENCY_BUCKETS)
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -65,6 +69,14 @@ class GatewayMetrics:
     def observe_stage_time(self, model: str, stage: str, seconds: float) -> None:
         """Record the time one batch spent in pipeline stage ``stage`` (called by pipeline backends)."""
         self._child(self.stage_time, model, str(stage)).observe(seconds)
+
+    def set_replica_ready(self, model: str, replica: int, ready: bool) -> None:
+        """Record whether replica ``replica`` of ``model`` serves (called by pipeline backends)."""
+        self._child(self.replica_ready, model, str(replica)).set(1 if ready else 0)
+
+    def count_restart(self, model: str, replica: int) -> None:
+        """Count one restart of replica ``replica`` of ``model``; the child exists from the first call on."""
+        self._child(self.replica_restarts, model, str(replica)).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

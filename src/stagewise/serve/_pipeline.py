@@ -5,7 +5,14 @@ DistTransport. The gateway talks to every worker through a local TCP channel tha
 (``_channel``), so a worker's death is an EOF here, never a hang: the replica leaves the rotation at once, its
 batches in flight are sent again to another replica (or wait for one), the rest of its processes are killed, and a
 supervisor thread starts a new generation of it, which rejoins when all its stages report ready. A batch in flight
-longer than ``worker_timeout_s`` fails its replica the same way (a stuck stage).
+longer than ``worker_timeout_s`` fails its replica the same way (a stuck stage), and so does a worker whose heartbeat
+(sent every ``heartbeat_timeout_s / 5`` by a thread of its own, so a long forward does not count) is older than
+``heartbeat_timeout_s``: a stopped or hung process is found in seconds and its batches move to another replica.
+
+A worker's liveness is its channel and its heartbeat, and its process state as the kernel reports it: never the
+forkserver's word alone (once the forkserver dies, every child it started reads as exited with code 255); a start that
+fails through a broken forkserver replaces it. A batch the model itself raises on is answered for that batch
+(:class:`ModelError`, a 400); the worker and its replica go on.
 
 A batch goes to stage 0 only (every input); the stages pass it on among themselves and the last answers (see
 ``_worker``).
@@ -20,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import hmac
+import contextlib
 import logging
 import multiprocessing.forkserver
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -35,9 +43,10 @@ import torch
 
 from ..comm import find_free_port
 from ..comm._spawn import _context, _describe_exit
-from ._backend import InferenceBackend, ModelMetadata, numeric_tensor
+from ._backend import InferenceBackend, ModelError, ModelMetadata, numeric_tensor
 from ._batching import BatchingConfig, Dropped, await_or_drop
 from ._channel import Channel, ChannelError, Message
+from ._listener import ChannelListener, HelloFields
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
 from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus, settle
@@ -52,6 +61,34 @@ log = logging.getLogger(__name__)
 # torch.export's lazily imported machinery (seconds per process).
 _PRELOAD = ("torch", "torch.export", "torch._dynamo", "torch.export._trace", "stagewise.serve._worker")
 _MAX_BACKOFF_S = 10.0
+
+
+def _running(pid: int | None) -> bool:
+    """Whether process ``pid`` runs (a zombie does not). Asked of the kernel, not of ``Process.exitcode``: a forkserver
+    child's exit code comes from the forkserver, and reads 255 for every child once the forkserver itself is gone."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask kill(0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _replace_forkserver() -> None:
+    """Kill this process's forkserver after a start failed through it: the next start boots a fresh one
+    (``ForkServer.ensure_running`` reaps a dead server and starts another). Workers it started live on."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid is not None and _running(pid):
+        log.warning("replacing the multiprocessing forkserver (pid %s)", pid)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class PipelineBackend(InferenceBackend):
@@ -94,14 +131,12 @@ class PipelineBackend(InferenceBackend):
         self._waiting: collections.deque[PendingBatch] = collections.deque()
         self._to_reap: list[Any] = []
         self._rr = 0
-        self._listener = socket.create_server((config.host, 0), backlog=64)
-        self._listener.settimeout(0.2)
-        self._port = int(self._listener.getsockname()[1])
         self._replicas = [ReplicaState(i) for i in range(config.replicas)]
-        self._threads_run = [threading.Thread(target=self._accept_loop, name="stagewise-serve-accept", daemon=True),
-                             threading.Thread(target=self._supervise, name="stagewise-serve-supervisor", daemon=True)]
-        for t in self._threads_run:
-            t.start()
+        self._listener = ChannelListener(config.host, self._secret, self._on_hello,
+                                         max_pending=2 * workers + 16, hello_timeout_s=config.heartbeat_timeout_s)
+        self._port = self._listener.port
+        self._supervisor = threading.Thread(target=self._supervise, name="stagewise-serve-supervisor", daemon=True)
+        self._supervisor.start()
         atexit.register(self.shutdown)
 
     # ------------------------------------------------------------------------------------------------ public API
@@ -109,11 +144,16 @@ class PipelineBackend(InferenceBackend):
         return self._meta
 
     def ready(self) -> bool:
+        """A replica serves, and failed ones can come back (the channel's accept loop and the supervisor run)."""
         with self._lock:
-            return not self._closed and any(r.state == "ready" for r in self._replicas)
+            up = not self._closed and any(r.state == "ready" for r in self._replicas)
+        return up and self._listener.alive and self._supervisor.is_alive()
 
     def bind_metrics(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
+        with self._lock:
+            for rep in self._replicas:
+                metrics.set_replica_ready(self.name, rep.index, rep.state == "ready")
 
     def batching_config(self, **overrides: Any) -> BatchingConfig:
         """A :class:`BatchingConfig` that keeps every stage of every replica busy (``max_inflight``)."""
@@ -176,8 +216,7 @@ class PipelineBackend(InferenceBackend):
         atexit.unregister(self.shutdown)
         for req in pending:
             settle(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
-        for t in self._threads_run:
-            t.join(5.0)
+        self._supervisor.join(5.0)
         self._listener.close()
         with self._lock:
             procs, self._to_reap = self._to_reap, []
@@ -240,6 +279,8 @@ class PipelineBackend(InferenceBackend):
             rep.last_error = reason if rep.crash is None else f"{reason}; {rep.crash}"
             log.warning("replica %s (generation %s) failed: %s; %d batches in flight retried; restart in %.1f s",
                         rep.index, generation, reason, len(rep.inflight), max(0.0, rep.restart_at - time.monotonic()))
+            if self._metrics is not None:
+                self._metrics.set_replica_ready(self.name, rep.index, False)
             self._drop_processes(rep, kill=True)
             orphans = list(rep.inflight.values())
             rep.inflight.clear()
@@ -257,7 +298,7 @@ class PipelineBackend(InferenceBackend):
     def _drop_processes(self, rep: ReplicaState, *, kill: bool) -> None:
         for chan in rep.conns.values():
             chan.close()
-        rep.conns, rep.ready = {}, set()
+        rep.conns, rep.ready, rep.beats = {}, set(), {}
         if kill:
             for p in rep.procs:
                 p.kill()
@@ -265,37 +306,24 @@ class PipelineBackend(InferenceBackend):
         rep.procs = []
 
     # ------------------------------------------------------------------------------------------------ channel side
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve_conn, args=(sock,), name="stagewise-serve-conn", daemon=True).start()
-
-    def _serve_conn(self, sock: socket.socket) -> None:
-        sock.settimeout(10.0)
+    def _on_hello(self, sock: socket.socket, who: HelloFields) -> None:
+        """Listener thread: an authenticated worker; its channel gets a reader thread if its replica expects it."""
+        r, s, gen = who.replica, who.stage, who.generation
         chan = Channel(sock, send_timeout_s=self.config.worker_timeout_s)
-        try:
-            hello = chan.recv(max_data_bytes=0)  # not yet authenticated: a hello carries no tensors
-            sock.settimeout(None)
-            h = hello.header if hello is not None and hello.kind == "hello" else {}
-            r, s, gen = int(h.get("replica", -1)), int(h.get("stage", -1)), int(h.get("generation", -1))
-            if not hmac.compare_digest(str(h.get("secret", "")), self._secret) or not 0 <= r < len(self._replicas) \
-                    or not 0 <= s < self.config.stages:
-                raise ChannelError(f"bad hello {h.get('kind')!r} from replica {r} stage {s}")
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("refused a channel connection: %s", exc)
-            chan.close()
-            return
-        rep = self._replicas[r]
         with self._lock:
-            if rep.generation != gen or rep.state != "starting" or s in rep.conns:
+            rep = self._replicas[r] if r < len(self._replicas) and s < self.config.stages else None
+            if rep is None or rep.generation != gen or rep.state != "starting" or s in rep.conns:
+                log.debug("ignoring a hello from replica %s generation %s stage %s (pid %s)", r, gen, s, who.pid)
                 chan.close()
                 return
-            rep.conns[s] = chan
+            rep.conns[s], rep.beats[s] = chan, time.monotonic()
+        try:
+            threading.Thread(target=self._read_conn, args=(rep, gen, s, chan), daemon=True,
+                             name=f"stagewise-serve-r{r}s{s}").start()
+        except RuntimeError as exc:  # no thread to be had: the replica cannot run
+            self._fail(rep, gen, f"no reader thread for stage {s}: {exc}")
+
+    def _read_conn(self, rep: ReplicaState, gen: int, s: int, chan: Channel) -> None:
         reason = f"stage {s} closed its channel"
         try:
             while (msg := chan.recv()) is not None:
@@ -311,6 +339,7 @@ class PipelineBackend(InferenceBackend):
         with self._cond:
             if rep.generation != gen:
                 return
+            rep.beats[stage] = time.monotonic()  # every message counts as a heartbeat
             if kind == "ready":
                 if h.get("digest") != self._digests[stage]:
                     rep.last_error = (f"stage {stage} built different weights than the gateway: the factory is not "
@@ -319,8 +348,10 @@ class PipelineBackend(InferenceBackend):
                 rep.ready.add(stage)
                 if len(rep.ready) == self.config.stages and rep.state == "starting":
                     rep.state, rep.failures = "ready", 0
-                    log.info("replica %s ready (generation %s, %.1f s)", rep.index, gen,
-                             time.monotonic() - rep.started_at)
+                    log.log(logging.WARNING if gen > 1 else logging.INFO, "replica %s ready (generation %s, %.1f s)",
+                            rep.index, gen, time.monotonic() - rep.started_at)
+                    if self._metrics is not None:
+                        self._metrics.set_replica_ready(self.name, rep.index, True)
                     self._drain()
                     self._cond.notify_all()
             elif kind in ("result", "error"):
@@ -332,8 +363,8 @@ class PipelineBackend(InferenceBackend):
         if req is None:
             return
         if kind == "error":
-            settle(req, error=BackendError(f"model {self.name!r}, replica {rep.index} stage "
-                                                    f"{h.get('stage')}: {h.get('message')}"))
+            settle(req, error=ModelError(self.name, str(h.get("error")), str(h.get("message")),
+                                         where=f"stage {stage} of replica {rep.index}"))
             return
         missing = [n for n in self._output_names if n not in msg.tensors]
         if missing:
@@ -354,10 +385,16 @@ class PipelineBackend(InferenceBackend):
                 now = time.monotonic()
                 for rep in self._replicas:
                     if rep.state in ("starting", "ready"):
-                        dead = [(s, p) for s, p in enumerate(rep.procs) if p.exitcode is not None]
+                        dead = [(s, p) for s, p in enumerate(rep.procs)
+                                if p.exitcode is not None and not _running(p.pid)]
+                        silent = [s for s, t in rep.beats.items() if now - t > self.config.heartbeat_timeout_s]
                         if dead:
                             s, p = dead[0]
                             self._fail(rep, rep.generation, f"stage {s} process {_describe_exit(p.exitcode)}")
+                        elif silent:
+                            self._fail(rep, rep.generation, f"stage {silent[0]} sent no heartbeat for "
+                                                            f"{self.config.heartbeat_timeout_s:g} s "
+                                                            "(PipelineConfig.heartbeat_timeout_s): stopped or hung")
                         elif rep.state == "starting" and now - rep.started_at > self.config.startup_timeout_s:
                             self._fail(rep, rep.generation, f"not ready within {self.config.startup_timeout_s:g} s "
                                                             "(PipelineConfig.startup_timeout_s)")
@@ -386,6 +423,8 @@ class PipelineBackend(InferenceBackend):
             rep.generation += 1
             rep.state, rep.started_at, rep.next_seq, rep.crash = "starting", time.monotonic(), 0, None
             gen = rep.generation
+            if gen > 1 and self._metrics is not None:
+                self._metrics.count_restart(self.name, rep.index)
         cfg = self.config
         port = find_free_port("127.0.0.1")
         procs = []
@@ -395,6 +434,7 @@ class PipelineBackend(InferenceBackend):
                                   gateway_host=cfg.host, gateway_port=self._port, secret=self._secret, dist_port=port,
                                   max_batch_size=cfg.max_batch_size, exclude_inputs=list(cfg.exclude_inputs),
                                   seed=cfg.seed, threads=self._threads, timeout_s=cfg.worker_timeout_s,
+                                  heartbeat_s=cfg.heartbeat_timeout_s / 5,
                                   precapture=cfg.precapture, checkpoint=cfg.checkpoint,
                                   cuts=list(cfg.cuts) if cfg.cuts else None,
                                   tasks=list(cfg.tasks) if cfg.tasks else None, head=cfg.head,
@@ -404,8 +444,9 @@ class PipelineBackend(InferenceBackend):
                                       name=f"stagewise-serve-r{rep.index}s{s}")
                 p.start()
                 procs.append(p)
-        except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash
+        except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash, with a fresh forkserver
             log.exception("starting replica %s failed", rep.index)
+            _replace_forkserver()
             with self._lock:
                 rep.procs = procs
                 self._fail(rep, gen, f"start failed: {exc}")

@@ -44,6 +44,10 @@ class PipelineConfig:
     worker_timeout_s: float = 60.0
     """Longest a batch may stay in a replica before the replica counts as stuck (killed, restarted, batch retried);
     also the deadline of its rendezvous and of every send between its stages."""
+    heartbeat_timeout_s: float = 5.0
+    """A worker silent this long (it sends a heartbeat every fifth of it, from a thread of its own, so a long forward
+    does not count) is stopped or hung: its replica fails and its batches move to another replica. Also the time a
+    connecting worker has for its hello."""
     startup_timeout_s: float = 120.0
     """A replica not ready this long after its start is restarted."""
     restart_backoff_s: float = 0.5
@@ -70,7 +74,7 @@ class PipelineConfig:
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise ValueError(f"PipelineConfig.{field} must be >= 1 or None, got {value}")
-        for field in ("request_timeout_s", "worker_timeout_s", "startup_timeout_s"):
+        for field in ("request_timeout_s", "worker_timeout_s", "startup_timeout_s", "heartbeat_timeout_s"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"PipelineConfig.{field} must be > 0, got {getattr(self, field)}")
         if self.restart_backoff_s < 0:
@@ -123,6 +127,8 @@ class ReplicaState:
     procs: list[Any] = dataclasses.field(default_factory=list)
     conns: dict[int, Channel] = dataclasses.field(default_factory=dict)
     ready: set[int] = dataclasses.field(default_factory=set)
+    beats: dict[int, float] = dataclasses.field(default_factory=dict)
+    """Last message (any kind counts as a heartbeat) from each connected stage, ``time.monotonic``."""
     inflight: dict[int, PendingBatch] = dataclasses.field(default_factory=dict)
     next_seq: int = 0
     started_at: float = 0.0

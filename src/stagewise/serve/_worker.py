@@ -1,6 +1,8 @@
 """One stage-worker process of a serving pipeline replica, and the model preparation it shares with the gateway.
 
-A worker connects to the gateway's channel (hello), loads the model, splits it exactly as the gateway did, keeps its
+A worker connects to the gateway's channel (answers its challenge with an authenticated hello, see ``_listener``),
+starts a heartbeat thread (a beat every ``heartbeat_s``: the gateway fails a silent worker, so a stopped process is
+found in seconds, while a long forward on the main thread still beats), loads the model, splits it exactly as the gateway did, keeps its
 own stage, joins its replica's own gloo group (rank = stage), and reports ready with a digest of its stage's weights
 (the gateway checks it against its own: a factory that builds different weights in different processes is caught).
 
@@ -27,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -37,6 +40,7 @@ from .._allocator import tune_allocator
 from ..comm import CommError, DistTransport, SendHandle
 from ..split import Stage
 from ._channel import Channel
+from ._listener import HelloFields, client_handshake
 from ._serving_split import bucket_rows, load_serving_split, pad_rows, stage_digest
 
 __all__ = ["WorkerConfig", "worker_main"]
@@ -68,7 +72,7 @@ class WorkerConfig:
     gateway_port: int
     """Port of the gateway's channel."""
     secret: str
-    """Shared secret sent in the hello, so stray local connections are refused."""
+    """Shared secret that authenticates the hello (it never travels: see ``_listener``)."""
     dist_port: int
     """Free port of this replica's gloo rendezvous (stage 0 listens)."""
     max_batch_size: int
@@ -81,6 +85,8 @@ class WorkerConfig:
     """torch intra-op threads."""
     timeout_s: float
     """Deadline of every gloo wait (and of the rendezvous)."""
+    heartbeat_s: float = 1.0
+    """Seconds between heartbeats to the gateway."""
     precapture: bool = False
     """Capture every batch-size bucket before reporting ready (else each on first use)."""
     checkpoint: str | None = None
@@ -219,8 +225,8 @@ class _StageWorker:
             except Exception as exc:  # noqa: BLE001 - one bad batch fails that batch, not the worker
                 ok = False
                 log.exception("replica %s stage %s failed on batch %s", cfg.replica, cfg.stage, seq)
-                self.chan.send({"kind": "error", "seq": seq, "stage": cfg.stage,
-                                "message": f"{type(exc).__name__}: {exc}"})
+                self.chan.send({"kind": "error", "seq": seq, "stage": cfg.stage, "error": type(exc).__name__,
+                                "message": str(exc)[:4000]})
         if not self.last:  # always sent, failed or not: the next stage expects every batch in sequence
             assert self.transport is not None
             later = [inputs[n] for n in self.forwarded_next] if ok else []
@@ -232,6 +238,16 @@ class _StageWorker:
             self.chan.send({"kind": "result", "seq": seq, "times": times}, result)
 
 
+def _beat(chan: Channel, every_s: float) -> None:
+    """Heartbeat thread: a ``beat`` every ``every_s`` until the channel closes (then the process is on its way out)."""
+    while True:
+        time.sleep(every_s)
+        try:
+            chan.send({"kind": "beat"})
+        except OSError:
+            return
+
+
 def worker_main(config_json: str) -> None:
     """Process entry point (module level, so the forkserver can start it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the gateway, which then closes our channel
@@ -241,11 +257,11 @@ def worker_main(config_json: str) -> None:
     tune_allocator()
     torch.set_num_threads(cfg.threads)
     sock = socket.create_connection((cfg.gateway_host, cfg.gateway_port), timeout=30.0)
-    sock.settimeout(None)
     chan = Channel(sock, send_timeout_s=cfg.timeout_s)
     try:
-        chan.send({"kind": "hello", "replica": cfg.replica, "generation": cfg.generation, "stage": cfg.stage,
-                   "secret": cfg.secret, "pid": os.getpid()})
+        client_handshake(chan, cfg.secret, HelloFields(replica=cfg.replica, generation=cfg.generation,
+                                                       stage=cfg.stage, pid=os.getpid()), timeout_s=30.0)
+        threading.Thread(target=_beat, args=(chan, cfg.heartbeat_s), name="stagewise-heartbeat", daemon=True).start()
         worker = _StageWorker(cfg, chan)
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()
