@@ -17,7 +17,7 @@ A split model served by stage-worker processes (``stagewise serve MODEL`` on the
     run(create_app(backend, config=GatewayConfig(batching=backend.batching_config())))
 """
 
-from ._backend import InferenceBackend, LocalBackend, ModelMetadata, TensorMetadata, validate_inputs
+from ._backend import InferenceBackend, LocalBackend, ModelError, ModelMetadata, TensorMetadata, validate_inputs
 from ._batching import BatchingConfig, DynamicBatcher, should_wait
 from ._gateway import Gateway, GatewayConfig, create_app
 from ._metrics import GatewayMetrics
@@ -42,6 +42,7 @@ from ._protocol import (
     encode_infer_response,
     parse_infer_request,
 )
+from ._http_guard import HttpLimits
 from ._server import RunningServer, run, serve_app
 
 __all__ = [
@@ -55,9 +56,11 @@ __all__ = [
     "GatewayConfig",
     "GatewayMetrics",
     "GatewayTimeoutError",
+    "HttpLimits",
     "InferRequest",
     "InferenceBackend",
     "LocalBackend",
+    "ModelError",
     "ModelMetadata",
     "ModelNotFoundError",
     "PayloadTooLargeError",

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,18 +68,53 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         "costs the gateway CPU at high request rates)")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds to wait for the first ready replica (default: 300)")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="a worker silent this long (stopped, hung) fails its replica, whose batches move to another "
+                        "replica (default: 5; workers beat 5 times per period from a thread of their own)")
+    p.add_argument("--worker-timeout", type=float, default=60.0,
+                   help="a batch unanswered this long by a replica that still beats fails that replica as stuck "
+                        "(default: 60)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="an HTTP connection must send a complete request head within this many seconds, else it is "
+                        "closed (slow or silent clients; default: 10)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="an idle keep-alive HTTP connection is closed after this many seconds (default: 5)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="HTTP connections served at once; a request on one more is answered 503 "
+                        "(default: half the open-file limit, which serve raises to its hard limit, at most 10000)")
     p.set_defaults(func=cmd_serve)
     return p
 
 
+def _stop_on_signals() -> list[int]:
+    """SIGTERM (``timeout``, docker, systemd) and SIGINT both stop the server like Ctrl-C: raised as
+    ``KeyboardInterrupt`` (uvicorn re-raises them after its graceful shutdown), so every worker is reaped on the way
+    out. Returns the list that records which signal came."""
+    got: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        got.append(signum)
+        if len(got) == 1:  # a second signal must not interrupt the shutdown the first one started
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    return got
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ._gateway import GatewayConfig, create_app
+    from ._http_guard import HttpLimits, raise_nofile_limit
     from ._pipeline import PipelineBackend
     from ._server import run
 
     token = args.token or os.environ.get(_TOKEN_ENV) or None
     if args.max_payload_mb <= 0:
         raise ValueError(f"--max-payload-mb must be > 0, got {args.max_payload_mb}")
+    limits = HttpLimits(header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout,
+                        max_connections=args.max_connections)
+    raise_nofile_limit()  # before any worker starts: they inherit it
+    signals = _stop_on_signals()
     gateway_config = GatewayConfig(auth_token=token, max_payload_bytes=int(args.max_payload_mb * 2**20))
     model, checkpoint = args.model, args.checkpoint
     if Path(model).is_dir():  # a checkpoint directory: its manifest names the model
@@ -106,7 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backends.append(PipelineBackend(model, stages=stages, replicas=replicas,
                                             max_batch_size=args.max_batch_size, name=name,
                                             threads_per_worker=args.threads, precapture=args.precapture,
-                                            checkpoint=checkpoint, cuts=None if suffix else cuts, **v))
+                                            checkpoint=checkpoint, cuts=None if suffix else cuts,
+                                            heartbeat_timeout_s=args.heartbeat_timeout,
+                                            worker_timeout_s=args.worker_timeout, **v))
         names = ", ".join(repr(b.name) for b in backends)
         print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {names}",
               file=sys.stderr, flush=True)
@@ -124,13 +162,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"{' (bearer token required)' if token else ''}", file=sys.stderr, flush=True)
         print("stagewise serve: Ctrl-C stops", file=sys.stderr, flush=True)
         gc.freeze()  # startup's objects (torch, the model, the app) leave the collector: no ~0.1 s full collections
-        run(app, host=args.host, port=args.port, access_log=args.access_log,
+        run(app, host=args.host, port=args.port, access_log=args.access_log, limits=limits,
             log_level="debug" if log.getEffectiveLevel() <= logging.DEBUG else "info")
     except KeyboardInterrupt:
         pass
     finally:
         for backend in backends:
             backend.shutdown()
+    if signals:
+        print(f"stagewise serve: stopped by {signal.Signals(signals[0]).name}; every worker reaped",
+              file=sys.stderr, flush=True)
+        return 128 + signals[0]
     return 0
 
 

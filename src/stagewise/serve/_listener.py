@@ -198,7 +198,7 @@ class ChannelListener:
         try:
             if p.need == PREFIX.size:
                 head_len, data_len = PREFIX.unpack(p.buf)
-                if head_len > MAX_HELLO_BYTES or data_len:
+                if not 0 < head_len <= MAX_HELLO_BYTES or data_len:
                     raise ChannelError(f"hello of {head_len}+{data_len} bytes: not a stagewise worker?")
                 p.need += head_len
                 return

@@ -1,4 +1,8 @@
-"""Run an ASGI app under uvicorn: in a background thread for tests and embedding, or blocking for the CLI."""
+"""Run an ASGI app under uvicorn: in a background thread for tests and embedding, or blocking for the CLI.
+
+Both apply :class:`HttpLimits` (header deadline, keep-alive timeout, connection cap) and raise the soft open-file
+limit to the hard one first.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import time
 from typing import Any
 
 import uvicorn
+
+from ._http_guard import HttpLimits, raise_nofile_limit
 
 __all__ = ["RunningServer", "serve_app", "run"]
 
@@ -70,12 +76,17 @@ class RunningServer:
         self.stop()
 
 
+def _limited(limits: HttpLimits | None, uvicorn_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {**(limits or HttpLimits()).uvicorn_options(raise_nofile_limit()), **uvicorn_kwargs}
+
+
 def serve_app(app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-              startup_timeout_s: float = 30.0, **uvicorn_kwargs: Any) -> RunningServer:
+              startup_timeout_s: float = 30.0, limits: HttpLimits | None = None,
+              **uvicorn_kwargs: Any) -> RunningServer:
     """Start ``app`` on ``host:port`` (port 0 = a free port) in a background thread; return once it accepts requests."""
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, **uvicorn_kwargs)
+                            timeout_graceful_shutdown=5, **_limited(limits, uvicorn_kwargs))
     server = uvicorn.Server(config)
     errors: list[BaseException] = []
 
@@ -105,13 +116,16 @@ def serve_app(app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: st
 
 
 def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
-        **uvicorn_kwargs: Any) -> None:
-    """Serve ``app`` in the foreground until Ctrl-C / SIGTERM, then shut down cleanly (lifespan shutdown runs)."""
+        limits: HttpLimits | None = None, **uvicorn_kwargs: Any) -> None:
+    """Serve ``app`` in the foreground until Ctrl-C / SIGTERM, then shut down cleanly (lifespan shutdown runs).
+
+    uvicorn re-raises the signal that stopped it once it has shut down: the caller's handler (or the default action)
+    then runs, so a SIGTERM still ends the process as one; a ``KeyboardInterrupt`` from it is swallowed here.
+    """
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=10, **uvicorn_kwargs)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=10, **_limited(limits, uvicorn_kwargs))
     try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the captured SIGINT after its graceful shutdown
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
         pass
     logger.info("server on %s:%s stopped", host, port)
