@@ -39,7 +39,8 @@ InferResult = pytest.importorskip("tritonclient.http").InferResult
 def test_public_surface_is_pinned() -> None:
     assert set(serve.__all__) == {
         "DATATYPES", "BackendError", "BadRequestError", "BatchingConfig", "ClientDisconnectedError", "DynamicBatcher",
-        "Gateway", "GatewayConfig", "GatewayMetrics", "GatewayTimeoutError", "InferRequest", "InferenceBackend",
+        "Gateway", "GatewayConfig", "GatewayMetrics", "GatewayTimeoutError", "HttpLimits", "InferRequest",
+        "InferenceBackend", "ModelError",
         "LocalBackend", "ModelMetadata", "ModelNotFoundError", "PayloadTooLargeError", "RequestInput",
         "RequestedOutput", "RunningServer", "ServeError", "ServiceUnavailableError", "TensorMetadata",
         "UnauthorizedError", "create_app", "datatype_of", "decode_bytes_elements", "encode_bytes_elements",
