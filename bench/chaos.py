@@ -121,7 +121,7 @@ def main() -> None:
         cases.append((body, want))
 
     port = _free_port()
-    log = tempfile.TemporaryFile("w+")  # serve's log: read back only if it fails to come up
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server; serve's log: read back only if it fails to come up
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "stagewise.cli", "serve", MODEL, "--stages", "2", "--replicas",
                                "2", "--port", str(port), "--heartbeat-timeout", "2", "--max-batch-size", "8",

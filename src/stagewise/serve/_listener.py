@@ -37,7 +37,7 @@ from typing import Any
 
 from ._channel import PREFIX, Channel, ChannelError, encode_frame, parse_header
 
-__all__ = ["ChannelListener", "HelloFields", "client_handshake", "MAX_HELLO_BYTES"]
+__all__ = ["MAX_HELLO_BYTES", "ChannelListener", "HelloFields", "client_handshake"]
 
 log = logging.getLogger(__name__)
 
