@@ -305,6 +305,23 @@ def test_batcher_limits_timeouts_and_drops() -> None:
     asyncio.run(main())
 
 
+def test_a_deadline_that_passes_in_the_queue_is_a_timeout_not_a_cancellation() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        batcher = DynamicBatcher(backend, BatchingConfig(max_delay_ms=0))
+        await batcher.start()
+        try:
+            for _ in range(20):  # 1 us: the batching loop finds the request expired before the timer fires
+                with pytest.raises(GatewayTimeoutError, match="did not answer"):
+                    await batcher.submit(_x(1), timeout_s=1e-6)
+            assert backend.batches == [] and batcher.queue_depth == 0
+            assert torch.equal((await batcher.submit(_x(2)))["y"], torch.full((1, 2), 4.0))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------------------------------- LocalBackend
 class TwoHeads(nn.Module):
     def __init__(self) -> None:
