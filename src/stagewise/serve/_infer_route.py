@@ -20,16 +20,14 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from ._backend import validate_inputs
 from ._protocol import (BadRequestError, ClientDisconnectedError, PayloadTooLargeError, ServeError,
                         ServiceUnavailableError, UnauthorizedError, encode_infer_response, parse_infer_request)
-
-if TYPE_CHECKING:
-    from ._gateway import Gateway
+from ._registry import Gateway
 
 __all__ = ["INFER_PATH", "InferRoute", "error_response"]
 
