@@ -8,6 +8,7 @@ Routes (``{v}`` forms accept only the version the backend serves)::
     GET  /v2/models/{name}[/versions/{v}]/ready      model readiness (200 / 503)
     POST /v2/models/{name}[/versions/{v}]/infer      inference (JSON or binary tensor data extension)
     GET  /metrics                                    Prometheus text exposition of this app's registry
+    GET  /v2/openapi.json                            OpenAPI 3.1 document of all of these (see ._openapi)
 
 Every error is ``{"error": "..."}`` with a 4xx/5xx status; nothing a client sends can take the server down.
 """
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._backend import InferenceBackend
 from ._infer_route import INFER_PATH, InferRoute, error_response
 from ._metrics import GatewayMetrics
+from ._openapi import openapi_document
 from ._protocol import ServeError, ServiceUnavailableError, UnauthorizedError
 from ._registry import Gateway, GatewayConfig
 
@@ -155,6 +157,11 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
         if backend.ready() and gw.batchers[name].running:
             return JSONResponse({"name": name, "ready": True})
         return _error(ServiceUnavailableError(f"model {name!r} is not ready"))
+
+    @app.get("/v2/openapi.json")  # guarded like model metadata when a token is set: it lists the same models
+    async def openapi() -> dict[str, Any]:
+        return openapi_document(title=config.server_name, version=_version(), auth=config.auth_token is not None,
+                                models={n: b.metadata() for n, b in gw.backends.items()})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

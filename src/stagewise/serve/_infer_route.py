@@ -26,7 +26,8 @@ from starlette.types import Receive, Scope, Send
 
 from ._backend import validate_inputs
 from ._protocol import (BadRequestError, ClientDisconnectedError, PayloadTooLargeError, ServeError,
-                        ServiceUnavailableError, UnauthorizedError, encode_infer_response, parse_infer_request)
+                        ServiceUnavailableError, UnauthorizedError, UnsupportedMediaTypeError, encode_infer_response,
+                        parse_infer_request)
 from ._registry import Gateway
 
 __all__ = ["INFER_PATH", "InferRoute", "error_response"]
@@ -91,6 +92,23 @@ async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: in
     elif encoding != "identity":
         raise BadRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     return body
+
+
+def _check_content_type(headers: Mapping[bytes, bytes]) -> None:
+    """Refuse (415) a body that declares itself as something else than JSON or the binary extension's bytes.
+
+    No Content-Type is accepted (tritonclient sends none); ``text/plain`` or curl's default form encoding are not: the
+    body would be read as JSON anyway, so saying so is the honest answer and tells the client what to change.
+    """
+    raw = headers.get(b"content-type")
+    if raw is None:
+        return
+    media = raw.split(b";", 1)[0].strip().lower()
+    if media in (b"application/json", b"application/octet-stream") or media.endswith(b"+json"):
+        return
+    raise UnsupportedMediaTypeError(f"Content-Type {raw.decode('latin-1')!r} is not supported on the inference route; "
+                                    "send application/json (curl: -H 'Content-Type: application/json'), or "
+                                    "application/octet-stream with Inference-Header-Content-Length for binary tensors")
 
 
 def _header_length(headers: Mapping[bytes, bytes]) -> int | None:
@@ -159,6 +177,7 @@ class InferRoute:
             raise ServiceUnavailableError(f"model {name!r} is not ready; retry later")
         meta = backend.metadata()
         headers = dict(scope["headers"])
+        _check_content_type(headers)
         body = await _read_body(receive, headers, gw.config.max_payload_bytes)
         req = parse_infer_request(body, _header_length(headers))
         inputs = validate_inputs(req, meta)

@@ -16,7 +16,7 @@ from ._batching import BatchingConfig, DynamicBatcher
 from ._metrics import GatewayMetrics
 from ._protocol import ModelNotFoundError
 
-__all__ = ["GatewayConfig", "Gateway"]
+__all__ = ["Gateway", "GatewayConfig"]
 
 logger = logging.getLogger(__name__)
 
