@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from stagewise.serve import GatewayConfig, LocalBackend, RunningServer, create_app, serve_app
+from stagewise.serve import GatewayConfig, LocalBackend, PipelineBackend, RunningServer, create_app, serve_app
 
 httpx = pytest.importorskip("httpx")
 schemathesis = pytest.importorskip("schemathesis")
@@ -45,11 +45,17 @@ def _strict_json(text: str) -> object:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
+    """Two in-process models and a two-stage pipeline of worker processes, behind one token."""
     torch.manual_seed(0)
-    backends = [LocalBackend(nn.Linear(8, 4), name="linear", example_inputs=torch.randn(2, 8), max_batch_size=16),
-                LocalBackend(Log(), name="log", example_inputs=torch.ones(2, 3), max_batch_size=8)]
-    with serve_app(create_app(backends, config=GatewayConfig(auth_token=TOKEN))) as running:
-        yield running
+    pipeline = PipelineBackend("stagewise.zoo.basic:mlp", stages=2, replicas=1, max_batch_size=8)
+    try:
+        pipeline.wait_ready(60)
+        backends = [LocalBackend(nn.Linear(8, 4), name="linear", example_inputs=torch.randn(2, 8), max_batch_size=16),
+                    LocalBackend(Log(), name="log", example_inputs=torch.ones(2, 3), max_batch_size=8), pipeline]
+        with serve_app(create_app(backends, config=GatewayConfig(auth_token=TOKEN))) as running:
+            yield running
+    finally:
+        pipeline.shutdown()
 
 
 @pytest.fixture()
@@ -132,7 +138,7 @@ def test_openapi_document_covers_every_route_and_needs_the_token(server: Running
         assert path in paths, path
     assert paths["/v2/health/live"]["get"]["security"] == []
     infer = paths["/v2/models/{name}/infer"]
-    assert infer["parameters"][0]["schema"]["enum"] == ["linear", "log"]
+    assert infer["parameters"][0]["schema"]["enum"] == ["linear", "log", "mlp"]
     for name, example in infer["post"]["requestBody"]["content"]["application/json"]["examples"].items():
         assert http.post(f"/v2/models/{name}/infer", json=example["value"]).status_code == 200  # examples are valid
 
@@ -151,7 +157,7 @@ def test_schemathesis_finds_no_5xx_and_no_invalid_json(server: RunningServer) ->
                              suppress_health_check=list(hypothesis.HealthCheck))
         def check(case) -> None:  # type: ignore[no-untyped-def]
             response = case.call(headers=AUTH, timeout=10)
-            seen[f"{case.method} {case.path} {response.status_code}"] += 1
+            seen[f"{case.method} {case.formatted_path} {response.status_code}"] += 1
             assert response.status_code < 500, (f"{case.method} {case.formatted_path} -> {response.status_code}: "
                                                 f"{response.text[:300]}")
             if response.headers.get("content-type", [""])[0].startswith("application/json"):  # header -> values
@@ -161,5 +167,7 @@ def test_schemathesis_finds_no_5xx_and_no_invalid_json(server: RunningServer) ->
             case.validate_response(response, headers=AUTH, excluded_checks=[positive_data_acceptance])
 
         check()
-    assert sum(seen.values()) >= 100 and any(k.endswith("/infer 200") for k in seen), seen  # the models were reached
+    assert sum(seen.values()) >= 100, seen
+    for model in ("linear", "log", "mlp"):  # every model answered (mlp: the pipeline's worker processes)
+        assert any(k.startswith(f"POST /v2/models/{model}/") and k.endswith("/infer 200") for k in seen), seen
     assert any(" 400" in k for k in seen) and any(" 404" in k for k in seen), seen
