@@ -179,7 +179,8 @@ def test_bad_json_and_requested_outputs() -> None:
 @pytest.mark.parametrize(("data", "match"), [
     ([[1, 2, 3], [4, 5, 6, 7, 8]], r"at depth 0 it has a list of 2 values where the shape says 1"),  # ragged
     ([[[1, 2, 3, 4], [5, 6, 7, 8]]], r"at depth 1 it has a list of 2 values where the shape says 8"),
-    ([[1, 2, 3, 4, 5, 6, 7, [8]]], "nested deeper than shape"),
+    ([[[1], [2], [3], [4], [5], [6], [7], [8]]], "nested deeper than shape"),
+    ([[1, 2, 3, 4, 5, 6, 7, [8]]], "mixes numbers and lists"),
     ([1, [2, 3], 4, 5, 6, 7, 8, 9], "mixes numbers and lists"),
     ([1, 2, 3, 4, 5, 6, 7, {"a": 1}], "must be numbers"),
 ])

@@ -31,6 +31,7 @@ Exception tree (every class carries the HTTP status the gateway answers with)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import struct
@@ -241,10 +242,8 @@ def _flatten(data: Any, shape: list[int], name: str) -> list[Any]:
             raise BadRequestError(f"input {name!r}: nested 'data' does not match shape {shape}: at depth {depth} "
                                   f"it has {got} where the shape says {size} values; send lists nested exactly as "
                                   "'shape' or one flat row-major list")
-        level = [x for sub in level for x in sub]
-    if any(isinstance(x, list) for x in level):
-        raise BadRequestError(f"input {name!r}: 'data' is nested deeper than shape {shape} has dimensions")
-    return level
+        level = list(itertools.chain.from_iterable(level))
+    return level  # lists left at the leaves (deeper than shape) show up as extra numpy dimensions in _decode_json
 
 
 def _decode_json(datatype: str, shape: list[int], data: Any, name: str) -> TensorValue:
@@ -262,6 +261,8 @@ def _decode_json(datatype: str, shape: list[int], data: Any, name: str) -> Tenso
     except ValueError:  # numpy's "inhomogeneous shape": lists among scalars
         raise BadRequestError(f"input {name!r}: 'data' mixes numbers and lists; send lists nested exactly as shape "
                               f"{shape} or one flat row-major list of numbers") from None
+    if arr.ndim != 1:
+        raise BadRequestError(f"input {name!r}: 'data' is nested deeper than shape {shape} has dimensions")
     kind = arr.dtype.kind if arr.size else "b" if datatype == "BOOL" else "i"
     if datatype == "BOOL":
         if kind not in "biu" or (kind != "b" and not np.isin(arr, (0, 1)).all()):
