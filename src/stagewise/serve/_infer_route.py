@@ -7,7 +7,7 @@ messages, and every other request to FastAPI (metadata, health, metrics: cold ro
 worth their cost).
 
 It does exactly what the route did: body limits (by ``Content-Length``, while reading, after inflating gzip/deflate),
-v2 JSON and binary parsing, validation against the model's metadata, the batcher with the client's own timeout and
+the Content-Type (JSON, the binary extension's octet-stream or none; 415 otherwise), v2 JSON and binary parsing, validation against the model's metadata, the batcher with the client's own timeout and
 disconnect, the v2 response, ``{"error": ...}`` answers with the protocol's status codes, and request metrics.
 """
 
