@@ -177,6 +177,71 @@ def test_bad_json_and_requested_outputs() -> None:
     assert req.id == "q" and [(o.name, o.binary) for o in req.outputs or []] == [("a", False), ("b", True)]
 
 
+@pytest.mark.parametrize(("data", "match"), [
+    ([[1, 2, 3], [4, 5, 6, 7, 8]], r"at depth 0 it has a list of 2 values where the shape says 1"),  # ragged
+    ([[[1, 2, 3, 4], [5, 6, 7, 8]]], r"at depth 1 it has a list of 2 values where the shape says 8"),
+    ([[[1], [2], [3], [4], [5], [6], [7], [8]]], "nested deeper than shape"),
+    ([[1, 2, 3, 4, 5, 6, 7, [8]]], "mixes numbers and lists"),
+    ([1, [2, 3], 4, 5, 6, 7, 8, 9], "mixes numbers and lists"),
+    ([1, 2, 3, 4, 5, 6, 7, {"a": 1}], "must be numbers"),
+])
+def test_ragged_and_mixed_data_are_refused_naming_the_input(data: list, match: str) -> None:
+    body, n = _body([{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": data}])
+    with pytest.raises(BadRequestError, match=rf"input 'x'.*{match}"):
+        parse_infer_request(body, n)
+
+
+@pytest.mark.parametrize(("literal", "datatype"), [
+    ("NaN", "FP32"), ("Infinity", "FP64"), ("-Infinity", "FP16"), ("1e309", "FP64"), ("1e39", "FP32"),
+    ("70000", "FP16"), ("3.4e38", "BF16"),
+])
+def test_non_finite_and_overflowing_json_numbers_are_refused(literal: str, datatype: str) -> None:
+    body = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "%s", "data": [1.5, %s]}]}' % (
+        datatype.encode(), literal.encode())
+    with pytest.raises(BadRequestError, match=rf"input 'x': a value is NaN, infinite or outside the {datatype} range"):
+        parse_infer_request(body, None)
+    blob = np.array([np.nan, np.inf], dtype=np.float32).tobytes()  # the binary extension carries them exactly
+    body, n = _body([{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}], [blob])
+    value = parse_infer_request(body, n).inputs[0].value
+    assert value[0].isnan() and value[1].isinf()
+
+
+def test_deeply_nested_json_is_a_400_and_rank_is_bounded() -> None:
+    deep = b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    with pytest.raises(BadRequestError, match="nested too deeply"):
+        parse_infer_request(deep, None)
+    params = b'{"parameters": {"a": ' + b"[" * 100_000 + b"]" * 100_000 + b'}, "inputs": []}'
+    with pytest.raises(BadRequestError, match="nested too deeply"):
+        parse_infer_request(params, None)
+    rank = serve._protocol.MAX_RANK + 1
+    body, n = _body([{"name": "x", "shape": [1] * rank, "datatype": "FP32", "data": [1.0]}])
+    with pytest.raises(BadRequestError, match=f"'shape' has {rank} dimensions; at most"):
+        parse_infer_request(body, n)
+    data: list = [1.0]
+    for _ in range(rank - 2):  # nested exactly as the largest shape allowed
+        data = [data]
+    body, n = _body([{"name": "x", "shape": [1] * (rank - 1), "datatype": "FP32", "data": data}])
+    assert parse_infer_request(body, n).inputs[0].value.shape == (1,) * (rank - 1)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64", "BF16"])
+def test_non_finite_outputs_are_valid_json_null_and_exact_in_binary(datatype: str) -> None:
+    value = torch.tensor([[1.5, float("nan")], [float("inf"), -float("inf")]], dtype=serve.DATATYPES[datatype][0])
+    body, n = encode_infer_response(model_name="m", model_version="1", request_id=None, outputs=[("y", value, False)])
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"bare {token} in a JSON response")
+
+    doc = json.loads(body, parse_constant=refuse)
+    assert n is None and doc["outputs"][0]["data"] == [1.5, None, None, None]
+    if datatype != "BF16":  # tritonclient reads null as NaN (its ml_dtypes bfloat16 takes no None)
+        got = InferResult.from_response_body(body).as_numpy("y")
+        assert got.shape == (2, 2) and got[0, 0] == 1.5 and np.isnan(got[0, 1]) and np.isnan(got[1]).all()
+    body, n = encode_infer_response(model_name="m", model_version="1", request_id=None, outputs=[("y", value, True)])
+    exact = InferResult.from_response_body(body, header_length=n).as_numpy("y").astype(np.float32)
+    assert np.isnan(exact[0, 1]) and exact[1, 0] == np.inf and exact[1, 1] == -np.inf
+
+
 META = ModelMetadata(name="m", inputs=(TensorMetadata(name="a", datatype="FP32", shape=(-1, 2)),
                                        TensorMetadata(name="b", datatype="INT64", shape=(-1, -1))),
                      outputs=(TensorMetadata(name="y", datatype="FP32", shape=(-1,)),))
@@ -302,6 +367,23 @@ def test_batcher_limits_timeouts_and_drops() -> None:
             await batcher.stop()
         with pytest.raises(ServiceUnavailableError, match="not accepting"):
             await batcher.submit(_x(6))
+
+    asyncio.run(main())
+
+
+def test_a_deadline_that_passes_in_the_queue_is_a_timeout_not_a_cancellation() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        batcher = DynamicBatcher(backend, BatchingConfig(max_delay_ms=0))
+        await batcher.start()
+        try:
+            for _ in range(20):  # 1 us: the batching loop finds the request expired before the timer fires
+                with pytest.raises(GatewayTimeoutError, match="did not answer"):
+                    await batcher.submit(_x(1), timeout_s=1e-6)
+            assert backend.batches == [] and batcher.queue_depth == 0
+            assert torch.equal((await batcher.submit(_x(2)))["y"], torch.full((1, 2), 4.0))
+        finally:
+            await batcher.stop()
 
     asyncio.run(main())
 

@@ -245,8 +245,10 @@ class DynamicBatcher:
             item = self._queue.popleft()
             if item.future.done():
                 continue
-            if now >= item.deadline:
-                item.future.cancel()
+            if now >= item.deadline:  # an exception, not cancel(): a cancelled future reads as the caller cancelled
+                item.future.set_exception(GatewayTimeoutError(
+                    f"model {self.model!r} did not answer before the request's deadline ({len(self._queue)} requests "
+                    "queued)"))
                 continue
             return item
         return None

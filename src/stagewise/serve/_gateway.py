@@ -8,19 +8,17 @@ Routes (``{v}`` forms accept only the version the backend serves)::
     GET  /v2/models/{name}[/versions/{v}]/ready      model readiness (200 / 503)
     POST /v2/models/{name}[/versions/{v}]/infer      inference (JSON or binary tensor data extension)
     GET  /metrics                                    Prometheus text exposition of this app's registry
+    GET  /v2/openapi.json                            OpenAPI 3.1 document of all of these (see ._openapi)
 
 Every error is ``{"error": "..."}`` with a 4xx/5xx status; nothing a client sends can take the server down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import hmac
 import importlib.metadata
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -30,10 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._backend import InferenceBackend
-from ._batching import BatchingConfig, DynamicBatcher
 from ._infer_route import INFER_PATH, InferRoute, error_response
 from ._metrics import GatewayMetrics
-from ._protocol import ModelNotFoundError, ServeError, ServiceUnavailableError, UnauthorizedError
+from ._openapi import openapi_document
+from ._protocol import ServeError, ServiceUnavailableError, UnauthorizedError
+from ._registry import Gateway, GatewayConfig
 
 __all__ = ["GatewayConfig", "Gateway", "create_app"]
 
@@ -43,80 +42,11 @@ _HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 _HEADER_LENGTH = "inference-header-content-length"
 
 
-@dataclasses.dataclass(kw_only=True)
-class GatewayConfig:
-    """Settings of one gateway app."""
-
-    server_name: str = "stagewise"
-    """``name`` reported by ``GET /v2``."""
-    max_payload_bytes: int = 64 * 1024 * 1024
-    """Largest request body (after decompression); larger ones get 413."""
-    auth_token: str | None = None
-    """When set, every route except ``/v2/health/*`` needs ``Authorization: Bearer <token>``."""
-    batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
-    """Batching settings of every model without an entry in ``model_batching``."""
-    model_batching: dict[str, BatchingConfig] = dataclasses.field(default_factory=dict)
-    """Per-model batching overrides, by model name."""
-    stop_timeout_s: float = 5.0
-    """How long shutdown waits for batches in flight."""
-    close_backends: bool = True
-    """Call each backend's ``close()`` when the app shuts down."""
-
-    def __post_init__(self) -> None:
-        if self.max_payload_bytes < 1:
-            raise ValueError(f"GatewayConfig.max_payload_bytes must be >= 1, got {self.max_payload_bytes}")
-        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
-            raise ValueError("GatewayConfig.auth_token must be a non-empty string without whitespace, or None")
-        if self.stop_timeout_s < 0:
-            raise ValueError(f"GatewayConfig.stop_timeout_s must be >= 0, got {self.stop_timeout_s}")
-
-
 def _version() -> str:
     try:
         return importlib.metadata.version("stagewise")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-class Gateway:
-    """The models, their batchers and the metrics behind one app (``app.state.gateway``)."""
-
-    def __init__(self, backends: Mapping[str, InferenceBackend], config: GatewayConfig,
-                 metrics: GatewayMetrics) -> None:
-        self.config, self.metrics, self.backends = config, metrics, dict(backends)
-        unknown = sorted(set(config.model_batching) - set(self.backends))
-        if unknown:
-            raise ValueError(f"GatewayConfig.model_batching names unknown models {unknown}; models: "
-                             f"{sorted(self.backends)}")
-        self.batchers = {name: DynamicBatcher(b, config.model_batching.get(name, config.batching), metrics=metrics)
-                         for name, b in self.backends.items()}
-        for b in self.backends.values():
-            b.bind_metrics(metrics)
-
-    def backend(self, name: str, version: str | None) -> InferenceBackend:
-        backend = self.backends.get(name)
-        if backend is None:
-            raise ModelNotFoundError(f"unknown model {name!r}; this server has {sorted(self.backends)}")
-        versions = backend.metadata().versions
-        if version is not None and version not in versions:
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r}; it serves {list(versions)}")
-        return backend
-
-    def ready(self) -> bool:
-        return all(b.ready() and self.batchers[n].running for n, b in self.backends.items())
-
-    async def start(self) -> None:
-        for batcher in self.batchers.values():
-            await batcher.start()
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(b.stop(self.config.stop_timeout_s) for b in self.batchers.values()))
-        if self.config.close_backends:
-            for backend in self.backends.values():
-                try:
-                    await backend.close()
-                except Exception:  # noqa: BLE001 - one failing close must not keep the others open
-                    logger.exception("closing backend %s failed", backend.name)
 
 
 def _error(exc: ServeError) -> Response:
@@ -227,6 +157,11 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
         if backend.ready() and gw.batchers[name].running:
             return JSONResponse({"name": name, "ready": True})
         return _error(ServiceUnavailableError(f"model {name!r} is not ready"))
+
+    @app.get("/v2/openapi.json")  # guarded like model metadata when a token is set: it lists the same models
+    async def openapi() -> dict[str, Any]:
+        return openapi_document(title=config.server_name, version=_version(), auth=config.auth_token is not None,
+                                models={n: b.metadata() for n, b in gw.backends.items()})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

@@ -7,7 +7,7 @@ messages, and every other request to FastAPI (metadata, health, metrics: cold ro
 worth their cost).
 
 It does exactly what the route did: body limits (by ``Content-Length``, while reading, after inflating gzip/deflate),
-v2 JSON and binary parsing, validation against the model's metadata, the batcher with the client's own timeout and
+the Content-Type (JSON, the binary extension's octet-stream or none; 415 otherwise), v2 JSON and binary parsing, validation against the model's metadata, the batcher with the client's own timeout and
 disconnect, the v2 response, ``{"error": ...}`` answers with the protocol's status codes, and request metrics.
 """
 
@@ -20,16 +20,15 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from ._backend import validate_inputs
 from ._protocol import (BadRequestError, ClientDisconnectedError, PayloadTooLargeError, ServeError,
-                        ServiceUnavailableError, UnauthorizedError, encode_infer_response, parse_infer_request)
-
-if TYPE_CHECKING:
-    from ._gateway import Gateway
+                        ServiceUnavailableError, UnauthorizedError, UnsupportedMediaTypeError, encode_infer_response,
+                        parse_infer_request)
+from ._registry import Gateway
 
 __all__ = ["INFER_PATH", "InferRoute", "error_response"]
 
@@ -93,6 +92,23 @@ async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: in
     elif encoding != "identity":
         raise BadRequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     return body
+
+
+def _check_content_type(headers: Mapping[bytes, bytes]) -> None:
+    """Refuse (415) a body that declares itself as something else than JSON or the binary extension's bytes.
+
+    No Content-Type is accepted (tritonclient sends none); ``text/plain`` or curl's default form encoding are not: the
+    body would be read as JSON anyway, so saying so is the honest answer and tells the client what to change.
+    """
+    raw = headers.get(b"content-type")
+    if raw is None:
+        return
+    media = raw.split(b";", 1)[0].strip().lower()
+    if media in (b"application/json", b"application/octet-stream") or media.endswith(b"+json"):
+        return
+    raise UnsupportedMediaTypeError(f"Content-Type {raw.decode('latin-1')!r} is not supported on the inference route; "
+                                    "send application/json (curl: -H 'Content-Type: application/json'), or "
+                                    "application/octet-stream with Inference-Header-Content-Length for binary tensors")
 
 
 def _header_length(headers: Mapping[bytes, bytes]) -> int | None:
@@ -161,6 +177,7 @@ class InferRoute:
             raise ServiceUnavailableError(f"model {name!r} is not ready; retry later")
         meta = backend.metadata()
         headers = dict(scope["headers"])
+        _check_content_type(headers)
         body = await _read_body(receive, headers, gw.config.max_payload_bytes)
         req = parse_infer_request(body, _header_length(headers))
         inputs = validate_inputs(req, meta)

@@ -5,6 +5,12 @@ extension (the ``Inference-Header-Content-Length`` header gives the JSON length;
 in input order, each input's size in ``parameters.binary_data_size``). BOOL is one byte per element; BYTES elements
 are a 4-byte little-endian length followed by the bytes.
 
+JSON carries finite numbers only (RFC 8259 has no NaN or Infinity): a JSON input value that is NaN, infinite or
+outside its datatype's range (``NaN``, ``1e309``, ``1e39`` as FP32) is a 400 naming the input, and a non-finite output
+value is written as ``null`` (what KServe's orjson and JavaScript's ``JSON.stringify`` write; numpy, tritonclient and
+the kserve client read ``null`` in a float array as NaN). Non-finite values travel exactly in the binary extension.
+Nested ``data`` must be rectangular and nested exactly as ``shape`` (or flat); anything else is a 400, never a guess.
+
 Decoded tensors are ``torch.Tensor`` for every numeric datatype and a numpy ``object`` array of python ``bytes`` for
 BYTES (numpy has no bfloat16, torch has no string tensors).
 
@@ -15,6 +21,7 @@ Exception tree (every class carries the HTTP status the gateway answers with)::
      ├─ UnauthorizedError         401  missing or wrong bearer token
      ├─ ModelNotFoundError        404  unknown model or version
      ├─ PayloadTooLargeError      413  body larger than the configured limit
+     ├─ UnsupportedMediaTypeError 415  a Content-Type that is neither JSON nor the binary extension's
      ├─ ServiceUnavailableError   503  queue full, server stopping, model not ready (carries retry_after_s)
      ├─ GatewayTimeoutError       504  request not answered within its timeout
      ├─ ClientDisconnectedError   499  the client went away before its answer (nothing is sent)
@@ -24,6 +31,7 @@ Exception tree (every class carries the HTTP status the gateway answers with)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import struct
@@ -35,7 +43,8 @@ import torch
 
 __all__ = [
     "ServeError", "BadRequestError", "UnauthorizedError", "ModelNotFoundError", "PayloadTooLargeError",
-    "ServiceUnavailableError", "GatewayTimeoutError", "ClientDisconnectedError", "BackendError", "DATATYPES",
+    "UnsupportedMediaTypeError", "ServiceUnavailableError", "GatewayTimeoutError", "ClientDisconnectedError",
+    "BackendError", "DATATYPES", "MAX_RANK",
     "TensorValue", "RequestInput", "RequestedOutput", "InferRequest", "datatype_of", "parse_infer_request",
     "encode_infer_response", "encode_bytes_elements", "decode_bytes_elements", "rows_of",
 ]
@@ -61,6 +70,10 @@ class ModelNotFoundError(ServeError):
 
 class PayloadTooLargeError(ServeError):
     status_code = 413
+
+
+class UnsupportedMediaTypeError(ServeError):
+    status_code = 415
 
 
 class ServiceUnavailableError(ServeError):
@@ -190,6 +203,10 @@ def _object_array(items: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------- decode
+MAX_RANK = 32
+"""Most dimensions a tensor may have (numpy's limit before 2.0); bounds the nesting of ``data`` too."""
+
+
 def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
@@ -210,19 +227,27 @@ def _decode_binary(datatype: str, shape: list[int], buf: memoryview, name: str) 
     return tensor.view(torch.bfloat16) if datatype == "BF16" else tensor
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, shape: list[int], name: str) -> list[Any]:
+    """The row-major values of ``data``: a scalar, a flat list, or lists nested exactly as ``shape`` (a ragged or
+    mixed nesting is refused rather than guessed at). Level by level, not recursive: the depth is the client's."""
     if not isinstance(data, list):
         return [data]
     if not data or not isinstance(data[0], list):
-        return data
-    out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item))
-    return out
+        return data  # flat; a list among the scalars fails the numeric conversion in _decode_json
+    level: list[Any] = [data]
+    for depth, size in enumerate(shape):
+        if not all(isinstance(x, list) and len(x) == size for x in level):
+            bad = next(x for x in level if not isinstance(x, list) or len(x) != size)
+            got = f"a list of {len(bad)} values" if isinstance(bad, list) else f"the scalar {bad!r}"
+            raise BadRequestError(f"input {name!r}: nested 'data' does not match shape {shape}: at depth {depth} "
+                                  f"it has {got} where the shape says {size} values; send lists nested exactly as "
+                                  "'shape' or one flat row-major list")
+        level = list(itertools.chain.from_iterable(level))
+    return level  # lists left at the leaves (deeper than shape) show up as extra numpy dimensions in _decode_json
 
 
 def _decode_json(datatype: str, shape: list[int], data: Any, name: str) -> TensorValue:
-    flat = _flatten(data)
+    flat = _flatten(data, shape, name)
     if len(flat) != _numel(shape):
         raise BadRequestError(f"input {name!r} has {len(flat)} values but shape {shape} needs {_numel(shape)}")
     if datatype == "BYTES":
@@ -233,8 +258,11 @@ def _decode_json(datatype: str, shape: list[int], data: Any, name: str) -> Tenso
     assert torch_dtype is not None and wire is not None
     try:
         arr = np.asarray(flat)
-    except (ValueError, OverflowError):
-        arr = np.asarray([], dtype=object)
+    except ValueError:  # numpy's "inhomogeneous shape": lists among scalars
+        raise BadRequestError(f"input {name!r}: 'data' mixes numbers and lists; send lists nested exactly as shape "
+                              f"{shape} or one flat row-major list of numbers") from None
+    if arr.ndim != 1:
+        raise BadRequestError(f"input {name!r}: 'data' is nested deeper than shape {shape} has dimensions")
     kind = arr.dtype.kind if arr.size else "b" if datatype == "BOOL" else "i"
     if datatype == "BOOL":
         if kind not in "biu" or (kind != "b" and not np.isin(arr, (0, 1)).all()):
@@ -256,14 +284,22 @@ def _decode_json(datatype: str, shape: list[int], data: Any, name: str) -> Tenso
     else:  # FP16/FP32/FP64; BF16 is parsed as float32 and rounded by torch
         if kind not in "iuf":
             raise BadRequestError(f"input {name!r} is {datatype}: JSON data must be numbers")
-        arr = arr.astype(np.float32 if datatype == "BF16" else wire.newbyteorder("="))
+        with np.errstate(over="ignore"):  # an overflow is refused below, by name
+            arr = arr.astype(np.float32 if datatype == "BF16" else wire.newbyteorder("="))
     tensor = torch.from_numpy(arr).reshape(shape)
-    return tensor.to(torch.bfloat16) if datatype == "BF16" else tensor
+    if datatype == "BF16":
+        tensor = tensor.to(torch.bfloat16)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise BadRequestError(f"input {name!r}: a value is NaN, infinite or outside the {datatype} range; JSON "
+                              "carries finite numbers only (send non-finite values with the binary extension)")
+    return tensor
 
 
 def _shape_of(raw: Any, name: str) -> list[int]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
         raise BadRequestError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    if len(raw) > MAX_RANK:
+        raise BadRequestError(f"input {name!r}: 'shape' has {len(raw)} dimensions; at most {MAX_RANK} are supported")
     return list(raw)
 
 
@@ -280,6 +316,9 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         doc = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the C scanner stops at the interpreter's recursion limit and unwinds cleanly
+        raise BadRequestError("request body is JSON nested too deeply; a v2 request needs a depth of a few levels "
+                              "plus one per tensor dimension") from None
     if not isinstance(doc, dict):
         raise BadRequestError("request body must be a JSON object with an 'inputs' list")
     req_id = doc.get("id")
@@ -370,7 +409,10 @@ def _to_json(name: str, value: TensorValue) -> list[Any]:
         except UnicodeDecodeError:
             raise BadRequestError(f"output {name!r} holds bytes that are not UTF-8; request it with "
                                   "parameters.binary_data=true") from None
-    return value.detach().cpu().reshape(-1).tolist()
+    flat = value.detach().cpu().reshape(-1)
+    if not flat.is_floating_point() or bool(torch.isfinite(flat).all()):
+        return flat.tolist()
+    return [x if math.isfinite(x) else None for x in flat.tolist()]  # JSON has no NaN/Infinity (module docstring)
 
 
 def encode_infer_response(*, model_name: str, model_version: str, request_id: str | None,
@@ -391,7 +433,7 @@ def encode_infer_response(*, model_name: str, model_version: str, request_id: st
             entry["data"] = _to_json(name, value)
         entries.append(entry)
     doc["outputs"] = entries
-    header = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
