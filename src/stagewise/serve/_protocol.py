@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._errors import StagewiseError
+
 __all__ = [
     "ServeError", "BadRequestError", "UnauthorizedError", "ModelNotFoundError", "PayloadTooLargeError",
     "ServiceUnavailableError", "GatewayTimeoutError", "ClientDisconnectedError", "BackendError", "DATATYPES",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class ServeError(Exception):
+class ServeError(StagewiseError):
     """Base class of every error the gateway turns into an HTTP answer ``{"error": message}``."""
 
     status_code: int = 500
