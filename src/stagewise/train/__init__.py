@@ -13,5 +13,16 @@ from ._config import (
 from ._reference import train_reference
 from ._trainer import Trainer, TrainResult
 
-__all__ = ["TrainConfig", "SplitConfig", "LayoutConfig", "OptimConfig", "DataConfig", "RuntimeConfig", "OutputConfig",
-           "Trainer", "TrainResult", "train_reference", "OPTIMIZERS"]
+__all__ = [
+    "OPTIMIZERS",
+    "DataConfig",
+    "LayoutConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "RuntimeConfig",
+    "SplitConfig",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "train_reference",
+]

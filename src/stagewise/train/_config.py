@@ -19,8 +19,17 @@ from .._errors import ConfigError
 from .._settings import build_tree, check_choices, flag_of
 from ..schedule import ScheduleName
 
-__all__ = ["TrainConfig", "SplitConfig", "LayoutConfig", "OptimConfig", "DataConfig", "RuntimeConfig", "OutputConfig",
-           "OPTIMIZERS", "OPTIMIZER_CLASSES"]
+__all__ = [
+    "OPTIMIZERS",
+    "OPTIMIZER_CLASSES",
+    "DataConfig",
+    "LayoutConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "RuntimeConfig",
+    "SplitConfig",
+    "TrainConfig",
+]
 
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
