@@ -532,9 +532,10 @@ def test_plan_json_round_trip_and_train_kwargs(tmp_path: Path) -> None:
         again = Plan.from_json(p.to_json())
         assert again == p
         config = TrainConfig(model="m.py:f", **p.to_train_kwargs())
-        assert (config.stages, config.replicas, config.microbatches, config.schedule, config.stages_per_rank) == \
+        lay = config.layout
+        assert (lay.stages, lay.replicas, lay.microbatches, lay.schedule, lay.stages_per_rank) == \
             (p.stages, p.replicas, p.microbatches, p.schedule, p.stages_per_rank)
-        assert config.cuts == (p.cut[1:] or None)
+        assert config.split.cuts == (list(p.cut[1:]) or None)
         assert config.microbatch_size == p.microbatch_rows
     path = tmp_path / "plan.json"
     plans[0].to_json(path)

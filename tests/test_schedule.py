@@ -56,8 +56,8 @@ def all_builds():
 def test_public_surface_is_pinned():
     assert set(sched_pkg.__all__) == {
         "COMM_KINDS", "COMPUTE_KINDS", "SCHEDULE_NAMES", "Action", "ActionKind", "Cost", "Interval", "Schedule",
-        "ScheduleError", "Timeline", "add_communication", "build", "gpipe", "interleaved_1f1b", "one_f_one_b",
-        "peak_activations", "simulate", "validate", "zero_bubble",
+        "ScheduleError", "ScheduleName", "Timeline", "add_communication", "build", "gpipe", "interleaved_1f1b",
+        "one_f_one_b", "peak_activations", "simulate", "validate", "zero_bubble",
     }  # fmt: skip
     for name in sched_pkg.__all__:
         assert hasattr(sched_pkg, name), name

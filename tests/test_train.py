@@ -98,7 +98,7 @@ def test_split_microbatches_keeps_structure() -> None:
 def test_config_errors_name_the_setting() -> None:
     with pytest.raises(ValueError, match="global_batch 10 must divide"):
         TrainConfig(model="m:f", replicas=2, microbatches=4, global_batch=10)
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="schedule must be one of .*got .nope.; set --schedule"):
         TrainConfig(model="m:f", schedule="nope")
 
 

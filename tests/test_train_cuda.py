@@ -28,12 +28,12 @@ META = torch.device("meta")
 # --- everywhere: settings and decisions --------------------------------------------------------------------------
 
 def test_device_setting_is_validated_and_named() -> None:
-    assert TrainConfig(model="m:f").device == "cpu"  # the default changes nothing on CPU machines
+    assert TrainConfig(model="m:f").runtime.device == "cpu"  # the default changes nothing on CPU machines
     for ok in ("cpu", "cuda", "auto"):
-        assert TrainConfig(model="m:f", device=ok).device == ok
+        assert TrainConfig(model="m:f", device=ok).runtime.device == ok
     with pytest.raises(ValueError, match=r"device must be one of cpu, cuda, auto, got 'gpu'.*--device"):
         TrainConfig(model="m:f", device="gpu")
-    assert TrainConfig.from_json(TrainConfig(model="m:f", device="auto").to_json()).device == "auto"
+    assert TrainConfig.from_json(TrainConfig(model="m:f", device="auto").to_json()).runtime.device == "auto"
 
 
 def test_resolve_device() -> None:

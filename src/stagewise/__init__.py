@@ -1,5 +1,6 @@
 """Stagewise: split one large PyTorch model into stages, train it across processes, and serve it."""
 
+from ._errors import ConfigError, StagewiseError
 from ._spec import ModelSpec, load_model_spec
 from .split import Partition, SplitError, SplitModel, Stage, StageSpec, split
 from .train import TrainConfig, Trainer, TrainResult, train_reference
@@ -7,4 +8,4 @@ from .train import TrainConfig, Trainer, TrainResult, train_reference
 __version__ = "0.1.0"
 
 __all__ = ["ModelSpec", "load_model_spec", "split", "SplitModel", "SplitError", "Partition", "Stage", "StageSpec",
-           "TrainConfig", "Trainer", "TrainResult", "train_reference", "__version__"]
+           "TrainConfig", "Trainer", "TrainResult", "train_reference", "StagewiseError", "ConfigError", "__version__"]

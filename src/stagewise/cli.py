@@ -53,67 +53,22 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train._config import OPTIMIZERS, SCHEDULES
+    from ._cli_config import add_config_arguments
+    from .train import TrainConfig
 
     p = sub.add_parser(
         "train", help="train a model split into stages x replicas processes",
         description="Train MODEL pipeline-parallel (--stages) and data-parallel (--replicas) on local processes "
                     "(P x D of them, gloo on CPU). Under torchrun, runs as the rank torchrun started instead.")
-    p.add_argument("model", metavar="MODEL", help="model factory: 'path/to/file.py:factory' or 'package.module:factory'"
-                   "; its ModelSpec must have a dataset")
-    p.add_argument("--stages", type=int, default=2, help="pipeline stages P (default: 2)")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas D (default: 1)")
-    p.add_argument("--microbatches", type=int, default=4, help="microbatches per replica per step (default: 4)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default: 1f1b)")
-    p.add_argument("--stages-per-rank", type=int, default=1, help="virtual stages per process (interleaved only)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default: 10)")
-    p.add_argument("--global-batch", type=int, default=32, help="samples per step over all replicas (default: 32)")
-    p.add_argument("--by", choices=["time", "params", "uniform"], default="params",
-                   help="cost that balances the cut (default: params)")
-    p.add_argument("--cuts", type=_csv, default=None, metavar="FQN,...", help="cut before these units instead")
-    p.add_argument("--plan", dest="partition", default=None, metavar="FILE",
-                   help="a plan from 'stagewise plan --json' (sets layout, cut, microbatches, schedule) or a partition "
-                        "from 'stagewise split --json' (sets the cut)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer of every stage (default: adam)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="LR schedule")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps for --lr-schedule cosine")
-    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip gradients to this global norm")
-    p.add_argument("--loss-reduction", choices=["mean", "sum"], default="mean",
-                   help="whether the loss averages (mean) or adds (sum) over samples (default: mean)")
-    p.add_argument("--data", choices=["shard", "replicate"], default="shard",
-                   help="each replica loads only its shard, or a full copy (default: shard)")
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="read the data set in order")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle and of torch (default: 0)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per loading rank (default: 0)")
-    p.add_argument("--no-dropout", dest="dropout", action="store_false",
-                   help="capture the model in eval mode (deterministic, no dropout)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait may take (default: 30)")
-    p.add_argument("--threads", type=int, default=1, help="compute threads per process (default: 1)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
-                   help="where stages compute: cpu, cuda (GPUs shared by ranks go through pinned host memory), or "
-                        "auto (cuda when available) (default: cpu)")
-    p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
-                   help="write final weights (safetensors by FQN) and losses here")
-    p.add_argument("--save", dest="save_dir", default=None, metavar="DIR",
-                   help="checkpoint root: weights + optimizer + RNG + data position by FQN (safetensors + manifest)")
-    p.add_argument("--save-every", type=int, default=0, help="save every N steps (default: only at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default: 3)")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue from a checkpoint (root or step directory), in any stages x replicas layout")
-    p.add_argument("--trace", default=None, metavar="DIR",
-                   help="record every action of every rank: DIR/trace.json (Chrome/Perfetto) and DIR/timeline.png")
+    add_config_arguments(p, TrainConfig)  # every TrainConfig setting, its default and help from the field
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
+    from ._cli_config import config_values
     from .train import TrainConfig, Trainer
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    values = config_values(TrainConfig, args)
     if args.partition and _is_plan_file(args.partition):
         from .plan import Plan
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .._errors import StagewiseError
+
 __all__ = [
     "CheckpointError",
     "safetensors_header",
@@ -53,7 +55,7 @@ DTYPES: dict[torch.dtype, str] = {
 TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in DTYPES.items()}
 
 
-class CheckpointError(Exception):
+class CheckpointError(StagewiseError):
     """A checkpoint is missing, incomplete, or does not match its manifest (a file truncated, altered or absent)."""
 
 

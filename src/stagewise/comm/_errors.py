@@ -14,6 +14,8 @@ Errors say what happened and where (rank, peer, tag, seconds) and, when there is
 
 from __future__ import annotations
 
+from .._errors import StagewiseError
+
 __all__ = [
     "CommError",
     "CommTimeoutError",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-class CommError(Exception):
+class CommError(StagewiseError):
     """Base class of every error raised on purpose by :mod:`stagewise.comm`."""
 
 

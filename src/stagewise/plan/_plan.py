@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .._errors import StagewiseError
 from ..schedule import SCHEDULE_NAMES
 
 __all__ = ["Plan", "PlanError", "MODES"]
@@ -15,7 +16,7 @@ __all__ = ["Plan", "PlanError", "MODES"]
 MODES = ("train", "serve")
 
 
-class PlanError(ValueError):
+class PlanError(StagewiseError, ValueError):
     """No layout fits the cluster; the message names the smallest change that would make one fit."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._errors import StagewiseError
 from ..comm import SendHandle, Transport
 from ..schedule import Action, Schedule
 from ..split import Stage
@@ -28,7 +29,7 @@ LossFn = Callable[[list[Any], int], torch.Tensor]
 """``loss(outputs, microbatch) -> scalar``: the last stage's model outputs (leaf order) for one microbatch."""
 
 
-class StepError(RuntimeError):
+class StepError(StagewiseError, RuntimeError):
     """A schedule action failed; the message names rank, stage, action and microbatch and shows the schedule grid."""
 
 

@@ -14,6 +14,7 @@ A :class:`Schedule` maps each rank to its list of :class:`Action` (``"1F0"``: st
 from ._actions import COMM_KINDS, COMPUTE_KINDS, Action, ActionKind, Schedule, ScheduleError
 from ._builders import (
     SCHEDULE_NAMES,
+    ScheduleName,
     add_communication,
     build,
     gpipe,
@@ -34,6 +35,7 @@ __all__ = [
     "Interval",
     "Schedule",
     "ScheduleError",
+    "ScheduleName",
     "Timeline",
     "add_communication",
     "build",

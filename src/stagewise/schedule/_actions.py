@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
+from .._errors import StagewiseError
+
 __all__ = [
     "Action",
     "ActionKind",
@@ -40,7 +42,7 @@ _ALL_KINDS = get_args(ActionKind)
 _ACTION_RE = re.compile(r"^(\d+)(" + "|".join(sorted(_ALL_KINDS, key=len, reverse=True)) + r")(\d+)$")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(StagewiseError, ValueError):
     """A schedule that cannot run: names the rank, the step (index in that rank's list), the action and why.
 
     ``str(error)`` starts with ``"rank R, step K, action A: reason"`` and, when the schedule is known, ends with the

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from ._actions import Action, Schedule
 
 __all__ = [
     "SCHEDULE_NAMES",
+    "ScheduleName",
     "add_communication",
     "build",
     "gpipe",
@@ -23,8 +25,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb")
-"""Names accepted by :func:`build`."""
+ScheduleName = Literal["gpipe", "1f1b", "interleaved", "zb"]
+"""Names accepted by :func:`build` (configs annotate their schedule field with it)."""
+SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 
 
 def _check_sizes(*, ranks: int, microbatches: int, stages_per_rank: int = 1) -> None:

@@ -26,6 +26,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .._errors import StagewiseError
 from ._backend import InferenceBackend, ModelError
 from ._metrics import GatewayMetrics
 from ._protocol import (BackendError, BadRequestError, ClientDisconnectedError, GatewayTimeoutError, ServeError,
@@ -77,7 +78,7 @@ def should_wait(*, gap_s: float, inflight: int, max_delay_s: float) -> bool:
     return max_delay_s > 0 and (gap_s <= max_delay_s or inflight > 0)
 
 
-class Dropped(Exception):
+class Dropped(StagewiseError):
     """:func:`await_or_drop` cancelled the future: ``reason`` is ``"timeout"`` or ``"cancel"``."""
 
     def __init__(self, reason: str) -> None:

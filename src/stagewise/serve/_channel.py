@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .._errors import StagewiseError
+
 __all__ = ["ChannelError", "Message", "Channel", "encode_frame", "parse_header", "DTYPES", "PREFIX"]
 
 PREFIX = struct.Struct("!IQ")
@@ -48,7 +50,7 @@ DTYPES: dict[str, torch.dtype] = {
 """Tensor dtypes the channel carries, by name (``float32``...)."""
 
 
-class ChannelError(ConnectionError):
+class ChannelError(StagewiseError, ConnectionError):
     """The peer sent something that is not a valid frame, or the connection broke inside a frame."""
 
 

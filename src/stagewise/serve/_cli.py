@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from .._cli_config import add_config_arguments, config_values
+from ._replicas import PipelineConfig
+
 __all__ = ["add_serve_parser", "cmd_serve", "add_infer_parser", "cmd_infer"]
 
 log = logging.getLogger(__name__)
@@ -35,11 +38,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         description="Split MODEL into --stages stage processes per replica, start --replicas replicas, and serve it "
                     "with dynamic batching on the Open Inference Protocol v2 (/v2/models/NAME/infer). A dead worker "
                     "costs a retry on another replica; its replica restarts in the background. Ctrl-C stops all.")
-    p.add_argument("model", metavar="MODEL|CHECKPOINT",
-                   help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
-    p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="serve the weights of this training checkpoint (saved in any layout); MODEL may also be the "
-                        "checkpoint directory itself, which records its model")
+    add_config_arguments(p, PipelineConfig)  # MODEL and one flag per PipelineConfig setting, help from its fields
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="a plan from 'stagewise plan --mode serve --json' (sets stages, replicas and the cut)")
     p.add_argument("--tasks", default=None, metavar="FQN,...",
@@ -48,32 +47,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--submodels", default=None, metavar="FQN,...",
                    help="sub-model split: serve each named sub-module as its own model, NAME.FQN, on the inputs it "
                         "receives in the example call (each split into --stages stages)")
-    p.add_argument("--stages", type=int, default=2, help="pipeline stages per replica (default: 2)")
-    p.add_argument("--replicas", type=int, default=1, help="pipeline replicas (default: 1)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0 = any free port)")
-    p.add_argument("--name", default=None, help="model name in the URL (default: the factory's ModelSpec.name)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="rows per dynamic batch (default: 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
                    help="longest a batch waits for more requests when traffic is dense (default: 2)")
     p.add_argument("--token", default=None,
                    help=f"require 'Authorization: Bearer TOKEN' (default: ${_TOKEN_ENV}; none when unset)")
     p.add_argument("--max-payload-mb", type=float, default=64.0, help="largest request body in MiB (default: 64)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: cores / (workers + 1), at least 1)")
-    p.add_argument("--precapture", action="store_true",
-                   help="capture every batch-size bucket at startup instead of on first use")
     p.add_argument("--access-log", action="store_true",
                    help="log every HTTP request (off by default: /metrics counts requests, and a log line per request "
                         "costs the gateway CPU at high request rates)")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds to wait for the first ready replica (default: 300)")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                   help="a worker silent this long (stopped, hung) fails its replica, whose batches move to another "
-                        "replica (default: 5; workers beat 5 times per period from a thread of their own)")
-    p.add_argument("--worker-timeout", type=float, default=60.0,
-                   help="a batch unanswered this long by a replica that still beats fails that replica as stuck "
-                        "(default: 60)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="an HTTP connection must send a complete request head within this many seconds, else it is "
                         "closed (slow or silent clients; default: 10)")
@@ -121,12 +106,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ._serving_split import checkpoint_model
 
         model, checkpoint = checkpoint_model(model), model
-    stages, replicas, cuts = args.stages, args.replicas, None
+    settings = config_values(PipelineConfig, args)
+    cuts = None
     if args.plan:
         from ..plan import Plan
 
         plan = Plan.from_json(args.plan)
-        stages, replicas, cuts = plan.stages, plan.replicas, tuple(plan.cut[1:]) or None
+        settings.update(stages=plan.stages, replicas=plan.replicas)
+        cuts = tuple(plan.cut[1:]) or None
+    stages, replicas = settings["stages"], settings["replicas"]
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
     subs = [t.strip() for t in args.submodels.split(",") if t.strip()] if args.submodels else []
     if tasks and subs:
@@ -139,12 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for v in variants:
             suffix = v.get("head") or v.get("submodule")
             name = (f"{args.name}.{suffix}" if suffix else args.name) if args.name else None
-            backends.append(PipelineBackend(model, stages=stages, replicas=replicas,
-                                            max_batch_size=args.max_batch_size, name=name,
-                                            threads_per_worker=args.threads, precapture=args.precapture,
-                                            checkpoint=checkpoint, cuts=None if suffix else cuts,
-                                            heartbeat_timeout_s=args.heartbeat_timeout,
-                                            worker_timeout_s=args.worker_timeout, **v))
+            chosen = {"model": model, "name": name, "checkpoint": checkpoint, "cuts": None if suffix else cuts}
+            backends.append(PipelineBackend(PipelineConfig(**settings | chosen | v)))
         names = ", ".join(repr(b.name) for b in backends)
         print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {names}",
               file=sys.stderr, flush=True)

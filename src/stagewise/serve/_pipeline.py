@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import dataclasses
 import logging
 import multiprocessing.forkserver
 import os
@@ -430,16 +431,9 @@ class PipelineBackend(InferenceBackend):
         procs = []
         try:
             for s in range(cfg.stages):
-                wc = WorkerConfig(model=cfg.model, stages=cfg.stages, stage=s, replica=rep.index, generation=gen,
-                                  gateway_host=cfg.host, gateway_port=self._port, secret=self._secret, dist_port=port,
-                                  max_batch_size=cfg.max_batch_size, exclude_inputs=list(cfg.exclude_inputs),
-                                  seed=cfg.seed, threads=self._threads, timeout_s=cfg.worker_timeout_s,
-                                  heartbeat_s=cfg.heartbeat_timeout_s / 5,
-                                  precapture=cfg.precapture, checkpoint=cfg.checkpoint,
-                                  cuts=list(cfg.cuts) if cfg.cuts else None,
-                                  tasks=list(cfg.tasks) if cfg.tasks else None, head=cfg.head,
-                                  submodule=cfg.submodule,
-                                  log_level=log.getEffectiveLevel())
+                wc = WorkerConfig(**dataclasses.asdict(cfg) | {"threads_per_worker": self._threads}, stage=s,
+                                  replica=rep.index, generation=gen, gateway_port=self._port, secret=self._secret,
+                                  dist_port=port, log_level=log.getEffectiveLevel())
                 p = self._ctx.Process(target=worker_main, args=(wc.to_json(),), daemon=True,
                                       name=f"stagewise-serve-r{rep.index}s{s}")
                 p.start()

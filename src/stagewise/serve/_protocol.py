@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._errors import StagewiseError
+
 __all__ = [
     "ServeError", "BadRequestError", "UnauthorizedError", "ModelNotFoundError", "PayloadTooLargeError",
     "UnsupportedMediaTypeError", "ServiceUnavailableError", "GatewayTimeoutError", "ClientDisconnectedError",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 
-class ServeError(Exception):
+class ServeError(StagewiseError):
     """Base class of every error the gateway turns into an HTTP answer ``{"error": message}``."""
 
     status_code: int = 500

@@ -41,6 +41,7 @@ from ..comm import CommError, DistTransport, SendHandle
 from ..split import Stage
 from ._channel import Channel
 from ._listener import HelloFields, client_handshake
+from ._replicas import PipelineConfig
 from ._serving_split import bucket_rows, load_serving_split, pad_rows, stage_digest
 
 __all__ = ["WorkerConfig", "worker_main"]
@@ -53,52 +54,24 @@ _IDLE_WAIT_S = 10.0 * 365 * 24 * 3600
 """How long a later stage waits for its next batch: as long as the service idles (see ``serve_forever``)."""
 
 
-@dataclasses.dataclass(kw_only=True)
-class WorkerConfig:
-    """Everything one worker needs; travels to the process as JSON."""
+@dataclasses.dataclass(kw_only=True, slots=True)
+class WorkerConfig(PipelineConfig):
+    """The backend's :class:`PipelineConfig` (``threads_per_worker`` resolved) plus this worker's place; travels to
+    the process as JSON. ``host`` is where the gateway's channel listens; ``worker_timeout_s`` is the deadline of
+    every gloo wait (and of the rendezvous)."""
 
-    model: str
-    """MODEL factory string."""
-    stages: int
-    """Stages per replica (the gloo group size)."""
     stage: int
-    """This worker's stage (its rank in the replica's group)."""
+    """This worker's stage (its rank in the replica's group of ``stages``)."""
     replica: int
     """Replica index."""
     generation: int
     """Start count of this replica; the gateway ignores workers of older generations."""
-    gateway_host: str
-    """Where the gateway's channel listens."""
     gateway_port: int
     """Port of the gateway's channel."""
     secret: str
     """Shared secret that authenticates the hello (it never travels: see ``_listener``)."""
     dist_port: int
     """Free port of this replica's gloo rendezvous (stage 0 listens)."""
-    max_batch_size: int
-    """Largest batch the gateway sends."""
-    exclude_inputs: list[str]
-    """Keyword example inputs dropped before capture (e.g. ``labels``)."""
-    seed: int
-    """torch seed set before calling the factory."""
-    threads: int
-    """torch intra-op threads."""
-    timeout_s: float
-    """Deadline of every gloo wait (and of the rendezvous)."""
-    heartbeat_s: float = 1.0
-    """Seconds between heartbeats to the gateway."""
-    precapture: bool = False
-    """Capture every batch-size bucket before reporting ready (else each on first use)."""
-    checkpoint: str | None = None
-    """A training checkpoint whose weights (by FQN) replace the factory's."""
-    cuts: list[str] | None = None
-    """Cut before these units (from a plan) instead of balancing."""
-    tasks: list[str] | None = None
-    """Task split: the head FQNs; ``head`` picks the one this service runs after the trunk."""
-    head: str | None = None
-    """The task head served (the trunk is cut into ``stages - 1`` stages, then this head)."""
-    submodule: str | None = None
-    """Serve only this sub-module (by FQN), on the inputs it receives in the example call."""
     log_level: int = logging.WARNING
     """Logging level of the worker process (the gateway's effective level)."""
 
@@ -127,7 +100,7 @@ class _StageWorker:
         self.transport: DistTransport | None = None
         if cfg.stages > 1:
             self.transport = DistTransport.init(rank=cfg.stage, world_size=cfg.stages, master_port=cfg.dist_port,
-                                                timeout=cfg.timeout_s)
+                                                timeout=cfg.worker_timeout_s)
         if cfg.precapture:
             rows = 1
             while rows < cfg.max_batch_size:
@@ -233,7 +206,7 @@ class _StageWorker:
             payload = [0 if ok else 1, rows, len(times), *times, len(later), *later, *(send if ok else [])]
             self._sends.append(self.transport.isend(payload, dst=cfg.stage + 1, tag=seq % TAG_SPACE))
             while len(self._sends) > 2:  # bounded: the next stage takes them in order
-                self._sends.popleft().wait(cfg.timeout_s)
+                self._sends.popleft().wait(cfg.worker_timeout_s)
         elif ok:
             self.chan.send({"kind": "result", "seq": seq, "times": times}, result)
 
@@ -255,13 +228,13 @@ def worker_main(config_json: str) -> None:
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s [replica {cfg.replica} stage "
                                                       f"{cfg.stage}] %(name)s: %(message)s")
     tune_allocator()
-    torch.set_num_threads(cfg.threads)
-    sock = socket.create_connection((cfg.gateway_host, cfg.gateway_port), timeout=30.0)
-    chan = Channel(sock, send_timeout_s=cfg.timeout_s)
+    torch.set_num_threads(cfg.threads_per_worker or 1)
+    sock = socket.create_connection((cfg.host, cfg.gateway_port), timeout=30.0)
+    chan = Channel(sock, send_timeout_s=cfg.worker_timeout_s)
     try:
         client_handshake(chan, cfg.secret, HelloFields(replica=cfg.replica, generation=cfg.generation,
                                                        stage=cfg.stage, pid=os.getpid()), timeout_s=30.0)
-        threading.Thread(target=_beat, args=(chan, cfg.heartbeat_s), name="stagewise-heartbeat", daemon=True).start()
+        threading.Thread(target=_beat, args=(chan, cfg.heartbeat_timeout_s / 5), name="stagewise-heartbeat", daemon=True).start()
         worker = _StageWorker(cfg, chan)
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()

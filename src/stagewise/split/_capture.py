@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
+from .._errors import StagewiseError
 from ._tree import TreeSpec, flatten, leaf_names, unflatten
 
 __all__ = ["Capture", "capture", "CaptureError", "input_leaves"]
@@ -29,7 +30,7 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 _ROOT = "model"
 
 
-class CaptureError(RuntimeError):
+class CaptureError(StagewiseError, RuntimeError):
     """The model's forward could not be captured as a graph."""
 
 

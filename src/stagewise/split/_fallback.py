@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._errors import StagewiseError
 from ._build import Stage
 from ._capture import CaptureError, _should_expand, input_leaves, signature_of
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
@@ -33,7 +34,7 @@ __all__ = ["ChainCapture", "record_chain", "split_chain", "ChainSplitModel"]
 log = logging.getLogger(__name__)
 
 
-class NotAChain(Exception):
+class NotAChain(StagewiseError):
     """The model's forward is not a plain chain of module calls; the message says where it stops being one."""
 
 

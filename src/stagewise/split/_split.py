@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .._errors import StagewiseError
 from .._spec import ModelSpec
 from ._balance import cuts_from_names, min_max_cuts
 from ._build import Stage, _Layout, build_stage, plan_stages, value_bytes
@@ -22,7 +23,7 @@ __all__ = ["split", "SplitModel", "SplitError"]
 log = logging.getLogger(__name__)
 
 
-class SplitError(ValueError):
+class SplitError(StagewiseError, ValueError):
     """The model cannot be split as asked; the message says why and what to change."""
 
 

@@ -1,137 +1,227 @@
-"""Training configuration: one typed tree that the CLI maps onto 1:1 and that travels to workers as JSON."""
+"""Training configuration: one typed tree that the CLI maps onto 1:1 and that travels to workers as JSON.
+
+``TrainConfig`` holds the model and the step count, and one group per concern: ``split`` (how the model is cut),
+``layout`` (stages x replicas x microbatches and the schedule), ``optim``, ``data``, ``runtime`` and ``output``. Every
+leaf setting has one name in the whole tree, which is also its flag (``stages`` -> ``--stages``), so a config is
+written flat, ``TrainConfig(model=m, stages=4, lr=1e-3)``, or by group, ``TrainConfig(model=m,
+layout=LayoutConfig(stages=4))``; it is read by group, ``config.layout.stages``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "OPTIMIZER_CLASSES"]
+from .._errors import ConfigError
+from .._settings import build_tree, check_choices, flag_of
+from ..schedule import ScheduleName
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
-DEVICES = ("cpu", "cuda", "auto")
+__all__ = [
+    "OPTIMIZERS",
+    "OPTIMIZER_CLASSES",
+    "DataConfig",
+    "LayoutConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "RuntimeConfig",
+    "SplitConfig",
+    "TrainConfig",
+]
+
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 """The optimizers known by name (any other is a dotted path)."""
 OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
+Device = Literal["cpu", "cuda", "auto"]
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
-@dataclasses.dataclass(kw_only=True)
-class TrainConfig:
-    """How to train a split model across processes."""
+def _at_least(config: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {getattr(config, name)}; "
+                              f"set {flag_of(type(config), name)}")
 
-    model: str
-    """Model factory, ``file.py:factory`` or ``package.module:factory`` (see :class:`stagewise.ModelSpec`)."""
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SplitConfig:
+    """How the model is cut into stages."""
+
+    by: Literal["params", "time", "uniform"] = "params"
+    """Cost that the exact min-max cut balances: params, measured time, or uniform (unit count)."""
+    cuts: list[str] | None = dataclasses.field(default=None, metadata={"metavar": "FQN,..."})
+    """Cut before these units instead of balancing (each names the first unit of a stage)."""
+    partition: str | None = dataclasses.field(default=None, metadata={"flag": "--plan", "metavar": "FILE"})
+    """A plan from 'stagewise plan --json' (sets layout, cut, microbatches, schedule) or a partition from
+    'stagewise split --json' (sets the cut)."""
+    dropout: bool = True
+    """Capture the model in training mode (dropout active); --no-dropout captures eval mode for deterministic runs."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class LayoutConfig:
+    """How many processes run the pipeline, and in which order they run their microbatches."""
+
     stages: int = 2
     """Pipeline stages P (one process each)."""
     replicas: int = 1
     """Data-parallel replicas D of the whole pipeline; P x D processes in all."""
     microbatches: int = 4
     """Microbatches M per replica per step."""
-    schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
+    schedule: ScheduleName = "1f1b"
+    """Pipeline schedule."""
     stages_per_rank: int = 1
     """Virtual stages per process (interleaved schedule only)."""
-    steps: int = 10
-    """Optimizer steps to run."""
-    global_batch: int = 32
-    """Samples per optimizer step over all replicas and microbatches (must divide by replicas x microbatches)."""
-    by: str = "params"
-    """Cost used to balance the cut: uniform, params or time."""
-    cuts: list[str] | None = None
-    """Cut before these units instead of balancing."""
-    partition: str | None = None
-    """A partition JSON file (from ``stagewise split --json``) to use instead of cutting again."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _at_least(self, 1, "stages", "replicas", "microbatches", "stages_per_rank")
+        if self.schedule != "interleaved" and self.stages_per_rank != 1:
+            raise ConfigError(f"stages_per_rank {self.stages_per_rank} needs the interleaved schedule; set "
+                              "--schedule interleaved or --stages-per-rank 1")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """The optimizer of every stage and its learning-rate schedule."""
+
     optimizer: str = "adam"
-    """Optimizer for every stage: adam, adamw, sgd, or any optimizer class by dotted path (torch.optim.RMSprop)."""
-    optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Extra keyword arguments for the optimizer (betas, momentum, eps...)."""
+    """Optimizer of every stage: adam, adamw, sgd, or any optimizer class by dotted path (torch.optim.RMSprop)."""
+    optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"metavar": "JSON"})
+    """Extra keyword arguments of the optimizer, as a JSON object ('{"betas": [0.9, 0.95]}')."""
     lr: float = 1e-3
     """Learning rate."""
     weight_decay: float = 0.0
     """Weight decay."""
-    lr_schedule: str = "constant"
-    """constant, or cosine (to 0 over ``steps``) with ``warmup_steps`` of linear warm-up."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """LR schedule: constant, or cosine (to 0 over the steps) after warmup_steps of linear warm-up."""
     warmup_steps: int = 0
-    """Linear warm-up steps for the cosine schedule."""
+    """Linear warm-up steps of the cosine schedule."""
     clip_grad_norm: float | None = None
     """Clip gradients to this global norm (computed over all stages)."""
-    loss_reduction: str = "mean"
-    """How the model's loss reduces over samples: mean (microbatch losses are averaged) or sum (added)."""
-    data: str = "shard"
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.optimizer not in OPTIMIZERS and "." not in self.optimizer:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; set --optimizer to one of "
+                              f"{', '.join(OPTIMIZERS)} or a dotted class path such as torch.optim.RMSprop")
+        _at_least(self, 0, "warmup_steps")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """How each step's samples are drawn and shared out."""
+
+    global_batch: int = 32
+    """Samples per optimizer step over all replicas and microbatches (must divide by replicas x microbatches)."""
+    sharding: Literal["shard", "replicate"] = dataclasses.field(default="shard", metadata={"flag": "--data"})
     """shard: each replica holds only its part of the data set; replicate: each holds a full copy."""
     shuffle: bool = True
-    """Seeded shuffle of the data set every epoch."""
+    """Seeded shuffle of the data set every epoch (--no-shuffle reads it in order)."""
     seed: int = 0
     """Seed of the shuffle and of torch's RNG on every rank."""
     num_workers: int = 0
     """DataLoader worker processes per rank that loads data."""
-    dropout: bool = True
-    """Capture the model in training mode (dropout active); False captures eval mode for deterministic runs."""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """How the model's loss reduces over samples: mean (microbatch losses are averaged) or sum (added)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _at_least(self, 1, "global_batch")
+        _at_least(self, 0, "num_workers")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class RuntimeConfig:
+    """Where and how each process computes."""
+
     timeout: float = 30.0
     """Seconds any wait (receive, collective) may take before the run fails with an error naming it."""
     threads: int = 1
     """Compute threads per process (torch.set_num_threads)."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """Where stages compute: cpu, cuda (rank r on GPU local_rank % GPUs; NCCL when every rank has its own GPU, else
     gloo staged through pinned host memory), or auto (cuda when CUDA is available)."""
-    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _at_least(self, 1, "threads")
+        if not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0, got {self.timeout}; set --timeout")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class OutputConfig:
+    """What the run writes: weights, checkpoints, trace and progress."""
+
+    out_dir: str | None = dataclasses.field(default=None, metadata={"flag": "--out", "metavar": "DIR"})
     """Where workers write the final weights (safetensors by FQN) and the loss history."""
-    save_dir: str | None = None
-    """Checkpoint root: each stage saves its part (safetensors by FQN + manifest), committed atomically."""
+    save_dir: str | None = dataclasses.field(default=None, metadata={"flag": "--save", "metavar": "DIR"})
+    """Checkpoint root: weights, optimizer, RNG and data position by FQN (safetensors + manifest), committed
+    atomically."""
     save_every: int = 0
-    """Save every N steps (0: only at the end, when save_dir is set)."""
+    """Save every N steps (0: only at the end, when --save is set)."""
     keep: int = 3
     """Checkpoints kept; older ones are pruned after a commit."""
-    resume: str | None = None
-    """Continue from this checkpoint (a root: its latest; or a step directory), in this run's layout."""
-    trace: str | None = None
-    """Directory for a timeline of every action on every rank: Chrome trace (trace.json) and timeline.png."""
+    resume: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
+    """Continue from this checkpoint (a root: its latest; or a step directory), in any stages x replicas layout."""
+    trace: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
+    """Record every action of every rank: DIR/trace.json (Chrome/Perfetto) and DIR/timeline.png."""
     log_every: int = 10
-    """Print the loss every N steps."""
+    """Print the loss every N steps (when no progress bar shows; 0: never)."""
     progress: bool = True
     """Show a live progress bar on rank 0."""
 
     def __post_init__(self) -> None:
-        if self.stages < 1:
-            raise ValueError(f"stages must be >= 1, got {self.stages}")
-        if self.replicas < 1:
-            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
-        if self.microbatches < 1:
-            raise ValueError(f"microbatches must be >= 1, got {self.microbatches}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if self.schedule != "interleaved" and self.stages_per_rank != 1:
-            raise ValueError("stages_per_rank > 1 needs schedule='interleaved'")
-        if self.optimizer not in OPTIMIZERS and "." not in self.optimizer:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)} or a dotted "
-                             "class path such as torch.optim.RMSprop")
-        if self.loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
-        if self.data not in ("shard", "replicate"):
-            raise ValueError(f"data must be 'shard' or 'replicate', got {self.data!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        per = self.replicas * self.microbatches
-        if self.global_batch % per:
-            raise ValueError(f"global_batch {self.global_batch} must divide by replicas x microbatches = {per}; "
-                             f"use --global-batch {max(per, self.global_batch // per * per)}")
-        if self.save_every < 0 or self.keep < 1:
-            raise ValueError("save_every must be >= 0 and keep >= 1")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}; set device (--device)")
+        _at_least(self, 0, "save_every", "log_every")
+        _at_least(self, 1, "keep")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True, init=False)
+class TrainConfig:
+    """How to train a split model across processes.
+
+    Built from any mix of groups and leaf settings: ``TrainConfig(model=m, stages=4, lr=1e-3)`` sets two leaves on
+    the default groups; a leaf given next to its group (``layout=..., stages=4``) is applied on top of that group
+    (so :func:`dataclasses.replace` takes leaf names too). Groups may also be given as dicts (the JSON form).
+    """
+
+    model: str = dataclasses.field(metadata={"metavar": "MODEL"})
+    """Model factory, 'path/to/file.py:factory' or 'package.module:factory'; its ModelSpec must have a dataset."""
+    steps: int = 10
+    """Optimizer steps to run."""
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+    def __init__(self, **settings: Any) -> None:
+        for name, value in build_tree(TrainConfig, settings).items():
+            setattr(self, name, value)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "steps")
+        per = self.layout.replicas * self.layout.microbatches
+        if self.data.global_batch % per:
+            raise ConfigError(f"global_batch {self.data.global_batch} must divide by replicas x microbatches = {per}; "
+                              f"use --global-batch {max(per, self.data.global_batch // per * per)}")
 
     @property
     def world_size(self) -> int:
-        return self.stages * self.replicas
+        return self.layout.stages * self.layout.replicas
 
     @property
     def microbatch_size(self) -> int:
-        return self.global_batch // (self.replicas * self.microbatches)
+        return self.data.global_batch // (self.layout.replicas * self.layout.microbatches)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -18,14 +18,14 @@ __all__ = ["train_reference"]
 def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train ``config.model`` in this process on the same global batches; returns (losses, final state dict).
 
-    With ``config.device`` cuda the model trains on the current GPU in true fp32 (TF32 off, as in the workers); the
-    returned state dict is always on the CPU.
+    With ``config.runtime.device`` cuda the model trains on the current GPU in true fp32 (TF32 off, as in the
+    workers); the returned state dict is always on the CPU.
     """
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.data.seed)
     spec = load_model_spec(config.model)
-    model = spec.model.train(config.dropout)
+    model = spec.model.train(config.split.dropout)
     device = torch.device("cpu")
-    if resolve_device(config.device) == "cuda":
+    if resolve_device(config.runtime.device) == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         strict_fp32(device)
         model.to(device)
@@ -35,16 +35,16 @@ def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.T
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(config, params)
     losses: list[float] = []
-    for indices in global_batches(len(data), global_batch=config.global_batch, steps=config.steps, seed=config.seed,
-                                  shuffle=config.shuffle):
+    for indices in global_batches(len(data), global_batch=config.data.global_batch, steps=config.steps,
+                                  seed=config.data.seed, shuffle=config.data.shuffle):
         inputs, targets = torch.utils.data.default_collate([data[i] for i in indices])
         if device.type != "cpu":
             inputs, targets = to_device(inputs, device), to_device(targets, device)
         args, kwargs = sample_to_call(inputs)
         loss = model_loss(spec, model(*args, **kwargs), targets)
         loss.backward()
-        if config.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+        if config.optim.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.optim.clip_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -70,7 +70,7 @@ _PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker",
 def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, backend: str = "gloo",
                      device: str = "cpu") -> None:
     config = TrainConfig.from_json(config_json)
-    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.timeout,
+    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.runtime.timeout,
                                    backend=backend, device=None if device == "cpu" else device)
     try:
         run_worker(config, transport)
@@ -79,7 +79,7 @@ def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, ba
 
 
 class Trainer:
-    """Train ``config.model`` split into ``config.stages`` x ``config.replicas`` processes.
+    """Train ``config.model`` split into ``config.layout.stages`` x ``config.layout.replicas`` processes.
 
     :attr:`devices` says where they compute and how they talk (logged at INFO): on the CPU over gloo; with
     ``device`` cuda over NCCL when every rank on the host has a GPU of its own, else over gloo with CUDA tensors staged
@@ -88,7 +88,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.devices: DevicePlan = plan_devices(config.device, _ranks_on_host(config))
+        self.devices: DevicePlan = plan_devices(config.runtime.device, _ranks_on_host(config))
         """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
 
     def fit(self, *, timeout: float | None = None) -> TrainResult:
@@ -97,22 +97,23 @@ class Trainer:
         log.info("training %s: %s", config.model, plan.describe())
         device = None if plan.device == "cpu" else plan.device
         if under_torchrun():  # every rank runs this; out_dir, if any, must be a path all ranks share
-            transport = DistTransport.from_env(backend=plan.backend, timeout=config.timeout, device=device)
+            transport = DistTransport.from_env(backend=plan.backend, timeout=config.runtime.timeout, device=device)
             try:
                 summary = run_worker(config, transport)
             finally:
                 transport.close()
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
-                               out_dir=Path(config.out_dir or "."))
-        if config.out_dir is None:
+                               out_dir=Path(config.output.out_dir or "."))
+        if config.output.out_dir is None:
             config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
         # waits for its neighbour. Read when the forkserver first imports torch, so set before the first spawn.
-        os.environ.setdefault("OMP_NUM_THREADS", str(config.threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(config.runtime.threads))
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * config.timeout / 30.0)
+        wait_s = config.runtime.timeout
+        budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * wait_s / 30.0)
         spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device), timeout=budget,
               preload=_PRELOAD)
-        out = Path(config.out_dir or ".")
+        out = Path(config.output.out_dir or ".")
         summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
         return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out)

@@ -35,9 +35,9 @@ class Layout:
     """Where every rank sits: rank = replica * P + position; stage s runs at position s % P."""
 
     def __init__(self, config: TrainConfig) -> None:
-        self.P = config.stages
-        self.D = config.replicas
-        self.V = config.stages_per_rank
+        self.P = config.layout.stages
+        self.D = config.layout.replicas
+        self.V = config.layout.stages_per_rank
         self.S = self.P * self.V
 
     def place(self, rank: int) -> tuple[int, int]:
@@ -77,28 +77,28 @@ def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
-    if config.optimizer in OPTIMIZER_CLASSES:
-        cls = OPTIMIZER_CLASSES[config.optimizer]
+    if config.optim.optimizer in OPTIMIZER_CLASSES:
+        cls = OPTIMIZER_CLASSES[config.optim.optimizer]
     else:
-        module, _, name = config.optimizer.rpartition(".")
+        module, _, name = config.optim.optimizer.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-    opt: torch.optim.Optimizer = cls(params, lr=config.lr, weight_decay=config.weight_decay,
-                                     **config.optimizer_kwargs)
+    opt: torch.optim.Optimizer = cls(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                     **config.optim.optimizer_kwargs)
 
     def factor(step: int) -> float:
-        if config.lr_schedule == "constant":
+        if config.optim.lr_schedule == "constant":
             return 1.0
-        if step < config.warmup_steps:
-            return (step + 1) / max(1, config.warmup_steps)
-        span = max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+        if step < config.optim.warmup_steps:
+            return (step + 1) / max(1, config.optim.warmup_steps)
+        span = max(1, config.steps - config.optim.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.optim.warmup_steps) / span)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def rank_device(config: TrainConfig, transport: Transport) -> torch.device:
     """Where this rank computes: the CPU, or with ``device`` cuda the transport's GPU (else the current one)."""
-    if resolve_device(config.device) == "cpu":
+    if resolve_device(config.runtime.device) == "cpu":
         return torch.device("cpu")
     device = getattr(transport, "device", None)
     if isinstance(device, torch.device) and device.type == "cuda":
@@ -109,12 +109,12 @@ def rank_device(config: TrainConfig, transport: Transport) -> torch.device:
 def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced).
 
-    With ``config.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state live on
-    the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved afterwards.
+    With ``config.runtime.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state live
+    on the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved afterwards.
     """
     tune_allocator()
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.runtime.threads)
+    torch.manual_seed(config.data.seed)
     layout = Layout(config)
     rank = transport.rank
     if transport.world_size != config.world_size:
@@ -122,14 +122,14 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                          f"launch {config.world_size} processes")
     replica, position = layout.place(rank)
     spec = load_model_spec(config.model)
-    spec.model.train(config.dropout)
+    spec.model.train(config.split.dropout)
     args, kwargs, dataset = example_batch(spec, config.microbatch_size)
-    if config.partition:
-        partition = Partition.from_json(config.partition)
+    if config.split.partition:
+        partition = Partition.from_json(config.split.partition)
         cuts = [partition.units[i].name for i in partition.starts[1:]]
         sm = split(spec.model, args, kwargs, stages=layout.S, cuts=cuts or None, model_name=config.model)
     else:
-        sm = split(spec.model, args, kwargs, stages=layout.S, by=config.by, cuts=config.cuts,
+        sm = split(spec.model, args, kwargs, stages=layout.S, by=config.split.by, cuts=config.split.cuts,
                    model_name=config.model)
     cap, stages = sm.stages_for(args, kwargs)
     mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}
@@ -148,13 +148,13 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     dp_group: CommGroup = dp_groups[position]
     pp_group: CommGroup = pp_groups[replica]
     state = [t for st in mine.values() for t in st.module.state_dict().values()]
-    broadcast_params(state, transport, dp_group, src=layout.replicas_of(position)[0], timeout=config.timeout)
+    broadcast_params(state, transport, dp_group, src=layout.replicas_of(position)[0], timeout=config.runtime.timeout)
     optimizer, scheduler = make_optimizer(config, params)
     named = [(n, p) for st in mine.values() for n, p in st.named_parameters() if p.requires_grad]
     start_step = 0
-    if config.resume:
+    if config.output.resume:
         start_step = _resume(config, mine, optimizer, scheduler, named, rank, layout)
-    schedule = add_communication(build(config.schedule, ranks=layout.P, microbatches=config.microbatches,
+    schedule = add_communication(build(config.layout.schedule, ranks=layout.P, microbatches=config.layout.microbatches,
                                        stages_per_rank=layout.V))
     validate(schedule)
     targets_by_mb: list[Any] = []
@@ -164,33 +164,35 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
         return model_loss(spec, unflatten(cap.out_spec, leaves), targets_by_mb[m])
 
     executor = PipelineExecutor(stages=mine, schedule=schedule, transport=transport, peers=layout.pipeline(replica),
-                                num_stages=layout.S, loss_fn=loss_fn, timeout=config.timeout,
-                                record=config.trace is not None)
+                                num_stages=layout.S, loss_fn=loss_fn, timeout=config.runtime.timeout,
+                                record=config.output.trace is not None)
     trace_steps: list[list[dict[str, Any]]] = []
     needed = sorted({name for st in mine.values() for name in st.spec.inputs})
     has_loss = (layout.S - 1) in mine
     loader = None
     if needed or has_loss:
-        loader = iter(ReplicaBatches(dataset, replica=replica, replicas=layout.D, global_batch=config.global_batch,
-                                     steps=config.steps, seed=config.seed, shuffle=config.shuffle, mode=config.data,
-                                     num_workers=config.num_workers, start_step=start_step))
+        loader = iter(ReplicaBatches(dataset, replica=replica, replicas=layout.D, global_batch=config.data.global_batch,
+                                     steps=config.steps, seed=config.data.seed, shuffle=config.data.shuffle,
+                                     mode=config.data.sharding, num_workers=config.data.num_workers,
+                                     start_step=start_step))
     writer = None
-    if config.save_dir:
+    if config.output.save_dir:
         from ..checkpoint import CheckpointWriter
 
-        writer = CheckpointWriter(config.save_dir, keep=config.keep, clean=rank == 0)
-    scale = 1.0 / (config.microbatches * layout.D) if config.loss_reduction == "mean" else 1.0
+        writer = CheckpointWriter(config.output.save_dir, keep=config.output.keep, clean=rank == 0)
+    scale = 1.0 / (config.layout.microbatches * layout.D) if config.data.loss_reduction == "mean" else 1.0
     losses: list[float] = []
-    progress = Progress(total=config.steps, enabled=config.progress and rank == 0)
+    progress = Progress(total=config.steps, enabled=config.output.progress and rank == 0)
     start = time.perf_counter()
     where = f"rank {rank} (stage {', '.join(map(str, sorted(mine)))}, replica {replica})"
     gc.freeze()  # the model, captures and torch's own objects: later collections skip them (a full one is ~0.1 s)
     for step in range(start_step, config.steps):
         try:
-            inputs: list[dict[str, Any]] = [{} for _ in range(config.microbatches)]
+            inputs: list[dict[str, Any]] = [{} for _ in range(config.layout.microbatches)]
             targets_by_mb.clear()
             if loader is not None:
-                for m, (mb_inputs, mb_targets) in enumerate(split_microbatches(next(loader), config.microbatches)):
+                microbatches = split_microbatches(next(loader), config.layout.microbatches)
+                for m, (mb_inputs, mb_targets) in enumerate(microbatches):
                     a, k = sample_to_call(mb_inputs)
                     leaves, names, _ = input_leaves(a, k)
                     inputs[m] = {n: t for n, t in zip(names, leaves) if n in needed}
@@ -200,28 +202,31 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                         targets_by_mb[m] = to_device(mb_targets, device)
             mb_losses = executor.run(inputs, loss_scale=scale)
             t_sync = time.time()
-            all_reduce_grads(params, transport, dp_group, average=False, timeout=config.timeout)
-            if config.clip_grad_norm is not None:
-                clip_global_norm(params, config.clip_grad_norm, transport, pp_group, timeout=config.timeout)
+            all_reduce_grads(params, transport, dp_group, average=False, timeout=config.runtime.timeout)
+            if config.optim.clip_grad_norm is not None:
+                clip_global_norm(params, config.optim.clip_grad_norm, transport, pp_group,
+                                 timeout=config.runtime.timeout)
             t_opt = time.time()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if config.trace is not None:
+            if config.output.trace is not None:
                 events = [e.to_dict() for e in executor.timeline]
                 events.append({"name": "all-reduce", "kind": "allreduce", "stage": -1, "start": t_sync, "end": t_opt})
                 events.append({"name": "optimizer", "kind": "optimizer", "stage": -1, "start": t_opt,
                                "end": time.time()})
                 trace_steps.append(events)
             total = torch.tensor([sum(mb_losses)], dtype=torch.float64)
-            transport.all_reduce(total, op="sum", timeout=config.timeout)
-            loss = float(total) * scale if config.loss_reduction == "mean" else float(total) / layout.D
+            transport.all_reduce(total, op="sum", timeout=config.runtime.timeout)
+            loss = float(total) * scale if config.data.loss_reduction == "mean" else float(total) / layout.D
             losses.append(loss)
             progress.update(step + 1, loss)
-            if rank == 0 and config.log_every and (step + 1) % config.log_every == 0 and not progress.enabled:
+            log_every = config.output.log_every
+            if rank == 0 and log_every and (step + 1) % log_every == 0 and not progress.enabled:
                 print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
             done = step + 1
-            if writer is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+            save_every = config.output.save_every
+            if writer is not None and (done == config.steps or (save_every and done % save_every == 0)):
                 _save(writer, done, config, sm.partition, mine, optimizer, scheduler, named, transport, layout,
                       losses=losses, start_step=start_step)
         except StepError:
@@ -234,11 +239,11 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     summary = {"losses": losses, "seconds": elapsed, "steps_per_s": ran / elapsed if elapsed else 0.0,
                "start_step": start_step, "device": str(device), "backend": getattr(transport, "backend", None),
                "staged": bool(getattr(transport, "staged", False))}
-    if config.out_dir and replica == 0:
-        _write_outputs(Path(config.out_dir), mine, summary if rank == 0 else None)
-    if config.trace is not None:
-        _write_trace(Path(config.trace), rank, trace_steps, schedule, transport, config.timeout)
-    transport.barrier(timeout=config.timeout)
+    if config.output.out_dir and replica == 0:
+        _write_outputs(Path(config.output.out_dir), mine, summary if rank == 0 else None)
+    if config.output.trace is not None:
+        _write_trace(Path(config.output.trace), rank, trace_steps, schedule, transport, config.runtime.timeout)
+    transport.barrier(timeout=config.runtime.timeout)
     return summary
 
 
@@ -287,7 +292,7 @@ def _save(writer: Any, step: int, config: TrainConfig, partition: Partition, sta
         optim, meta = optimizer_state_by_fqn(optimizer, named)
     writer.save_part(step, part=f"rank{rank}", tensors=tensors, optimizer=optim, optimizer_meta=meta,
                      extra_json={"rank": rank, "rng": rng_state_json()})
-    transport.barrier(timeout=config.timeout)
+    transport.barrier(timeout=config.runtime.timeout)
     if rank == 0:
         writer.commit(step, parts=[f"rank{r}" for r in range(transport.world_size)], partition=partition,
                       manifest_extra={"step": step, "layout": {"stages": layout.P, "replicas": layout.D,
@@ -295,7 +300,7 @@ def _save(writer: Any, step: int, config: TrainConfig, partition: Partition, sta
                                       "lr_scheduler": {"last_epoch": scheduler.last_epoch},
                                       "losses": losses, "first_step": start_step,
                                       "config": json.loads(config.to_json())})
-    transport.barrier(timeout=config.timeout)
+    transport.barrier(timeout=config.runtime.timeout)
 
 
 def _resume(config: TrainConfig, stages: dict[int, Any], optimizer: Any, scheduler: Any,
@@ -303,8 +308,8 @@ def _resume(config: TrainConfig, stages: dict[int, Any], optimizer: Any, schedul
     """Load this rank's weights and optimizer state by FQN from any layout's checkpoint; returns the step reached."""
     from ..checkpoint import load_checkpoint, load_optimizer_state, restore_rng_state
 
-    assert config.resume is not None
-    ckpt = load_checkpoint(config.resume, verify="read")  # each rank hashes the files it reads, as it reads them
+    assert config.output.resume is not None
+    ckpt = load_checkpoint(config.output.resume, verify="read")  # each rank hashes the files it reads, as it reads them
     keys = list(_stage_tensors(stages))
     saved = ckpt.tensors(keys)
     missing = [k for k in keys if k not in saved]
@@ -326,5 +331,5 @@ def _resume(config: TrainConfig, stages: dict[int, Any], optimizer: Any, schedul
     if same_layout and part in ckpt.parts:
         restore_rng_state(ckpt.part_extra(part)["rng"])
     else:  # another layout: RNG streams cannot map rank to rank; start a fresh, deterministic one
-        torch.manual_seed(config.seed + ckpt.step)
+        torch.manual_seed(config.data.seed + ckpt.step)
     return ckpt.step
