@@ -36,20 +36,6 @@ tritonclient_utils = pytest.importorskip("tritonclient.utils")
 InferResult = pytest.importorskip("tritonclient.http").InferResult
 
 
-def test_public_surface_is_pinned() -> None:
-    assert set(serve.__all__) == {
-        "DATATYPES", "BackendError", "BadRequestError", "BatchingConfig", "ClientDisconnectedError", "DynamicBatcher",
-        "Gateway", "GatewayConfig", "GatewayMetrics", "GatewayTimeoutError", "HttpLimits", "InferRequest",
-        "InferenceBackend", "ModelError",
-        "LocalBackend", "ModelMetadata", "ModelNotFoundError", "PayloadTooLargeError", "RequestInput",
-        "RequestedOutput", "RunningServer", "ServeError", "ServiceUnavailableError", "TensorMetadata",
-        "UnauthorizedError", "create_app", "datatype_of", "decode_bytes_elements", "encode_bytes_elements",
-        "encode_infer_response", "parse_infer_request", "run", "serve_app", "should_wait", "validate_inputs",
-        "PipelineBackend", "PipelineConfig", "ReplicaStatus",
-    }
-    assert all(hasattr(serve, name) for name in serve.__all__)
-
-
 # ------------------------------------------------------------------------------------------------------------ BYTES
 def test_bytes_elements_round_trip_and_match_tritonclient() -> None:
     items = [b"", b"hello", "h\u00e9".encode(), bytes(range(256)), b"\x00\x00"]
