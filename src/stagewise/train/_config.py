@@ -6,16 +6,12 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
+from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
 
 __all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "OPTIMIZER_CLASSES"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 DEVICES = ("cpu", "cuda", "auto")
-OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-"""The optimizers known by name (any other is a dotted path)."""
-OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
 
 
 @dataclasses.dataclass(kw_only=True)

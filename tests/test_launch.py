@@ -1,0 +1,159 @@
+"""The launch package: torchrun detection, the rendezvous store's address, stopping a training run by signal, and
+plan/ staying pure (it starts no process and imports none of the packages that do)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import stagewise.launch as launch
+from stagewise.comm import DistTransport, find_free_port
+from stagewise.launch import TorchrunEnv, spawn, torchrun_env
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def test_public_surface() -> None:
+    assert set(launch.__all__) >= {"spawn", "stop_requested", "torchrun_env", "TorchrunEnv", "connect_torchrun",
+                                   "measure_links", "time_optimizer", "profile_model", "forkserver_context",
+                                   "describe_exit", "SpawnError"}
+    for name in launch.__all__:
+        assert hasattr(launch, name), name
+
+
+def test_torchrun_env_is_read_only_when_asked_and_typed() -> None:
+    assert torchrun_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}) is None  # no MASTER_PORT: not torchrun
+    env = torchrun_env({"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
+                        "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert env == TorchrunEnv(rank=3, world_size=4, local_rank=1, local_world_size=2, master_addr="h",
+                              master_port=29500)
+    with pytest.raises(ValueError, match="need 0 <= RANK < WORLD_SIZE"):
+        torchrun_env({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})
+    with pytest.raises(ValueError, match="torchrun environment is not valid"):
+        torchrun_env({"RANK": "x", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})
+
+
+def test_plan_imports_no_package_that_starts_processes() -> None:
+    banned = {"train", "comm", "runtime", "launch", "serve"}
+    for path in sorted((SRC / "stagewise" / "plan").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1 and node.module:
+                top = node.module.split(".")[0] if node.level == 2 else None
+                assert top not in banned, f"{path.name} imports stagewise.{node.module}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in names:
+                    parts = name.split(".")
+                    assert not (parts[0] == "stagewise" and len(parts) > 1 and parts[1] in banned), (path.name, name)
+
+
+# --- Item 5: the rendezvous store listens on the run's address only
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses (hex, as /proc shows them) listening on TCP ``port`` in this network namespace."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
+
+
+def _store_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=20.0)
+    try:
+        if rank == 0:
+            Path(out).write_text(",".join(_listeners(port)))
+        transport.barrier()
+    finally:
+        transport.close()
+
+
+def test_rendezvous_store_listens_on_loopback_only(tmp_path: Path) -> None:
+    out = tmp_path / "listeners.txt"
+    port = find_free_port()
+    spawn(_store_rank, 2, args=(str(out),), port=port, timeout=60.0)
+    listeners = out.read_text().split(",")
+    assert listeners == ["0100007F"], f"port {port} listened on {listeners}; 0100007F is 127.0.0.1 only"
+
+
+# --- Item 6: SIGTERM / SIGINT of the `stagewise train` launcher stops every rank and leaves nothing behind
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def _descendants(pid: int) -> set[int]:
+    kids, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    save = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "stagewise.cli", "train", "stagewise.zoo.basic:mlp", "--stages", "2", "--steps",
+           "100000", "--global-batch", "16", "--save", str(save), "--save-every", "50", "--keep", "2",
+           "--timeout", "10"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "train.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not list(save.glob("step-*[0-9]")):  # mid-run: a first checkpoint was committed
+            assert time.monotonic() < deadline, "training did not reach its first checkpoint"
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            seen |= _descendants(proc.pid)
+            time.sleep(0.2)
+        seen |= _descendants(proc.pid)
+        assert len(seen) >= 3, seen  # the forkserver and two ranks at least
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+    text = (tmp_path / "train.log").read_text()
+    assert code == 128 + sig, text[-3000:]
+    line = next(ln for ln in text.splitlines() if "stopped at step" in ln)
+    step = int(line.split("stopped at step ")[1].split()[0])
+    assert f"{sig.name}: stopped at step {step} of 100000 (checkpoint at {save / f'step-{step:08d}'})" in line
+    assert (save / f"step-{step:08d}" / "manifest.json").is_file(), sorted(p.name for p in save.iterdir())
+    end = time.monotonic() + 10
+    while any(_alive(p) for p in seen) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not [p for p in seen if _alive(p)], "processes of the run outlived it"
