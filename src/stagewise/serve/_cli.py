@@ -39,6 +39,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="serve the weights of this training checkpoint (saved in any layout); MODEL may also be the "
                         "checkpoint directory itself, which records its model")
+    p.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="when MODEL is a checkpoint directory, import the model factory its manifest names even if it "
+                        "is not one of Stagewise's own (stagewise.*): that runs the checkpoint's chosen code")
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="a plan from 'stagewise plan --mode serve --json' (sets stages, replicas and the cut)")
     p.add_argument("--tasks", default=None, metavar="FQN,...",
@@ -84,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if Path(model).is_dir():  # a checkpoint directory: its manifest names the model
         from ._serving_split import checkpoint_model
 
-        model, checkpoint = checkpoint_model(model), model
+        model, checkpoint = checkpoint_model(model, trust_code=args.trust_checkpoint_code), model
     stages, replicas, cuts = args.stages, args.replicas, None
     if args.plan:
         from ..plan import Plan
