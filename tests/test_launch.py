@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import stagewise.launch as launch
+from stagewise import launch
 from stagewise.comm import DistTransport, find_free_port
 from stagewise.launch import TorchrunEnv, spawn, torchrun_env
 
@@ -157,3 +157,46 @@ def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_nothing(tmp_path: 
     while any(_alive(p) for p in seen) and time.monotonic() < end:
         time.sleep(0.1)
     assert not [p for p in seen if _alive(p)], "processes of the run outlived it"
+
+
+# --- Item 7: a rank that stops (SIGSTOP) is the one the timeout names, not the rank waiting for it
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_timeout_names_the_rank_that_stopped(tmp_path: Path, victim: int) -> None:
+    cmd = [sys.executable, "-m", "stagewise.cli", "train", "stagewise.zoo.basic:mlp", "--stages", "2", "--steps",
+           "100000", "--global-batch", "16", "--timeout", "3"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stopped = None
+        try:
+            deadline = time.monotonic() + 120
+            while "step 20/" not in log_path.read_text():
+                assert time.monotonic() < deadline, "training did not start"
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            kids = _children()
+            ranks = sorted(c for k in kids.get(proc.pid, []) for c in kids.get(k, []))  # forkserver's children
+            assert len(ranks) == 2, ranks
+            stopped = ranks[victim]
+            os.kill(stopped, signal.SIGSTOP)
+            code = proc.wait(timeout=60)
+        finally:
+            if stopped is not None and _alive(stopped):
+                os.kill(stopped, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+    text = log_path.read_text()
+    assert code == 2, text[-3000:]
+    error = next(ln for ln in text.splitlines() if ln.startswith("stagewise train: error:"))
+    waiter = 1 - victim
+    # The launcher sees which rank is stopped; the executor names the peer a transfer waited for. Which of the two
+    # the waiting rank was in (a pipeline transfer, or the step's all-reduce) depends on when the signal landed.
+    assert error.startswith(f"stagewise train: error: spawn: ranks [{victim}] were stopped (SIGSTOP or a debugger) "
+                            f"and the others timed out waiting: rank {waiter} failed"), error
+    if "StepError" in error:
+        assert f"StepError: rank {victim} (stage {victim}) stopped answering: rank {waiter}, stage {waiter}" in error
+        assert "waited 3.0 s" in error

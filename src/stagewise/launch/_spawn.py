@@ -1,7 +1,7 @@
 """Start one real process per rank (tests and the local launcher) and never leave one behind.
 
 Each child runs ``fn(rank, world_size, port, *args)``. It reports back through its own one-way pipe as UTF-8 text
-(``OK``, or ``FAIL`` plus the traceback), never a pickled exception. ``fn`` and ``args`` are handed to the child by
+(``OK``, or ``FAIL``, the exception's first line, then the traceback), never a pickled exception. ``fn`` and ``args`` are handed to the child by
 multiprocessing's forkserver start method, so ``fn`` must be importable (a module-level function).
 
 Stopping: the launcher owns SIGINT and SIGTERM (what Ctrl-C, ``timeout``, docker and systemd send). Children ignore
@@ -57,14 +57,15 @@ def _child_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, a
     signal.signal(STOP_SIGNAL, _on_stop)
     try:
         fn(rank, world_size, port, *args)
-    except BaseException:  # noqa: BLE001 - report everything, including SystemExit/KeyboardInterrupt
+    except BaseException as exc:  # noqa: BLE001 - report everything, including SystemExit/KeyboardInterrupt
         text = traceback.format_exc()
+        summary = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:2000]
         sys.stderr.write(f"[stagewise rank {rank}] {text}")
         sys.stderr.flush()
         data = text.encode("utf-8", "replace")
         if len(data) > _MAX_REPORT:
             data = b"...(truncated)...\n" + data[-_MAX_REPORT:]
-        conn.send_bytes(b"FAIL\n" + data)
+        conn.send_bytes(b"FAIL\n" + summary.encode("utf-8", "replace").replace(b"\n", b" ") + b"\n" + data)
         conn.close()
         sys.stdout.flush()
         os._exit(1)  # skip atexit/destructors that could hang on a half-dead process group
@@ -121,10 +122,12 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
     procs: list[Any] = []
     readers: dict[int, multiprocessing.connection.Connection] = {}
     failures: dict[int, str] = {}
+    summaries: dict[int, str] = {}  # rank -> the exception's first line
     succeeded: set[int] = set()
     timed_out = False
     deadline = time.monotonic() + timeout
     stop = _StopRelay(procs, grace=stop_grace)
+    frozen: list[int] = []
     try:
         stop.install()
         for rank in range(world_size):
@@ -145,15 +148,15 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
                     msg = reader.recv_bytes().decode("utf-8", "replace")
                 except EOFError:  # died without reporting (segfault, os._exit, SIGKILL)
                     procs[rank].join(_GRACE)
-                    msg = (f"FAIL\nrank {rank} {describe_exit(procs[rank].exitcode)} without reporting a traceback "
-                           "(it crashed, or failed before running fn: see its stderr; a script that calls spawn needs "
-                           "the `if __name__ == '__main__':` guard)")
+                    why = f"rank {rank} {describe_exit(procs[rank].exitcode)} without reporting a traceback"
+                    msg = (f"FAIL\n{why}\n{why} (it crashed, or failed before running fn: see its stderr; a script "
+                           "that calls spawn needs the `if __name__ == '__main__':` guard)")
                 reader.close()
                 del readers[rank]
                 if msg == "OK":
                     succeeded.add(rank)
                 else:
-                    failures[rank] = msg.removeprefix("FAIL\n")
+                    summaries[rank], _, failures[rank] = msg.removeprefix("FAIL\n").partition("\n")
             if failures or stop.forced:
                 break
             left = min(deadline, stop.deadline) - time.monotonic()
@@ -161,6 +164,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
                 timed_out = True
                 break
             multiprocessing.connection.wait(list(readers.values()), timeout=min(left, 0.5))
+        frozen = _frozen(procs) if failures or timed_out else []  # before the reap: a stopped rank explains a timeout
         if not failures and not timed_out and not stop.forced:
             for p in procs:  # all reported OK: let them exit on their own (process group teardown) before reaping
                 p.join(max(0.0, min(deadline, stop.deadline) - time.monotonic()))
@@ -182,13 +186,31 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
             parts.append(f"spawn: stopped by {signal.Signals(stop.signum).name}; ranks {pending} were killed because "
                          f"{why}")
         elif timed_out:
-            parts.append(f"spawn: deadline of {timeout:.1f} s passed with ranks {pending} still running; all killed")
+            frozen_note = f" (ranks {frozen} were stopped: SIGSTOP or a debugger)" if frozen else ""
+            parts.append(f"spawn: deadline of {timeout:.1f} s passed with ranks {pending} still running{frozen_note}; "
+                         "all killed")
         else:
-            parts.append(f"spawn: rank {first} failed; the other ranks were stopped")
+            cause = f"ranks {frozen} were stopped (SIGSTOP or a debugger) and the others timed out waiting: " if frozen else ""
+            parts.append(f"spawn: {cause}rank {first} failed: {summaries.get(first) or failures[first].splitlines()[0]}; "
+                         "the other ranks were stopped")
         for rank, text in failures.items():
             parts.append(f"--- rank {rank} ---\n{text.rstrip()}")
         raise SpawnError("\n".join(parts), failures=failures, timed_out=timed_out, signum=stop.signum)
     return stop.signum
+
+
+def _frozen(procs: list[Any]) -> list[int]:
+    """The ranks whose process is stopped (state T or t in ``/proc``: SIGSTOP, a debugger), not merely slow."""
+    frozen = []
+    for rank, p in enumerate(procs):
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t"):
+            frozen.append(rank)
+    return frozen
 
 
 class _StopRelay:
