@@ -200,3 +200,25 @@ def test_timeout_names_the_rank_that_stopped(tmp_path: Path, victim: int) -> Non
     if "StepError" in error:
         assert f"StepError: rank {victim} (stage {victim}) stopped answering: rank {waiter}, stage {waiter}" in error
         assert "waited 3.0 s" in error
+
+
+def test_step_error_leads_with_the_peer_a_transfer_waited_for() -> None:
+    import torch
+
+    from stagewise.comm import LocalHub
+    from stagewise.runtime import PipelineExecutor, StepError
+    from stagewise.schedule import add_communication, build
+    from stagewise.split import split
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    sm = split(model, (torch.randn(2, 4),), stages=2)
+    name = next(iter(sm.stages[0].spec.inputs))
+    executor = PipelineExecutor(stages={0: sm.stages[0]}, schedule=add_communication(build("1f1b", ranks=2,
+                                                                                             microbatches=1)),
+                                transport=LocalHub(2, timeout=0.5).transport(0), peers=[0, 1], num_stages=2,
+                                loss_fn=None, timeout=0.5)
+    with pytest.raises(StepError) as ei:  # rank 1 never runs: rank 0 waits for stage 1's gradient
+        executor.run([{name: torch.randn(2, 4)}])
+    assert ei.value.peer == 1
+    assert str(ei.value).startswith("rank 1 (stage 1) stopped answering: rank 0, stage 0, action 0RECV_B0 "
+                                    "(microbatch 0) waited 0.5 s to receive from it"), str(ei.value)
