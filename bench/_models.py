@@ -156,7 +156,7 @@ def _comm_rank(rank: int, world_size: int, port: int, out_dir: str, rounds: int,
 
 def run_comm(out_dir: Path, *, rows: int, hidden: int, rounds: int = 300) -> dict[str, float]:
     """Median round trip (ms) of one (rows, hidden) fp32 tensor between 2 gloo processes: ``{"gloo", "stagewise"}``."""
-    from stagewise.comm import spawn
+    from stagewise.launch import spawn
 
     spawn(_comm_rank, 2, args=(str(out_dir), rounds, rows, hidden), timeout=120,
           preload=("torch", "stagewise.comm"))

@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from stagewise.comm import find_free_port, spawn
+from stagewise.comm import find_free_port
+from stagewise.launch import spawn
 
 CASES = ("raw 1KiB", "stagewise small", "raw 256KiB", "stagewise 256KiB")
 

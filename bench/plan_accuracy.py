@@ -2,7 +2,7 @@
 
 Run: ``PYTHONPATH=src python bench/plan_accuracy.py``. A model with deliberately uneven layers (a wide input
 projection, a few narrow middle layers, a large classifier head) is profiled by the planner's own path
-(:func:`stagewise.plan.profile_chain`), the links are probed (:func:`stagewise.plan.measure_links`), and
+(:func:`stagewise.launch.profile_model`), the links are probed (:func:`stagewise.launch.measure_links`), and
 :func:`stagewise.plan.search` plans it for 2 devices (2 worker processes, 1 thread each). The top 3 plans, plus the
 best pipelined plan's layout cut by ``by="uniform"`` and by ``by="params"`` (and the best plan of the other kind of
 layout, stages vs replicas, when the top 3 hold none), are trained for real. A run's step time is the median, over
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import stagewise  # noqa: E402
-from stagewise.plan import Cluster, Plan, apply_measurement, measure_links, predict, profile_chain, search  # noqa: E402
-from stagewise.plan._cli import profile_rows  # noqa: E402
+from stagewise.launch import measure_links, profile_model  # noqa: E402
+from stagewise.plan import Cluster, Plan, apply_measurement, predict, profile_rows, search  # noqa: E402
 from stagewise.split._balance import min_max_cuts  # noqa: E402
 from stagewise.train import TrainConfig, Trainer  # noqa: E402
 from stagewise.zoo.basic import Samples, seeded  # noqa: E402
@@ -170,7 +170,7 @@ def main() -> None:
           f"action {cluster.action_overhead * 1e6:.0f} us, contention x{cluster.contention:.2f}", flush=True)
 
     spec = factory()
-    profile = profile_chain(spec, rows=profile_rows(GLOBAL_BATCH), repeats=args.repeats, rounds=2, threads=1)
+    profile = profile_model(spec, rows=profile_rows(GLOBAL_BATCH), repeats=args.repeats, rounds=2, threads=1)
     for i, rows in enumerate(profile.rows):
         loss = profile.loss_forward_ms[i] + profile.loss_backward_ms[i]
         print(f"profile at {rows:2d} rows: forward {sum(profile.forward_ms[i]):7.3f} ms, backward "

@@ -48,10 +48,10 @@ from typing import Any
 import torch
 
 from stagewise._spec import ModelSpec, load_model_spec
-from stagewise.comm import SpawnError, spawn
+from stagewise.launch import SpawnError, spawn
 from stagewise.split import split
 from stagewise.split._tree import flatten, unflatten
-from stagewise.train import Trainer, TrainConfig
+from stagewise.train import TrainConfig, Trainer
 from stagewise.train._data import global_batches, sample_to_call, split_microbatches
 from stagewise.train._worker import example_batch, model_loss
 from stagewise.zoo import ALL_MODELS

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import deep_mlp  # noqa: E402
 
-from stagewise.comm import DistTransport, spawn  # noqa: E402
+from stagewise.comm import DistTransport  # noqa: E402
+from stagewise.launch import spawn  # noqa: E402
 from stagewise.runtime import PipelineExecutor  # noqa: E402
 from stagewise.schedule import Action, add_communication, build, peak_activations, validate  # noqa: E402
 from stagewise.split import split  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-import stagewise.comm as comm
+from stagewise import comm
 from stagewise.comm import (
     BoundaryMismatchError,
     CommTimeoutError,
@@ -26,7 +26,6 @@ from stagewise.comm import (
     LocalTransport,
     SpawnError,
     TransportClosedError,
-    spawn,
 )
 from stagewise.comm._framing import (
     HEADER_STRUCT,
@@ -38,6 +37,7 @@ from stagewise.comm._framing import (
     parse_header,
     prepare,
 )
+from stagewise.launch import spawn
 
 # --- Cases: deterministic, so a spawned rank can rebuild exactly what its peer sent.
 
@@ -125,7 +125,7 @@ def test_public_surface() -> None:
     assert set(comm.__all__) == {
         "DTYPE_CODES", "BoundaryMismatchError", "CommError", "CommGroup", "CommTimeoutError", "DistTransport",
         "FramingError", "LocalHub", "LocalTransport", "ReduceOp", "SendHandle", "SpawnError", "Transport",
-        "TransportClosedError", "Value", "check_expect", "find_free_port", "spawn"}
+        "TransportClosedError", "Value", "check_expect", "find_free_port", "rendezvous_store"}
     assert issubclass(CommTimeoutError, TimeoutError) and issubclass(BoundaryMismatchError, ValueError)
 
 
@@ -266,12 +266,6 @@ def test_bad_arguments_are_value_errors() -> None:
         a.recv(src=1)
     with pytest.raises(ValueError, match="backend must be one of"):
         DistTransport.init(rank=0, world_size=1, master_port=1234, backend="mpi")
-
-
-def test_from_env_needs_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    with pytest.raises(ValueError, match=r"'MASTER_PORT'\] are not set; launch with torchrun"):
-        DistTransport.from_env()
 
 
 def test_local_collectives_over_threads() -> None:

@@ -17,6 +17,8 @@ import torch
 
 import stagewise.plan as plan_pkg
 from stagewise import ModelSpec
+from stagewise._plan_cli import add_plan_parser, add_probe_parser
+from stagewise.launch import measure_links, profile_model
 from stagewise.plan import (
     ChainProfile,
     Cluster,
@@ -30,12 +32,12 @@ from stagewise.plan import (
     pipeline_lower_bound,
     predict,
     profile_chain,
+    profile_rows,
     search,
     simulate_costs,
     stage_memory,
     transfer_time,
 )
-from stagewise.plan._cli import add_plan_parser, add_probe_parser, profile_rows
 from stagewise.plan._cost import rank_lists
 from stagewise.plan._cut import Chain
 from stagewise.plan._profile import interpolate
@@ -299,7 +301,7 @@ def test_profile_chain_times_a_real_model_without_touching_it() -> None:
     xs, ys = torch.randn(16, 8), torch.randint(0, 4, (16,))
     spec = ModelSpec(model=net, args=(xs[:2],), loss=torch.nn.functional.cross_entropy,
                      dataset=lambda: Samples((xs,), (ys,)))
-    profile = profile_chain(spec, rows=[4, 1], repeats=2)
+    profile = profile_model(spec, rows=[4, 1], repeats=2)  # profile_chain, plus the optimizer in fresh processes
     assert profile.rows == [1, 4] and [u.name for u in profile.units] == ["0", "1", "2"]
     assert all(len(t) == 3 for t in profile.forward_ms + profile.backward_ms)
     assert all(t > 0 for t in profile.forward_ms[0] + profile.loss_forward_ms + profile.loss_backward_ms)
@@ -307,8 +309,9 @@ def test_profile_chain_times_a_real_model_without_touching_it() -> None:
     assert profile.optimizer == "adam" and profile.optimizer_ms[0] > 0 and profile.optimizer_ms[1] == 0.0  # ReLU
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert profile.units[0].out_bytes == 32 * 4 * 4  # activations at the largest row count
-    bare = profile_chain(ModelSpec(model=net, args=(xs[:2],)), rows=[3], repeats=1, rounds=2, optimizer=None)
+    bare = profile_chain(ModelSpec(model=net, args=(xs[:2],)), rows=[3], repeats=1, rounds=2)
     assert bare.loss_forward_ms == [] and bare.load_ms == [] and bare.optimizer_ms == []
+    assert bare.param_shapes == [[[32, 8], [32]], [], [[4, 32], [4]]]  # what the optimizer timing needs
     assert bare.units[0].out_bytes == 3 * 32 * 4  # the 2-row example tiled to 3 rows
     with pytest.raises(ValueError, match="fewer than the 32 rows"):
         profile_chain(spec, rows=[32])
@@ -638,9 +641,9 @@ def test_apply_measurement_keeps_inter_node_links_no_faster_than_measured() -> N
             plan_pkg.apply_measurement(slow_inter, measured).inter_bandwidth) == (1e-2, 1e6)
     if torch.cuda.device_count() < 2:
         with pytest.raises(ValueError, match="fewer than 2 are visible"):
-            plan_pkg.measure_links(backend="nccl")
+            measure_links(backend="nccl")
     with pytest.raises(ValueError, match="backend"):
-        plan_pkg.measure_links(backend="mpi")
+        measure_links(backend="mpi")
 
 
 def test_cmd_plan_profiles_a_model_and_writes_the_best_plan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -666,7 +669,7 @@ def test_cmd_plan_profiles_a_model_and_writes_the_best_plan(tmp_path: Path, caps
 
 
 def test_public_surface() -> None:
-    assert set(plan_pkg.__all__) >= {"Cluster", "Node", "Plan", "PlanError", "search", "measure_links",
+    assert set(plan_pkg.__all__) >= {"Cluster", "Node", "Plan", "PlanError", "search", "profile_rows",
                                      "capped_min_max_cuts"}
     for name in plan_pkg.__all__:
         assert hasattr(plan_pkg, name), name

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "load_model_spec", "as_model_spec"]
+__all__ = ["ModelSpec", "load_model_spec", "as_model_spec", "sample_to_call"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -45,6 +45,15 @@ class ModelSpec:
             raise TypeError(f"ModelSpec.model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not isinstance(self.args, tuple):
             raise TypeError(f"ModelSpec.args must be a tuple of example inputs, got {type(self.args).__name__}")
+
+
+def sample_to_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A (batched) sample's inputs as ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def as_model_spec(value: Any, *, name: str = "model") -> ModelSpec:

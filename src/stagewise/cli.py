@@ -75,15 +75,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         values.update(Plan.from_json(args.partition).to_train_kwargs())  # the plan decides the layout
         values["partition"] = None
     config = TrainConfig(**values)
-    from .train._trainer import under_torchrun
+    from .launch import torchrun_env
 
-    result = Trainer(config).fit()
-    if under_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+    torchrun = torchrun_env()  # the one read of torchrun's environment
+    result = Trainer(config, torchrun=torchrun).fit()
+    if torchrun is not None and torchrun.rank != 0:
         return 0
     if result.losses:
         print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
               f"({result.steps_per_s:.2f} steps/s); weights in {result.out_dir}")
-    if not under_torchrun():
+    if result.stopped_by is not None:  # SIGINT/SIGTERM: every rank ended after the same step
+        from .checkpoint import latest_checkpoint
+
+        saved = latest_checkpoint(config.output.save_dir) if config.output.save_dir else None
+        where = f"checkpoint at {saved}" if saved is not None else "no checkpoint: pass --save DIR to keep one"
+        print(f"stagewise train: {result.stop_reason}: stopped at step {result.last_step} of {config.steps} "
+              f"({where})", file=sys.stderr)
+        return 128 + result.stopped_by
+    if torchrun is None:
         from ._spec import load_model_spec
 
         spec = load_model_spec(config.model)
@@ -109,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stagewise", description="Split a PyTorch model into stages, train it across processes, serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from ._plan_cli import add_plan_parser, add_probe_parser
     from .checkpoint._cli import add_checkpoint_parser
-    from .plan._cli import add_plan_parser, add_probe_parser
     from .serve._cli import add_infer_parser, add_serve_parser
 
     _add_split(sub)

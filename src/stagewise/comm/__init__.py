@@ -12,7 +12,8 @@
 
 Messages are framed without pickle (an int64 header, then raw tensor bytes; see ``_framing``). :class:`Transport` is
 the interface; :class:`DistTransport` runs on torch.distributed (gloo on CPU, NCCL on CUDA), :class:`LocalTransport`
-on threads. :func:`spawn` starts one real process per rank and never leaves one behind.
+on threads. Rank 0 serves the group's rendezvous store on the run's address only (:func:`rendezvous_store`); starting
+the processes is :mod:`stagewise.launch`'s job.
 """
 
 from ._dist import DistTransport
@@ -27,7 +28,7 @@ from ._errors import (
 from ._expect import check_expect
 from ._framing import DTYPE_CODES, Value
 from ._local import LocalHub, LocalTransport
-from ._spawn import find_free_port, spawn
+from ._rendezvous import find_free_port, rendezvous_store
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
 __all__ = [
@@ -48,5 +49,5 @@ __all__ = [
     "Value",
     "check_expect",
     "find_free_port",
-    "spawn",
+    "rendezvous_store",
 ]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +46,7 @@ from ._framing import (
     parse_header,
     prepare,
 )
+from ._rendezvous import rendezvous_store
 from ._staging import pinned_empty, to_device, to_host
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
@@ -109,7 +109,7 @@ class _DistSendHandle(SendHandle):
 class DistTransport(Transport):
     """A :class:`Transport` over the default torch.distributed process group.
 
-    Build with :meth:`init` (starts the process group), :meth:`from_env` (under torchrun) or
+    Build with :meth:`init` (starts the process group; under torchrun through ``stagewise.launch``) or
     :meth:`from_process_group` (wraps a group somebody else initialised; ``close`` then leaves it alone).
     ``backend`` is ``"gloo"`` or ``"nccl"``; ``device`` is where received tensors land: the rank's GPU with NCCL, the
     CPU or a GPU with gloo. gloo with a GPU ``device`` is :attr:`staged`: tensors cross through pinned host memory, for
@@ -119,7 +119,7 @@ class DistTransport(Transport):
     def __init__(self, *, timeout: float = 30.0, device: torch.device | str | None = None,
                  owns_process_group: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("torch.distributed is not initialised; use DistTransport.init(...) or from_env()")
+            raise ValueError("torch.distributed is not initialised; use DistTransport.init(...)")
         backend = str(dist.get_backend()).lower()
         if backend not in _BACKENDS:
             raise ValueError(f"process group backend {backend!r} is not supported; use one of {_BACKENDS}")
@@ -144,52 +144,34 @@ class DistTransport(Transport):
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def init(cls, *, rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int,
-             backend: str = "gloo", timeout: float = 30.0, device: torch.device | str | None = None) -> DistTransport:
-        """Start the default process group over TCP at ``master_addr:master_port`` (rank 0 listens there).
+    def init(cls, *, rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 0,
+             backend: str = "gloo", timeout: float = 30.0, device: torch.device | str | None = None,
+             local_rank: int | None = None, store: Any = None) -> DistTransport:
+        """Start the default process group; its rendezvous store is ``store`` when given (e.g. torchrun's), else one
+        that rank 0 serves on ``master_addr:master_port``, listening on that address only
+        (:func:`~stagewise.comm.rendezvous_store`).
 
         ``timeout`` is both the process group's timeout and the default deadline of every wait. With NCCL, ``device``
-        defaults to GPU ``rank % device_count``; a ``device`` of ``"cuda"`` without an index means that GPU too (with
-        gloo it makes the transport :attr:`staged`).
+        defaults to GPU ``local_rank % device_count`` (``local_rank`` defaults to ``rank``); a ``device`` of
+        ``"cuda"`` without an index means that GPU too (with gloo it makes the transport :attr:`staged`).
         """
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-        if not isinstance(master_port, int) or not 0 < master_port < 65536:
+        if store is None and (not isinstance(master_port, int) or not 0 < master_port < 65536):
             raise ValueError(f"master_port must be a TCP port in 1..65535, got {master_port!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if dist.is_initialized():
             raise ValueError("torch.distributed is already initialised; use DistTransport.from_process_group()")
-        device = cls._pick_device(backend, rank, device)
-        host = f"[{master_addr}]" if ":" in master_addr else master_addr
-        log.debug("rank %s/%s: init %s process group at %s:%s", rank, world_size, backend, host, master_port)
-        dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
-        return cls(timeout=timeout, device=device, owns_process_group=True)
-
-    @classmethod
-    def from_env(cls, *, backend: str = "gloo", timeout: float = 30.0,
-                 device: torch.device | str | None = None) -> DistTransport:
-        """Start the process group from torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``.
-
-        Uses ``env://`` so torchrun's own store is reused; with NCCL (or ``device="cuda"``) the GPU is
-        ``LOCAL_RANK % device_count``.
-        """
-        names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        missing = [n for n in names if not os.environ.get(n)]
-        if missing:
-            raise ValueError(f"environment variables {missing} are not set; launch with torchrun, or build the "
-                             "transport with DistTransport.init(rank=..., world_size=..., master_port=...)")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if dist.is_initialized():
-            raise ValueError("torch.distributed is already initialised; use DistTransport.from_process_group()")
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device = cls._pick_device(backend, local_rank, device)
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+        device = cls._pick_device(backend, rank if local_rank is None else local_rank, device)
+        if store is None:
+            log.debug("rank %s/%s: init %s process group at %s:%s", rank, world_size, backend, master_addr,
+                      master_port)
+            store = rendezvous_store(host=master_addr, port=master_port, rank=rank, world_size=world_size,
+                                     timeout=timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         return cls(timeout=timeout, device=device, owns_process_group=True)
 

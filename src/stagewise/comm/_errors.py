@@ -7,7 +7,7 @@ Exception tree::
     ├── BoundaryMismatchError(CommError, ValueError)    received values do not match the receiver's ``expect`` specs
     ├── FramingError(CommError, ValueError)             a message is not a Stagewise frame, or is on the wrong tag
     ├── TransportClosedError(CommError, RuntimeError)   the transport was used after ``close()``
-    └── SpawnError(CommError, RuntimeError)             a worker started by :func:`spawn` failed or ran out of time
+    └── SpawnError(CommError, RuntimeError)             a worker started by ``launch.spawn`` failed or ran out of time
 
 Errors say what happened and where (rank, peer, tag, seconds) and, when there is one, what to change.
 """
@@ -89,13 +89,15 @@ class TransportClosedError(CommError, RuntimeError):
 
 
 class SpawnError(CommError, RuntimeError):
-    """A worker process started by :func:`~stagewise.comm.spawn` failed, or the deadline passed.
+    """A worker process started by :func:`stagewise.launch.spawn` failed, or the deadline passed.
 
     ``failures`` maps rank to the traceback text (or exit description) of each failed rank, in detection order, the
-    first being the likely root cause; ``timed_out`` is True when the deadline passed first.
+    first being the likely root cause; ``timed_out`` is True when the deadline passed first; ``signum`` is the signal
+    (SIGINT, SIGTERM) that asked the run to stop, when one did.
     """
 
-    def __init__(self, message: str, *, failures: dict[int, str], timed_out: bool) -> None:
+    def __init__(self, message: str, *, failures: dict[int, str], timed_out: bool, signum: int | None = None) -> None:
         self.failures = failures
         self.timed_out = timed_out
+        self.signum = signum
         super().__init__(message)

@@ -9,7 +9,8 @@
 
 Everything that decides is pure (cost model, exact memory-capped cut, search) and works on a profiled chain
 (:class:`ChainProfile`, or plain :class:`stagewise.split.UnitInfo`); :func:`profile_chain` times a model in this
-process and :func:`measure_links` is the only part that starts processes.
+process. Nothing here starts a process: :mod:`stagewise.launch` measures links and the optimizer step in fresh ones
+and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.with_optimizer`).
 """
 
 from ._cluster import DEVICE_KINDS, Cluster, Node
@@ -24,8 +25,8 @@ from ._cost import (
 )
 from ._cut import capped_min_max_cuts, nested_live, stage_memory
 from ._plan import MODES, Plan, PlanError
-from ._probe import LinkMeasurement, apply_measurement, measure_action_overhead, measure_links
-from ._profile import ChainProfile, profile_chain
+from ._probe import LinkMeasurement, apply_measurement
+from ._profile import ChainProfile, profile_chain, profile_rows
 from ._search import OPTIMIZER_SECONDS_PER_BYTE, TRAIN_SCHEDULES, predict, search
 
 __all__ = [
@@ -44,13 +45,12 @@ __all__ = [
     "allreduce_time",
     "apply_measurement",
     "capped_min_max_cuts",
-    "measure_action_overhead",
-    "measure_links",
     "nested_live",
     "optimizer_time",
     "pipeline_lower_bound",
     "predict",
     "profile_chain",
+    "profile_rows",
     "search",
     "simulate_costs",
     "stage_memory",

@@ -4,8 +4,9 @@ A unit's time is not proportional to its rows: each call pays a fixed cost (Pyth
 1-row microbatch pays as much as a 32-row one. So :func:`profile_chain` times the chain at a few row counts and the cost
 model interpolates piecewise linearly between them (:meth:`ChainProfile.unit_ms`), extrapolating from the nearest two.
 It also times what the stage profile leaves out but a training step pays: the loss (forward and backward, on the last
-stage), loading a batch from the data set (on the ranks that read inputs or targets) and the optimizer step
-(:func:`~stagewise.plan._optimizer.time_optimizer`).
+stage) and loading a batch from the data set (on the ranks that read inputs or targets). The optimizer step is timed in
+fresh processes (:func:`stagewise.launch.time_optimizer`, over :attr:`ChainProfile.param_shapes`) and added with
+:meth:`ChainProfile.with_optimizer`; :func:`stagewise.launch.profile_model` does both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,12 +23,11 @@ from typing import Any
 import torch
 
 from .._allocator import tune_allocator
-from .._spec import ModelSpec
+from .._optimizers import OPTIMIZERS
+from .._spec import ModelSpec, sample_to_call
 from ..split import UnitInfo
-from ..train._data import sample_to_call
-from ._optimizer import OPTIMIZERS, time_optimizer
 
-__all__ = ["ChainProfile", "profile_chain", "interpolate"]
+__all__ = ["ChainProfile", "interpolate", "profile_chain", "profile_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class ChainProfile:
     optimizer_ms: list[float] = dataclasses.field(default_factory=list)
     """Milliseconds of one optimizer step (and ``zero_grad``) over each unit's parameters, state in main memory
     (empty: not timed)."""
+    param_shapes: list[list[list[int]]] | None = None
+    """``param_shapes[u]``: the shapes of unit ``u``'s trainable parameters, what the optimizer timing needs (None:
+    the chain is not a layer split, whose units own their parameters)."""
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -88,6 +92,14 @@ class ChainProfile:
             raise ValueError("ChainProfile.load_rows and load_ms need the same length")
         if self.optimizer_ms and len(self.optimizer_ms) != len(self.units):
             raise ValueError(f"ChainProfile.optimizer_ms needs one entry per unit ({len(self.units)}) or none")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"ChainProfile.optimizer must be one of {OPTIMIZERS} or None, got {self.optimizer!r}")
+        if self.param_shapes is not None and len(self.param_shapes) != len(self.units):
+            raise ValueError(f"ChainProfile.param_shapes needs one entry per unit ({len(self.units)}) or None")
+
+    def with_optimizer(self, optimizer: str, optimizer_ms: Sequence[float]) -> ChainProfile:
+        """This profile with the ``optimizer`` step timed at ``optimizer_ms`` per unit (measured elsewhere)."""
+        return dataclasses.replace(self, optimizer=optimizer, optimizer_ms=[float(x) for x in optimizer_ms])
 
     @property
     def profile_batch(self) -> int:
@@ -222,12 +234,22 @@ def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, model_name: st
                    loss=loss, load=load, split=sm)
 
 
+def profile_rows(largest: int) -> list[int]:
+    """The microbatch sizes to profile up to ``largest``: 1, ``largest`` and two powers of two evenly spaced between
+    them on a log scale (the cost model interpolates between these)."""
+    if largest < 1:
+        raise ValueError(f"the largest profiled batch must be >= 1, got {largest}")
+    inner = {2 ** round(math.log2(largest) * k / 3) for k in (1, 2)}
+    return sorted({1, largest} | {r for r in inner if 1 < r < largest})
+
+
 def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rounds: int = 1, threads: int = 1,
-                  optimizer: str | None = "adam", model_name: str | None = None) -> ChainProfile:
+                  model_name: str | None = None) -> ChainProfile:
     """Time every unit of ``spec``'s chain at each microbatch size in ``rows`` (the chain is captured again per size;
     inputs come from the data set when there is one, else the example inputs cut or tiled to that many rows), with
-    ``threads`` compute threads (what each training process uses), plus the loss, the data loading and one
-    ``optimizer`` step over each unit's parameters (``adam``, ``adamw`` or ``sgd``; None: not timed).
+    ``threads`` compute threads (what each training process uses), plus the loss and the data loading, in this
+    process; record each unit's parameter shapes for the optimizer timing (:func:`stagewise.launch.profile_model`
+    adds it).
 
     Each time is the median of ``repeats`` runs after a warm-up; with ``rounds`` > 1 every row count is timed again
     after the others and each time keeps its smallest median (a burst of load from other processes rarely hits every
@@ -239,13 +261,11 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
         raise ValueError(f"rows must be row counts >= 1, got {list(rows)}")
     if repeats < 1 or rounds < 1:
         raise ValueError(f"repeats and rounds must be >= 1, got {repeats} and {rounds}")
-    if optimizer is not None and optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
     data = spec.dataset() if spec.dataset is not None else None
     if data is not None and len(data) < wanted[-1]:
         raise ValueError(f"the data set has {len(data)} samples, fewer than the {wanted[-1]} rows to profile; "
                          "profile fewer rows")
-    opt_ms: list[float] = []
+    shapes = None
     with _threads(threads):
         timed = [_time_at(spec, data, r, repeats, model_name) for r in wanted]
         for _ in range(rounds - 1):
@@ -254,10 +274,9 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
             raise ValueError(f"the chain has a different number of units at different row counts ({wanted}); "
                              "profile a single row count")
         units, sm = timed[-1].units, timed[-1].split
-        if optimizer is not None and sm.partition.mode == "layers":
+        if sm.partition.mode == "layers":
             per_unit = sm.recut(stages=len(units), by="uniform") if len(units) > 1 else sm
             shapes = [[list(p.shape) for p in stage.parameters() if p.requires_grad] for stage in per_unit.stages]
-            opt_ms = time_optimizer(shapes, optimizer=optimizer, repeats=repeats, threads=threads)
     losses = [t.loss for t in timed]
     loads = [t.load for t in timed]
     has_loss = all(x is not None for x in losses)
@@ -267,4 +286,4 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
                         loss_forward_ms=[x[0] for x in losses] if has_loss else [],  # type: ignore[index]
                         loss_backward_ms=[x[1] for x in losses] if has_loss else [],  # type: ignore[index]
                         load_rows=wanted if has_load else [], load_ms=loads if has_load else [],  # type: ignore
-                        optimizer=optimizer if opt_ms else None, optimizer_ms=opt_ms)
+                        param_shapes=shapes)

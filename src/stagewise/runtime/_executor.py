@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .._errors import StagewiseError
-from ..comm import SendHandle, Transport
+from ..comm import CommTimeoutError, SendHandle, Transport
 from ..schedule import Action, Schedule
 from ..split import Stage
 
@@ -30,7 +30,18 @@ LossFn = Callable[[list[Any], int], torch.Tensor]
 
 
 class StepError(StagewiseError, RuntimeError):
-    """A schedule action failed; the message names rank, stage, action and microbatch and shows the schedule grid."""
+    """A schedule action failed; the message names rank, stage, action and microbatch and shows the schedule grid.
+
+    When the action timed out waiting for another rank, the message starts with that rank and its stage (the one that
+    stopped or hung), and :attr:`peer` holds its rank.
+    """
+
+    def __init__(self, message: str, *, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+_PEER_STAGE = {"RECV_F": -1, "SEND_B": -1, "RECV_B": 1, "SEND_F": 1}  # the stage a transfer action waits for
 
 
 @dataclasses.dataclass(slots=True)
@@ -129,8 +140,15 @@ class PipelineExecutor:
                 self._dispatch(action)
             except Exception as exc:
                 grid = self.schedule.grid(mark=(self.position, step), window=6)
-                raise StepError(f"rank {self.transport.rank}, stage {action.stage}, action {action} "
-                                f"(microbatch {action.microbatch}) failed: {type(exc).__name__}: {exc}\n{grid}") from exc
+                here = f"rank {self.transport.rank}, stage {action.stage}, action {action} (microbatch {action.microbatch})"
+                peer = exc.peer if isinstance(exc, CommTimeoutError) else None
+                if peer is not None and action.kind in _PEER_STAGE:
+                    waited = "to receive from it" if action.kind.startswith("RECV") else "for it to receive"
+                    head = (f"rank {peer} (stage {action.stage + _PEER_STAGE[action.kind]}) stopped answering: {here} "
+                            f"waited {exc.waited:.1f} s {waited}; is that process alive, stopped, or stuck?")
+                else:
+                    head = f"{here} failed"
+                raise StepError(f"{head}: {type(exc).__name__}: {exc}\n{grid}", peer=peer) from exc
             if self.record:
                 self.timeline.append(TimelineEvent(str(action), action.kind, action.stage, start, time.time()))
         start = time.time()

@@ -39,6 +39,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                     "with dynamic batching on the Open Inference Protocol v2 (/v2/models/NAME/infer). A dead worker "
                     "costs a retry on another replica; its replica restarts in the background. Ctrl-C stops all.")
     add_config_arguments(p, PipelineConfig)  # MODEL and one flag per PipelineConfig setting, help from its fields
+    p.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="when MODEL is a checkpoint directory, import the model factory its manifest names even if it "
+                        "is not one of Stagewise's own (stagewise.*): that runs the checkpoint's chosen code")
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="a plan from 'stagewise plan --mode serve --json' (sets stages, replicas and the cut)")
     p.add_argument("--tasks", default=None, metavar="FQN,...",
@@ -105,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if Path(model).is_dir():  # a checkpoint directory: its manifest names the model
         from ._serving_split import checkpoint_model
 
-        model, checkpoint = checkpoint_model(model), model
+        model, checkpoint = checkpoint_model(model, trust_code=args.trust_checkpoint_code), model
     settings = config_values(PipelineConfig, args)
     cuts = None
     if args.plan:

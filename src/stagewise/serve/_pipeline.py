@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..comm import find_free_port
-from ..comm._spawn import _context, _describe_exit
+from ..launch import describe_exit as _describe_exit, forkserver_context as _context
 from ._backend import InferenceBackend, ModelError, ModelMetadata, numeric_tensor
 from ._batching import BatchingConfig, Dropped, await_or_drop
 from ._channel import Channel, ChannelError, Message

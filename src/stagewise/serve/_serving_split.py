@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,14 +145,27 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
     model.load_state_dict(saved, strict=True)
 
 
-def checkpoint_model(checkpoint: str) -> str:
-    """The MODEL factory string a training checkpoint was made from (its manifest records the run's config)."""
+_LIBRARY_MODEL = re.compile(r"^stagewise(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$")
+
+
+def checkpoint_model(checkpoint: str, *, trust_code: bool = False) -> str:
+    """The MODEL factory string a training checkpoint was made from (its manifest records the run's config).
+
+    Importing a factory runs its code, and a checkpoint is data anyone may have written (its checksums only prove it
+    is intact). So, like Hugging Face's ``trust_remote_code``, only this library's own factories (``stagewise.*``)
+    are taken from a manifest unless ``trust_code``; any other must be named by the user.
+    """
     from ..checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, verify="size").extra.get("config", {}).get("model")
     if not model:
         raise ValueError(f"checkpoint {checkpoint} does not record its model; pass MODEL and --checkpoint DIR")
-    return str(model)
+    model = str(model)
+    if not trust_code and not _LIBRARY_MODEL.match(model):
+        raise ValueError(f"checkpoint {checkpoint} names its model {model!r}, and importing it would run code the "
+                         f"checkpoint chose; name the model yourself: 'stagewise serve {model} --checkpoint "
+                         f"{checkpoint}', or pass --trust-checkpoint-code if you trust whoever wrote the checkpoint")
+    return model
 
 
 def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, list[str]]:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from typing import Any, Literal, get_args
 
-import torch
+from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
 
 from .._errors import ConfigError
 from .._settings import build_tree, check_choices, flag_of
@@ -31,10 +31,6 @@ __all__ = [
     "TrainConfig",
 ]
 
-OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-"""The optimizers known by name (any other is a dotted path)."""
-OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
 Device = Literal["cpu", "cuda", "auto"]
 DEVICES: tuple[str, ...] = get_args(Device)
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from .._spec import sample_to_call  # re-exported: the data helpers of training read samples this way
+
 __all__ = ["global_batches", "ReplicaBatches", "split_microbatches", "sample_to_call"]
 
 
@@ -77,15 +79,6 @@ class ReplicaBatches:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
-
-
-def sample_to_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A (batched) sample's inputs as ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (list, tuple)):
-        return tuple(inputs), {}
-    return (inputs,), {}
 
 
 def split_microbatches(batch: Any, microbatches: int) -> list[Any]:

@@ -6,25 +6,22 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..comm import DistTransport, spawn
+from ..comm import DistTransport
+from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
 from ._worker import run_worker
 
-__all__ = ["Trainer", "TrainResult", "under_torchrun"]
+__all__ = ["TrainResult", "Trainer"]
 
 log = logging.getLogger(__name__)
-
-
-def under_torchrun() -> bool:
-    """True when this process was started by torchrun (it sets the rendezvous environment)."""
-    return all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 @dataclasses.dataclass
@@ -34,6 +31,15 @@ class TrainResult:
     losses: list[float]
     steps_per_s: float
     out_dir: Path
+    stopped_by: int | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the run early, None when it ran every step."""
+    last_step: int | None = None
+    """The optimizer step the run ended after."""
+
+    @property
+    def stop_reason(self) -> str | None:
+        """``"SIGTERM"`` or ``"SIGINT"`` when a signal stopped the run, else None."""
+        return None if self.stopped_by is None else signal.Signals(self.stopped_by).name
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights of every stage, keyed by the original model's FQNs."""
@@ -56,11 +62,6 @@ class TrainResult:
         return model
 
 
-def _ranks_on_host(config: TrainConfig) -> int:
-    """Training processes on this host: all of them when spawned here; torchrun's ``LOCAL_WORLD_SIZE`` under it."""
-    if under_torchrun():
-        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"])
-    return config.world_size
 
 
 # Imported once by the forkserver so that every rank starts without re-importing them.
@@ -73,7 +74,7 @@ def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, ba
     transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.runtime.timeout,
                                    backend=backend, device=None if device == "cpu" else device)
     try:
-        run_worker(config, transport)
+        run_worker(config, transport, should_stop=stop_requested)
     finally:
         transport.close()
 
@@ -84,11 +85,17 @@ class Trainer:
     :attr:`devices` says where they compute and how they talk (logged at INFO): on the CPU over gloo; with
     ``device`` cuda over NCCL when every rank on the host has a GPU of its own, else over gloo with CUDA tensors staged
     through pinned host memory (ranks sharing a GPU: NCCL refuses them).
+
+    ``torchrun`` (from :func:`stagewise.launch.torchrun_env`) makes this process the one rank torchrun started;
+    without it the ranks are spawned here. Locally, SIGINT or SIGTERM of this process stops every rank at the next
+    step boundary (saving a checkpoint there when ``save_dir`` is set): :attr:`TrainResult.stopped_by` says so.
     """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, *, torchrun: TorchrunEnv | None = None) -> None:
         self.config = config
-        self.devices: DevicePlan = plan_devices(config.runtime.device, _ranks_on_host(config))
+        self.torchrun = torchrun
+        on_host = config.world_size if torchrun is None else torchrun.local_world_size
+        self.devices: DevicePlan = plan_devices(config.runtime.device, on_host)
         """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
 
     def fit(self, *, timeout: float | None = None) -> TrainResult:
@@ -96,14 +103,14 @@ class Trainer:
         config, plan = self.config, self.devices
         log.info("training %s: %s", config.model, plan.describe())
         device = None if plan.device == "cpu" else plan.device
-        if under_torchrun():  # every rank runs this; out_dir, if any, must be a path all ranks share
-            transport = DistTransport.from_env(backend=plan.backend, timeout=config.runtime.timeout, device=device)
+        if self.torchrun is not None:  # every rank runs this; out_dir, if any, must be a path all ranks share
+            transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout, device=device)
             try:
                 summary = run_worker(config, transport)
             finally:
                 transport.close()
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
-                               out_dir=Path(config.output.out_dir or "."))
+                               out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"])
         if config.output.out_dir is None:
             config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
@@ -112,8 +119,11 @@ class Trainer:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         wait_s = config.runtime.timeout
         budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * wait_s / 30.0)
-        spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device), timeout=budget,
-              preload=_PRELOAD)
+        # After SIGINT/SIGTERM the ranks finish their step, agree to stop, maybe save: a step and a save's waits.
+        grace = 30.0 + 3 * wait_s
+        stopped = spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device),
+                        timeout=budget, preload=_PRELOAD, stop_grace=grace)
         out = Path(config.output.out_dir or ".")
         summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-        return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out)
+        return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out,
+                           stopped_by=stopped, last_step=summary.get("last_step"))

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ._data import ReplicaBatches, sample_to_call, split_microbatches
 from ._device import move_stage, resolve_device, strict_fp32, to_device
 from ._progress import Progress
 
-__all__ = ["run_worker", "rank_device", "Layout", "model_loss"]
+__all__ = ["Layout", "model_loss", "rank_device", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,15 @@ def rank_device(config: TrainConfig, transport: Transport) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
+def run_worker(config: TrainConfig, transport: Transport, *,
+               should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced).
 
-    With ``config.runtime.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state live
-    on the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved afterwards.
+    ``should_stop`` is asked once a step: when it says True on any rank, every rank ends after the same step (the
+    answer rides on the step's loss all-reduce, so they agree), saving a checkpoint there when ``save_dir`` is set.
+
+    With ``config.runtime.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state live on
+    the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved afterwards.
     """
     tune_allocator()
     torch.set_num_threads(config.runtime.threads)
@@ -186,6 +191,7 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
     start = time.perf_counter()
     where = f"rank {rank} (stage {', '.join(map(str, sorted(mine)))}, replica {replica})"
     gc.freeze()  # the model, captures and torch's own objects: later collections skip them (a full one is ~0.1 s)
+    done = start_step
     for step in range(start_step, config.steps):
         try:
             inputs: list[dict[str, Any]] = [{} for _ in range(config.layout.microbatches)]
@@ -216,9 +222,10 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                 events.append({"name": "optimizer", "kind": "optimizer", "stage": -1, "start": t_opt,
                                "end": time.time()})
                 trace_steps.append(events)
-            total = torch.tensor([sum(mb_losses)], dtype=torch.float64)
+            total = torch.tensor([sum(mb_losses), float(should_stop())], dtype=torch.float64)
             transport.all_reduce(total, op="sum", timeout=config.runtime.timeout)
-            loss = float(total) * scale if config.data.loss_reduction == "mean" else float(total) / layout.D
+            stop = bool(total[1] > 0)
+            loss = float(total[0]) * scale if config.data.loss_reduction == "mean" else float(total[0]) / layout.D
             losses.append(loss)
             progress.update(step + 1, loss)
             log_every = config.output.log_every
@@ -226,18 +233,23 @@ def run_worker(config: TrainConfig, transport: Transport) -> dict[str, Any]:
                 print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
             done = step + 1
             save_every = config.output.save_every
-            if writer is not None and (done == config.steps or (save_every and done % save_every == 0)):
+            if writer is not None and (stop or done == config.steps or (save_every and done % save_every == 0)):
                 _save(writer, done, config, sm.partition, mine, optimizer, scheduler, named, transport, layout,
                       losses=losses, start_step=start_step)
+            if stop and done < config.steps:
+                if rank == 0:
+                    log.warning("asked to stop: ending after step %d of %d", done, config.steps)
+                break
         except StepError:
             raise
         except Exception as exc:
             raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
     progress.close()
     elapsed = time.perf_counter() - start
-    ran = config.steps - start_step
+    ran = done - start_step
     summary = {"losses": losses, "seconds": elapsed, "steps_per_s": ran / elapsed if elapsed else 0.0,
-               "start_step": start_step, "device": str(device), "backend": getattr(transport, "backend", None),
+               "start_step": start_step, "last_step": done, "device": str(device),
+               "backend": getattr(transport, "backend", None),
                "staged": bool(getattr(transport, "staged", False))}
     if config.output.out_dir and replica == 0:
         _write_outputs(Path(config.output.out_dir), mine, summary if rank == 0 else None)

@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 
 from .._allocator import tune_allocator
-from ..train._config import OPTIMIZER_CLASSES, OPTIMIZERS
+from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
+from .._spec import ModelSpec
+from ..plan import ChainProfile, profile_chain
+from ._spawn import spawn
 
-__all__ = ["OPTIMIZERS", "time_optimizer"]  # OPTIMIZERS: TrainConfig's built-in ones
+__all__ = ["cache_bytes", "profile_model", "time_optimizer"]
 
 
-
-def _cache_bytes() -> int:
+def cache_bytes() -> int:
     """Twice the last-level cache of this machine (64 MiB when it cannot be read): enough to evict it."""
     size = 32 << 20
     path = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
@@ -51,7 +53,7 @@ def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json:
     nbytes = [sum(p.numel() * p.element_size() for p in unit) for unit in units]
     total = 0.0
     if params:
-        evict = torch.empty(_cache_bytes(), dtype=torch.uint8)
+        evict = torch.empty(cache_bytes(), dtype=torch.uint8)
         grads = [torch.randn_like(p) for p in params]
         opt = OPTIMIZER_CLASSES[optimizer](params, lr=1e-3)
         times = []
@@ -79,8 +81,6 @@ def time_optimizer(shapes: Sequence[Sequence[Sequence[int]]], *, optimizer: str 
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    from ..comm import spawn
-
     payload = json.dumps([[list(map(int, s)) for s in unit] for unit in shapes])
     runs = []
     with tempfile.TemporaryDirectory(prefix="stagewise-optimizer-") as tmp:
@@ -89,3 +89,16 @@ def time_optimizer(shapes: Sequence[Sequence[Sequence[int]]], *, optimizer: str 
             spawn(_time_in_child, 1, args=(out, payload, optimizer, int(repeats), int(threads)), timeout=timeout)
             runs.append([float(x) for x in json.loads(Path(out).read_text())])
     return [statistics.mean(unit) for unit in zip(*runs)] if shapes else []
+
+
+def profile_model(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rounds: int = 1, threads: int = 1,
+                  optimizer: str | None = "adam", model_name: str | None = None) -> ChainProfile:
+    """:func:`stagewise.plan.profile_chain` (in this process), plus one ``optimizer`` step over each unit's
+    parameters timed in fresh processes (:func:`time_optimizer`; None: not timed): the planner's whole profile."""
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
+    profile = profile_chain(spec, rows=rows, repeats=repeats, rounds=rounds, threads=threads, model_name=model_name)
+    if optimizer is None or profile.param_shapes is None:
+        return profile
+    ms = time_optimizer(profile.param_shapes, optimizer=optimizer, repeats=repeats, threads=threads)
+    return profile.with_optimizer(optimizer, ms)

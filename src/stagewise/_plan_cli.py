@@ -1,19 +1,20 @@
-"""``stagewise plan`` and ``stagewise probe``: parsers and commands (``stagewise.cli`` wires them in)."""
+"""``stagewise plan`` and ``stagewise probe``: parsers and commands (``stagewise.cli`` wires them in).
+
+The command line is where measuring meets planning: :mod:`stagewise.launch` starts the processes that measure
+(links, the optimizer step) and the results go into the pure :mod:`stagewise.plan` as data."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..train._config import OPTIMIZERS
-from ._cluster import Cluster
-from ._plan import MODES, Plan
+from ._optimizers import OPTIMIZERS
+from .plan import MODES, Cluster, Plan, profile_rows
 
-__all__ = ["add_plan_parser", "cmd_plan", "add_probe_parser", "cmd_probe", "print_plans", "profile_rows"]
+__all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,15 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return p
 
 
-def profile_rows(largest: int) -> list[int]:
-    """The microbatch sizes to profile up to ``largest``: 1, ``largest`` and two powers of two evenly spaced between
-    them on a log scale (the cost model interpolates between these)."""
-    if largest < 1:
-        raise ValueError(f"the largest profiled batch must be >= 1, got {largest}")
-    inner = {2 ** round(math.log2(largest) * k / 3) for k in (1, 2)}
-    return sorted({1, largest} | {r for r in inner if 1 < r < largest})
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .._spec import load_model_spec
-    from ._profile import profile_chain
-    from ._search import search
+    from ._spec import load_model_spec
+    from .launch import profile_model
+    from .plan import search
 
     cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
     spec = load_model_spec(args.model)
     rows = profile_rows(args.profile_batch or args.global_batch)
-    profile = profile_chain(spec, rows=rows, repeats=args.repeats, threads=args.threads,
+    profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=args.threads,
                             optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model)
     units = profile.units
     plans = search(profile, cluster, mode=args.mode, global_batch=args.global_batch, devices=args.devices,
@@ -94,7 +86,7 @@ def print_plans(plans: Sequence[Plan], *, title: str = "plans", console: Any = N
     from rich.console import Console
     from rich.table import Table
 
-    from ..report import format_bytes
+    from .report import format_bytes
 
     table = Table(title=title)
     for col in ("#", "layout", "cuts", "microbatches", "schedule", "step ms", "bubble", "memory/device",
@@ -130,7 +122,8 @@ def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ._probe import apply_measurement, measure_links
+    from .launch import measure_links
+    from .plan import apply_measurement
 
     path = Path(args.cluster)
     cluster = Cluster.read(path) if path.exists() else Cluster.detect()

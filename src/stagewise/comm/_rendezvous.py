@@ -1,0 +1,53 @@
+"""Where the ranks of a process group find each other: a free port, and a rendezvous store that listens only on the
+address the run uses.
+
+torch's ``TCPStore`` master (what ``init_process_group(init_method="tcp://...")`` makes on rank 0) listens on every
+interface, and any process that reaches it can set and get keys. So rank 0 binds the listening socket itself, to the
+run's address (127.0.0.1 for a local run), and hands it to the store (``master_listen_fd``); the other ranks connect
+as clients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["find_free_port", "rendezvous_store"]
+
+_BACKLOG = 1024  # connections the store's socket queues: every rank connects once, several times with libuv
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host`` (bind to port 0, read it, release it)."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def rendezvous_store(*, host: str, port: int, rank: int, world_size: int, timeout: float) -> Any:
+    """The ``torch.distributed`` store of a process group: served by rank 0 on ``host:port`` only (not on every
+    interface), a client on the other ranks. ``host`` is an address or a name that resolves to one of this machine's
+    addresses on rank 0."""
+    wait = datetime.timedelta(seconds=timeout)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, wait)
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(_BACKLOG)
+        store = dist.TCPStore(host, port, world_size, True, wait, master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now
+    return store

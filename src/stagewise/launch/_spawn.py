@@ -1,0 +1,273 @@
+"""Start one real process per rank (tests and the local launcher) and never leave one behind.
+
+Each child runs ``fn(rank, world_size, port, *args)``. It reports back through its own one-way pipe as UTF-8 text
+(``OK``, or ``FAIL``, the exception's first line, then the traceback), never a pickled exception. ``fn`` and ``args`` are handed to the child by
+multiprocessing's forkserver start method, so ``fn`` must be importable (a module-level function).
+
+Stopping: the launcher owns SIGINT and SIGTERM (what Ctrl-C, ``timeout``, docker and systemd send). Children ignore
+SIGINT (a terminal sends it to the whole process group; the launcher decides); on either signal the launcher sends
+each child SIGUSR1, which sets :func:`stop_requested` there, so a training loop can stop at its next step boundary
+(ranks of a pipeline must agree on which: see ``train``). Children that have not finished ``stop_grace`` seconds later
+are killed. A second signal kills at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from ..comm import SpawnError, find_free_port
+
+__all__ = ["STOP_SIGNAL", "describe_exit", "forkserver_context", "spawn", "stop_requested"]
+
+log = logging.getLogger(__name__)
+
+_MAX_REPORT = 32 * 1024  # bytes of traceback sent back; keeps the pipe write from blocking
+_GRACE = 2.0  # seconds a terminated child gets before SIGKILL
+
+
+_STOP = False
+STOP_SIGNAL = signal.SIGUSR1
+"""What the launcher sends a child to ask it to stop at its next step boundary."""
+
+
+def stop_requested() -> bool:
+    """True in a child of :func:`spawn` once its launcher was asked to stop (SIGINT or SIGTERM)."""
+    return _STOP
+
+
+def _on_stop(signum: int, frame: Any) -> None:
+    global _STOP
+    _STOP = True
+
+
+def _child_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple[Any, ...],
+                conn: multiprocessing.connection.Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and forwards it as STOP_SIGNAL
+    signal.signal(STOP_SIGNAL, _on_stop)
+    try:
+        fn(rank, world_size, port, *args)
+    except BaseException as exc:  # noqa: BLE001 - report everything, including SystemExit/KeyboardInterrupt
+        text = traceback.format_exc()
+        summary = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:2000]
+        sys.stderr.write(f"[stagewise rank {rank}] {text}")
+        sys.stderr.flush()
+        data = text.encode("utf-8", "replace")
+        if len(data) > _MAX_REPORT:
+            data = b"...(truncated)...\n" + data[-_MAX_REPORT:]
+        conn.send_bytes(b"FAIL\n" + summary.encode("utf-8", "replace").replace(b"\n", b" ") + b"\n" + data)
+        conn.close()
+        sys.stdout.flush()
+        os._exit(1)  # skip atexit/destructors that could hang on a half-dead process group
+    conn.send_bytes(b"OK")
+    conn.close()
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it), in words."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def forkserver_context(preload: Sequence[str]) -> Any:
+    """A multiprocessing forkserver context whose server imports ``preload`` once: later children start in milliseconds instead of
+    re-importing torch (seconds each). The server itself never runs torch ops, so forking it is safe."""
+    ctx = mp.get_context("forkserver")
+    global _PRELOADED
+    if preload and _PRELOADED is None:
+        ctx.set_forkserver_preload(list(preload))
+        _PRELOADED = tuple(preload)
+    return ctx
+
+
+_PRELOADED: tuple[str, ...] | None = None
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = (), timeout: float = 60.0,
+          port: int | None = None, preload: Sequence[str] = ("torch",), stop_grace: float = 30.0) -> int | None:
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes and wait for all of them.
+
+    Children are forked from a forkserver that imported ``preload`` (module names) once per parent process.
+
+    ``port`` (default: :func:`~stagewise.comm.find_free_port`) is a free port for the ranks' rendezvous. If any rank
+    fails, or ``timeout`` seconds pass, every other rank is killed and :class:`SpawnError` is raised with the failing
+    ranks' traceback text. Every child is reaped before this returns or raises.
+
+    Returns None when every rank finished, or the signal number (SIGINT, SIGTERM) that stopped the run: the children
+    were asked to stop (:func:`stop_requested`) and all finished within ``stop_grace`` seconds (else they are killed
+    and :class:`SpawnError` says so). Signals are handled only when called from the main thread.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    port = find_free_port() if port is None else port
+    ctx = forkserver_context(preload)
+    procs: list[Any] = []
+    readers: dict[int, multiprocessing.connection.Connection] = {}
+    failures: dict[int, str] = {}
+    summaries: dict[int, str] = {}  # rank -> the exception's first line
+    succeeded: set[int] = set()
+    timed_out = False
+    deadline = time.monotonic() + timeout
+    stop = _StopRelay(procs, grace=stop_grace)
+    frozen: list[int] = []
+    try:
+        stop.install()
+        for rank in range(world_size):
+            reader, writer = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child_main, args=(fn, rank, world_size, port, tuple(args), writer),
+                            name=f"stagewise-rank{rank}")
+            p.start()
+            writer.close()  # the child holds the only write end: EOF here means it died without a word
+            procs.append(p)
+            readers[rank] = reader
+            if stop.signum is not None:  # asked to stop while starting: the new child is asked too
+                stop.forward()
+        while len(succeeded) + len(failures) < world_size:
+            for rank, reader in list(readers.items()):
+                if not reader.poll():
+                    continue
+                try:
+                    msg = reader.recv_bytes().decode("utf-8", "replace")
+                except EOFError:  # died without reporting (segfault, os._exit, SIGKILL)
+                    procs[rank].join(_GRACE)
+                    why = f"rank {rank} {describe_exit(procs[rank].exitcode)} without reporting a traceback"
+                    msg = (f"FAIL\n{why}\n{why} (it crashed, or failed before running fn: see its stderr; a script "
+                           "that calls spawn needs the `if __name__ == '__main__':` guard)")
+                reader.close()
+                del readers[rank]
+                if msg == "OK":
+                    succeeded.add(rank)
+                else:
+                    summaries[rank], _, failures[rank] = msg.removeprefix("FAIL\n").partition("\n")
+            if failures or stop.forced:
+                break
+            left = min(deadline, stop.deadline) - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            multiprocessing.connection.wait(list(readers.values()), timeout=min(left, 0.5))
+        frozen = _frozen(procs) if failures or timed_out else []  # before the reap: a stopped rank explains a timeout
+        if not failures and not timed_out and not stop.forced:
+            for p in procs:  # all reported OK: let them exit on their own (process group teardown) before reaping
+                p.join(max(0.0, min(deadline, stop.deadline) - time.monotonic()))
+    finally:
+        stop.uninstall()
+        codes = _reap(procs)
+        for reader in readers.values():
+            reader.close()
+    ended = not failures and not timed_out and not stop.forced
+    for rank in sorted(succeeded) if ended else []:
+        if codes[rank] != 0:  # reported OK but then crashed (or hung) on exit
+            failures[rank] = f"rank {rank} finished fn but then {describe_exit(codes[rank])}"
+    if failures or timed_out or stop.forced:
+        first = next(iter(failures), None)
+        pending = sorted(set(range(world_size)) - succeeded - set(failures))
+        parts = []
+        if stop.signum is not None and (timed_out or stop.forced):
+            why = "a second signal came" if stop.forced else f"they did not stop within {stop.grace:.1f} s"
+            parts.append(f"spawn: stopped by {signal.Signals(stop.signum).name}; ranks {pending} were killed because "
+                         f"{why}")
+        elif timed_out:
+            frozen_note = f" (ranks {frozen} were stopped: SIGSTOP or a debugger)" if frozen else ""
+            parts.append(f"spawn: deadline of {timeout:.1f} s passed with ranks {pending} still running{frozen_note}; "
+                         "all killed")
+        else:
+            cause = f"ranks {frozen} were stopped (SIGSTOP or a debugger) and the others timed out waiting: " if frozen else ""
+            parts.append(f"spawn: {cause}rank {first} failed: {summaries.get(first) or failures[first].splitlines()[0]}; "
+                         "the other ranks were stopped")
+        for rank, text in failures.items():
+            parts.append(f"--- rank {rank} ---\n{text.rstrip()}")
+        raise SpawnError("\n".join(parts), failures=failures, timed_out=timed_out, signum=stop.signum)
+    return stop.signum
+
+
+def _frozen(procs: list[Any]) -> list[int]:
+    """The ranks whose process is stopped (state T or t in ``/proc``: SIGSTOP, a debugger), not merely slow."""
+    frozen = []
+    for rank, p in enumerate(procs):
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("T", "t"):
+            frozen.append(rank)
+    return frozen
+
+
+class _StopRelay:
+    """The launcher's SIGINT/SIGTERM handler while :func:`spawn` waits: the first signal asks every child to stop
+    (:data:`STOP_SIGNAL`) and starts ``grace``; a second one makes spawn kill them at once. The previous handlers
+    come back afterwards."""
+
+    def __init__(self, procs: list[Any], *, grace: float) -> None:
+        self.procs, self.grace = procs, grace
+        self.signum: int | None = None
+        self.forced = False
+        self.deadline = float("inf")
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.forced = True
+            return
+        self.signum = signum
+        self.deadline = time.monotonic() + self.grace
+        log.warning("received %s: asking %d rank(s) to stop at their next step boundary (%.0f s grace)",
+                    signal.Signals(signum).name, len(self.procs), self.grace)
+        self.forward()
+
+    def forward(self) -> None:
+        for p in self.procs:
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, STOP_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+
+def _reap(procs: list[Any]) -> list[int | None]:
+    """Terminate, then kill, then join every process; none survives this. Returns the exit codes."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + _GRACE
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            log.warning("rank process %s ignored SIGTERM; killing it", p.name)
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        p.close()
+    return codes
