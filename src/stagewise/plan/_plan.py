@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..schedule import SCHEDULE_NAMES
+from ..schedule import SCHEDULE_NAMES, ScheduleName
 
 __all__ = ["Plan", "PlanError", "MODES"]
 
@@ -35,7 +35,7 @@ class Plan:
     """Virtual stages V per rank (2 only with the interleaved schedule); the model is cut into P x V stages."""
     microbatches: int
     """Microbatches M per replica per step."""
-    schedule: str
+    schedule: ScheduleName
     """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
     global_batch: int
     """Samples per step over all replicas (train) or per batch wave (serve)."""

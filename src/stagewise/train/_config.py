@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from ..schedule import SCHEDULE_NAMES, ScheduleName
+
 __all__ = ["TrainConfig", "SCHEDULES", "OPTIMIZERS", "OPTIMIZER_CLASSES"]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
+SCHEDULES = SCHEDULE_NAMES
+"""The schedule names (:data:`stagewise.schedule.ScheduleName`), re-exported for the CLI's choices."""
 DEVICES = ("cpu", "cuda", "auto")
 OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -30,7 +33,7 @@ class TrainConfig:
     """Data-parallel replicas D of the whole pipeline; P x D processes in all."""
     microbatches: int = 4
     """Microbatches M per replica per step."""
-    schedule: str = "1f1b"
+    schedule: ScheduleName = "1f1b"
     """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
     stages_per_rank: int = 1
     """Virtual stages per process (interleaved schedule only)."""
