@@ -309,6 +309,47 @@ def test_profile_chain_times_a_real_model_without_touching_it() -> None:
         profile_chain(spec, rows=[32])
 
 
+def test_profile_chain_times_every_unit_with_the_threads_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The captured path: every thread count set while profiling is the one asked for (or the restored one after).
+    set_to: list[int] = []
+    real_set = torch.set_num_threads
+
+    def recording_set(n: int) -> None:
+        set_to.append(n)
+        real_set(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", recording_set)
+    original = torch.get_num_threads()
+    real_set(2)  # neither the default of split's profiling (1) nor the count asked for (3)
+    want = 3
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    try:
+        profile_chain(ModelSpec(model=net, args=(torch.randn(2, 4),)), rows=[2], repeats=1, threads=want,
+                      optimizer=None)
+        assert want in set_to and set(set_to) <= {want, 2}, set_to
+        assert torch.get_num_threads() == 2
+    finally:
+        real_set(original)
+
+    # The module-boundary fallback runs the modules eagerly: look at the thread count inside a unit's forward.
+    seen: list[int] = []
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return self.lin(x) if x.sum() > -1e9 else x  # a branch on a value: torch.export cannot capture it
+
+    chain = torch.nn.Sequential(torch.nn.Linear(4, 4), Branchy(), torch.nn.Linear(4, 2))
+    profile = profile_chain(ModelSpec(model=chain, args=(torch.randn(2, 4),)), rows=[2], repeats=2, threads=want,
+                            optimizer=None)
+    assert [u.name for u in profile.units] == ["0", "1", "2"]
+    assert seen and set(seen) == {want}
+
+
 def test_transfers_across_nodes_use_the_inter_node_link() -> None:
     units = chain_units([10.0, 20.0])
     two_nodes = Cluster(nodes=[Node(name="a", devices=1, memory_bytes=2**30), Node(name="b", devices=1,

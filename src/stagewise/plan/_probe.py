@@ -206,8 +206,7 @@ def measure_action_overhead(*, microbatches: int = 8, repeats: int = 5) -> float
     from ..comm import LocalHub
     from ..runtime import PipelineExecutor
     from ..schedule import add_communication, build
-    from ..split import split
-    from ..split._capture import input_leaves
+    from ..split import input_leaves, split
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,11 +11,14 @@ import torch
 from torch import fx, nn
 
 from .._spec import ModelSpec
+from .._timing import num_threads
 from ._balance import cuts_from_names, min_max_cuts
 from ._build import Stage, _Layout, build_stage, plan_stages, value_bytes
 from ._capture import Capture, CaptureError, capture, input_leaves, signature_of
 from ._partition import COST_METHODS, Partition, UnitInfo
-from ._tree import unflatten
+from ._profile import profile_units
+from ._run import run_stages
+from ._tree import flatten, unflatten
 
 __all__ = ["split", "SplitModel", "SplitError"]
 
@@ -29,7 +32,7 @@ class SplitError(ValueError):
 def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
           stages: int = 2, by: str = "params", cuts: Sequence[str] | None = None,
           submodels: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-          repeats: int = 3, profile: bool = False, model_name: str | None = None) -> SplitModel:
+          repeats: int = 3, profile: bool = False, threads: int = 1, model_name: str | None = None) -> SplitModel:
     """Cut ``model`` into stages that together compute exactly ``model(*args, **kwargs)``.
 
     - Layer split (default): the chain of units is cut into ``stages`` contiguous stages minimising the most expensive
@@ -38,7 +41,8 @@ def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[s
     - ``submodels=["encoder", "decoder"]``: each named sub-module becomes one stage.
     - ``tasks=["heads.cls", "heads.reg"]``: the trunk is cut into ``stages`` stages, then one stage per head.
 
-    ``profile=True`` measures every unit's forward/backward time even when the cost is not ``time``.
+    ``profile=True`` measures every unit's forward/backward time even when the cost is not ``time`` (the median of
+    ``repeats`` runs, with ``threads`` compute threads: 1, like each training rank by default).
     """
     if isinstance(model, ModelSpec):
         spec = model
@@ -64,13 +68,13 @@ def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[s
         from ._fallback import split_chain  # module-boundary fallback for plain chains of blocks
 
         return split_chain(model, args, kwargs, exc, stages=stages, by=by, cuts=cuts, repeats=repeats,
-                           profile=profile, model_name=model_name)
+                           profile=profile, threads=threads, model_name=model_name)
     units = unit_infos(cap)
     if by == "time" or profile:
-        from ..profile import profile_units
-
         leaves, names, _ = input_leaves(args, kwargs)
-        for info, (fwd, bwd) in zip(units, profile_units(cap, dict(zip(names, leaves)), repeats=repeats)):
+        with num_threads(threads):
+            timed = profile_units(cap, dict(zip(names, leaves)), repeats=repeats)
+        for info, (fwd, bwd) in zip(units, timed):
             info.forward_ms, info.backward_ms = fwd, bwd
     mode = "submodels" if submodels else "tasks" if tasks else "layers"
     partition = _partition(type(model).__name__, units, mode=mode, stages=stages, by=by, cuts=cuts,
@@ -315,17 +319,8 @@ class SplitModel:
         inputs = dict(zip(names, leaves))
         if head is not None and head not in self.partition.heads:
             raise ValueError(f"unknown task head {head!r}; heads are {self.partition.heads}")
-        outputs: list[Any] = [None] * len(cap.output_names)
-        sent: dict[int, dict[str, Any]] = {}
-        for stage in stages:
-            if head is not None and stage.spec.head not in (None, head):
-                continue
-            parent = stage.spec.parent
-            recv = [] if parent is None else [sent[parent][v.name] for v in stage.spec.recv]
-            send, outs = stage(recv, inputs)
-            sent[stage.index] = {v.name: x for v, x in zip(stage.spec.send, send)}
-            for leaf, value in zip(stage.output_index, outs):
-                outputs[leaf] = value
+        wanted = [stage for stage in stages if head is None or stage.spec.head in (None, head)]
+        outputs = run_stages(wanted, inputs, outputs=len(cap.output_names))
         result = unflatten(cap.out_spec, outputs)
         if head is not None and isinstance(result, dict) and type(result) is dict:
             result = {k: v for k, v in result.items() if v is not None}
@@ -337,6 +332,4 @@ class SplitModel:
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
     """The tensor leaves of a model output, for comparisons and losses."""
-    from ._tree import flatten
-
     return flatten(out)[0]
