@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._actions import Action, Schedule
@@ -38,7 +38,7 @@ class Timeline:
 
     schedule: str
     """Name of the schedule that ran."""
-    intervals: dict[int, list[Interval]]
+    intervals: Mapping[int, list[Interval]]
     """Rank -> (start, end, action) for each of its actions, in list order; a transfer takes its rank the send or
     receive overhead (0 by default: a RECV then sits at the moment its data arrived; the wait before it is idle)."""
     step_time: float
@@ -95,6 +95,29 @@ def _per_stage(name: str, cost: Cost, stages: int) -> list[float]:
     if any(v < 0 for v in values):
         raise ValueError(f"{name} must be >= 0, got {cost!r}")
     return values
+
+
+class _Intervals(Mapping[int, list[Interval]]):
+    """Rank -> its :class:`Interval` list, made on first access: the planner reads only the step time, and making an
+    object per action of thousands of schedules would take a good share of a search."""
+
+    def __init__(self, compiled: CompiledSchedule, start: list[float], end: list[float]) -> None:
+        self._compiled, self._start, self._end = compiled, start, end
+        self._made: dict[int, list[Interval]] = {}
+
+    def __getitem__(self, rank: int) -> list[Interval]:
+        if rank not in self._made:
+            c = self._compiled
+            if not 0 <= rank < len(c.ids):
+                raise KeyError(rank)
+            self._made[rank] = [Interval(self._start[a], self._end[a], c.actions[a]) for a in c.ids[rank]]
+        return self._made[rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self._compiled.ids)))
+
+    def __len__(self) -> int:
+        return len(self._compiled.ids)
 
 
 def _links(name: str, links: Sequence[tuple[float, float]] | None, default: float, stages: int) -> list[tuple[float,
@@ -163,10 +186,7 @@ def simulate(
     durations = [table[code][stage] for code, stage in zip(compiled.code, compiled.stage)]
     result = run(compiled, durations=durations, links=links, start=start, tail=tail, tail_work=tail_work,
                  sharing=sharing)
-    intervals = {
-        rank: [Interval(result.start[a], result.end[a], compiled.actions[a]) for a in ids]
-        for rank, ids in enumerate(compiled.ids)
-    }
+    intervals = _Intervals(compiled, result.start, result.end)
     busy = {rank: sum(durations[a] for a in ids if compiled.code[a] < 4) for rank, ids in enumerate(compiled.ids)}
     span = max(result.pipeline_end, default=0.0)
     step_time = max(result.finish, default=0.0)

@@ -59,10 +59,12 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
     for rank in range(schedule.ranks):
         ids.append(tuple(range(first, first + len(schedule.actions[rank]))))
         first += len(schedule.actions[rank])
+    # The link an action's value leaves by depends on its kind and stage only: look it up per (kind, stage).
+    links = {kind: [_link(schedule, (kind, s, 0), communicated) for s in range(schedule.stages)] for kind in KIND_CODES}
     return CompiledSchedule(schedule=schedule, actions=actions, ids=tuple(ids),
-                            code=tuple(KIND_CODES[key[0]] for key in keys), stage=tuple(key[1] for key in keys),
-                            local=tuple(local), remote=tuple(remote),
-                            link=tuple(_link(schedule, key, communicated) for key in keys))
+                            code=tuple([KIND_CODES[kind] for kind, _, _ in keys]),
+                            stage=tuple([stage for _, stage, _ in keys]), local=tuple(local), remote=tuple(remote),
+                            link=tuple([links[kind][stage] for kind, stage, _ in keys]))
 
 
 # -- which actions exist -----------------------------------------------------------------------------------------------
@@ -71,21 +73,22 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
 def _check_actions(schedule: Schedule, keys: list[_Key]) -> dict[_Key, _Position]:
     """Range, placement, duplicate and completeness checks; returns where each action (by key) sits."""
     index: dict[_Key, _Position] = {}
-    positions = ((rank, step) for rank in range(schedule.ranks) for step in range(len(schedule.actions[rank])))
+    S, M, P = schedule.stages, schedule.microbatches, schedule.ranks
+    positions = ((rank, step) for rank in range(P) for step in range(len(schedule.actions[rank])))
     for number, (key, (rank, step)) in enumerate(zip(keys, positions)):
-        _, stage, mb = key
-        reason: str | None = None
-        if stage >= schedule.stages:
-            reason = f"stage {stage} does not exist (stages={schedule.stages})"
-        elif mb >= schedule.microbatches:
-            reason = f"microbatch {mb} does not exist (microbatches={schedule.microbatches})"
-        elif stage % schedule.ranks != rank:
-            reason = f"stage {stage} lives on rank {stage % schedule.ranks} (stage s is on rank s % {schedule.ranks})"
-        elif key in index:
+        stage, mb = key[1], key[2]
+        if stage < S and mb < M and stage % P == rank and key not in index:
+            index[key] = (rank, step, number)
+            continue
+        if stage >= S:
+            reason = f"stage {stage} does not exist (stages={S})"
+        elif mb >= M:
+            reason = f"microbatch {mb} does not exist (microbatches={M})"
+        elif stage % P != rank:
+            reason = f"stage {stage} lives on rank {stage % P} (stage s is on rank s % {P})"
+        else:
             reason = f"duplicate action: {Action(*key)} already runs at rank {index[key][0]}, step {index[key][1]}"  # type: ignore[arg-type]
-        if reason is not None:
-            raise ScheduleError(reason, rank=rank, step=step, action=schedule.actions[rank][step], schedule=schedule)
-        index[key] = (rank, step, number)
+        raise ScheduleError(reason, rank=rank, step=step, action=schedule.actions[rank][step], schedule=schedule)
 
     for stage in range(schedule.stages):
         rank = schedule.rank_of(stage)
@@ -136,9 +139,19 @@ def _needed_transfers(schedule: Schedule) -> set[_Key]:
 
 
 def _check_transfers(schedule: Schedule, keys: list[_Key], index: dict[_Key, _Position]) -> None:
-    needed = _needed_transfers(schedule)
+    S, P = schedule.stages, schedule.ranks
+    crossing = [s + 1 < S and (s + 1) % P != s % P for s in range(S)]  # does boundary s -> s + 1 cross ranks?
+    # Messages between two ranks are matched in the order they were sent (as a runtime without tags would match them):
+    # the k-th RECV on rank b from rank a must be for the k-th SEND on rank a to rank b.
+    sends: dict[tuple[int, int], list[_Key]] = {}
+    receives: dict[tuple[int, int], list[_Key]] = {}
+    count = 0
     for key in keys:  # in (rank, step) order
-        if key[0] in COMM_KINDS and key not in needed:
+        kind, stage, _ = key
+        if kind not in COMM_KINDS:
+            continue
+        boundary = stage if kind in ("SEND_F", "RECV_B") else stage - 1
+        if boundary < 0 or not crossing[boundary]:
             rank, step, _ = index[key]
             raise ScheduleError(
                 "unexpected transfer: the neighbouring stage does not exist or is on the same rank (values between "
@@ -148,8 +161,14 @@ def _check_transfers(schedule: Schedule, keys: list[_Key], index: dict[_Key, _Po
                 action=Action(*key),  # type: ignore[arg-type]
                 schedule=schedule,
             )
-    missing = sorted(needed.difference(index), key=lambda k: (k[1], k[2], k[0]))
-    if missing:
+        count += 1
+        other = _peer(key)[1] % P
+        if kind[0] == "S":
+            sends.setdefault((stage % P, other), []).append(key)
+        else:
+            receives.setdefault((other, stage % P), []).append(key)
+    if count != 4 * schedule.microbatches * sum(crossing):  # every one present is needed and none twice: some lack
+        missing = sorted(_needed_transfers(schedule).difference(index), key=lambda k: (k[1], k[2], k[0]))
         key, peer = missing[0], _peer(missing[0])[1]
         raise ScheduleError(
             f"missing transfer: stage {key[1]} exchanges with stage {peer} on rank {schedule.rank_of(peer)}",
@@ -157,32 +176,19 @@ def _check_transfers(schedule: Schedule, keys: list[_Key], index: dict[_Key, _Po
             action=Action(*key),  # type: ignore[arg-type]
             schedule=schedule,
         )
-    # Messages between two ranks are matched in the order they were sent (as a runtime without tags would match them):
-    # the k-th RECV on rank b from rank a must be for the k-th SEND on rank a to rank b.
-    sends: dict[tuple[int, int], list[_Key]] = {}
-    for rank, actions in schedule.actions.items():
-        for action in actions:
-            if action.kind in ("SEND_F", "SEND_B"):
-                key = (action.kind, action.stage, action.microbatch)
-                sends.setdefault((rank, schedule.rank_of(_peer(key)[1])), []).append(key)
-    received: dict[tuple[int, int], int] = {}
-    for rank, actions in schedule.actions.items():
-        for step, action in enumerate(actions):
-            if action.kind not in ("RECV_F", "RECV_B"):
-                continue
-            peer = _peer((action.kind, action.stage, action.microbatch))
-            channel = (schedule.rank_of(peer[1]), rank)
-            k = received.get(channel, 0)
-            received[channel] = k + 1
-            arriving = sends[channel][k]
+    for channel, received in receives.items():
+        sent = sends[channel]
+        for k, key in enumerate(received):
+            arriving, peer = sent[k], _peer(key)
             if arriving != peer:
+                rank, step, _ = index[key]
                 raise ScheduleError(
                     f"out-of-order transfer: this is receive #{k} from rank {channel[0]}, which gets that rank's send "
                     f"#{k}, {Action(*arriving)} (step {index[arriving][1]}), not {Action(*peer)}; messages between "  # type: ignore[arg-type]
                     "two ranks arrive in the order they were sent, so order the RECVs like the SENDs",
                     rank=rank,
                     step=step,
-                    action=action,
+                    action=Action(*key),  # type: ignore[arg-type]
                     schedule=schedule,
                 )
 
