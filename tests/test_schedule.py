@@ -438,5 +438,10 @@ def test_cost_model_of_the_engine_by_hand_and_its_argument_checks():
         simulate(compiled, forward_cost=1.0, backward_cost=1.0, forward_links=[(0.0, 0.0)] * 2)
     with pytest.raises(ValueError, match="start has 1 entries but the schedule has 2 ranks"):
         simulate(compiled, forward_cost=1.0, backward_cost=1.0, start=[0.0])
+    with pytest.raises(ValueError, match="sharing has 1 ranks but the schedule has 2"):
+        simulate(compiled, forward_cost=1.0, backward_cost=1.0,
+                 sharing=sched_pkg.Sharing(contention=2.0, pool=[2], share=[[1]]))
+    with pytest.raises(ValueError, match="contention must be >= 1"):
+        sched_pkg.Sharing(contention=0.5, pool=[2], share=[[1]])
     with pytest.raises(ValueError, match="send_overhead must be a float >= 0"):
         simulate(compiled, forward_cost=1.0, backward_cost=1.0, send_overhead=-1.0)

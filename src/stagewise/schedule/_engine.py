@@ -70,6 +70,15 @@ class Sharing:
     share: Sequence[Sequence[int]]
     """``share[r][q]``: copies of rank ``q`` (over all replicas) on rank ``r``'s node."""
 
+    def __post_init__(self) -> None:
+        if not self.contention >= 1.0:
+            raise ValueError(f"Sharing.contention must be >= 1 (1: no slowdown), got {self.contention!r}")
+        if len(self.share) != len(self.pool) or any(len(row) != len(self.pool) for row in self.share):
+            raise ValueError(f"Sharing.share must be a {len(self.pool)} x {len(self.pool)} table (one row and column "
+                             f"per rank, like pool), got {[len(row) for row in self.share]} columns per row")
+        if any(n < 1 for n in self.pool):
+            raise ValueError(f"Sharing.pool counts devices per node, each >= 1, got {list(self.pool)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:

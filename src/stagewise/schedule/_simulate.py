@@ -177,6 +177,8 @@ def simulate(
     for name, per_rank in (("start", start), ("tail", tail), ("tail_work", tail_work)):
         if per_rank is not None and len(per_rank) != ranks:
             raise ValueError(f"{name} has {len(per_rank)} entries but the schedule has {ranks} ranks; give one each")
+    if sharing is not None and len(sharing.pool) != ranks:
+        raise ValueError(f"sharing has {len(sharing.pool)} ranks but the schedule has {ranks}; give one each")
     fl = _links("forward_links", forward_links, float(comm_cost), stages)
     bl = _links("backward_links", backward_links, float(comm_cost), stages)
     links = [pair for j in range(stages - 1) for pair in (fl[j], bl[j])]
