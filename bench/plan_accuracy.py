@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import stagewise  # noqa: E402
 from stagewise.plan import Cluster, Plan, apply_measurement, measure_links, predict, profile_chain, search  # noqa: E402
 from stagewise.plan._cli import profile_rows  # noqa: E402
-from stagewise.split._balance import min_max_cuts  # noqa: E402
+from stagewise.split import min_max_cuts  # noqa: E402
 from stagewise.train import TrainConfig, Trainer  # noqa: E402
 from stagewise.zoo.basic import Samples, seeded  # noqa: E402
 

@@ -22,8 +22,7 @@ from fractions import Fraction
 from stagewise.plan import Cluster, Node, capped_min_max_cuts, search, stage_memory
 from stagewise.schedule import build_compiled
 from stagewise.schedule._peaks import _interleaved_peaks
-from stagewise.split import UnitInfo
-from stagewise.split._balance import min_max_cuts
+from stagewise.split import UnitInfo, min_max_cuts
 
 
 def random_units(n: int, rng: random.Random) -> list[UnitInfo]:

@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import MODELS_FILE, delivery_ms, kind_medians, linear_cuts, load_line, read_trace, run_comm  # noqa: E402
 
-from stagewise.runtime._trace import measured_bubble, stage_costs_from_events  # noqa: E402
+from stagewise.runtime import measured_bubble, stage_costs_from_events  # noqa: E402
 from stagewise.schedule import SCHEDULE_NAMES, add_communication, build, simulate  # noqa: E402
 from stagewise.train import TrainConfig, Trainer  # noqa: E402
 
