@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import stagewise  # noqa: E402
 from stagewise.launch import measure_links, profile_model  # noqa: E402
 from stagewise.plan import Cluster, Plan, apply_measurement, predict, profile_rows, search  # noqa: E402
-from stagewise.split._balance import min_max_cuts  # noqa: E402
+from stagewise.split import min_max_cuts  # noqa: E402
 from stagewise.train import TrainConfig, Trainer  # noqa: E402
 from stagewise.zoo.basic import Samples, seeded  # noqa: E402
 

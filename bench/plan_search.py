@@ -20,9 +20,9 @@ import time
 from fractions import Fraction
 
 from stagewise.plan import Cluster, Node, capped_min_max_cuts, search, stage_memory
-from stagewise.plan._cost import _interleaved_peaks, rank_lists
-from stagewise.split import UnitInfo
-from stagewise.split._balance import min_max_cuts
+from stagewise.schedule import build_compiled
+from stagewise.schedule._peaks import _interleaved_peaks
+from stagewise.split import UnitInfo, min_max_cuts
 
 
 def random_units(n: int, rng: random.Random) -> list[UnitInfo]:
@@ -48,7 +48,7 @@ def time_search(repeats: int, seed: int) -> tuple[float, str]:
     times = []
     best = None
     for _ in range(repeats):
-        rank_lists.cache_clear()
+        build_compiled.cache_clear()
         _interleaved_peaks.cache_clear()
         t0 = time.perf_counter()
         plans = search(units, cluster, global_batch=512, profile_batch=8)

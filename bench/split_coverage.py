@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from stagewise._spec import ModelSpec
-from stagewise.split import split
-from stagewise.split._tree import flatten, unflatten
+from stagewise.split import flatten, split, unflatten
 from stagewise.zoo import ALL_MODELS
 
 OUT_ATOL = 1e-6

@@ -49,8 +49,7 @@ import torch
 
 from stagewise._spec import ModelSpec, load_model_spec
 from stagewise.launch import SpawnError, spawn
-from stagewise.split import split
-from stagewise.split._tree import flatten, unflatten
+from stagewise.split import flatten, split, unflatten
 from stagewise.train import TrainConfig, Trainer
 from stagewise.train._data import global_batches, sample_to_call, split_microbatches
 from stagewise.train._worker import example_batch, model_loss

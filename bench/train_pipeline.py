@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import MODELS_FILE, deep_mlp, delivery_ms, kind_medians, load_line, read_trace, run_comm  # noqa: E402
 
 from stagewise.launch import spawn  # noqa: E402
-from stagewise.runtime._trace import stage_costs_from_events  # noqa: E402
+from stagewise.runtime import stage_costs_from_events  # noqa: E402
 from stagewise.schedule import add_communication, build, simulate  # noqa: E402
 from stagewise.train import TrainConfig, Trainer  # noqa: E402
 

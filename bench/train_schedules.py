@@ -41,12 +41,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import MODELS_FILE, delivery_ms, kind_medians, linear_cuts, load_line, read_trace, run_comm  # noqa: E402
 
-from stagewise.runtime._trace import measured_bubble, stage_costs_from_events  # noqa: E402
-from stagewise.schedule import add_communication, build, simulate  # noqa: E402
+from stagewise.runtime import measured_bubble, stage_costs_from_events  # noqa: E402
+from stagewise.schedule import SCHEDULE_NAMES, add_communication, build, simulate  # noqa: E402
 from stagewise.train import TrainConfig, Trainer  # noqa: E402
 
 RANKS, MICROBATCHES, LAYERS, HIDDEN = 4, 8, 8, 1024  # HIDDEN: the deep_mlp factory's default
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
+SCHEDULES = SCHEDULE_NAMES
 
 
 def run_schedule(name: str, *, rows: int, steps: int, warmup: int, root: Path) -> dict[str, Any]:

@@ -171,9 +171,9 @@ def test_accepts_numpy_fractions_and_huge_ints() -> None:
 
 
 def test_integer_costs_are_not_rescaled() -> None:
-    assert _balance._exact_ints([3, 0, 7]) == [3, 0, 7]
-    assert _balance._exact_ints([3.0, 0.0, 7.0]) == [3, 0, 7]
-    assert _balance._exact_ints([0.5, 1, 0.25]) == [2, 4, 1]
+    assert _balance.exact_ints([3, 0, 7]) == [3, 0, 7]
+    assert _balance.exact_ints([3.0, 0.0, 7.0]) == [3, 0, 7]
+    assert _balance.exact_ints([0.5, 1, 0.25]) == [2, 4, 1]
 
 
 @pytest.mark.parametrize(
@@ -276,7 +276,7 @@ def test_large_chain_is_fast_and_optimal_against_neighbours() -> None:
     best = exact_bottleneck(costs, starts)
     assert best >= Fraction(math.fsum(costs)) / 64 and best >= Fraction(max(costs))
     # Local optimality: with a strictly smaller bound, greedy packing needs more than 64 stages.
-    ints = _balance._exact_ints(costs)
+    ints = _balance.exact_ints(costs)
     prefix = _balance._prefix(ints)
     opt = _balance._optimal_bound(prefix, 64, max(ints))
     assert _balance._probe(prefix, 64, opt)[0]
@@ -285,5 +285,5 @@ def test_large_chain_is_fast_and_optimal_against_neighbours() -> None:
 
 def test_public_surface() -> None:
     assert sorted(_balance.__all__) == sorted(
-        ["min_max_cuts", "stage_costs", "bottleneck", "cuts_from_names", "uniform_costs"]
+        ["min_max_cuts", "stage_costs", "bottleneck", "cuts_from_names", "exact_ints", "uniform_costs"]
     )

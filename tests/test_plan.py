@@ -25,7 +25,6 @@ from stagewise.plan import (
     Node,
     Plan,
     PlanError,
-    activation_peaks,
     allreduce_time,
     capped_min_max_cuts,
     optimizer_time,
@@ -34,15 +33,12 @@ from stagewise.plan import (
     profile_chain,
     profile_rows,
     search,
-    simulate_costs,
     stage_memory,
     transfer_time,
 )
-from stagewise.plan._cost import rank_lists
 from stagewise.plan._cut import Chain
 from stagewise.plan._profile import interpolate
-from stagewise.plan._shared import simulate_shared
-from stagewise.schedule import build, peak_activations, simulate
+from stagewise.schedule import Sharing, add_communication, build, build_compiled, simulate
 from stagewise.split import UnitInfo
 from stagewise.train import TrainConfig
 from stagewise.zoo.basic import Samples
@@ -83,28 +79,24 @@ def test_transfer_allreduce_and_optimizer_terms() -> None:
     assert optimizer_time(2000, seconds_per_byte=1e-6) == pytest.approx(2e-3)
 
 
-def test_activation_peaks_and_rank_lists_match_the_schedule_package() -> None:
-    codes = {"F": 0, "B": 1, "I": 2, "W": 3}
-    for name in ("gpipe", "1f1b", "zb", "interleaved"):
-        for P in range(1, 6):
-            for M in range(1, 11):
-                for V in (1, 2, 3) if name == "interleaved" else (1,):
-                    if name == "interleaved" and M % P:
-                        continue
-                    built = build(name, ranks=P, microbatches=M, stages_per_rank=V)
-                    peaks = peak_activations(built)
-                    assert activation_peaks(name, ranks=P, microbatches=M, stages_per_rank=V) == \
-                        [peaks[s] for s in range(P * V)], (name, P, M, V)
-                    lists = tuple(tuple((codes[a.kind], a.stage, a.microbatch) for a in built.actions[r])
-                                  for r in range(P))
-                    assert rank_lists(name, P, M, V) == lists, (name, P, M, V)
-    # Interleaved peaks stop depending on M once the steady phase spans a period; check a large M directly.
-    big = build("interleaved", ranks=4, microbatches=40, stages_per_rank=2)
-    assert activation_peaks("interleaved", ranks=4, microbatches=40, stages_per_rank=2) == \
-        [peak_activations(big)[s] for s in range(8)]
+def simulate_step(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1, forward: list[float],
+                   backward: list[float], weight: list[float] | None = None,
+                   send_forward: list[tuple[float, float]] | None = None,
+                   send_backward: list[tuple[float, float]] | None = None, send_cost: float = 0.0,
+                   recv_cost: float = 0.0, start: list[float] | None = None, tail: list[float] | None = None,
+                   tail_work: list[float] | None = None, contention: float = 1.0, pool: list[int] | None = None,
+                   share: list[list[int]] | None = None) -> tuple[float, float, list[float]]:
+    """(step, bubble, busy per rank) of the schedule the runtime runs, priced the way the search prices it."""
+    compiled = build_compiled(name, ranks=ranks, microbatches=microbatches, stages_per_rank=stages_per_rank)
+    sharing = Sharing(contention=contention, pool=pool or [ranks] * ranks,
+                      share=share or [[1] * ranks for _ in range(ranks)])
+    t = simulate(compiled, forward_cost=forward, backward_cost=backward, weight_cost=weight,
+                 forward_links=send_forward, backward_links=send_backward, send_overhead=send_cost,
+                 recv_overhead=recv_cost, start=start, tail=tail, tail_work=tail_work, sharing=sharing)
+    return t.step_time, t.bubble_fraction, [t.busy[r] for r in range(ranks)]
 
 
-def test_fast_simulation_equals_schedule_simulate_and_bounds_it() -> None:
+def test_links_equal_comm_cost_on_either_form_of_the_schedule_and_the_bound_holds() -> None:
     rng = random.Random(0)
     for _ in range(60):
         name = rng.choice(["gpipe", "1f1b", "zb", "interleaved"])
@@ -118,7 +110,10 @@ def test_fast_simulation_equals_schedule_simulate_and_bounds_it() -> None:
         c = rng.choice([0.0, 0.25])
         ref = simulate(build(name, ranks=P, microbatches=M, stages_per_rank=V), forward_cost=f, backward_cost=b,
                        weight_cost=w, comm_cost=c)
-        step, bubble, busy = simulate_costs(name, ranks=P, microbatches=M, stages_per_rank=V, forward=f, backward=b,
+        communicated = simulate(add_communication(build(name, ranks=P, microbatches=M, stages_per_rank=V)),
+                                forward_cost=f, backward_cost=b, weight_cost=w, comm_cost=c)
+        assert communicated.step_time == pytest.approx(ref.step_time, abs=1e-12)
+        step, bubble, busy = simulate_step(name, ranks=P, microbatches=M, stages_per_rank=V, forward=f, backward=b,
                                             weight=w, send_forward=[(c, 0.0)] * (S - 1),
                                             send_backward=[(c, 0.0)] * (S - 1))
         assert step == pytest.approx(ref.step_time, abs=1e-12)
@@ -134,13 +129,13 @@ def test_link_occupancy_queues_transfers_by_hand() -> None:
     # GPipe, 2 ranks, F = 1, B = 2, each transfer occupies its link for 2 s (no latency):
     # rank 0: F m0 0-1, F m1 1-2; link: m0 1-3, m1 3-5; rank 1: F m0 3-4, F m1 5-6, B m0 6-8, B m1 8-10;
     # grad link: m0 8-10, m1 10-12; rank 0: B m0 10-12, B m1 12-14.
-    step, bubble, busy = simulate_costs("gpipe", ranks=2, microbatches=2, forward=[1, 1], backward=[2, 2],
+    step, bubble, busy = simulate_step("gpipe", ranks=2, microbatches=2, forward=[1, 1], backward=[2, 2],
                                         send_forward=[(0.0, 2.0)], send_backward=[(0.0, 2.0)])
     assert step == 14.0
     assert busy == [6.0, 6.0]
     assert bubble == pytest.approx(1 - 12 / 28)
     # Latency adds to arrival but does not hold the link: 1 microbatch, latency 0.5, occupancy 1.
-    step, _, _ = simulate_costs("1f1b", ranks=2, microbatches=1, forward=[1, 1], backward=[2, 2],
+    step, _, _ = simulate_step("1f1b", ranks=2, microbatches=1, forward=[1, 1], backward=[2, 2],
                                 send_forward=[(0.5, 1.0)], send_backward=[(0.5, 1.0)])
     assert step == 1 + 1.5 + 1 + 2 + 1.5 + 2
 
@@ -151,10 +146,10 @@ def test_rank_side_transfer_costs_start_and_tail_by_hand() -> None:
     # -5.375, send -5.625, arrives 6.125; rank 0 receives -6.25, B0 -8.25. Tails: rank 0 1.0, rank 1 4.0.
     kw = dict(ranks=2, microbatches=1, forward=[1, 1], backward=[2, 2], send_forward=[(0.5, 0.0)],
               send_backward=[(0.5, 0.0)], send_cost=0.25, recv_cost=0.125, start=[0.5, 0.0])
-    step, _, busy = simulate_costs("1f1b", **kw, tail=[1.0, 4.0])
+    step, _, busy = simulate_step("1f1b", **kw, tail=[1.0, 4.0])
     assert step == 9.625  # rank 1: 5.625 + 4.0 ends after rank 0's 8.25 + 1.0
     assert busy == [3.0, 3.0]  # compute only
-    assert simulate_costs("1f1b", **kw, tail=[1.0, 1.0])[0] == 9.25
+    assert simulate_step("1f1b", **kw, tail=[1.0, 1.0])[0] == 9.25
     # The search's lower bound stays below the simulation with rank costs, start and tail.
     rng = random.Random(1)
     for _ in range(200):
@@ -169,7 +164,7 @@ def test_rank_side_transfer_costs_start_and_tail_by_hand() -> None:
         so, ro = rng.uniform(0, 0.3), rng.uniform(0, 0.3)
         start = [rng.uniform(0, 1) for _ in range(P)]
         tail = [rng.uniform(0, 2) for _ in range(P)]
-        step, _, _ = simulate_costs(name, ranks=P, microbatches=M, stages_per_rank=V, forward=f, backward=b,
+        step, _, _ = simulate_step(name, ranks=P, microbatches=M, stages_per_rank=V, forward=f, backward=b,
                                     send_forward=links, send_backward=links, send_cost=so, recv_cost=ro,
                                     start=start, tail=tail)
         busy = [0.0] * P
@@ -211,8 +206,8 @@ def test_stage_time_transfer_allreduce_and_memory_of_a_plan_by_hand() -> None:
     assert p4.throughput == pytest.approx(8 / p4.step_time_s)
 
 
-def test_shared_compute_simulation_by_hand_and_against_the_fast_one() -> None:
-    # Without contention the event simulation is the fast one.
+def test_shared_compute_simulation_by_hand_and_against_the_unshared_one() -> None:
+    # Contention 1 is the run-ahead engine; the event-stepped one must agree with it.
     rng = random.Random(2)
     for _ in range(80):
         name = rng.choice(["gpipe", "1f1b", "zb", "interleaved"])
@@ -227,18 +222,18 @@ def test_shared_compute_simulation_by_hand_and_against_the_fast_one() -> None:
                   send_cost=rng.uniform(0, 0.2), recv_cost=rng.uniform(0, 0.2),
                   start=[rng.uniform(0, 1) for _ in range(P)])
         tail, work = [rng.uniform(0, 1) for _ in range(P)], [rng.uniform(0, 1) for _ in range(P)]
-        fast = simulate_costs(name, **kw, tail=[a + b for a, b in zip(tail, work)])
-        shared = simulate_shared(name, **kw, tail=tail, tail_work=work, contention=1.0)
+        fast = simulate_step(name, **kw, tail=[a + b for a, b in zip(tail, work)])
+        shared = simulate_step(name, **kw, tail=tail, tail_work=work, contention=1.0 + 1e-12)
         assert shared[0] == pytest.approx(fast[0]) and shared[2] == pytest.approx(fast[2])
-        slowed = simulate_shared(name, **kw, tail=tail, tail_work=work, contention=1.5)
+        slowed = simulate_step(name, **kw, tail=tail, tail_work=work, contention=1.5)
         assert fast[0] - 1e-9 <= slowed[0] <= 1.5 * fast[0] + 1e-9
     # GPipe, 2 ranks, 1 microbatch, F = B = 1, then 1 s of optimizer each, both ranks on a 2-device node that runs at
     # half speed when both compute: F0 0-1, F1 1-2, B1 2-3, then rank 1's optimizer and B0 share the node: each does
     # half a second's work a second, both done at 5; rank 0's optimizer alone 5-6.
     kw = dict(ranks=2, microbatches=1, forward=[1, 1], backward=[1, 1], tail_work=[1.0, 1.0], contention=2.0)
-    assert simulate_shared("gpipe", **kw)[0] == pytest.approx(6.0)
+    assert simulate_step("gpipe", **kw)[0] == pytest.approx(6.0)
     # Two replicas of a 1-stage pipeline on the node: always both computing, everything at half speed.
-    assert simulate_shared("1f1b", ranks=1, microbatches=2, forward=[1], backward=[1], tail_work=[1.0],
+    assert simulate_step("1f1b", ranks=1, microbatches=2, forward=[1], backward=[1], tail_work=[1.0],
                            contention=2.0, pool=[2], share=[[2]])[0] == pytest.approx(10.0)
     # The search prices a CPU node's contention: data parallelism (both ranks always computing) slows the most.
     units = chain_units([5.0, 5.0])
@@ -315,6 +310,47 @@ def test_profile_chain_times_a_real_model_without_touching_it() -> None:
     assert bare.units[0].out_bytes == 3 * 32 * 4  # the 2-row example tiled to 3 rows
     with pytest.raises(ValueError, match="fewer than the 32 rows"):
         profile_chain(spec, rows=[32])
+
+
+def test_profile_chain_times_every_unit_with_the_threads_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The captured path: every thread count set while profiling is the one asked for (or the restored one after).
+    set_to: list[int] = []
+    real_set = torch.set_num_threads
+
+    def recording_set(n: int) -> None:
+        set_to.append(n)
+        real_set(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", recording_set)
+    original = torch.get_num_threads()
+    real_set(2)  # neither the default of split's profiling (1) nor the count asked for (3)
+    want = 3
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    try:
+        profile_chain(ModelSpec(model=net, args=(torch.randn(2, 4),)), rows=[2], repeats=1, threads=want,
+                      optimizer=None)
+        assert want in set_to and set(set_to) <= {want, 2}, set_to
+        assert torch.get_num_threads() == 2
+    finally:
+        real_set(original)
+
+    # The module-boundary fallback runs the modules eagerly: look at the thread count inside a unit's forward.
+    seen: list[int] = []
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return self.lin(x) if x.sum() > -1e9 else x  # a branch on a value: torch.export cannot capture it
+
+    chain = torch.nn.Sequential(torch.nn.Linear(4, 4), Branchy(), torch.nn.Linear(4, 2))
+    profile = profile_chain(ModelSpec(model=chain, args=(torch.randn(2, 4),)), rows=[2], repeats=2, threads=want,
+                            optimizer=None)
+    assert [u.name for u in profile.units] == ["0", "1", "2"]
+    assert seen and set(seen) == {want}
 
 
 def test_transfers_across_nodes_use_the_inter_node_link() -> None:

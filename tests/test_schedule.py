@@ -55,9 +55,10 @@ def all_builds():
 
 def test_public_surface_is_pinned():
     assert set(sched_pkg.__all__) == {
-        "COMM_KINDS", "COMPUTE_KINDS", "SCHEDULE_NAMES", "Action", "ActionKind", "Cost", "Interval", "Schedule",
-        "ScheduleError", "ScheduleName", "Timeline", "add_communication", "build", "gpipe", "interleaved_1f1b",
-        "one_f_one_b", "peak_activations", "simulate", "validate", "zero_bubble",
+        "COMM_KINDS", "COMPUTE_KINDS", "SCHEDULE_NAMES", "Action", "ActionKind", "CompiledSchedule", "Cost",
+        "Interval", "Schedule", "ScheduleError", "ScheduleName", "Sharing", "Timeline", "add_communication", "build",
+        "build_compiled", "compile_schedule", "gpipe", "interleaved_1f1b", "one_f_one_b", "peak_activations",
+        "simulate", "validate", "zero_bubble",
     }  # fmt: skip
     for name in sched_pkg.__all__:
         assert hasattr(sched_pkg, name), name
@@ -392,3 +393,55 @@ def test_peak_activations_gpipe_vs_one_f_one_b(ranks, mbs):
     assert ofob[0] == min(mbs, ranks)
     # ZB-H1 keeps 1F1B's activation memory; transfers do not change the count.
     assert peak_activations(add_communication(zero_bubble(ranks=ranks, microbatches=mbs))) == ofob
+
+
+def test_peak_activations_by_name_equal_the_count_on_the_built_schedule():
+    for name in sched_pkg.SCHEDULE_NAMES:
+        for ranks in range(1, 6):
+            for mbs in range(1, 11):
+                for v in (1, 2, 3) if name == "interleaved" else (1,):
+                    if name == "interleaved" and mbs % ranks:
+                        continue
+                    built = build(name, ranks=ranks, microbatches=mbs, stages_per_rank=v)
+                    by_name = peak_activations(name, ranks=ranks, microbatches=mbs, stages_per_rank=v)
+                    assert by_name == peak_activations(built), (name, ranks, mbs, v)
+    # Interleaved peaks stop depending on M once the steady phase spans a period; check a large M directly.
+    big = build("interleaved", ranks=4, microbatches=40, stages_per_rank=2)
+    assert peak_activations("interleaved", ranks=4, microbatches=40, stages_per_rank=2) == peak_activations(big)
+    with pytest.raises(ValueError, match="unknown schedule 'pipedream'"):
+        peak_activations("pipedream", ranks=2, microbatches=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs ranks= and microbatches="):
+        peak_activations("1f1b")
+
+
+def test_cost_model_of_the_engine_by_hand_and_its_argument_checks():
+    # 1F1B, 2 ranks, 1 microbatch, F = 1, B = 2; the activation link holds 1 s and adds 0.5 latency; SEND costs its
+    # rank 0.25, RECV 0.125. Rank 0: F 0-1, SEND -1.25; link 1.25-2.25, arrives 2.75; rank 1: RECV -2.875, F -3.875,
+    # B -5.875, SEND -6.125; back link (no cost) arrives 6.125; rank 0: RECV -6.25, B -8.25; tails 1 and 0.5 + 2.
+    sched = add_communication(one_f_one_b(ranks=2, microbatches=1))
+    compiled = sched_pkg.compile_schedule(sched)
+    kw = dict(forward_cost=1.0, backward_cost=2.0, forward_links=[(0.5, 1.0)], backward_links=[(0.0, 0.0)],
+              send_overhead=0.25, recv_overhead=0.125, tail=[1.0, 0.5], tail_work=[0.0, 2.0])
+    t = simulate(compiled, **kw)
+    assert [iv.end for iv in t.intervals[0]] == [1.0, 1.25, 6.25, 8.25]
+    assert [iv.start for iv in t.intervals[1]] == [2.75, 2.875, 3.875, 5.875]
+    assert t.step_time == 9.25 and t.busy == {0: 3.0, 1: 3.0}
+    assert t.bubble_fraction == pytest.approx(1 - 6 / (2 * 8.25))
+    assert simulate(sched, **kw).to_dict() == t.to_dict()  # a Schedule is compiled on the way
+    # On one 2-device node that halves the speed when both compute: rank 1's 2 s of optimizer from 6.625 overlaps
+    # rank 0's B (1.625 s left): both at half speed, B ends at 6.625 + 3.25 = 9.875, then rank 0's 1 s tail -> 10.875;
+    # rank 1's last 0.375 s alone ends at 10.25. Waiting, sends and receives never slow down.
+    shared = simulate(compiled, **kw, sharing=sched_pkg.Sharing(contention=2.0, pool=[2, 2], share=[[1, 1], [1, 1]]))
+    assert shared.step_time == pytest.approx(10.875)
+    assert shared.intervals[0][-1].end == pytest.approx(9.875)
+    with pytest.raises(ValueError, match="forward_links has 2 entries but the schedule has 1 stage boundaries"):
+        simulate(compiled, forward_cost=1.0, backward_cost=1.0, forward_links=[(0.0, 0.0)] * 2)
+    with pytest.raises(ValueError, match="start has 1 entries but the schedule has 2 ranks"):
+        simulate(compiled, forward_cost=1.0, backward_cost=1.0, start=[0.0])
+    with pytest.raises(ValueError, match="sharing has 1 ranks but the schedule has 2"):
+        simulate(compiled, forward_cost=1.0, backward_cost=1.0,
+                 sharing=sched_pkg.Sharing(contention=2.0, pool=[2], share=[[1]]))
+    with pytest.raises(ValueError, match="contention must be >= 1"):
+        sched_pkg.Sharing(contention=0.5, pool=[2], share=[[1]])
+    with pytest.raises(ValueError, match="send_overhead must be a float >= 0"):
+        simulate(compiled, forward_cost=1.0, backward_cost=1.0, send_overhead=-1.0)

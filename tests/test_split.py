@@ -9,7 +9,6 @@ One capture per model is re-cut for every stage count (``SplitModel.recut``) to 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,6 @@ from stagewise.split._capture import input_leaves
 from stagewise.split._tree import flatten, unflatten
 from stagewise.zoo import ALL_MODELS
 from stagewise.zoo.basic import kwargs_model, large_model, multitask, resnet
-from stagewise.zoo.gpt import tiny_gpt
 
 OUT_ATOL = 1e-6
 GRAD_RTOL, GRAD_ATOL = 1e-5, 4e-5

@@ -11,10 +11,13 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .._timing import median_ms, num_threads
 from ..comm import DistTransport, LocalHub
 from ..plan import LinkMeasurement
 from ..runtime import PipelineExecutor
@@ -28,13 +31,9 @@ __all__ = ["measure_action_overhead", "measure_links"]
 log = logging.getLogger(__name__)
 
 
-def _median_time(fn: object, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Seconds of ``fn()``: the median of ``repeats`` runs (the caller has warmed every path up)."""
+    return median_ms(fn, repeats=repeats, warmup=0)[0] / 1e3
 
 
 def _busy(seconds: float, work: torch.Tensor) -> None:
@@ -179,9 +178,7 @@ def measure_action_overhead(*, microbatches: int = 8, repeats: int = 5) -> float
     the stage's own forward or backward as :func:`stagewise.split.split` profiles it: a one-unit stage runs a 1F1B
     step of ``microbatches`` (with a loss, as the last stage does) in this process, one thread, and the median F and
     B action times are compared with the unit's profile. Never negative."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 64))
         x = torch.randn(4, 64)
@@ -206,8 +203,6 @@ def measure_action_overhead(*, microbatches: int = 8, repeats: int = 5) -> float
         extra = [statistics.median(times["F"]) - unit.forward_ms / 1e3,
                  statistics.median(times["B"]) - unit.backward_ms / 1e3]
         return max(0.0, statistics.mean(extra))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float = 60.0,

@@ -14,15 +14,7 @@ and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.
 """
 
 from ._cluster import DEVICE_KINDS, Cluster, Node
-from ._cost import (
-    STATE_FACTORS,
-    activation_peaks,
-    allreduce_time,
-    optimizer_time,
-    pipeline_lower_bound,
-    simulate_costs,
-    transfer_time,
-)
+from ._cost import STATE_FACTORS, allreduce_time, optimizer_time, pipeline_lower_bound, transfer_time
 from ._cut import capped_min_max_cuts, nested_live, stage_memory
 from ._plan import MODES, Plan, PlanError
 from ._probe import LinkMeasurement, apply_measurement
@@ -41,7 +33,6 @@ __all__ = [
     "Node",
     "Plan",
     "PlanError",
-    "activation_peaks",
     "allreduce_time",
     "apply_measurement",
     "capped_min_max_cuts",
@@ -52,7 +43,6 @@ __all__ = [
     "profile_chain",
     "profile_rows",
     "search",
-    "simulate_costs",
     "stage_memory",
     "transfer_time",
 ]

@@ -29,7 +29,7 @@ import logging
 from bisect import bisect_left
 from collections.abc import Sequence
 
-from ..split._balance import _exact_ints, min_max_cuts
+from ..split import exact_ints, min_max_cuts
 
 __all__ = ["Chain", "capped_min_max_cuts", "stage_memory", "nested_live"]
 
@@ -68,7 +68,7 @@ class Chain:
             raise ValueError("cannot cut an empty chain (no units)")
         if not (len(weight) == len(act) == n):
             raise ValueError(f"time, weight and act need one entry per unit ({n}); got {len(weight)} and {len(act)}")
-        ints = _exact_ints(time)
+        ints = exact_ints(time)
         self.n = n
         self.ints = ints
         self.T = [0] * (n + 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import StagewiseError
-from ..schedule import SCHEDULE_NAMES
+from ..schedule import SCHEDULE_NAMES, ScheduleName
 
 __all__ = ["Plan", "PlanError", "MODES"]
 
@@ -36,7 +36,7 @@ class Plan:
     """Virtual stages V per rank (2 only with the interleaved schedule); the model is cut into P x V stages."""
     microbatches: int
     """Microbatches M per replica per step."""
-    schedule: str
+    schedule: ScheduleName
     """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
     global_batch: int
     """Samples per step over all replicas (train) or per batch wave (serve)."""

@@ -11,13 +11,10 @@ fresh processes (:func:`stagewise.launch.time_optimizer`, over :attr:`ChainProfi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,7 +22,8 @@ import torch
 from .._allocator import tune_allocator
 from .._optimizers import OPTIMIZERS
 from .._spec import ModelSpec, sample_to_call
-from ..split import UnitInfo
+from .._timing import median_ms, num_threads
+from ..split import UnitInfo, split
 
 __all__ = ["ChainProfile", "interpolate", "profile_chain", "profile_rows"]
 
@@ -128,16 +126,6 @@ class ChainProfile:
         return interpolate(self.load_rows, self.load_ms, rows) / 1e3 if self.load_rows else 0.0
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _rows_of(value: Any, rows: int) -> Any:
     """The first ``rows`` rows of every tensor (dim 0 is the batch), tiled when the example has fewer."""
     if isinstance(value, torch.Tensor):
@@ -152,37 +140,17 @@ def _rows_of(value: Any, rows: int) -> Any:
     return value
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _loss_ms(spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], targets: tuple[Any, ...],
              repeats: int) -> tuple[float, float]:
     """(forward, backward) milliseconds of ``spec.loss`` on the model's output for these inputs."""
     assert spec.loss is not None
+    loss_fn = spec.loss
     with torch.no_grad():
         out = spec.model(*args, **kwargs)
     leaves, tree = torch.utils._pytree.tree_flatten(out)
     fresh = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in leaves]
     output = torch.utils._pytree.tree_unflatten(fresh, tree)
-    fwd: list[float] = []
-    bwd: list[float] = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        loss = spec.loss(output, *targets)
-        mid = time.perf_counter()
-        loss.backward()
-        end = time.perf_counter()
-        if i:
-            fwd.append((mid - start) * 1e3)
-            bwd.append((end - mid) * 1e3)
-    return statistics.median(fwd), statistics.median(bwd)
+    return median_ms(lambda: loss_fn(output, *targets), lambda loss: loss.backward(), repeats=repeats)
 
 
 @dataclasses.dataclass
@@ -208,20 +176,18 @@ class _AtRows:
                        backward=low(self.backward, other.backward), loss=loss, load=load, split=self.split)
 
 
-def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, model_name: str | None) -> _AtRows:
-    from ..split import split
-
+def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, threads: int, model_name: str | None) -> _AtRows:
     collate = torch.utils.data.default_collate
     targets: tuple[Any, ...] = ()
     load = None
     if data is not None:
         inputs, targets = collate([data[i] for i in range(rows)])
         args, kwargs = sample_to_call(inputs)
-        load = _median_ms(lambda: collate([data[i] for i in range(rows)]), repeats)
+        load = median_ms(lambda: collate([data[i] for i in range(rows)]), repeats=repeats)[0]
     else:
         args, kwargs = _rows_of(spec.args, rows), _rows_of(spec.kwargs, rows)
     was_training = spec.model.training
-    sm = split(spec.model, args, kwargs, stages=1, by="time", profile=True, repeats=repeats,
+    sm = split(spec.model, args, kwargs, stages=1, by="time", profile=True, repeats=repeats, threads=threads,
                model_name=model_name or spec.name)
     spec.model.train(was_training)
     units = sm.partition.units
@@ -266,10 +232,10 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
         raise ValueError(f"the data set has {len(data)} samples, fewer than the {wanted[-1]} rows to profile; "
                          "profile fewer rows")
     shapes = None
-    with _threads(threads):
-        timed = [_time_at(spec, data, r, repeats, model_name) for r in wanted]
+    with num_threads(threads):
+        timed = [_time_at(spec, data, r, repeats, threads, model_name) for r in wanted]
         for _ in range(rounds - 1):
-            timed = [t.faster(_time_at(spec, data, r, repeats, model_name)) for t, r in zip(timed, wanted)]
+            timed = [t.faster(_time_at(spec, data, r, repeats, threads, model_name)) for t, r in zip(timed, wanted)]
         if len({len(t.units) for t in timed}) != 1:
             raise ValueError(f"the chain has a different number of units at different row counts ({wanted}); "
                              "profile a single row count")

@@ -16,27 +16,22 @@ import logging
 import math
 from collections.abc import Sequence
 
+from ..schedule import SCHEDULE_NAMES, ScheduleName, Sharing, build_compiled, peak_activations, simulate
 from ..split import UnitInfo
 from ._cluster import Cluster
-from ._cost import (
-    STATE_FACTORS,
-    activation_peaks,
-    allreduce_time,
-    optimizer_time,
-    pipeline_lower_bound,
-    simulate_costs,
-)
+from ._cost import STATE_FACTORS, allreduce_time, optimizer_time, pipeline_lower_bound
 from ._cut import Chain, nested_live
+from ._explain import explain_no_fit
 from ._plan import MODES, Plan, PlanError
 from ._profile import ChainProfile
-from ._shared import simulate_shared
 
 __all__ = ["search", "predict", "TRAIN_SCHEDULES", "OPTIMIZER_SECONDS_PER_BYTE"]
 
 log = logging.getLogger(__name__)
 
-TRAIN_SCHEDULES = ("gpipe", "1f1b", "zb", "interleaved")
-"""Schedules tried in train mode, in tie-break order."""
+TRAIN_SCHEDULES: tuple[ScheduleName, ...] = ("gpipe", "1f1b", "zb", "interleaved")
+"""Schedules tried in train mode, in tie-break order (every one of :data:`stagewise.schedule.SCHEDULE_NAMES`)."""
+assert sorted(TRAIN_SCHEDULES) == sorted(SCHEDULE_NAMES), "the search must try every schedule the runtime has"
 
 OPTIMIZER_SECONDS_PER_BYTE = {"cpu": 1e-9, "cuda": 1e-11}
 """Default optimizer-step cost per parameter byte (roughly: Adam streams ~16 bytes per parameter byte)."""
@@ -60,7 +55,7 @@ class _Candidate:
     V: int
     M: int
     rows: int
-    schedule: str
+    schedule: ScheduleName
     starts: list[int]
     fwd: list[float]
     bwd: list[float]
@@ -125,10 +120,10 @@ class _Search:
             self._at_rows[rows] = (chain, _prefix([f / 1e3 for f in fwd]), _prefix([b / 1e3 for b in bwd]))
         return self._at_rows[rows]
 
-    def live(self, schedule: str, P: int, V: int, M: int) -> list[int]:
+    def live(self, schedule: ScheduleName, P: int, V: int, M: int) -> list[int]:
         if self.mode == "serve":
             return [1] * (P * V)
-        return activation_peaks(schedule, ranks=P, microbatches=M, stages_per_rank=V)
+        return list(peak_activations(schedule, ranks=P, microbatches=M, stages_per_rank=V).values())
 
     def cut(self, S: int, V: int, rows: int, live: list[int]) -> list[int] | None:
         key = (S, V, rows, tuple(live))
@@ -148,7 +143,7 @@ class _Search:
             self._reduce_links[P, r] = self.cluster.allreduce_link([d * P + r for d in range(D)])
         return self._reduce_links[P, r]
 
-    def candidate(self, schedule: str, P: int, D: int, V: int, M: int,
+    def candidate(self, schedule: ScheduleName, P: int, D: int, V: int, M: int,
                   starts: list[int] | None = None) -> _Candidate | None:
         rows = self.G // (D * M)
         S = P * V
@@ -225,7 +220,7 @@ class _Search:
             c.latency = sum(fwd) + sum(hop)
         return c
 
-    def layouts(self, schedules: Sequence[str]) -> list[_Candidate]:
+    def layouts(self, schedules: Sequence[ScheduleName]) -> list[_Candidate]:
         out = []
         for P in _divisors(self.N):
             D = self.N // P
@@ -240,7 +235,7 @@ class _Search:
                         out.append(c)
         return out
 
-    def options(self, P: int, M: int, schedules: Sequence[str]) -> list[tuple[str, int]]:
+    def options(self, P: int, M: int, schedules: Sequence[ScheduleName]) -> list[tuple[ScheduleName, int]]:
         if self.mode == "serve":
             return [("gpipe", 1)]
         if P == 1:  # one rank: every schedule is the same loop; 1F1B keeps the fewest activations
@@ -254,21 +249,20 @@ class _Search:
 
     # -- finishing ---------------------------------------------------------------------------------------------------
     def simulate(self, c: _Candidate) -> tuple[float, float]:
+        """(step time, bubble) of ``c``: the schedule engine on the compiled schedule the runtime would run."""
         cl = self.cluster
+        sharing = None
         if self.mode == "train" and cl.contention > 1.0:
             pool, share = self.sharing(c.P, c.D)
-            step, bubble, _ = simulate_shared(c.schedule, ranks=c.P, microbatches=c.M, stages_per_rank=c.V,
-                                              forward=c.fwd, backward=c.bwd, weight=c.weight, send_forward=c.send,
-                                              send_backward=c.send, send_cost=cl.send_overhead,
-                                              recv_cost=cl.recv_overhead, start=c.start, tail=c.tail,
-                                              tail_work=c.opt, contention=cl.contention, pool=pool, share=share)
-            return step, bubble
-        back = c.send if self.mode == "train" else None  # serving sends no gradients back
-        step, bubble, _ = simulate_costs(c.schedule, ranks=c.P, microbatches=c.M, stages_per_rank=c.V,
-                                         forward=c.fwd, backward=c.bwd, weight=c.weight, send_forward=c.send,
-                                         send_backward=back, send_cost=cl.send_overhead, recv_cost=cl.recv_overhead,
-                                         start=c.start, tail=[a + b for a, b in zip(c.tail, c.opt)])
-        return step, bubble
+            sharing = Sharing(contention=cl.contention, pool=pool, share=share)
+        # Serving sends no gradients back (its B actions cost nothing; their SEND/RECV still cost the ranks).
+        back = c.send if self.mode == "train" else [(0.0, 0.0)] * len(c.send)
+        compiled = build_compiled(c.schedule, ranks=c.P, microbatches=c.M, stages_per_rank=c.V)
+        timeline = simulate(compiled, forward_cost=c.fwd, backward_cost=c.bwd, weight_cost=c.weight,
+                            forward_links=c.send, backward_links=back, send_overhead=cl.send_overhead,
+                            recv_overhead=cl.recv_overhead, start=c.start, tail=c.tail, tail_work=c.opt,
+                            sharing=sharing)
+        return timeline.step_time, timeline.bubble_fraction
 
     def sharing(self, P: int, D: int) -> tuple[list[int], list[list[int]]]:
         """Devices on each pipeline rank's node, and how many copies of every rank (over all replicas) share it."""
@@ -334,7 +328,7 @@ def _check(mode: str, global_batch: int, optimizer: str, schedules: Sequence[str
 
 def search(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, mode: str = "train", global_batch: int,
            profile_batch: int | None = None, devices: int | None = None,
-           schedules: Sequence[str] = TRAIN_SCHEDULES, optimizer: str = "adam", limit: int | None = 10,
+           schedules: Sequence[ScheduleName] = TRAIN_SCHEDULES, optimizer: str = "adam", limit: int | None = 10,
            seconds_per_byte: float | None = None) -> list[Plan]:
     """The best plans for running a profiled chain on ``cluster`` (its first ``devices`` devices if given), best
     first: by predicted step time in train mode, by throughput then latency in serve mode. At most ``limit`` plans
@@ -358,9 +352,8 @@ def search(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, mode: 
     candidates = s.layouts(schedules)
     log.debug("plan search: %d layouts fit, %d rejected for memory", len(candidates), s.rejected)
     if not candidates:
-        from ._explain import explain_no_fit
-
-        raise PlanError(explain_no_fit(s))
+        raise PlanError(explain_no_fit(mode=mode, devices=s.N, cap=s.cap, global_batch=s.G, units=s.units,
+                                       time_ms=s.time_ms, weight=s.weight, profile_batch=s.prof, rejected=s.rejected))
     if mode == "serve":
         candidates.sort(key=lambda c: (-_q(c.throughput), _q(c.latency), *_tie_key(c)))
         return [s.plan(c, *s.simulate(c)) for c in candidates[:limit]]
@@ -379,7 +372,7 @@ def search(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, mode: 
 
 
 def predict(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, stages: int, replicas: int = 1,
-            microbatches: int, schedule: str, cut: Sequence[str], global_batch: int, stages_per_rank: int = 1,
+            microbatches: int, schedule: ScheduleName, cut: Sequence[str], global_batch: int, stages_per_rank: int = 1,
             profile_batch: int | None = None, mode: str = "train", optimizer: str = "adam",
             seconds_per_byte: float | None = None) -> Plan:
     """The cost model's :class:`Plan` for one given layout and cut (``cut``: the first unit of every stage, as in

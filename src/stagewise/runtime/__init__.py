@@ -1,7 +1,19 @@
-"""The stage runtime: interpret a schedule on one rank, synchronise and clip gradients."""
+"""The stage runtime: interpret a schedule on one rank, synchronise and clip gradients, record and draw the trace."""
 
 from ._executor import PipelineExecutor, StepError, TimelineEvent
 from ._grads import all_reduce_grads, broadcast_params, clip_global_norm
+from ._trace import measured_bubble, merge_traces, render_timeline, stage_costs_from_events, write_rank_trace
 
-__all__ = ["PipelineExecutor", "StepError", "TimelineEvent", "all_reduce_grads", "broadcast_params",
-           "clip_global_norm"]
+__all__ = [
+    "PipelineExecutor",
+    "StepError",
+    "TimelineEvent",
+    "all_reduce_grads",
+    "broadcast_params",
+    "clip_global_norm",
+    "measured_bubble",
+    "merge_traces",
+    "render_timeline",
+    "stage_costs_from_events",
+    "write_rank_trace",
+]

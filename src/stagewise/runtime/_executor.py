@@ -19,7 +19,7 @@ import torch
 from .._errors import StagewiseError
 from ..comm import CommTimeoutError, SendHandle, Transport
 from ..schedule import Action, Schedule
-from ..split import Stage
+from ..split import Stage, as_leaf
 
 __all__ = ["PipelineExecutor", "StepError", "TimelineEvent"]
 
@@ -56,16 +56,6 @@ class TimelineEvent:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "stage": self.stage, "start": self.start, "end": self.end}
-
-
-def as_leaf(value: Any) -> Any:
-    """A received value as a fresh autograd leaf (keeps requires_grad of what was sent)."""
-    if isinstance(value, torch.Tensor):
-        leaf = value.detach()
-        if value.requires_grad:
-            leaf.requires_grad_(True)
-        return leaf
-    return value
 
 
 def _needs_grad(value: Any) -> bool:

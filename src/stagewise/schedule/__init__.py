@@ -22,8 +22,10 @@ from ._builders import (
     one_f_one_b,
     zero_bubble,
 )
-from ._simulate import Cost, Interval, Timeline, peak_activations, simulate
-from ._validate import validate
+from ._engine import CompiledSchedule, Sharing
+from ._peaks import peak_activations
+from ._simulate import Cost, Interval, Timeline, build_compiled, simulate
+from ._validate import compile_schedule, validate
 
 __all__ = [
     "COMM_KINDS",
@@ -31,14 +33,18 @@ __all__ = [
     "SCHEDULE_NAMES",
     "Action",
     "ActionKind",
+    "CompiledSchedule",
     "Cost",
     "Interval",
     "Schedule",
     "ScheduleError",
     "ScheduleName",
+    "Sharing",
     "Timeline",
     "add_communication",
     "build",
+    "build_compiled",
+    "compile_schedule",
     "gpipe",
     "interleaved_1f1b",
     "one_f_one_b",

@@ -90,6 +90,9 @@ class Action:
     def __post_init__(self) -> None:
         if self.kind not in _ALL_KINDS:
             raise ValueError(f"Action.kind must be one of {', '.join(_ALL_KINDS)}, got {self.kind!r}")
+        # One cheap test for the common case (builders make hundreds of thousands of actions), the full one on failure.
+        if type(self.stage) is int and type(self.microbatch) is int and self.stage >= 0 and self.microbatch >= 0:
+            return
         for field in ("stage", "microbatch"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

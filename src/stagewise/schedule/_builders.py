@@ -26,8 +26,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ScheduleName = Literal["gpipe", "1f1b", "interleaved", "zb"]
-"""Names accepted by :func:`build` (configs annotate their schedule field with it)."""
-SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+"""A schedule :func:`build` makes; the one list of names (the CLI, ``TrainConfig``, ``Plan`` and the planner use it)."""
+
+SCHEDULE_NAMES: tuple[ScheduleName, ...] = get_args(ScheduleName)
+"""The names of :data:`ScheduleName`, in its order."""
 
 
 def _check_sizes(*, ranks: int, microbatches: int, stages_per_rank: int = 1) -> None:
@@ -156,7 +158,7 @@ def zero_bubble(*, ranks: int, microbatches: int) -> Schedule:
     return _assemble("zb", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
 
 
-def build(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> Schedule:
+def build(name: ScheduleName | str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """Build a schedule by name: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"zb"``."""
     if name == "interleaved":
         return interleaved_1f1b(ranks=ranks, stages_per_rank=stages_per_rank, microbatches=microbatches)
@@ -181,25 +183,28 @@ def add_communication(schedule: Schedule) -> Schedule:
     if schedule.has_communication:
         raise ValueError(f"schedule {schedule.name!r} already has SEND/RECV actions; add_communication runs once")
 
-    def remote(stage: int, neighbour: int) -> bool:
-        return 0 <= neighbour < schedule.stages and schedule.rank_of(neighbour) != schedule.rank_of(stage)
-
+    S, P = schedule.stages, schedule.ranks
+    # Per stage: is the previous / next stage on another rank (a lookup per action; big schedules have many).
+    before = [s > 0 and (s - 1) % P != s % P for s in range(S)]
+    after = [s + 1 < S and (s + 1) % P != s % P for s in range(S)]
     actions: dict[int, list[Action]] = {}
     for rank, compute in schedule.actions.items():
         out: list[Action] = []
         for action in compute:
             s, m = action.stage, action.microbatch
-            if action.kind == "F":
-                if remote(s, s - 1):
+            if s >= S:  # no such stage: validate() reports it
+                out.append(action)
+            elif action.kind == "F":
+                if before[s]:
                     out.append(Action("RECV_F", s, m))
                 out.append(action)
-                if remote(s, s + 1):
+                if after[s]:
                     out.append(Action("SEND_F", s, m))
             elif action.kind in ("B", "I"):
-                if remote(s, s + 1):
+                if after[s]:
                     out.append(Action("RECV_B", s, m))
                 out.append(action)
-                if remote(s, s - 1):
+                if before[s]:
                     out.append(Action("SEND_B", s, m))
             else:
                 out.append(action)

@@ -1,16 +1,24 @@
-"""Predict a schedule's timeline from per-stage costs, without processes; and count in-flight activations."""
+"""Predict a schedule's timeline from per-stage costs, without processes: the engine (:mod:`._engine`) with costs.
+
+:func:`simulate` prices any schedule, compute-only or with SEND/RECV actions; the planner passes its whole cost
+model (links that queue, rank-side transfer costs, a start and a tail per rank, shared compute) and the compiled
+schedule the runtime runs (:func:`build_compiled`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._actions import Action, Schedule
-from ._validate import execute
+from ._builders import add_communication, build
+from ._engine import CompiledSchedule, Sharing, run
+from ._validate import compile_schedule
 
-__all__ = ["Interval", "Timeline", "peak_activations", "simulate"]
+__all__ = ["Cost", "Interval", "Timeline", "build_compiled", "simulate"]
 
 Cost = float | Sequence[float]
 """A cost for every stage (one float) or one per stage (a sequence of ``stages`` floats)."""
@@ -30,15 +38,16 @@ class Timeline:
 
     schedule: str
     """Name of the schedule that ran."""
-    intervals: dict[int, list[Interval]]
-    """Rank -> (start, end, action) for each of its actions, in list order; transfers take no time on their rank
-    (a RECV sits at the moment its data arrived; the wait before it is idle time)."""
+    intervals: Mapping[int, list[Interval]]
+    """Rank -> (start, end, action) for each of its actions, in list order; a transfer takes its rank the send or
+    receive overhead (0 by default: a RECV then sits at the moment its data arrived; the wait before it is idle)."""
     step_time: float
-    """When the last action ended (the step starts at 0)."""
+    """When the last rank finished: its last action, or its tail when one was given (the step starts at 0)."""
     bubble_fraction: float
-    """Idle share of all ranks' time: ``1 - sum(busy) / (ranks * step_time)``."""
+    """Idle share of the pipeline part of all ranks' time: ``1 - sum(busy) / (ranks * T)``, ``T`` the end of the last
+    action (tails are not part of it)."""
     busy: dict[int, float]
-    """Rank -> seconds (or cost units) spent in compute actions."""
+    """Rank -> compute cost of its F/B/I/W actions (seconds or cost units at full speed)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; actions in their text form, rank keys as strings."""
@@ -88,13 +97,56 @@ def _per_stage(name: str, cost: Cost, stages: int) -> list[float]:
     return values
 
 
+class _Intervals(Mapping[int, list[Interval]]):
+    """Rank -> its :class:`Interval` list, made on first access: the planner reads only the step time, and making an
+    object per action of thousands of schedules would take a good share of a search."""
+
+    def __init__(self, compiled: CompiledSchedule, start: list[float], end: list[float]) -> None:
+        self._compiled, self._start, self._end = compiled, start, end
+        self._made: dict[int, list[Interval]] = {}
+
+    def __getitem__(self, rank: int) -> list[Interval]:
+        if rank not in self._made:
+            c = self._compiled
+            if not 0 <= rank < len(c.ids):
+                raise KeyError(rank)
+            self._made[rank] = [Interval(self._start[a], self._end[a], c.actions[a]) for a in c.ids[rank]]
+        return self._made[rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self._compiled.ids)))
+
+    def __len__(self) -> int:
+        return len(self._compiled.ids)
+
+
+def _links(name: str, links: Sequence[tuple[float, float]] | None, default: float, stages: int) -> list[tuple[float,
+                                                                                                           float]]:
+    if links is None:
+        return [(default, 0.0)] * (stages - 1)
+    values = [(float(lat), float(occ)) for lat, occ in links]
+    if len(values) != stages - 1:
+        raise ValueError(f"{name} has {len(values)} entries but the schedule has {stages - 1} stage boundaries")
+    if any(lat < 0 or occ < 0 for lat, occ in values):
+        raise ValueError(f"{name} must hold (latency, occupancy) pairs >= 0, got {links!r}")
+    return values
+
+
 def simulate(
-    schedule: Schedule,
+    schedule: Schedule | CompiledSchedule,
     *,
     forward_cost: Cost,
     backward_cost: Cost,
     weight_cost: Cost | None = None,
     comm_cost: float = 0.0,
+    forward_links: Sequence[tuple[float, float]] | None = None,
+    backward_links: Sequence[tuple[float, float]] | None = None,
+    send_overhead: float = 0.0,
+    recv_overhead: float = 0.0,
+    start: Sequence[float] | None = None,
+    tail: Sequence[float] | None = None,
+    tail_work: Sequence[float] | None = None,
+    sharing: Sharing | None = None,
 ) -> Timeline:
     """Run ``schedule`` on paper and return its :class:`Timeline`.
 
@@ -102,50 +154,51 @@ def simulate(
     ``I = backward - weight`` and ``W = weight``; without ``weight_cost`` the split is even (``I = W = backward / 2``).
     An action starts when its rank is free and its inputs are ready; an input from another rank arrives ``comm_cost``
     after it was produced (compute-only schedules) or sent (schedules with SEND/RECV actions).
+
+    The cost model beyond that (all optional): ``forward_links[j] = (latency, occupancy)`` for the activation from
+    stage ``j`` to ``j + 1`` and ``backward_links[j]`` for its gradient (default ``(comm_cost, 0)``; unused between
+    stages on one rank); ``send_overhead`` / ``recv_overhead`` per SEND / RECV action; rank ``r`` starts at
+    ``start[r]`` and works ``tail[r]`` fixed seconds and then ``tail_work[r]`` of compute after its last action;
+    ``sharing``: ranks slowing each other down (see :mod:`stagewise.schedule._engine`).
     Raises :class:`ScheduleError` if the schedule does not validate.
     """
-    stages = schedule.stages
+    compiled = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
+    sched = compiled.schedule
+    stages, ranks = sched.stages, sched.ranks
     fwd = _per_stage("forward_cost", forward_cost, stages)
     bwd = _per_stage("backward_cost", backward_cost, stages)
     wgt = [b / 2 for b in bwd] if weight_cost is None else _per_stage("weight_cost", weight_cost, stages)
     for stage, (b, w) in enumerate(zip(bwd, wgt)):
         if w > b:
             raise ValueError(f"weight_cost ({w}) exceeds backward_cost ({b}) at stage {stage}: W is part of B")
-    if not isinstance(comm_cost, (int, float)) or comm_cost < 0:
-        raise ValueError(f"comm_cost must be a float >= 0, got {comm_cost!r}")
-    costs = {"F": fwd, "B": bwd, "I": [b - w for b, w in zip(bwd, wgt)], "W": wgt}
+    for name, value in (("comm_cost", comm_cost), ("send_overhead", send_overhead), ("recv_overhead", recv_overhead)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    for name, per_rank in (("start", start), ("tail", tail), ("tail_work", tail_work)):
+        if per_rank is not None and len(per_rank) != ranks:
+            raise ValueError(f"{name} has {len(per_rank)} entries but the schedule has {ranks} ranks; give one each")
+    if sharing is not None and len(sharing.pool) != ranks:
+        raise ValueError(f"sharing has {len(sharing.pool)} ranks but the schedule has {ranks}; give one each")
+    fl = _links("forward_links", forward_links, float(comm_cost), stages)
+    bl = _links("backward_links", backward_links, float(comm_cost), stages)
+    links = [pair for j in range(stages - 1) for pair in (fl[j], bl[j])]
+    # code -> cost per stage: F, B, I, W, SEND, RECV
+    table = [fwd, bwd, [b - w for b, w in zip(bwd, wgt)], wgt, [float(send_overhead)] * stages,
+             [float(recv_overhead)] * stages]
+    durations = [table[code][stage] for code, stage in zip(compiled.code, compiled.stage)]
+    result = run(compiled, durations=durations, links=links, start=start, tail=tail, tail_work=tail_work,
+                 sharing=sharing)
+    intervals = _Intervals(compiled, result.start, result.end)
+    busy = {rank: sum(durations[a] for a in ids if compiled.code[a] < 4) for rank, ids in enumerate(compiled.ids)}
+    span = max(result.pipeline_end, default=0.0)
+    step_time = max(result.finish, default=0.0)
+    bubble = 1.0 - sum(busy.values()) / (ranks * span) if span > 0 else 0.0
+    return Timeline(schedule=sched.name, intervals=intervals, step_time=step_time, bubble_fraction=bubble, busy=busy)
 
-    def duration(action: Action) -> float:
-        return costs[action.kind][action.stage] if action.is_compute else 0.0
 
-    times = execute(schedule, duration=duration, latency=float(comm_cost))
-    intervals = {
-        rank: [Interval(*times[action], action) for action in actions] for rank, actions in schedule.actions.items()
-    }
-    busy = {
-        rank: sum(iv.end - iv.start for iv in ivs if iv.action.is_compute) for rank, ivs in intervals.items()
-    }
-    step_time = max((iv.end for ivs in intervals.values() for iv in ivs), default=0.0)
-    bubble = 1.0 - sum(busy.values()) / (schedule.ranks * step_time) if step_time > 0 else 0.0
-    return Timeline(
-        schedule=schedule.name, intervals=intervals, step_time=step_time, bubble_fraction=bubble, busy=busy
-    )
-
-
-def peak_activations(schedule: Schedule) -> dict[int, int]:
-    """Stage -> the most microbatches whose F has run but whose B (or I) has not, at any point of its rank's list.
-
-    GPipe keeps all M; 1F1B keeps ``min(M, P - stage)``. (A W needs only what its I kept, so it is not counted.)
-    """
-    live = dict.fromkeys(range(schedule.stages), 0)
-    peak = dict.fromkeys(range(schedule.stages), 0)
-    for actions in schedule.actions.values():
-        for action in actions:
-            if action.stage not in live:
-                continue  # out of range; validate() reports it
-            if action.kind == "F":
-                live[action.stage] += 1
-                peak[action.stage] = max(peak[action.stage], live[action.stage])
-            elif action.kind in ("B", "I"):
-                live[action.stage] -= 1
-    return peak
+@functools.lru_cache(maxsize=64)
+def build_compiled(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> CompiledSchedule:
+    """The schedule the runtime runs for ``name`` (``add_communication(build(...))``), checked and compiled once: what
+    the planner simulates its layouts on."""
+    return compile_schedule(add_communication(build(name, ranks=ranks, microbatches=microbatches,
+                                                    stages_per_rank=stages_per_rank)))

@@ -8,200 +8,227 @@ it needs; and finally the ranks can all reach the end, by executing the lists in
 what it needs has run (a RECV waits for its SEND; a SEND never waits). The first failure raises
 :class:`ScheduleError` naming rank, step, action and reason.
 
-:func:`execute` is that last check with clocks: the same engine gives :func:`~stagewise.schedule.simulate` its
-timeline, so the simulator and the validator cannot disagree about what may run when.
+:func:`compile_schedule` does the checks and hands the engine (:mod:`._engine`) its tables; the deadlock check is
+that engine run with zero costs, the same run that gives :func:`~stagewise.schedule.simulate` and the planner their
+timelines, so the validator and the simulators cannot disagree about what may run when.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from ._actions import COMM_KINDS, Action, Schedule, ScheduleError
+from ._engine import KIND_CODES, CompiledSchedule, run
 
-from ._actions import Action, Schedule, ScheduleError
+__all__ = ["compile_schedule", "validate"]
 
-__all__ = ["validate"]
-
-_Position = tuple[int, int]  # (rank, step)
+_Position = tuple[int, int, int]  # (rank, step, number of the action in rank-major order)
+_Key = tuple[str, int, int]  # (kind, stage, microbatch): an Action's fields; hashing these is what makes a check fast
 
 
 def validate(schedule: Schedule) -> None:
     """Raise :class:`ScheduleError` if ``schedule`` is incomplete, out of order or deadlocks; return None if it runs."""
-    execute(schedule, duration=lambda action: 0.0, latency=0.0)
+    compiled = compile_schedule(schedule)
+    run(compiled, durations=[0.0] * len(compiled.actions), links=[(0.0, 0.0)] * (2 * schedule.stages))
 
 
-def execute(
-    schedule: Schedule, *, duration: Callable[[Action], float], latency: float
-) -> dict[Action, tuple[float, float]]:
-    """Validate ``schedule`` and run it on paper: each rank runs its list in order, an action starting once its rank is
-    free and what it needs has finished (``latency`` more when that ran on another rank). Returns action -> (start,
-    end)."""
-    index = _check_actions(schedule)
-    communicated = schedule.has_communication
+def compile_schedule(schedule: Schedule) -> CompiledSchedule:
+    """Check ``schedule`` (all of :func:`validate` but the deadlock run) and turn it into the engine's tables."""
+    actions = tuple(a for rank in range(schedule.ranks) for a in schedule.actions[rank])
+    keys = [(a.kind, a.stage, a.microbatch) for a in actions]
+    index = _check_actions(schedule, keys)
+    communicated = any(key[0] in COMM_KINDS for key in keys)
     if communicated:
-        _check_transfers(schedule, index)
-    _check_local_order(schedule, index, communicated)
-    return _run(schedule, index, communicated, duration=duration, latency=latency)
+        _check_transfers(schedule, keys, index)
+    local: list[tuple[int, ...]] = []
+    remote: list[tuple[int, ...]] = []
+    for key in keys:
+        rank, step, _ = index[key]
+        here: tuple[int, ...] = ()
+        there: tuple[int, ...] = ()
+        for dep in _dependencies(schedule, key, index, communicated):
+            dep_rank, dep_step, number = index[dep]
+            if dep_rank != rank:
+                there += (number,)
+            elif dep_step > step:
+                raise ScheduleError(_order_reason(Action(*key), Action(*dep), dep_step), rank=rank, step=step,  # type: ignore[arg-type]
+                                    action=Action(*key), schedule=schedule)  # type: ignore[arg-type]
+            else:
+                here += (number,)
+        local.append(here)
+        remote.append(there)
+    ids, first = [], 0
+    for rank in range(schedule.ranks):
+        ids.append(tuple(range(first, first + len(schedule.actions[rank]))))
+        first += len(schedule.actions[rank])
+    # The link an action's value leaves by depends on its kind and stage only: look it up per (kind, stage).
+    links = {kind: [_link(schedule, (kind, s, 0), communicated) for s in range(schedule.stages)] for kind in KIND_CODES}
+    return CompiledSchedule(schedule=schedule, actions=actions, ids=tuple(ids),
+                            code=tuple([KIND_CODES[kind] for kind, _, _ in keys]),
+                            stage=tuple([stage for _, stage, _ in keys]), local=tuple(local), remote=tuple(remote),
+                            link=tuple([links[kind][stage] for kind, stage, _ in keys]))
 
 
 # -- which actions exist -----------------------------------------------------------------------------------------------
 
 
-def _check_actions(schedule: Schedule) -> dict[Action, _Position]:
-    """Range, placement, duplicate and completeness checks; returns where each action sits."""
-    index: dict[Action, _Position] = {}
-    for rank, actions in schedule.actions.items():
-        for step, action in enumerate(actions):
-            reason: str | None = None
-            if action.stage >= schedule.stages:
-                reason = f"stage {action.stage} does not exist (stages={schedule.stages})"
-            elif action.microbatch >= schedule.microbatches:
-                reason = f"microbatch {action.microbatch} does not exist (microbatches={schedule.microbatches})"
-            elif schedule.rank_of(action.stage) != rank:
-                owner = schedule.rank_of(action.stage)
-                reason = f"stage {action.stage} lives on rank {owner} (stage s is on rank s % {schedule.ranks})"
-            elif action in index:
-                reason = f"duplicate action: {action} already runs at rank {index[action][0]}, step {index[action][1]}"
-            if reason is not None:
-                raise ScheduleError(reason, rank=rank, step=step, action=action, schedule=schedule)
-            index[action] = (rank, step)
+def _check_actions(schedule: Schedule, keys: list[_Key]) -> dict[_Key, _Position]:
+    """Range, placement, duplicate and completeness checks; returns where each action (by key) sits."""
+    index: dict[_Key, _Position] = {}
+    S, M, P = schedule.stages, schedule.microbatches, schedule.ranks
+    positions = ((rank, step) for rank in range(P) for step in range(len(schedule.actions[rank])))
+    for number, (key, (rank, step)) in enumerate(zip(keys, positions)):
+        stage, mb = key[1], key[2]
+        if stage < S and mb < M and stage % P == rank and key not in index:
+            index[key] = (rank, step, number)
+            continue
+        if stage >= S:
+            reason = f"stage {stage} does not exist (stages={S})"
+        elif mb >= M:
+            reason = f"microbatch {mb} does not exist (microbatches={M})"
+        elif stage % P != rank:
+            reason = f"stage {stage} lives on rank {stage % P} (stage s is on rank s % {P})"
+        else:
+            reason = f"duplicate action: {Action(*key)} already runs at rank {index[key][0]}, step {index[key][1]}"  # type: ignore[arg-type]
+        raise ScheduleError(reason, rank=rank, step=step, action=schedule.actions[rank][step], schedule=schedule)
 
     for stage in range(schedule.stages):
         rank = schedule.rank_of(stage)
         for mb in range(schedule.microbatches):
-            f, b, i, w = (Action(kind, stage, mb) for kind in ("F", "B", "I", "W"))  # type: ignore[arg-type]
+            f, b, i, w = (("F", stage, mb), ("B", stage, mb), ("I", stage, mb), ("W", stage, mb))
+            if f in index and (b in index) != (i in index) and (i in index) == (w in index):
+                continue  # the common case: F and exactly one of B or I + W
+            F, B, I, W = (Action(*key) for key in (f, b, i, w))  # type: ignore[arg-type]
             if f not in index:
                 raise ScheduleError(
-                    "missing action: every stage runs F once per microbatch", rank=rank, action=f, schedule=schedule
+                    "missing action: every stage runs F once per microbatch", rank=rank, action=F, schedule=schedule
                 )
             if b in index and (i in index or w in index):
                 other = i if i in index else w
                 raise ScheduleError(
-                    f"both a full backward {b} and a split one ({other}): run either B or I + W",
+                    f"both a full backward {B} and a split one ({Action(*other)}): run either B or I + W",  # type: ignore[arg-type]
                     rank=rank,
                     step=index[other][1],
-                    action=other,
+                    action=Action(*other),  # type: ignore[arg-type]
                     schedule=schedule,
                 )
             if b not in index and i not in index:
-                reason = f"missing backward: expected {b}, or {i} and {w}" if w not in index else f"{w} without {i}"
+                reason = f"missing backward: expected {B}, or {I} and {W}" if w not in index else f"{W} without {I}"
                 step = index[w][1] if w in index else None
-                raise ScheduleError(reason, rank=rank, step=step, action=w if w in index else b, schedule=schedule)
-            if i in index and w not in index:
-                raise ScheduleError(
-                    f"missing action: the weight gradient of {i} (step {index[i][1]}) never runs",
-                    rank=rank,
-                    action=w,
-                    schedule=schedule,
-                )
+                raise ScheduleError(reason, rank=rank, step=step, action=W if w in index else B, schedule=schedule)
+            raise ScheduleError(
+                f"missing action: the weight gradient of {I} (step {index[i][1]}) never runs",
+                rank=rank,
+                action=W,
+                schedule=schedule,
+            )
     return index
 
 
-def _needed_transfers(schedule: Schedule) -> set[Action]:
+def _needed_transfers(schedule: Schedule) -> set[_Key]:
     """The SEND/RECV actions a communicated schedule must hold: one pair per cross-rank edge and direction."""
 
     def remote(stage: int, other: int) -> bool:
         return 0 <= other < schedule.stages and schedule.rank_of(other) != schedule.rank_of(stage)
 
-    needed: set[Action] = set()
+    needed: set[_Key] = set()
     for stage in range(schedule.stages):
-        for mb in range(schedule.microbatches):
-            if remote(stage, stage + 1):  # activation goes down, its gradient comes back
-                needed |= {Action("SEND_F", stage, mb), Action("RECV_F", stage + 1, mb)}
-                needed |= {Action("SEND_B", stage + 1, mb), Action("RECV_B", stage, mb)}
+        if remote(stage, stage + 1):  # activation goes down, its gradient comes back
+            for mb in range(schedule.microbatches):
+                needed.update((("SEND_F", stage, mb), ("RECV_F", stage + 1, mb), ("SEND_B", stage + 1, mb),
+                               ("RECV_B", stage, mb)))
     return needed
 
 
-def _check_transfers(schedule: Schedule, index: dict[Action, _Position]) -> None:
-    needed = _needed_transfers(schedule)
-    for action, (rank, step) in sorted(index.items(), key=lambda item: item[1]):
-        if action.is_comm and action not in needed:
+def _check_transfers(schedule: Schedule, keys: list[_Key], index: dict[_Key, _Position]) -> None:
+    S, P = schedule.stages, schedule.ranks
+    crossing = [s + 1 < S and (s + 1) % P != s % P for s in range(S)]  # does boundary s -> s + 1 cross ranks?
+    # Messages between two ranks are matched in the order they were sent (as a runtime without tags would match them):
+    # the k-th RECV on rank b from rank a must be for the k-th SEND on rank a to rank b.
+    sends: dict[tuple[int, int], list[_Key]] = {}
+    receives: dict[tuple[int, int], list[_Key]] = {}
+    count = 0
+    for key in keys:  # in (rank, step) order
+        kind, stage, _ = key
+        if kind not in COMM_KINDS:
+            continue
+        boundary = stage if kind in ("SEND_F", "RECV_B") else stage - 1
+        if boundary < 0 or not crossing[boundary]:
+            rank, step, _ = index[key]
             raise ScheduleError(
                 "unexpected transfer: the neighbouring stage does not exist or is on the same rank (values between "
                 "stages on one rank are passed locally)",
                 rank=rank,
                 step=step,
-                action=action,
+                action=Action(*key),  # type: ignore[arg-type]
                 schedule=schedule,
             )
-    missing = sorted(needed - set(index), key=lambda a: (a.stage, a.microbatch, a.kind))
-    if missing:
-        action, peer = missing[0], _peer(missing[0]).stage
+        count += 1
+        other = _peer(key)[1] % P
+        if kind[0] == "S":
+            sends.setdefault((stage % P, other), []).append(key)
+        else:
+            receives.setdefault((other, stage % P), []).append(key)
+    if count != 4 * schedule.microbatches * sum(crossing):  # every one present is needed and none twice: some lack
+        missing = sorted(_needed_transfers(schedule).difference(index), key=lambda k: (k[1], k[2], k[0]))
+        key, peer = missing[0], _peer(missing[0])[1]
         raise ScheduleError(
-            f"missing transfer: stage {action.stage} exchanges with stage {peer} on rank {schedule.rank_of(peer)}",
-            rank=schedule.rank_of(action.stage),
-            action=action,
+            f"missing transfer: stage {key[1]} exchanges with stage {peer} on rank {schedule.rank_of(peer)}",
+            rank=schedule.rank_of(key[1]),
+            action=Action(*key),  # type: ignore[arg-type]
             schedule=schedule,
         )
-    # Messages between two ranks are matched in the order they were sent (as a runtime without tags would match them):
-    # the k-th RECV on rank b from rank a must be for the k-th SEND on rank a to rank b.
-    sends: dict[tuple[int, int], list[Action]] = {}
-    for rank, actions in schedule.actions.items():
-        for action in actions:
-            if action.kind in ("SEND_F", "SEND_B"):
-                sends.setdefault((rank, schedule.rank_of(_peer(action).stage)), []).append(action)
-    received: dict[tuple[int, int], int] = {}
-    for rank, actions in schedule.actions.items():
-        for step, action in enumerate(actions):
-            if action.kind not in ("RECV_F", "RECV_B"):
-                continue
-            channel = (schedule.rank_of(_peer(action).stage), rank)
-            k = received.get(channel, 0)
-            received[channel] = k + 1
-            arriving = sends[channel][k]
-            if arriving != _peer(action):
+    for channel, received in receives.items():
+        sent = sends[channel]
+        for k, key in enumerate(received):
+            arriving, peer = sent[k], _peer(key)
+            if arriving != peer:
+                rank, step, _ = index[key]
                 raise ScheduleError(
                     f"out-of-order transfer: this is receive #{k} from rank {channel[0]}, which gets that rank's send "
-                    f"#{k}, {arriving} (step {index[arriving][1]}), not {_peer(action)}; messages between two ranks "
-                    "arrive in the order they were sent, so order the RECVs like the SENDs",
+                    f"#{k}, {Action(*arriving)} (step {index[arriving][1]}), not {Action(*peer)}; messages between "  # type: ignore[arg-type]
+                    "two ranks arrive in the order they were sent, so order the RECVs like the SENDs",
                     rank=rank,
                     step=step,
-                    action=action,
+                    action=Action(*key),  # type: ignore[arg-type]
                     schedule=schedule,
                 )
 
 
-def _peer(action: Action) -> Action:
+_PEERS = {"SEND_F": ("RECV_F", 1), "RECV_F": ("SEND_F", -1), "SEND_B": ("RECV_B", -1), "RECV_B": ("SEND_B", 1)}
+
+
+def _peer(key: _Key) -> _Key:
     """The other end of a transfer: SEND_F(s) <-> RECV_F(s + 1), SEND_B(s) <-> RECV_B(s - 1)."""
-    kind, stage, mb = action.kind, action.stage, action.microbatch
-    peers = {"SEND_F": ("RECV_F", stage + 1), "RECV_F": ("SEND_F", stage - 1),
-             "SEND_B": ("RECV_B", stage - 1), "RECV_B": ("SEND_B", stage + 1)}  # fmt: skip
-    peer_kind, peer_stage = peers[kind]
-    return Action(peer_kind, peer_stage, mb)  # type: ignore[arg-type]
+    kind, step = _PEERS[key[0]]
+    return kind, key[1] + step, key[2]
 
 
 # -- what each action waits for ----------------------------------------------------------------------------------------
 
 
-def _dependencies(
-    schedule: Schedule, action: Action, index: dict[Action, _Position], communicated: bool
-) -> list[Action]:
-    """Actions that must have finished before ``action`` starts (on this rank or another)."""
-    s, m = action.stage, action.microbatch
-
-    def backward(stage: int) -> Action:  # whichever of B / I produces stage's input gradient
-        full = Action("B", stage, m)
-        return full if full in index else Action("I", stage, m)
-
-    def remote(other: int) -> bool:
-        return schedule.rank_of(other) != schedule.rank_of(s)
-
-    kind = action.kind
+def _dependencies(schedule: Schedule, key: _Key, index: dict[_Key, _Position], communicated: bool) -> list[_Key]:
+    """Actions that must have finished before action ``key`` starts (on this rank or another)."""
+    kind, s, m = key
+    P = schedule.ranks
     if kind == "F":
         if s == 0:
             return []
-        return [Action("RECV_F", s, m)] if communicated and remote(s - 1) else [Action("F", s - 1, m)]
-    if kind in ("B", "I"):
-        deps = [Action("F", s, m)]
-        if s + 1 < schedule.stages:
-            deps.append(Action("RECV_B", s, m) if communicated and remote(s + 1) else backward(s + 1))
-        return deps
+        return [("RECV_F", s, m)] if communicated and (s - 1) % P != s % P else [("F", s - 1, m)]
+    if kind == "B" or kind == "I":
+        if s + 1 == schedule.stages:
+            return [("F", s, m)]
+        if communicated and (s + 1) % P != s % P:
+            return [("F", s, m), ("RECV_B", s, m)]
+        full = ("B", s + 1, m)  # whichever of B / I produces the next stage's input gradient
+        return [("F", s, m), full if full in index else ("I", s + 1, m)]
     if kind == "W":
-        return [Action("I", s, m)]
+        return [("I", s, m)]
     if kind == "SEND_F":
-        return [Action("F", s, m)]
+        return [("F", s, m)]
     if kind == "SEND_B":
-        return [backward(s)]
+        full = ("B", s, m)
+        return [full if full in index else ("I", s, m)]
     assert kind in ("RECV_F", "RECV_B"), kind
-    return [_peer(action)]
+    return [_peer(key)]
 
 
 def _order_reason(action: Action, dep: Action, dep_step: int) -> str:
@@ -219,62 +246,16 @@ def _order_reason(action: Action, dep: Action, dep_step: int) -> str:
     return f"sends before {after} has produced the value"
 
 
-def _check_local_order(schedule: Schedule, index: dict[Action, _Position], communicated: bool) -> None:
-    for rank, actions in schedule.actions.items():
-        for step, action in enumerate(actions):
-            for dep in _dependencies(schedule, action, index, communicated):
-                dep_rank, dep_step = index[dep]
-                if dep_rank == rank and dep_step > step:
-                    raise ScheduleError(
-                        _order_reason(action, dep, dep_step), rank=rank, step=step, action=action, schedule=schedule
-                    )
+# -- compiling ---------------------------------------------------------------------------------------------------------
 
 
-# -- running the lists -------------------------------------------------------------------------------------------------
-
-
-def _run(
-    schedule: Schedule,
-    index: dict[Action, _Position],
-    communicated: bool,
-    *,
-    duration: Callable[[Action], float],
-    latency: float,
-) -> dict[Action, tuple[float, float]]:
-    deps = {a: _dependencies(schedule, a, index, communicated) for a in index}
-    times: dict[Action, tuple[float, float]] = {}
-    clock = [0.0] * schedule.ranks
-    next_step = [0] * schedule.ranks
-    progress = True
-    while progress:
-        progress = False
-        for rank, actions in schedule.actions.items():
-            while next_step[rank] < len(actions):
-                action = actions[next_step[rank]]
-                if any(dep not in times for dep in deps[action]):
-                    break  # blocked on another rank; come back after the others moved
-                start = clock[rank]
-                for dep in deps[action]:
-                    start = max(start, times[dep][1] + (latency if index[dep][0] != rank else 0.0))
-                times[action] = (start, start + duration(action))
-                clock[rank] = times[action][1]
-                next_step[rank] += 1
-                progress = True
-
-    stuck = [rank for rank in range(schedule.ranks) if next_step[rank] < len(schedule.actions[rank])]
-    if stuck:
-        waits = []
-        for rank in stuck:
-            action = schedule.actions[rank][next_step[rank]]
-            missing = [d for d in deps[action] if d not in times]
-            on = ", ".join(f"{d} (rank {index[d][0]}, step {index[d][1]})" for d in missing)
-            waits.append(f"rank {rank} step {next_step[rank]} {action} waits for {on}")
-        first = stuck[0]
-        raise ScheduleError(
-            "deadlock: no rank can make progress; " + "; ".join(waits),
-            rank=first,
-            step=next_step[first],
-            action=schedule.actions[first][next_step[first]],
-            schedule=schedule,
-        )
-    return times
+def _link(schedule: Schedule, key: _Key, communicated: bool) -> int:
+    """The link (see :attr:`CompiledSchedule.link`) by which action ``key``'s value leaves its rank; -1 for none."""
+    kind, s, _ = key
+    if kind == "SEND_F" or (not communicated and kind == "F" and s + 1 < schedule.stages
+                            and schedule.rank_of(s + 1) != schedule.rank_of(s)):
+        return 2 * s
+    if kind == "SEND_B" or (not communicated and kind in ("B", "I") and s > 0
+                            and schedule.rank_of(s - 1) != schedule.rank_of(s)):
+        return 2 * (s - 1) + 1
+    return -1

@@ -21,9 +21,7 @@ from typing import Any
 import torch
 
 from .._spec import ModelSpec, load_model_spec
-from ..split import SplitModel, Stage, split
-from ..split._capture import input_leaves
-from ..split._tree import unflatten
+from ..split import SplitModel, Stage, input_leaves, run_stages, split, unflatten
 from ._backend import ModelMetadata, TensorMetadata
 from ._protocol import datatype_of
 
@@ -173,16 +171,8 @@ def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, l
     leaves, names, _ = input_leaves(serving.args, serving.kwargs)
     example = dict(zip(names, leaves))
     stages = serving.chain_stages(serving.sm.stages)
-    outputs: list[Any] = [None] * len(serving.sm.partition.output_names)
-    recv: list[Any] = []
     with torch.inference_mode():
-        for pos, st in enumerate(stages):
-            send, outs = st(recv, example)
-            by_name = {v.name: x for v, x in zip(st.spec.send, send)}
-            if pos + 1 < len(stages):
-                recv = [by_name[v.name] for v in stages[pos + 1].spec.recv]
-            for leaf, value in zip(st.output_index, outs):
-                outputs[leaf] = value
+        outputs = run_stages(stages, example, outputs=len(serving.sm.partition.output_names))
     rows = serving.example_rows
     out_meta = []
     served = set(stages[-1].spec.outputs)

@@ -22,7 +22,7 @@ import numbers
 from bisect import bisect_right
 from collections.abc import Sequence
 
-__all__ = ["min_max_cuts", "stage_costs", "bottleneck", "cuts_from_names", "uniform_costs"]
+__all__ = ["bottleneck", "cuts_from_names", "exact_ints", "min_max_cuts", "stage_costs", "uniform_costs"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _ratio(i: int, c: object) -> tuple[int, int]:
     return x.as_integer_ratio()
 
 
-def _exact_ints(costs: Sequence[float]) -> list[int]:
+def exact_ints(costs: Sequence[float]) -> list[int]:
     """Validate ``costs`` and scale them to ints exactly (by the common denominator); ints stay unchanged.
 
     Floats are dyadic rationals, so the common denominator is a power of two and no rounding happens anywhere.
@@ -145,7 +145,7 @@ def min_max_cuts(costs: Sequence[float], stages: int) -> list[int]:
     stages = int(stages)
     if stages < 1:
         raise ValueError(f"stages must be at least 1, got {stages}")
-    ints = _exact_ints(costs)
+    ints = exact_ints(costs)
     n = len(ints)
     if n == 0:
         raise ValueError("cannot cut an empty chain (no unit costs given); a chain needs at least one unit")

@@ -103,7 +103,6 @@ def plan_stages(cap: Capture, layout: _Layout) -> list[StageSpec]:
                     continue
                 need[arg] = None
         external.append(list(need))
-    out_producers = {node for node in cap.output_nodes if node is not None}
     for s in leaves:
         path = {s, *_ancestors(layout.parents, s)}
         for node in cap.output_nodes:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import statistics
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from .._errors import StagewiseError
+from .._timing import median_ms, num_threads
 from ._build import Stage
 from ._capture import CaptureError, _should_expand, input_leaves, signature_of
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
@@ -208,24 +207,24 @@ def _time_units(chain: ChainCapture, x: torch.Tensor, repeats: int, warmup: int 
     with _state_kept(chain.model):
         for fqn in chain.modules:
             module = chain.model.get_submodule(fqn)
-            fwd, bwd = [], []
-            for rep in range(warmup + repeats):
-                inp = x.detach().requires_grad_(x.is_floating_point())
-                start = time.perf_counter()
-                out = module(inp)
-                mid = time.perf_counter()
-                tensors = [t for t in flatten(out)[0] if t.requires_grad]
-                if tensors:
-                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
-                end = time.perf_counter()
-                if rep >= warmup:
-                    fwd.append((mid - start) * 1e3)
-                    bwd.append((end - mid) * 1e3)
-            times.append((statistics.median(fwd), statistics.median(bwd)))
+            last: list[Any] = []
+
+            def forward(module: nn.Module = module, x: torch.Tensor = x, last: list[Any] = last) -> Any:
+                last[:] = [module(x.detach().requires_grad_(x.is_floating_point()))]
+                return last[0]
+
+            times.append(median_ms(forward, _backward, repeats=repeats, warmup=warmup))
+            out = last[0]
             x = out.detach() if isinstance(out, torch.Tensor) else x
     for p in chain.model.parameters():
         p.grad = None
     return times
+
+
+def _backward(out: Any) -> None:
+    tensors = [t for t in flatten(out)[0] if t.requires_grad]
+    if tensors:
+        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
 
 
 class _ChainStage(nn.Module):
@@ -317,7 +316,7 @@ class ChainSplitModel(SplitModel):
 
 
 def split_chain(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], error: CaptureError, *, stages: int,
-                by: str, cuts: Sequence[str] | None, repeats: int, profile: bool,
+                by: str, cuts: Sequence[str] | None, repeats: int, profile: bool, threads: int,
                 model_name: str | None) -> SplitModel:
     """Split ``model`` at module boundaries after the graph capture failed with ``error``."""
     name = type(model).__name__
@@ -334,7 +333,9 @@ def split_chain(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], e
     units = chain_unit_infos(chain)
     if by == "time" or profile:
         x = input_leaves(args, kwargs)[0][0]
-        for info, (fwd, bwd) in zip(units, _time_units(chain, x, repeats)):
+        with num_threads(threads):
+            timed = _time_units(chain, x, repeats)
+        for info, (fwd, bwd) in zip(units, timed):
             info.forward_ms, info.backward_ms = fwd, bwd
     partition = _partition(name, units, mode="layers", stages=stages, by=by, cuts=cuts, submodels=[], heads=[],
                            model_name=model_name)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["Partition", "StageSpec", "UnitInfo", "ValueSpec", "SPLIT_MODES", "COST_METHODS", "CAPTURE_METHODS"]
 
 SPLIT_MODES = ("layers", "submodels", "tasks")
@@ -29,8 +31,6 @@ class ValueSpec:
 
     @property
     def nbytes(self) -> int:
-        import torch
-
         n = 1
         for d in self.shape:
             n *= d

@@ -1,4 +1,5 @@
-"""``split()``: capture a model, measure its units, place the cuts, and build runnable stages."""
+"""A split model: the cuts placed over the captured units, and the runnable stages built from them (:class:`SplitModel`).
+"""
 
 from __future__ import annotations
 
@@ -11,74 +12,20 @@ import torch
 from torch import fx, nn
 
 from .._errors import StagewiseError
-from .._spec import ModelSpec
 from ._balance import cuts_from_names, min_max_cuts
 from ._build import Stage, _Layout, build_stage, plan_stages, value_bytes
 from ._capture import Capture, CaptureError, capture, input_leaves, signature_of
 from ._partition import COST_METHODS, Partition, UnitInfo
-from ._tree import unflatten
+from ._run import run_stages
+from ._tree import flatten, unflatten
 
-__all__ = ["split", "SplitModel", "SplitError"]
+__all__ = ["SplitError", "SplitModel", "unit_infos"]
 
 log = logging.getLogger(__name__)
 
 
 class SplitError(StagewiseError, ValueError):
     """The model cannot be split as asked; the message says why and what to change."""
-
-
-def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
-          stages: int = 2, by: str = "params", cuts: Sequence[str] | None = None,
-          submodels: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-          repeats: int = 3, profile: bool = False, model_name: str | None = None) -> SplitModel:
-    """Cut ``model`` into stages that together compute exactly ``model(*args, **kwargs)``.
-
-    - Layer split (default): the chain of units is cut into ``stages`` contiguous stages minimising the most expensive
-      stage under the cost ``by`` (``uniform``, ``params`` or measured ``time``), or at the units named in ``cuts``
-      (each names the first unit of a stage after the first).
-    - ``submodels=["encoder", "decoder"]``: each named sub-module becomes one stage.
-    - ``tasks=["heads.cls", "heads.reg"]``: the trunk is cut into ``stages`` stages, then one stage per head.
-
-    ``profile=True`` measures every unit's forward/backward time even when the cost is not ``time``.
-    """
-    if isinstance(model, ModelSpec):
-        spec = model
-        model, args, kwargs = spec.model, spec.args, spec.kwargs
-        model_name = model_name or spec.name
-    kwargs = dict(kwargs or {})
-    if by not in COST_METHODS:
-        raise SplitError(f"unknown cost {by!r}; use one of {', '.join(COST_METHODS)}")
-    if submodels and tasks:
-        raise SplitError("give either submodels or tasks, not both")
-    atomic = list(submodels or tasks or [])
-    for fqn in atomic:
-        try:
-            model.get_submodule(fqn)
-        except AttributeError:
-            names = [n for n, _ in model.named_children()]
-            raise SplitError(f"{type(model).__name__} has no sub-module {fqn!r}; its children are {names}") from None
-    try:
-        cap = capture(model, args, kwargs, atomic=atomic)
-    except CaptureError as exc:
-        if atomic:
-            raise SplitError(f"{exc}. {_CAPTURE_HINT.format(name=type(model).__name__)}") from exc
-        from ._fallback import split_chain  # module-boundary fallback for plain chains of blocks
-
-        return split_chain(model, args, kwargs, exc, stages=stages, by=by, cuts=cuts, repeats=repeats,
-                           profile=profile, model_name=model_name)
-    units = unit_infos(cap)
-    if by == "time" or profile:
-        from ..profile import profile_units
-
-        leaves, names, _ = input_leaves(args, kwargs)
-        for info, (fwd, bwd) in zip(units, profile_units(cap, dict(zip(names, leaves)), repeats=repeats)):
-            info.forward_ms, info.backward_ms = fwd, bwd
-    mode = "submodels" if submodels else "tasks" if tasks else "layers"
-    partition = _partition(type(model).__name__, units, mode=mode, stages=stages, by=by, cuts=cuts,
-                           submodels=list(submodels or []), heads=list(tasks or []), model_name=model_name)
-    partition.input_names, partition.output_names, partition.training = cap.input_names, cap.output_names, \
-        cap.training
-    return SplitModel(model, partition, cap, _layout(cap, partition))
 
 
 _CAPTURE_HINT = ("Stagewise needs to capture {name}.forward as a graph to split it. Make sure the example inputs are "
@@ -316,17 +263,8 @@ class SplitModel:
         inputs = dict(zip(names, leaves))
         if head is not None and head not in self.partition.heads:
             raise ValueError(f"unknown task head {head!r}; heads are {self.partition.heads}")
-        outputs: list[Any] = [None] * len(cap.output_names)
-        sent: dict[int, dict[str, Any]] = {}
-        for stage in stages:
-            if head is not None and stage.spec.head not in (None, head):
-                continue
-            parent = stage.spec.parent
-            recv = [] if parent is None else [sent[parent][v.name] for v in stage.spec.recv]
-            send, outs = stage(recv, inputs)
-            sent[stage.index] = {v.name: x for v, x in zip(stage.spec.send, send)}
-            for leaf, value in zip(stage.output_index, outs):
-                outputs[leaf] = value
+        wanted = [stage for stage in stages if head is None or stage.spec.head in (None, head)]
+        outputs = run_stages(wanted, inputs, outputs=len(cap.output_names))
         result = unflatten(cap.out_spec, outputs)
         if head is not None and isinstance(result, dict) and type(result) is dict:
             result = {k: v for k, v in result.items() if v is not None}
@@ -338,6 +276,4 @@ class SplitModel:
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
     """The tensor leaves of a model output, for comparisons and losses."""
-    from ._tree import flatten
-
     return flatten(out)[0]

@@ -71,7 +71,7 @@ class LayoutConfig:
     microbatches: int = 4
     """Microbatches M per replica per step."""
     schedule: ScheduleName = "1f1b"
-    """Pipeline schedule."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
     stages_per_rank: int = 1
     """Virtual stages per process (interleaved schedule only)."""
 

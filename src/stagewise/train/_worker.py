@@ -19,9 +19,7 @@ from .._spec import ModelSpec, load_model_spec
 from ..comm import CommGroup, Transport
 from ..runtime import PipelineExecutor, StepError, all_reduce_grads, broadcast_params, clip_global_norm
 from ..schedule import add_communication, build, validate
-from ..split import Partition, split
-from ..split._capture import input_leaves
-from ..split._tree import unflatten
+from ..split import Partition, input_leaves, split, unflatten
 from ._config import OPTIMIZER_CLASSES, TrainConfig
 from ._data import ReplicaBatches, sample_to_call, split_microbatches
 from ._device import move_stage, resolve_device, strict_fp32, to_device
@@ -261,7 +259,7 @@ def run_worker(config: TrainConfig, transport: Transport, *,
 
 def _write_trace(trace_dir: Path, rank: int, steps: list[list[dict[str, Any]]], schedule: Any,
                  transport: Transport, timeout: float) -> None:
-    from ..runtime._trace import merge_traces, render_timeline, write_rank_trace
+    from ..runtime import merge_traces, render_timeline, write_rank_trace
 
     trace_dir.mkdir(parents=True, exist_ok=True)
     write_rank_trace(trace_dir / f"rank{rank}.json", rank=rank, steps=steps)

@@ -1,0 +1,260 @@
+"""The one schedule engine: run a compiled schedule's per-rank action lists on paper, with costs.
+
+Every question about "what runs when" goes through :func:`run`: :func:`~stagewise.schedule.validate` runs it with
+zero costs to find deadlocks, :func:`~stagewise.schedule.simulate` runs it with stage costs for a timeline, and the
+planner runs it with its whole cost model on the very lists the runtime executes (``add_communication(build(...))``).
+
+The rules, one rank at a time: a rank runs its list in order; an action starts once its rank is free and what it
+needs has finished. A value made on one rank reaches another through the link of that stage boundary and direction:
+it enters the link when it was made and the link is free, holds the link ``occupancy`` seconds (transfers on one
+link queue), and arrives ``latency`` after leaving it. SEND and RECV actions cost their rank ``send_overhead`` /
+``recv_overhead`` (posting the message, taking it in). A rank starts at ``start[r]`` and, after its last action,
+works ``tail[r]`` fixed seconds (all-reduces) and then ``tail_work[r]`` of compute (the optimizer step).
+
+Shared compute (CPU cores of one node slow each other down): with ``contention`` c, a node of ``n`` devices, and
+``k`` of them computing, each computes at rate ``1 / (1 + (c - 1) (k - 1) / (n - 1))``. Compute is then fluid work
+and the engine steps from event to event (a rate changes whenever a rank starts or stops computing). Without
+contention an action's end is known when it starts, so each rank runs ahead as far as its inputs allow: the same
+state machine, stepped with an infinite horizon. Replicas of the pipeline run the same timeline, so rank ``r``'s
+replicas on the same node compute whenever ``r`` does: ``share[r][q]`` counts the copies of rank ``q`` (over all
+replicas) on the node of rank ``r``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+from ._actions import Action, Schedule, ScheduleError
+
+__all__ = ["CompiledSchedule", "Run", "Sharing", "run"]
+
+KIND_CODES = {"F": 0, "B": 1, "I": 2, "W": 3, "SEND_F": 4, "SEND_B": 4, "RECV_F": 5, "RECV_B": 5}
+"""Action kind -> engine code: 0-3 compute (F, B, I, W), 4 a send, 5 a receive."""
+
+_IDLE, _FIXED, _WORK, _TAIL, _TAIL_WORK, _DONE = range(6)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledSchedule:
+    """A validated schedule as flat tables the engine reads (cost-independent; compile once, run many times).
+
+    Actions are numbered 0..N-1; ``ids[r]`` lists rank ``r``'s in order. Made by
+    :func:`~stagewise.schedule.compile_schedule`.
+    """
+
+    schedule: Schedule
+    actions: tuple[Action, ...]
+    ids: tuple[tuple[int, ...], ...]
+    code: tuple[int, ...]
+    """Per action: :data:`KIND_CODES` value."""
+    stage: tuple[int, ...]
+    local: tuple[tuple[int, ...], ...]
+    """Per action: the actions on its own rank it waits for (their end)."""
+    remote: tuple[tuple[int, ...], ...]
+    """Per action: the actions on other ranks it waits for (their value's arrival)."""
+    link: tuple[int, ...]
+    """Per action: the link its value leaves by for another rank, ``2 * boundary`` forward (stage ``b`` to ``b + 1``)
+    or ``2 * boundary + 1`` backward (``b + 1`` to ``b``); -1 when nothing leaves the rank."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sharing:
+    """How ranks slow each other down when they compute at once (see the module docstring)."""
+
+    contention: float
+    """Slowdown with every device of the node computing (1: none)."""
+    pool: Sequence[int]
+    """Per rank: devices on its node."""
+    share: Sequence[Sequence[int]]
+    """``share[r][q]``: copies of rank ``q`` (over all replicas) on rank ``r``'s node."""
+
+    def __post_init__(self) -> None:
+        if not self.contention >= 1.0:
+            raise ValueError(f"Sharing.contention must be >= 1 (1: no slowdown), got {self.contention!r}")
+        if len(self.share) != len(self.pool) or any(len(row) != len(self.pool) for row in self.share):
+            raise ValueError(f"Sharing.share must be a {len(self.pool)} x {len(self.pool)} table (one row and column "
+                             f"per rank, like pool), got {[len(row) for row in self.share]} columns per row")
+        if any(n < 1 for n in self.pool):
+            raise ValueError(f"Sharing.pool counts devices per node, each >= 1, got {list(self.pool)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What :func:`run` returns: per action its (start, end), per rank when its list and its step ended."""
+
+    start: list[float]
+    end: list[float]
+    pipeline_end: list[float]
+    finish: list[float]
+
+
+def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequence[tuple[float, float]],
+        start: Sequence[float] | None = None, tail: Sequence[float] | None = None,
+        tail_work: Sequence[float] | None = None, sharing: Sharing | None = None) -> Run:
+    """Run ``compiled`` with ``durations[a]`` per action (compute at rate 1) and ``links[l] = (latency, occupancy)``
+    per link (indexed as :attr:`CompiledSchedule.link`). Raises :class:`ScheduleError` on a deadlock."""
+    c = compiled
+    ranks = len(c.ids)
+    n = len(c.code)
+    began = [-1.0] * n
+    ended = [-1.0] * n
+    arrive = [-1.0] * n
+    link_free = [0.0] * len(links)
+    clock = [0.0] * ranks if start is None else [float(x) for x in start]
+    fixed_tail = [0.0] * ranks if tail is None else [float(x) for x in tail]
+    work_tail = [0.0] * ranks if tail_work is None else [float(x) for x in tail_work]
+    contended = sharing is not None and sharing.contention > 1.0
+    phase = [_IDLE] * ranks
+    pos = [0] * ranks
+    until = [0.0] * ranks  # end of a fixed phase
+    left = [0.0] * ranks  # compute left in a work phase (seconds at rate 1)
+    pipe_end = [0.0] * ranks
+    finish = [0.0] * ranks
+
+    def finish_action(r: int, a: int, t: float) -> None:
+        ended[a] = t
+        out = c.link[a]
+        if out >= 0:
+            latency, occupancy = links[out]
+            free = link_free[out]
+            free = max(free, t) + occupancy
+            link_free[out] = free
+            arrive[a] = free + latency
+        clock[r] = t
+        pos[r] += 1
+        phase[r] = _IDLE
+
+    def ready_at(r: int, a: int) -> float:
+        """When action ``a`` can start on rank ``r``; -1 while something it needs has not run yet."""
+        t = clock[r]
+        for d in c.local[a]:
+            e = ended[d]
+            if e < 0:
+                return -1.0
+            t = max(e, t)
+        for d in c.remote[a]:
+            e = arrive[d]
+            if e < 0:
+                return -1.0
+            t = max(e, t)
+        return t
+
+    def settle(r: int, now: float) -> bool:
+        """Move rank ``r`` through every phase that ends by ``now``; True if it moved."""
+        ids = c.ids[r]
+        moved = False
+        while True:
+            ph = phase[r]
+            if ph == _IDLE:
+                if pos[r] == len(ids):
+                    pipe_end[r] = clock[r]
+                    phase[r], until[r] = _TAIL, clock[r] + fixed_tail[r]
+                    moved = True
+                    continue
+                a = ids[pos[r]]
+                t = ready_at(r, a)
+                if t < 0 or t > now:
+                    return moved
+                began[a] = t
+                moved = True
+                if not contended:  # its end is known now: the fixed phase ends within the infinite horizon
+                    finish_action(r, a, t + durations[a])
+                elif c.code[a] < 4:
+                    phase[r], left[r] = _WORK, durations[a]
+                else:
+                    phase[r], until[r] = _FIXED, t + durations[a]
+            elif ph == _FIXED:
+                if until[r] > now:
+                    return moved
+                finish_action(r, ids[pos[r]], until[r])
+            elif ph == _WORK:
+                if left[r] > 0:
+                    return moved
+                finish_action(r, ids[pos[r]], now)
+            elif ph == _TAIL:
+                if until[r] > now:
+                    return moved
+                if contended:
+                    phase[r], left[r], clock[r] = _TAIL_WORK, work_tail[r], until[r]
+                else:
+                    phase[r], finish[r] = _DONE, until[r] + work_tail[r]
+            elif ph == _TAIL_WORK:
+                if left[r] > 0:
+                    return moved
+                phase[r], finish[r] = _DONE, now
+            else:
+                return moved
+
+    now = math.inf if not contended else 0.0
+    while True:
+        moved = True
+        while moved:  # every rank settles each pass (one's output may unblock a rank settled before it)
+            moved = False
+            for r in range(ranks):
+                moved = settle(r, now) or moved
+        if all(ph == _DONE for ph in phase):
+            break
+        step_to = _next_event(c, phase, pos, left, until, sharing, now, ready_at) if sharing and contended else None
+        if step_to is None:
+            _deadlock(c, pos, phase, ended, arrive)
+        assert step_to is not None
+        now = step_to
+    return Run(start=began, end=ended, pipeline_end=pipe_end, finish=finish)
+
+
+def _next_event(c: CompiledSchedule, phase: list[int], pos: list[int], left: list[float], until: list[float],
+                sharing: Sharing, now: float, ready_at: Callable[[int, int], float]) -> float | None:
+    """Advance the computing ranks' work to the next moment something happens; return that moment (None: nothing
+    will, a deadlock)."""
+    ranks = len(phase)
+    active = [1 if ph in (_WORK, _TAIL_WORK) else 0 for ph in phase]
+    rate = [1.0] * ranks
+    for r in range(ranks):
+        devices = sharing.pool[r]
+        if active[r] and devices > 1:
+            k = sum(a * m for a, m in zip(active, sharing.share[r]))
+            rate[r] = 1.0 / (1.0 + (sharing.contention - 1.0) * max(0, k - 1) / (devices - 1))
+    best, who = math.inf, -1
+    for r in range(ranks):
+        ph = phase[r]
+        if active[r]:
+            when = now + left[r] / rate[r]
+        elif ph in (_FIXED, _TAIL):
+            when = until[r]
+        elif ph == _IDLE:
+            t = ready_at(r, c.ids[r][pos[r]])
+            when = t if t >= 0 else math.inf
+        else:
+            continue
+        if when < best:
+            best, who = when, r
+    if who < 0:
+        return None
+    dt = best - now
+    for r in range(ranks):
+        if active[r]:
+            left[r] = 0.0 if r == who else left[r] - dt * rate[r]
+            if left[r] < 1e-15:  # float residue of a rank finishing at the same moment
+                left[r] = 0.0
+    return best
+
+
+def _deadlock(c: CompiledSchedule, pos: list[int], phase: list[int], ended: list[float], arrive: list[float]) -> None:
+    where = {a: (r, k) for r, ids in enumerate(c.ids) for k, a in enumerate(ids)}
+    stuck = [r for r in range(len(c.ids)) if phase[r] == _IDLE and pos[r] < len(c.ids[r])]
+    waits = []
+    for r in stuck:
+        a = c.ids[r][pos[r]]
+        missing = [d for d in c.local[a] if ended[d] < 0] + [d for d in c.remote[a] if arrive[d] < 0]
+        on = ", ".join(f"{c.actions[d]} (rank {where[d][0]}, step {where[d][1]})" for d in missing)
+        waits.append(f"rank {r} step {pos[r]} {c.actions[a]} waits for {on}")
+    first = stuck[0]
+    raise ScheduleError(
+        "deadlock: no rank can make progress; " + "; ".join(waits),
+        rank=first,
+        step=pos[first],
+        action=c.actions[c.ids[first][pos[first]]],
+        schedule=c.schedule,
+    )
