@@ -24,4 +24,6 @@ quickstart: install
 	$(BIN)/python examples/serve_digits.py runs/quickstart
 
 test: install
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

@@ -88,8 +88,15 @@ def _serve_main(argv: list[str]) -> int:
 
 def _echo_main(port: int) -> int:
     """The gateway (same app, same uvicorn settings) in front of a backend that returns its input: no model."""
-    from stagewise.serve import BatchingConfig, GatewayConfig, InferenceBackend, ModelMetadata, TensorMetadata
-    from stagewise.serve import create_app, run
+    from stagewise.serve import (
+        BatchingConfig,
+        GatewayConfig,
+        InferenceBackend,
+        ModelMetadata,
+        TensorMetadata,
+        create_app,
+        run,
+    )
 
     class Echo(InferenceBackend):
         name, max_batch_size = "overhead", 1

@@ -327,8 +327,7 @@ def test_profile_chain_times_every_unit_with_the_threads_asked_for(monkeypatch: 
     want = 3
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     try:
-        profile_chain(ModelSpec(model=net, args=(torch.randn(2, 4),)), rows=[2], repeats=1, threads=want,
-                      optimizer=None)
+        profile_chain(ModelSpec(model=net, args=(torch.randn(2, 4),)), rows=[2], repeats=1, threads=want)
         assert want in set_to and set(set_to) <= {want, 2}, set_to
         assert torch.get_num_threads() == 2
     finally:
@@ -347,8 +346,7 @@ def test_profile_chain_times_every_unit_with_the_threads_asked_for(monkeypatch: 
             return self.lin(x) if x.sum() > -1e9 else x  # a branch on a value: torch.export cannot capture it
 
     chain = torch.nn.Sequential(torch.nn.Linear(4, 4), Branchy(), torch.nn.Linear(4, 2))
-    profile = profile_chain(ModelSpec(model=chain, args=(torch.randn(2, 4),)), rows=[2], repeats=2, threads=want,
-                            optimizer=None)
+    profile = profile_chain(ModelSpec(model=chain, args=(torch.randn(2, 4),)), rows=[2], repeats=2, threads=want)
     assert [u.name for u in profile.units] == ["0", "1", "2"]
     assert seen and set(seen) == {want}
 

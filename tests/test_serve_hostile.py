@@ -257,7 +257,8 @@ def test_heartbeats_find_a_stopped_worker_in_seconds_and_model_errors_are_400(tm
         with serve_app(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
             def post(ids: list[list[int]]) -> httpx.Response:
                 return http.post("/v2/models/emb/infer", json={"inputs": [
-                    {"name": "arg0", "datatype": "INT64", "shape": [len(ids), 3], "data": [i for row in ids for i in row]}]})
+                    {"name": "arg0", "datatype": "INT64", "shape": [len(ids), 3],
+                     "data": [i for row in ids for i in row]}]})
 
             good = post([[1, 2, 3]])
             assert good.status_code == 200, good.text

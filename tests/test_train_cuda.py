@@ -14,8 +14,8 @@ import torch
 
 from stagewise.cli import build_parser
 from stagewise.comm import DistTransport, find_free_port
-from stagewise.launch import spawn
 from stagewise.comm._staging import to_device, to_host
+from stagewise.launch import spawn
 from stagewise.train import TrainConfig, Trainer, train_reference
 from stagewise.train._device import choose_backend, move_stage, plan_devices, resolve_device
 from stagewise.train._device import to_device as tree_to_device

@@ -7,5 +7,20 @@ from .train import TrainConfig, Trainer, TrainResult, train_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelSpec", "load_model_spec", "split", "SplitModel", "SplitError", "Partition", "Stage", "StageSpec",
-           "TrainConfig", "Trainer", "TrainResult", "train_reference", "StagewiseError", "ConfigError", "__version__"]
+__all__ = [
+           "ConfigError",
+           "ModelSpec",
+           "Partition",
+           "SplitError",
+           "SplitModel",
+           "Stage",
+           "StageSpec",
+           "StagewiseError",
+           "TrainConfig",
+           "TrainResult",
+           "Trainer",
+           "__version__",
+           "load_model_spec",
+           "split",
+           "train_reference",
+]

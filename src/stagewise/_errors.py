@@ -19,7 +19,7 @@ keeps working. Exception tree::
 
 from __future__ import annotations
 
-__all__ = ["StagewiseError", "ConfigError"]
+__all__ = ["ConfigError", "StagewiseError"]
 
 
 class StagewiseError(Exception):

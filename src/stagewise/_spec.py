@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "load_model_spec", "as_model_spec", "sample_to_call"]
+__all__ = ["ModelSpec", "as_model_spec", "load_model_spec", "sample_to_call"]
 
 
 @dataclasses.dataclass(kw_only=True)

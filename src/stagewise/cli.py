@@ -19,7 +19,8 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         "split", help="cut a model into stages and print the stage table",
         description="Capture MODEL's forward pass, cut it into stages and print, per stage: the units (module FQNs) it "
                     "runs, its parameters, measured forward/backward time and the bytes crossing the cut after it.")
-    p.add_argument("model", metavar="MODEL", help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
+    p.add_argument("model", metavar="MODEL",
+                   help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
     p.add_argument("--stages", type=int, default=2, help="number of pipeline stages (default: 2)")
     p.add_argument("--by", choices=["time", "params", "uniform"], default="time",
                    help="per-unit cost that the exact min-max cut balances (default: time)")
@@ -119,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from ._plan_cli import add_plan_parser, add_probe_parser
-    from .checkpoint._cli import add_checkpoint_parser
-    from .serve._cli import add_infer_parser, add_serve_parser
+    from .checkpoint import add_checkpoint_parser
+    from .serve import add_infer_parser, add_serve_parser
 
     _add_split(sub)
     _add_train(sub)

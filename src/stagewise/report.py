@@ -8,7 +8,7 @@ from rich.table import Table
 
 from .split import Partition
 
-__all__ = ["print_partition", "format_bytes"]
+__all__ = ["format_bytes", "print_partition"]
 
 
 def format_bytes(n: float) -> str:

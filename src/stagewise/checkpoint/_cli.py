@@ -9,7 +9,7 @@ import sys
 
 from ._format import CheckpointError
 
-__all__ = ["add_checkpoint_parser", "cmd_checkpoint_info", "cmd_checkpoint_export"]
+__all__ = ["add_checkpoint_parser", "cmd_checkpoint_export", "cmd_checkpoint_info"]
 
 
 def add_checkpoint_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from ._load import Checkpoint
 from ._state import tied_groups
 from ._write import write_safetensors
 
-__all__ = ["export_tensors", "export_state_dict", "export_pretrained", "format_info"]
+__all__ = ["export_pretrained", "export_state_dict", "export_tensors", "format_info"]
 
 
 def export_tensors(checkpoint: Checkpoint, *, model: nn.Module | None = None) -> dict[str, torch.Tensor]:

@@ -25,18 +25,18 @@ from .._errors import StagewiseError
 
 __all__ = [
     "CheckpointError",
-    "safetensors_header",
-    "raw_bytes",
+    "canonical_checksum",
     "chunks",
+    "fsync_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "raw_bytes",
     "read_header",
     "read_tensors",
+    "safetensors_header",
     "sha256_file",
-    "write_json_durable",
-    "fsync_dir",
-    "canonical_checksum",
-    "list_checkpoints",
-    "latest_checkpoint",
     "step_name",
+    "write_json_durable",
     "write_text_durable",
 ]
 

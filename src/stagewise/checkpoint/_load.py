@@ -31,7 +31,7 @@ from ._format import (
     sha256_file,
 )
 
-__all__ = ["Checkpoint", "load_checkpoint", "Verify"]
+__all__ = ["Checkpoint", "Verify", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 

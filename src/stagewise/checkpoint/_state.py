@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["optimizer_state_by_fqn", "load_optimizer_state", "rng_state_json", "restore_rng_state", "tied_groups"]
+__all__ = ["load_optimizer_state", "optimizer_state_by_fqn", "restore_rng_state", "rng_state_json", "tied_groups"]
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 from .._errors import StagewiseError
 
 __all__ = [
+    "BoundaryMismatchError",
     "CommError",
     "CommTimeoutError",
-    "BoundaryMismatchError",
     "FramingError",
-    "TransportClosedError",
     "SpawnError",
+    "TransportClosedError",
 ]
 
 

@@ -32,7 +32,7 @@ import enum
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any, NoReturn, Union
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -40,11 +40,25 @@ import torch
 from ._errors import FramingError
 
 __all__ = [
-    "Value", "DTYPE_CODES", "HEADER_SLOTS", "HEADER_STRUCT", "PACK_LIMIT", "Frame", "Prepared", "TensorDesc",
-    "as_bytes", "encode", "prepare", "parse_header", "parse_descriptors", "buffer_layout", "materialise", "materialise_from",
+    "DTYPE_CODES",
+    "HEADER_SLOTS",
+    "HEADER_STRUCT",
+    "PACK_LIMIT",
+    "Frame",
+    "Prepared",
+    "TensorDesc",
+    "Value",
+    "as_bytes",
+    "buffer_layout",
+    "encode",
+    "materialise",
+    "materialise_from",
+    "parse_descriptors",
+    "parse_header",
+    "prepare",
 ]  # fmt: skip
 
-Value = Union[torch.Tensor, int, float, bool, None]
+Value = torch.Tensor | int | float | bool | None
 """What may cross a stage boundary: a tensor or a python scalar or None."""
 
 MAGIC = 0x53544757  # "STGW"
@@ -113,7 +127,7 @@ class TensorDesc:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-Desc = Union[TensorDesc, int, float, bool, None]
+Desc = TensorDesc | int | float | bool | None
 """A parsed descriptor: a :class:`TensorDesc`, or the scalar value itself."""
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ._framing import Value
 
-__all__ = ["to_host", "to_device", "pinned_empty"]
+__all__ = ["pinned_empty", "to_device", "to_host"]
 
 
 def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from ._errors import TransportClosedError
 from ._framing import Value
 
-__all__ = ["Transport", "SendHandle", "CommGroup", "ReduceOp", "MAX_TAG"]
+__all__ = ["MAX_TAG", "CommGroup", "ReduceOp", "SendHandle", "Transport"]
 
 ReduceOp = Literal["sum", "mean"]
 MAX_TAG = 2**31 - 1

@@ -1,8 +1,9 @@
 """Start one real process per rank (tests and the local launcher) and never leave one behind.
 
 Each child runs ``fn(rank, world_size, port, *args)``. It reports back through its own one-way pipe as UTF-8 text
-(``OK``, or ``FAIL``, the exception's first line, then the traceback), never a pickled exception. ``fn`` and ``args`` are handed to the child by
-multiprocessing's forkserver start method, so ``fn`` must be importable (a module-level function).
+(``OK``, or ``FAIL``, the exception's first line, then the traceback), never a pickled exception. ``fn`` and ``args``
+are handed to the child by multiprocessing's forkserver start method, so ``fn`` must be importable (a module-level
+function).
 
 Stopping: the launcher owns SIGINT and SIGTERM (what Ctrl-C, ``timeout``, docker and systemd send). Children ignore
 SIGINT (a terminal sends it to the whole process group; the launcher decides); on either signal the launcher sends
@@ -86,8 +87,9 @@ def describe_exit(code: int | None) -> str:
 
 
 def forkserver_context(preload: Sequence[str]) -> Any:
-    """A multiprocessing forkserver context whose server imports ``preload`` once: later children start in milliseconds instead of
-    re-importing torch (seconds each). The server itself never runs torch ops, so forking it is safe."""
+    """A multiprocessing forkserver context whose server imports ``preload`` once: later children start in
+    milliseconds instead of re-importing torch (seconds each). The server itself never runs torch ops, so forking it
+    is safe."""
     ctx = mp.get_context("forkserver")
     global _PRELOADED
     if preload and _PRELOADED is None:
@@ -190,8 +192,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
             parts.append(f"spawn: deadline of {timeout:.1f} s passed with ranks {pending} still running{frozen_note}; "
                          "all killed")
         else:
-            cause = f"ranks {frozen} were stopped (SIGSTOP or a debugger) and the others timed out waiting: " if frozen else ""
-            parts.append(f"spawn: {cause}rank {first} failed: {summaries.get(first) or failures[first].splitlines()[0]}; "
+            cause = (f"ranks {frozen} were stopped (SIGSTOP or a debugger) and the others timed out waiting: "
+                     if frozen else "")
+            headline = summaries.get(first) or failures[first].splitlines()[0]
+            parts.append(f"spawn: {cause}rank {first} failed: {headline}; "
                          "the other ranks were stopped")
         for rank, text in failures.items():
             parts.append(f"--- rank {rank} ---\n{text.rstrip()}")

@@ -35,7 +35,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cluster", "Node", "DEVICE_KINDS"]
+__all__ = ["DEVICE_KINDS", "Cluster", "Node"]
 
 log = logging.getLogger(__name__)
 

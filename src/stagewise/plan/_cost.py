@@ -31,11 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "STATE_FACTORS",
     "allreduce_time",
     "optimizer_time",
     "pipeline_lower_bound",
     "transfer_time",
-    "STATE_FACTORS",
 ]
 
 STATE_FACTORS = {"adam": 2, "adamw": 2, "sgd": 1}
@@ -62,7 +62,8 @@ def optimizer_time(param_bytes: float, *, seconds_per_byte: float) -> float:
 def pipeline_lower_bound(schedule: str, *, ranks: int, busy: Sequence[float], forward: Sequence[float],
                          backward: Sequence[float], fwd_delay: Sequence[float], bwd_delay: Sequence[float],
                          start: Sequence[float] | None = None, tail: Sequence[float] | None = None) -> float:
-    """A cheap lower bound on the simulated step time (:func:`stagewise.schedule.simulate`): rank ``r`` cannot start before ``start[r]`` nor
+    """A cheap lower bound on the simulated step time (:func:`stagewise.schedule.simulate`): rank ``r`` cannot start
+    before ``start[r]`` nor
     before microbatch 0's forward reached it, works ``busy[r]`` (everything it does in the pipeline, transfer costs
     on the rank included), then ``tail[r]``; and (except ZB, whose last actions are deferred W) its last backward
     still has to travel back through stages ``r - 1 .. 0`` before rank 0's tail. ``fwd_delay[j]``: the least time

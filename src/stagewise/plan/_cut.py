@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from ..split import exact_ints, min_max_cuts
 
-__all__ = ["Chain", "capped_min_max_cuts", "stage_memory", "nested_live"]
+__all__ = ["Chain", "capped_min_max_cuts", "nested_live", "stage_memory"]
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 from .._errors import StagewiseError
 from ..schedule import SCHEDULE_NAMES, ScheduleName
 
-__all__ = ["Plan", "PlanError", "MODES"]
+__all__ = ["MODES", "Plan", "PlanError"]
 
 MODES = ("train", "serve")
 

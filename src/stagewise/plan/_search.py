@@ -25,7 +25,7 @@ from ._explain import explain_no_fit
 from ._plan import MODES, Plan, PlanError
 from ._profile import ChainProfile
 
-__all__ = ["search", "predict", "TRAIN_SCHEDULES", "OPTIMIZER_SECONDS_PER_BYTE"]
+__all__ = ["OPTIMIZER_SECONDS_PER_BYTE", "TRAIN_SCHEDULES", "predict", "search"]
 
 log = logging.getLogger(__name__)
 

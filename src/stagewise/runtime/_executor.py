@@ -130,7 +130,8 @@ class PipelineExecutor:
                 self._dispatch(action)
             except Exception as exc:
                 grid = self.schedule.grid(mark=(self.position, step), window=6)
-                here = f"rank {self.transport.rank}, stage {action.stage}, action {action} (microbatch {action.microbatch})"
+                here = (f"rank {self.transport.rank}, stage {action.stage}, action {action} "
+                        f"(microbatch {action.microbatch})")
                 peer = exc.peer if isinstance(exc, CommTimeoutError) else None
                 if peer is not None and action.kind in _PEER_STAGE:
                     waited = "to receive from it" if action.kind.startswith("RECV") else "for it to receive"

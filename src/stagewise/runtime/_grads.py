@@ -8,7 +8,7 @@ import torch
 
 from ..comm import CommGroup, Transport
 
-__all__ = ["all_reduce_grads", "clip_global_norm", "broadcast_params"]
+__all__ = ["all_reduce_grads", "broadcast_params", "clip_global_norm"]
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

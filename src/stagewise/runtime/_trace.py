@@ -11,7 +11,7 @@ from typing import Any
 
 from ..schedule import Schedule, simulate
 
-__all__ = ["write_rank_trace", "merge_traces", "render_timeline", "measured_bubble", "stage_costs_from_events"]
+__all__ = ["measured_bubble", "merge_traces", "render_timeline", "stage_costs_from_events", "write_rank_trace"]
 
 _COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#55A868", "W": "#8C9D3A", "SEND_F": "#BBBBBB", "SEND_B": "#BBBBBB",
            "RECV_F": "#DDDDDD", "RECV_B": "#DDDDDD", "wait": "#EEEEEE", "allreduce": "#C44E52", "optimizer": "#8172B2"}

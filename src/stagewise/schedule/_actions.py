@@ -21,10 +21,10 @@ from typing import Any, Literal, get_args
 from .._errors import StagewiseError
 
 __all__ = [
-    "Action",
-    "ActionKind",
     "COMM_KINDS",
     "COMPUTE_KINDS",
+    "Action",
+    "ActionKind",
     "Schedule",
     "ScheduleError",
 ]

@@ -96,7 +96,7 @@ def _check_actions(schedule: Schedule, keys: list[_Key]) -> dict[_Key, _Position
             f, b, i, w = (("F", stage, mb), ("B", stage, mb), ("I", stage, mb), ("W", stage, mb))
             if f in index and (b in index) != (i in index) and (i in index) == (w in index):
                 continue  # the common case: F and exactly one of B or I + W
-            F, B, I, W = (Action(*key) for key in (f, b, i, w))  # type: ignore[arg-type]
+            F, B, I, W = (Action(*key) for key in (f, b, i, w))  # type: ignore[arg-type]  # noqa: E741 (the schedule's names)
             if f not in index:
                 raise ScheduleError(
                     "missing action: every stage runs F once per microbatch", rank=rank, action=F, schedule=schedule

@@ -19,7 +19,9 @@ A split model served by stage-worker processes (``stagewise serve MODEL`` on the
 
 from ._backend import InferenceBackend, LocalBackend, ModelError, ModelMetadata, TensorMetadata, validate_inputs
 from ._batching import BatchingConfig, DynamicBatcher, should_wait
+from ._cli import add_infer_parser, add_serve_parser, cmd_infer, cmd_serve
 from ._gateway import Gateway, GatewayConfig, create_app
+from ._http_guard import HttpLimits
 from ._metrics import GatewayMetrics
 from ._pipeline import PipelineBackend, PipelineConfig, ReplicaStatus
 from ._protocol import (
@@ -43,7 +45,6 @@ from ._protocol import (
     encode_infer_response,
     parse_infer_request,
 )
-from ._http_guard import HttpLimits
 from ._server import RunningServer, run, serve_app
 
 __all__ = [
@@ -76,6 +77,10 @@ __all__ = [
     "TensorMetadata",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
+    "add_infer_parser",
+    "add_serve_parser",
+    "cmd_infer",
+    "cmd_serve",
     "create_app",
     "datatype_of",
     "decode_bytes_elements",

@@ -26,8 +26,15 @@ from ._protocol import DATATYPES, BadRequestError, InferRequest, TensorValue, da
 if TYPE_CHECKING:
     from ._metrics import GatewayMetrics
 
-__all__ = ["TensorMetadata", "ModelMetadata", "ModelError", "validate_inputs", "numeric_tensor", "InferenceBackend",
-           "LocalBackend"]
+__all__ = [
+    "InferenceBackend",
+    "LocalBackend",
+    "ModelError",
+    "ModelMetadata",
+    "TensorMetadata",
+    "numeric_tensor",
+    "validate_inputs",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,19 @@ import torch
 from .._errors import StagewiseError
 from ._backend import InferenceBackend, ModelError
 from ._metrics import GatewayMetrics
-from ._protocol import (BackendError, BadRequestError, ClientDisconnectedError, GatewayTimeoutError, ServeError,
-                        ServiceUnavailableError, TensorValue, datatype_of, rows_of)
+from ._protocol import (
+    BackendError,
+    BadRequestError,
+    ClientDisconnectedError,
+    GatewayTimeoutError,
+    ServeError,
+    ServiceUnavailableError,
+    TensorValue,
+    datatype_of,
+    rows_of,
+)
 
-__all__ = ["BatchingConfig", "DynamicBatcher", "should_wait", "await_or_drop", "Dropped"]
+__all__ = ["BatchingConfig", "Dropped", "DynamicBatcher", "await_or_drop", "should_wait"]
 
 T = TypeVar("T")
 

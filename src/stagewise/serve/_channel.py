@@ -31,7 +31,7 @@ import torch
 
 from .._errors import StagewiseError
 
-__all__ = ["ChannelError", "Message", "Channel", "encode_frame", "parse_header", "DTYPES", "PREFIX"]
+__all__ = ["DTYPES", "PREFIX", "Channel", "ChannelError", "Message", "encode_frame", "parse_header"]
 
 PREFIX = struct.Struct("!IQ")
 """Frame prefix: header length, data length (bytes)."""

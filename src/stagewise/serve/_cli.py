@@ -22,7 +22,7 @@ import numpy as np
 from .._cli_config import add_config_arguments, config_values
 from ._replicas import PipelineConfig
 
-__all__ = ["add_serve_parser", "cmd_serve", "add_infer_parser", "cmd_infer"]
+__all__ = ["add_infer_parser", "add_serve_parser", "cmd_infer", "cmd_serve"]
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from ._openapi import openapi_document
 from ._protocol import ServeError, ServiceUnavailableError, UnauthorizedError
 from ._registry import Gateway, GatewayConfig
 
-__all__ = ["GatewayConfig", "Gateway", "create_app"]
+__all__ = ["Gateway", "GatewayConfig", "create_app"]
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ messages, and every other request to FastAPI (metadata, health, metrics: cold ro
 worth their cost).
 
 It does exactly what the route did: body limits (by ``Content-Length``, while reading, after inflating gzip/deflate),
-the Content-Type (JSON, the binary extension's octet-stream or none; 415 otherwise), v2 JSON and binary parsing, validation against the model's metadata, the batcher with the client's own timeout and
-disconnect, the v2 response, ``{"error": ...}`` answers with the protocol's status codes, and request metrics.
-"""
+the Content-Type (JSON, the binary extension's octet-stream or none; 415 otherwise), v2 JSON and binary parsing,
+validation against the model's metadata, the batcher with the client's own timeout and disconnect, the v2 response,
+``{"error": ...}`` answers with the protocol's status codes, and request metrics. """
 
 from __future__ import annotations
 
@@ -25,9 +25,17 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from ._backend import validate_inputs
-from ._protocol import (BadRequestError, ClientDisconnectedError, PayloadTooLargeError, ServeError,
-                        ServiceUnavailableError, UnauthorizedError, UnsupportedMediaTypeError, encode_infer_response,
-                        parse_infer_request)
+from ._protocol import (
+    BadRequestError,
+    ClientDisconnectedError,
+    PayloadTooLargeError,
+    ServeError,
+    ServiceUnavailableError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    encode_infer_response,
+    parse_infer_request,
+)
 from ._registry import Gateway
 
 __all__ = ["INFER_PATH", "InferRoute", "error_response"]

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from ..comm import find_free_port
-from ..launch import describe_exit as _describe_exit, forkserver_context as _context
+from ..launch import describe_exit as _describe_exit
+from ..launch import forkserver_context as _context
 from ._backend import InferenceBackend, ModelError, ModelMetadata, numeric_tensor
 from ._batching import BatchingConfig, Dropped, await_or_drop
 from ._channel import Channel, ChannelError, Message
@@ -54,7 +55,7 @@ from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus
 from ._serving_split import describe_serving, load_serving_split
 from ._worker import WorkerConfig, worker_main
 
-__all__ = ["PipelineConfig", "PipelineBackend", "ReplicaStatus"]
+__all__ = ["PipelineBackend", "PipelineConfig", "ReplicaStatus"]
 
 log = logging.getLogger(__name__)
 

@@ -44,11 +44,28 @@ import torch
 from .._errors import StagewiseError
 
 __all__ = [
-    "ServeError", "BadRequestError", "UnauthorizedError", "ModelNotFoundError", "PayloadTooLargeError",
-    "UnsupportedMediaTypeError", "ServiceUnavailableError", "GatewayTimeoutError", "ClientDisconnectedError",
-    "BackendError", "DATATYPES", "MAX_RANK",
-    "TensorValue", "RequestInput", "RequestedOutput", "InferRequest", "datatype_of", "parse_infer_request",
-    "encode_infer_response", "encode_bytes_elements", "decode_bytes_elements", "rows_of",
+    "DATATYPES",
+    "MAX_RANK",
+    "BackendError",
+    "BadRequestError",
+    "ClientDisconnectedError",
+    "GatewayTimeoutError",
+    "InferRequest",
+    "ModelNotFoundError",
+    "PayloadTooLargeError",
+    "RequestInput",
+    "RequestedOutput",
+    "ServeError",
+    "ServiceUnavailableError",
+    "TensorValue",
+    "UnauthorizedError",
+    "UnsupportedMediaTypeError",
+    "datatype_of",
+    "decode_bytes_elements",
+    "encode_bytes_elements",
+    "encode_infer_response",
+    "parse_infer_request",
+    "rows_of",
 ]
 
 

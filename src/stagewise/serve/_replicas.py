@@ -12,7 +12,7 @@ from .._errors import ConfigError
 from .._settings import flag_of
 from ._channel import Channel
 
-__all__ = ["PipelineConfig", "ReplicaStatus", "PendingBatch", "ReplicaState", "settle"]
+__all__ = ["PendingBatch", "PipelineConfig", "ReplicaState", "ReplicaStatus", "settle"]
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -16,7 +16,7 @@ import uvicorn
 
 from ._http_guard import HttpLimits, raise_nofile_limit
 
-__all__ = ["RunningServer", "serve_app", "run"]
+__all__ = ["RunningServer", "run", "serve_app"]
 
 logger = logging.getLogger(__name__)
 

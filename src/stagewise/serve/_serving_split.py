@@ -25,8 +25,16 @@ from ..split import SplitModel, Stage, input_leaves, run_stages, split, unflatte
 from ._backend import ModelMetadata, TensorMetadata
 from ._protocol import datatype_of
 
-__all__ = ["ServingSplit", "load_serving_split", "load_checkpoint_weights", "checkpoint_model", "describe_serving",
-           "bucket_rows", "pad_rows", "stage_digest"]
+__all__ = [
+    "ServingSplit",
+    "bucket_rows",
+    "checkpoint_model",
+    "describe_serving",
+    "load_checkpoint_weights",
+    "load_serving_split",
+    "pad_rows",
+    "stage_digest",
+]
 
 
 @dataclasses.dataclass

@@ -2,9 +2,10 @@
 
 A worker connects to the gateway's channel (answers its challenge with an authenticated hello, see ``_listener``),
 starts a heartbeat thread (a beat every ``heartbeat_s``: the gateway fails a silent worker, so a stopped process is
-found in seconds, while a long forward on the main thread still beats), loads the model, splits it exactly as the gateway did, keeps its
-own stage, joins its replica's own gloo group (rank = stage), and reports ready with a digest of its stage's weights
-(the gateway checks it against its own: a factory that builds different weights in different processes is caught).
+found in seconds, while a long forward on the main thread still beats), loads the model, splits it exactly as the
+gateway did, keeps its own stage, joins its replica's own gloo group (rank = stage), and reports ready with a digest of
+its stage's weights (the gateway checks it against its own: a factory that builds different weights in different
+processes is caught).
 
 Then batch after batch, in sequence: stage 0 takes a ``run`` message (seq, rows, every model input) from its channel; a
 later stage receives from the stage before it (DistTransport, tag = seq mod 2**20) the batch's row count, the stage
@@ -234,7 +235,8 @@ def worker_main(config_json: str) -> None:
     try:
         client_handshake(chan, cfg.secret, HelloFields(replica=cfg.replica, generation=cfg.generation,
                                                        stage=cfg.stage, pid=os.getpid()), timeout_s=30.0)
-        threading.Thread(target=_beat, args=(chan, cfg.heartbeat_timeout_s / 5), name="stagewise-heartbeat", daemon=True).start()
+        threading.Thread(target=_beat, args=(chan, cfg.heartbeat_timeout_s / 5), name="stagewise-heartbeat",
+                         daemon=True).start()
         worker = _StageWorker(cfg, chan)
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()

@@ -37,7 +37,8 @@ def uniform_costs(n: int) -> list[float]:
 
 
 def _ratio(i: int, c: object) -> tuple[int, int]:
-    """``c`` as ``(numerator, denominator)``, with a message naming the offending unit when it is not a finite number."""
+    """``c`` as ``(numerator, denominator)``, with a message naming the offending unit when it is not a finite
+    number."""
     if isinstance(c, numbers.Integral):
         return int(c), 1
     if isinstance(c, (str, bytes)):

@@ -12,7 +12,7 @@ from torch import fx, nn
 from ._capture import Capture
 from ._partition import StageSpec, ValueSpec
 
-__all__ = ["Stage", "plan_stages", "build_stage", "value_bytes"]
+__all__ = ["Stage", "build_stage", "plan_stages", "value_bytes"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

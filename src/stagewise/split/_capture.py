@@ -1,10 +1,9 @@
 """Graph capture: run ``torch.export`` (non-strict) over a model and group the captured ops into units.
 
 A *unit* is one call of a module that we do not look inside: a block of a ``ModuleList``/``Sequential``, or a direct
-child of the model (or of a module that holds such a list). Units are named by the module's FQN; the k-th extra call of a
-module called several times (ALBERT's shared layer) is ``fqn@k``. Ops that belong to no unit (glue code such as mask or
-position-id computation) join the next unit in execution order (or the last unit when nothing follows).
-"""
+child of the model (or of a module that holds such a list). Units are named by the module's FQN; the k-th extra call of
+a module called several times (ALBERT's shared layer) is ``fqn@k``. Ops that belong to no unit (glue code such as mask
+or position-id computation) join the next unit in execution order (or the last unit when nothing follows). """
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from .._errors import StagewiseError
 from ._tree import TreeSpec, flatten, leaf_names, unflatten
 
-__all__ = ["Capture", "capture", "CaptureError", "input_leaves"]
+__all__ = ["Capture", "CaptureError", "capture", "input_leaves"]
 
 log = logging.getLogger(__name__)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)

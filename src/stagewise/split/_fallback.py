@@ -28,7 +28,7 @@ from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
 from ._split import SplitError, SplitModel, _partition
 from ._tree import TreeSpec, flatten, leaf_names
 
-__all__ = ["ChainCapture", "record_chain", "split_chain", "ChainSplitModel"]
+__all__ = ["ChainCapture", "ChainSplitModel", "record_chain", "split_chain"]
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Partition", "StageSpec", "UnitInfo", "ValueSpec", "SPLIT_MODES", "COST_METHODS", "CAPTURE_METHODS"]
+__all__ = ["CAPTURE_METHODS", "COST_METHODS", "SPLIT_MODES", "Partition", "StageSpec", "UnitInfo", "ValueSpec"]
 
 SPLIT_MODES = ("layers", "submodels", "tasks")
 COST_METHODS = ("uniform", "params", "time")

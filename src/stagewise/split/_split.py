@@ -1,4 +1,5 @@
-"""A split model: the cuts placed over the captured units, and the runnable stages built from them (:class:`SplitModel`).
+"""A split model: the cuts placed over the captured units, and the runnable stages built from them
+(:class:`SplitModel`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TreeSpec", "flatten", "unflatten", "leaf_names"]
+__all__ = ["TreeSpec", "flatten", "leaf_names", "unflatten"]
 
 _SCALARS = (int, float, bool, str, bytes, type(None), torch.device, torch.dtype, torch.Size, slice, type(Ellipsis))
 _MAX_DEPTH = 64
@@ -37,7 +37,8 @@ class TreeSpec:
         return sum(child.num_leaves for child in self.children)
 
 
-def flatten(tree: Any, *, _depth: int = 0, _leaves: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], TreeSpec]:
+def flatten(tree: Any, *, _depth: int = 0,
+            _leaves: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], TreeSpec]:
     """Return the tensors of ``tree`` in a deterministic order and the spec that rebuilds it."""
     leaves: list[torch.Tensor] = [] if _leaves is None else _leaves
     if _depth > _MAX_DEPTH:

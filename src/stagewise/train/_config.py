@@ -13,9 +13,8 @@ import dataclasses
 import json
 from typing import Any, Literal, get_args
 
-from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
-
 from .._errors import ConfigError
+from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
 from .._settings import build_tree, check_choices, flag_of
 from ..schedule import ScheduleName
 

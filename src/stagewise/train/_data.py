@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .._spec import sample_to_call  # re-exported: the data helpers of training read samples this way
 
-__all__ = ["global_batches", "ReplicaBatches", "split_microbatches", "sample_to_call"]
+__all__ = ["ReplicaBatches", "global_batches", "sample_to_call", "split_microbatches"]
 
 
 def _epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool) -> list[int]:

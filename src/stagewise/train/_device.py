@@ -16,8 +16,16 @@ from torch import fx
 
 from ._config import DEVICES
 
-__all__ = ["DEVICES", "DevicePlan", "resolve_device", "choose_backend", "plan_devices", "move_stage", "to_device",
-           "strict_fp32"]
+__all__ = [
+    "DEVICES",
+    "DevicePlan",
+    "choose_backend",
+    "move_stage",
+    "plan_devices",
+    "resolve_device",
+    "strict_fp32",
+    "to_device",
+]
 
 
 def resolve_device(setting: str, *, cuda_available: bool | None = None) -> str:

@@ -104,7 +104,8 @@ class Trainer:
         log.info("training %s: %s", config.model, plan.describe())
         device = None if plan.device == "cpu" else plan.device
         if self.torchrun is not None:  # every rank runs this; out_dir, if any, must be a path all ranks share
-            transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout, device=device)
+            transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout,
+                                         device=device)
             try:
                 summary = run_worker(config, transport)
             finally:

@@ -112,9 +112,9 @@ def run_worker(config: TrainConfig, transport: Transport, *,
     ``should_stop`` is asked once a step: when it says True on any rank, every rank ends after the same step (the
     answer rides on the step's loss all-reduce, so they agree), saving a checkpoint there when ``save_dir`` is set.
 
-    With ``config.runtime.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state live on
-    the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved afterwards.
-    """
+    With ``config.runtime.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state
+    live on the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved
+    afterwards. """
     tune_allocator()
     torch.set_num_threads(config.runtime.threads)
     torch.manual_seed(config.data.seed)

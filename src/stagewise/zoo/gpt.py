@@ -18,14 +18,14 @@ from stagewise._spec import ModelSpec
 from stagewise.zoo.basic import Samples, seeded
 
 __all__ = [
-    "GPTConfig",
-    "CausalSelfAttention",
+    "GPT",
     "MLP",
     "Block",
-    "GPT",
-    "tiny_gpt",
-    "next_token_loss",
+    "CausalSelfAttention",
+    "GPTConfig",
     "arithmetic_sequences",
+    "next_token_loss",
+    "tiny_gpt",
 ]
 
 
