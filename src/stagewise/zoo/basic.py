@@ -155,23 +155,27 @@ def mlp(*, batch: int = 4, hidden: int = 128, seed: int = 0) -> ModelSpec:
             if i < len(widths) - 2:
                 layers.append(nn.ReLU())
         model = nn.Sequential(*layers)
-    x, y = load_digits_tensors()
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))[:batch]
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 2))
-    n_train = len(x) * 4 // 5  # 80% train, 20% held out for evaluate()
+    # Example inputs are random standardised pixels: building the model (what serving does) never loads the data set
+    # (scikit-learn's import alone takes seconds); the data loads when a training rank asks for it.
+    x = torch.randn(batch, 64, generator=torch.Generator().manual_seed(seed + 1))
+
+    def split_order(n: int) -> tuple[torch.Tensor, torch.Tensor]:  # 80% train, 20% held out for evaluate()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2))
+        return order[:n * 4 // 5], order[n * 4 // 5:]
 
     def dataset() -> Samples:
         xs, ys = load_digits_tensors()
-        return Samples((xs[order[:n_train]],), (ys[order[:n_train]],))
+        train, _ = split_order(len(xs))
+        return Samples((xs[train],), (ys[train],))
 
     def evaluate(trained: nn.Module) -> dict[str, float]:
         xs, ys = load_digits_tensors()
-        held_x, held_y = xs[order[n_train:]], ys[order[n_train:]]
+        _, held = split_order(len(xs))
         with torch.no_grad():
-            pred = trained.eval()(held_x).argmax(dim=1)
-        return {"accuracy": float((pred == held_y).float().mean())}
+            pred = trained.eval()(xs[held]).argmax(dim=1)
+        return {"accuracy": float((pred == ys[held]).float().mean())}
 
-    return ModelSpec(model=model, args=(x[pick],), loss=cross_entropy_loss, dataset=dataset, evaluate=evaluate,
+    return ModelSpec(model=model, args=(x,), loss=cross_entropy_loss, dataset=dataset, evaluate=evaluate,
                      name="mlp")
 
 
