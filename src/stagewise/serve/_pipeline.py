@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 # torch.export's lazily imported machinery (seconds per process).
 _PRELOAD = ("torch", "torch.export", "torch._dynamo", "torch.export._trace", "stagewise.serve._worker")
 _MAX_BACKOFF_S = 10.0
+_STARTING_QUIET_S = 10.0
+"""Silence a starting worker may keep (import and capture can hold the GIL for seconds under load); once ready,
+``heartbeat_timeout_s`` applies."""
 
 
 def _running(pid: int | None) -> bool:
@@ -389,13 +392,16 @@ class PipelineBackend(InferenceBackend):
                     if rep.state in ("starting", "ready"):
                         dead = [(s, p) for s, p in enumerate(rep.procs)
                                 if p.exitcode is not None and not _running(p.pid)]
-                        silent = [s for s, t in rep.beats.items() if now - t > self.config.heartbeat_timeout_s]
+                        quiet_s = self.config.heartbeat_timeout_s
+                        if rep.state == "starting":  # capture holds the GIL for long C++ calls on a loaded machine
+                            quiet_s = max(quiet_s, _STARTING_QUIET_S)
+                        silent = [s for s, t in rep.beats.items() if now - t > quiet_s]
                         if dead:
                             s, p = dead[0]
                             self._fail(rep, rep.generation, f"stage {s} process {_describe_exit(p.exitcode)}")
                         elif silent:
                             self._fail(rep, rep.generation, f"stage {silent[0]} sent no heartbeat for "
-                                                            f"{self.config.heartbeat_timeout_s:g} s "
+                                                            f"{quiet_s:g} s "
                                                             "(PipelineConfig.heartbeat_timeout_s): stopped or hung")
                         elif rep.state == "starting" and now - rep.started_at > self.config.startup_timeout_s:
                             self._fail(rep, rep.generation, f"not ready within {self.config.startup_timeout_s:g} s "
