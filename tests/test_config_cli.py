@@ -140,7 +140,7 @@ def test_serve_flags_come_from_pipeline_config() -> None:
         assert s.flag in action.option_strings and action.default == s.default
         assert action.help is not None and action.help.startswith(s.doc.replace("%", "%%"))
     args = parser.parse_args(["m:f", "--threads", "2", "--max-batch-size", "8", "--precapture",
-                              "--exclude-inputs", "labels,mask", "--worker-timeout-s", "5"])
+                              "--exclude-inputs", "labels,mask", "--worker-timeout", "5"])
     values = config_values(PipelineConfig, args)
     config = PipelineConfig(**values)
     assert (config.threads_per_worker, config.max_batch_size, config.precapture) == (2, 8, True)

@@ -42,18 +42,18 @@ class PipelineConfig:
     """Batches in one replica at once; None = ``stages``."""
     max_attempts: int = 3
     """Times a batch is dispatched before it fails because replicas kept dying under it."""
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = dataclasses.field(default=60.0, metadata={"flag": "--request-timeout"})
     """Longest a batch may take in the backend, waiting included."""
-    worker_timeout_s: float = 60.0
+    worker_timeout_s: float = dataclasses.field(default=60.0, metadata={"flag": "--worker-timeout"})
     """Longest a batch may stay in a replica before the replica counts as stuck (killed, restarted, batch retried);
     also the deadline of its rendezvous and of every send between its stages."""
     heartbeat_timeout_s: float = dataclasses.field(default=5.0, metadata={"flag": "--heartbeat-timeout"})
     """A worker silent this long (it sends a heartbeat every fifth of it, from a thread of its own, so a long forward
     does not count) is stopped or hung: its replica fails and its batches move to another replica. Also the time a
     connecting worker has for its hello."""
-    startup_timeout_s: float = dataclasses.field(default=120.0, metadata={"flag": "--replica-startup-timeout-s"})
+    startup_timeout_s: float = dataclasses.field(default=120.0, metadata={"flag": "--replica-startup-timeout"})
     """A replica not ready this long after its start is restarted."""
-    restart_backoff_s: float = 0.5
+    restart_backoff_s: float = dataclasses.field(default=0.5, metadata={"flag": "--restart-backoff"})
     """Delay before restarting a replica that failed while starting; doubles per failure (up to 10 s)."""
     checkpoint: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
     """A training checkpoint directory whose weights (by FQN, any layout) the workers load."""
