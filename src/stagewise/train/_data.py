@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .._spec import sample_to_call  # re-exported: the data helpers of training read samples this way
+from ..split import input_leaves
+from ._device import to_device
 
-__all__ = ["ReplicaBatches", "global_batches", "sample_to_call", "split_microbatches"]
+__all__ = ["ReplicaBatches", "global_batches", "rank_microbatches", "sample_to_call", "split_microbatches"]
 
 
 def _epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -98,3 +100,21 @@ def split_microbatches(batch: Any, microbatches: int) -> list[Any]:
         return [x] * microbatches
 
     return cut(batch)
+
+
+def rank_microbatches(batch: Any, *, needed: Collection[str], microbatches: int,
+                      device: torch.device) -> tuple[list[dict[str, Any]], list[Any]]:
+    """``(inputs, targets)`` per microbatch of a collated batch ``(inputs, targets)`` for one rank: only the input
+    leaves its stages read (``needed``, by :func:`~stagewise.split.input_leaves` name), on ``device``.
+
+    The batch moves to a GPU in one copy per tensor, then is cut into microbatches (views of those copies), rather than
+    copying every microbatch on its own; on the CPU nothing is copied.
+    """
+    batch_inputs, targets = batch
+    a, k = sample_to_call(batch_inputs)
+    leaves, names, _ = input_leaves(a, k)
+    inputs = {n: t for n, t in zip(names, leaves) if n in needed}
+    if device.type != "cpu":
+        inputs, targets = to_device((inputs, targets), device)
+    cut = split_microbatches((inputs, targets), microbatches)
+    return [i for i, _ in cut], [t for _, t in cut]
