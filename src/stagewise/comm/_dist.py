@@ -214,10 +214,11 @@ class DistTransport(Transport):
             p.write_header(first_np, src=self.rank, tag=tag)
             if inline:
                 p.write_pack(first, _HEADER_BYTES, first_np)
-        else:  # NCCL: fixed size, on the device
+        else:  # NCCL: fixed size (receives must match it), on the device; the bytes after what is carried are never
+            # read, so they are left as they are (no memset of the whole area each message)
             header = torch.empty(_HEADER_BYTES, dtype=torch.uint8)
             p.write_header(header.numpy(), src=self.rank, tag=tag)
-            first = torch.zeros(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+            first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
             first[:_HEADER_BYTES].copy_(header)
             if inline:
                 p.write_pack(first, _HEADER_BYTES)
@@ -292,8 +293,11 @@ class DistTransport(Transport):
         works = [self._pg.recv([b], src, tag) for b in buffers]
         for w in works:  # posted together: they match in send order
             wait(w)
-        values = materialise_from(descs, where, pack_bytes, buffers, first=first if inline else None,
-                                  first_np=first_np, first_offset=_HEADER_BYTES, device=self._wire)
+        if inline:  # the pack rode in the first message, after the header; ``buffers`` hold the large tensors
+            pack: torch.Tensor | None = first[_HEADER_BYTES:_HEADER_BYTES + pack_bytes]
+        else:
+            pack, buffers = (buffers[0], buffers[1:]) if pack_bytes else (None, buffers)
+        values = materialise_from(descs, where, pack=pack, large=buffers, device=self._wire)
         if self.staged:  # host values -> this rank's GPU
             values = to_device(values, self.device)
         if self._trim and posted is None:  # every small value was copied out: the buffer may take the next message
