@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .._spec import sample_to_call  # re-exported: the data helpers of training read samples this way
 from ..split import input_leaves
+from ._config import DataConfig
 from ._device import to_device
 
 __all__ = ["ReplicaBatches", "global_batches", "rank_microbatches", "sample_to_call", "split_microbatches"]
@@ -62,21 +63,22 @@ class _Subset(Dataset):
 
 
 class ReplicaBatches:
-    """The batches of one replica: slice ``replica`` of every global batch, loaded by a DataLoader."""
+    """The batches of one replica: slice ``replica`` of every global batch (drawn as ``data`` says), loaded by a
+    DataLoader."""
 
-    def __init__(self, dataset: Dataset, *, replica: int, replicas: int, global_batch: int, steps: int, seed: int,
-                 shuffle: bool, mode: str, num_workers: int, start_step: int = 0) -> None:
+    def __init__(self, dataset: Dataset, *, data: DataConfig, replica: int, replicas: int, steps: int,
+                 start_step: int = 0) -> None:
         n = len(dataset)  # type: ignore[arg-type]
-        per = global_batch // replicas
+        per = data.global_batch // replicas
         mine = [b[replica * per:(replica + 1) * per]
-                for b in global_batches(n, global_batch=global_batch, steps=steps, seed=seed, shuffle=shuffle,
-                                        start_step=start_step)]
-        if mode == "shard":
+                for b in global_batches(n, global_batch=data.global_batch, steps=steps, seed=data.seed,
+                                        shuffle=data.shuffle, start_step=start_step)]
+        if data.sharding == "shard":
             needed = sorted({i for b in mine for i in b})
             where = {idx: j for j, idx in enumerate(needed)}
             dataset = _Subset(dataset, needed)
             mine = [[where[i] for i in b] for b in mine]
-        self.loader = DataLoader(dataset, batch_sampler=_StepSampler(mine), num_workers=num_workers,
+        self.loader = DataLoader(dataset, batch_sampler=_StepSampler(mine), num_workers=data.num_workers,
                                  collate_fn=default_collate)
 
     def __iter__(self) -> Iterator[Any]:

@@ -52,10 +52,8 @@ def _loader(rs: RankState) -> Iterator[Any] | None:
     """This replica's batches from ``start_step`` on, or None when this rank's stages read no data."""
     if not rs.loads_data:
         return None
-    data = rs.config.data
-    return iter(ReplicaBatches(rs.dataset, replica=rs.replica, replicas=rs.layout.D, global_batch=data.global_batch,
-                               steps=rs.config.steps, seed=data.seed, shuffle=data.shuffle, mode=data.sharding,
-                               num_workers=data.num_workers, start_step=rs.start_step))
+    return iter(ReplicaBatches(rs.dataset, data=rs.config.data, replica=rs.replica, replicas=rs.layout.D,
+                               steps=rs.config.steps, start_step=rs.start_step))
 
 
 def _writer(rs: RankState) -> CheckpointWriter | None:
