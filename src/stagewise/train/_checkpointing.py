@@ -1,5 +1,7 @@
 """A training run's checkpoints: every rank saves its part at a step and rank 0 commits; a resume loads each rank's
-weights and optimizer state by FQN, whatever layout saved them."""
+weights and optimizer state by FQN, whatever layout saved them.
+
+Imported only by runs that save or resume: a run that does neither never loads the checkpoint package."""
 
 from __future__ import annotations
 
@@ -16,16 +18,9 @@ from ..checkpoint import (
     restore_rng_state,
     rng_state_json,
 )
-from ..split import Stage
-from ._rank import RankState
+from ._rank import RankState, stage_tensors
 
-__all__ = ["restore_checkpoint", "save_checkpoint", "stage_tensors"]
-
-
-def stage_tensors(stages: dict[int, Stage]) -> dict[str, torch.Tensor]:
-    """The stages' weights and buffers by FQN (without the constants the capture lifted: they are not state)."""
-    return {k: v.detach() for st in stages.values() for k, v in st.module.state_dict().items()
-            if not k.startswith("_stagewise_const")}
+__all__ = ["restore_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(rs: RankState, writer: CheckpointWriter, *, step: int) -> None:

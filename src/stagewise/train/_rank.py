@@ -21,7 +21,8 @@ from ._config import OPTIMIZER_CLASSES, TrainConfig
 from ._data import sample_to_call
 from ._device import move_stage, resolve_device, strict_fp32
 
-__all__ = ["Layout", "RankState", "example_batch", "make_optimizer", "model_loss", "rank_device", "setup_rank"]
+__all__ = ["Layout", "RankState", "example_batch", "make_optimizer", "model_loss", "rank_device", "setup_rank",
+           "stage_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +226,9 @@ def _place(stages: dict[int, Stage], config: TrainConfig, transport: Transport) 
             log.info("training on %s (backend %s%s)", device, getattr(transport, "backend", "?"),
                      ", staged through pinned host memory" if getattr(transport, "staged", False) else "")
     return device
+
+
+def stage_tensors(stages: dict[int, Stage]) -> dict[str, torch.Tensor]:
+    """The stages' weights and buffers by FQN (without the constants the capture lifted: they are not state)."""
+    return {k: v.detach() for st in stages.values() for k, v in st.module.state_dict().items()
+            if not k.startswith("_stagewise_const")}

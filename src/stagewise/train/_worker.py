@@ -8,19 +8,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..checkpoint import CheckpointWriter
 from ..comm import Transport
 from ..runtime import StepError, all_reduce_grads, clip_global_norm, merge_traces, render_timeline, write_rank_trace
 from ..split import Stage
-from ._checkpointing import restore_checkpoint, save_checkpoint, stage_tensors
 from ._config import TrainConfig
 from ._data import ReplicaBatches, rank_microbatches
 from ._progress import Progress
-from ._rank import RankState, setup_rank
+from ._rank import RankState, setup_rank, stage_tensors
+
+if TYPE_CHECKING:
+    from ..checkpoint import CheckpointWriter
 
 __all__ = ["run_worker"]
 
@@ -39,6 +40,8 @@ def run_worker(config: TrainConfig, transport: Transport, *,
     afterwards. """
     rs = setup_rank(config, transport)
     if config.output.resume:
+        from ._checkpointing import restore_checkpoint
+
         rs.start_step = restore_checkpoint(rs)
     loader = _loader(rs)
     writer = _writer(rs)
@@ -60,6 +63,8 @@ def _writer(rs: RankState) -> CheckpointWriter | None:
     """The checkpoint writer when ``save_dir`` is set (rank 0 cleans up what an earlier run left), else None."""
     if not rs.config.output.save_dir:
         return None
+    from ..checkpoint import CheckpointWriter
+
     return CheckpointWriter(rs.config.output.save_dir, keep=rs.config.output.keep, clean=rs.rank == 0)
 
 
@@ -130,6 +135,8 @@ def _maybe_save(rs: RankState, writer: CheckpointWriter | None, *, step: int, st
     """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so."""
     save_every = rs.config.output.save_every
     if writer is not None and (stop or step == rs.config.steps or (save_every and step % save_every == 0)):
+        from ._checkpointing import save_checkpoint
+
         save_checkpoint(rs, writer, step=step)
 
 
