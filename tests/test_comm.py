@@ -33,6 +33,8 @@ from stagewise.comm._framing import (
     TensorDesc,
     buffer_layout,
     encode,
+    materialise,
+    materialise_from,
     parse_descriptors,
     parse_header,
     prepare,
@@ -159,6 +161,24 @@ def test_frame_layout_matches_header() -> None:
     assert frame.extension is not None and len(frame.payloads) == 1  # 12 small tensors share one pack
     frame = encode(_cases()["mixed"], src=0, tag=1)
     assert [p.numel() > PACK_LIMIT for p in frame.payloads] == [False, True]
+
+
+def test_materialise_from_reads_a_pack_inside_a_larger_message() -> None:
+    # A transport's first message carries the pack after the header: a view into it must read as the pack on its own.
+    for name, values in _cases().items():
+        frame = encode(values, src=0, tag=1)
+        descs = parse_descriptors(frame.header, frame.extension)
+        _, where, pack_bytes = buffer_layout(descs)
+        if not pack_bytes:
+            continue
+        message = torch.full((48 + pack_bytes + 16,), 0xAB, dtype=torch.uint8)  # header room, pack, unread tail
+        message[48:48 + pack_bytes].copy_(frame.payloads[0])
+        got = materialise_from(descs, where, pack=message[48:48 + pack_bytes], large=frame.payloads[1:],
+                               device=torch.device("cpu"))
+        _assert_same(values, got, name)
+        _assert_same(materialise(descs, frame.payloads, torch.device("cpu")), got, name)
+        message.fill_(0)  # small values own their storage: the message buffer may take the next one
+        _assert_same(values, got, name)
 
 
 def test_header_bytes_pin_the_wire_format() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stagewise.comm import find_free_port
-from stagewise.train import TrainConfig, Trainer, train_reference
+from stagewise.train import DataConfig, TrainConfig, Trainer, train_reference
 from stagewise.train._data import ReplicaBatches, global_batches, split_microbatches
 
 RTOL, ATOL = 1e-5, 4e-5
@@ -75,13 +75,13 @@ def test_replica_shards_are_disjoint_and_deterministic() -> None:
     data = torch.utils.data.TensorDataset(torch.arange(24.0).unsqueeze(1))
     seen = []
     for replica in range(3):
-        it = ReplicaBatches(data, replica=replica, replicas=3, global_batch=12, steps=2, seed=0, shuffle=True,
-                            mode="shard", num_workers=0)
+        it = ReplicaBatches(data, data=DataConfig(global_batch=12, seed=0, sharding="shard"), replica=replica,
+                            replicas=3, steps=2)
         rows = [int(v) for (batch,) in it for v in batch.flatten()]
         assert len(rows) == 8
         seen.extend(rows)
-        again = [int(v) for (batch,) in ReplicaBatches(data, replica=replica, replicas=3, global_batch=12, steps=2,
-                                                         seed=0, shuffle=True, mode="replicate", num_workers=0)
+        replicated = DataConfig(global_batch=12, seed=0, sharding="replicate")
+        again = [int(v) for (batch,) in ReplicaBatches(data, data=replicated, replica=replica, replicas=3, steps=2)
                  for v in batch.flatten()]
         assert again == rows  # replicate reads the same samples as shard, from a full copy
     assert sorted(seen) == list(range(24))

@@ -17,6 +17,7 @@ from stagewise.comm import DistTransport, find_free_port
 from stagewise.comm._staging import to_device, to_host
 from stagewise.launch import spawn
 from stagewise.train import TrainConfig, Trainer, train_reference
+from stagewise.train._data import rank_microbatches
 from stagewise.train._device import choose_backend, move_stage, plan_devices, resolve_device
 from stagewise.train._device import to_device as tree_to_device
 
@@ -116,10 +117,27 @@ def test_tree_to_device_moves_nested_batches() -> None:
     assert tree_to_device(batch, torch.device("cpu"))[0]["ids"] is batch[0]["ids"]
 
 
+def test_rank_microbatches_move_each_batch_once() -> None:
+    x, other, y = torch.randn(8, 3), torch.randn(8, 5), torch.arange(8)
+    inputs, targets = rank_microbatches(({"x": x, "other": other}, y), needed={"x"}, microbatches=4, device=META)
+    assert [list(i) for i in inputs] == [["x"]] * 4  # only the leaves this rank's stages read
+    assert all(i["x"].device == META and i["x"].shape == (2, 3) for i in inputs)
+    assert all(t.device == META and t.shape == (2,) for t in targets)
+    # one copy per tensor per batch: every microbatch is a view of the same moved tensor
+    assert len({id(i["x"]._base) for i in inputs}) == 1 and inputs[0]["x"]._base.shape == (8, 3)
+    assert len({id(t._base) for t in targets}) == 1
+    cpu_inputs, cpu_targets = rank_microbatches(((x,), y), needed={"arg0"}, microbatches=2,
+                                                device=torch.device("cpu"))
+    assert cpu_inputs[1]["arg0"]._base is x and torch.equal(cpu_inputs[1]["arg0"], x[4:])  # no copy on the CPU
+    assert cpu_targets[0]._base is y
+    with pytest.raises(ValueError, match="does not divide into 3 microbatches"):
+        rank_microbatches(((x,), y), needed={"arg0"}, microbatches=3, device=META)
+
+
 def test_move_stage_retargets_device_literals() -> None:
     from stagewise._spec import load_model_spec
     from stagewise.split import split
-    from stagewise.train._worker import example_batch
+    from stagewise.train._rank import example_batch
 
     spec = load_model_spec("stagewise.zoo.gpt:tiny_gpt")
     spec.model.train(False)

@@ -66,9 +66,11 @@ def _inline_bytes(pack_bytes: int, has_extension: bool) -> int:
     return pack_bytes if not has_extension and pack_bytes <= _INLINE_BYTES else 0
 
 
-def _wait(transport: DistTransport, work: Any, *, deadline: float, waited: float, op: str, peer: int | None,
-          tag: int | None) -> None:
-    """Wait for one work object until ``deadline``; translate backend failures into comm errors with context."""
+def _wait(transport: DistTransport, work: Any, *, when: tuple[float, float], op: str, peer: int | None = None,
+          tag: int | None = None) -> None:
+    """Wait for one work object until the deadline of ``when`` (``(timeout, deadline)`` from ``Transport._deadline``);
+    translate backend failures into comm errors naming ``op`` (and ``peer`` and ``tag`` for point-to-point ones)."""
+    waited, deadline = when
     try:
         if transport.backend == "nccl":
             while not work.is_completed():
@@ -98,10 +100,9 @@ class _DistSendHandle(SendHandle):
         self._dst, self._tag = dst, tag
 
     def wait(self, timeout: float | None = None) -> None:
-        t, deadline = self._transport._deadline(timeout)
+        when = self._transport._deadline(timeout)
         while self._works:
-            _wait(self._transport, self._works[0], deadline=deadline, waited=t, op="send", peer=self._dst,
-                  tag=self._tag)
+            _wait(self._transport, self._works[0], when=when, op="send", peer=self._dst, tag=self._tag)
             self._works.pop(0)
         self._keepalive = []
 
@@ -214,10 +215,11 @@ class DistTransport(Transport):
             p.write_header(first_np, src=self.rank, tag=tag)
             if inline:
                 p.write_pack(first, _HEADER_BYTES, first_np)
-        else:  # NCCL: fixed size, on the device
+        else:  # NCCL: fixed size (receives must match it), on the device; the bytes after what is carried are never
+            # read, so they are left as they are (no memset of the whole area each message)
             header = torch.empty(_HEADER_BYTES, dtype=torch.uint8)
             p.write_header(header.numpy(), src=self.rank, tag=tag)
-            first = torch.zeros(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
+            first = torch.empty(_FIRST_BYTES, dtype=torch.uint8, device=self.device)
             first[:_HEADER_BYTES].copy_(header)
             if inline:
                 p.write_pack(first, _HEADER_BYTES)
@@ -252,10 +254,10 @@ class DistTransport(Transport):
              expect: Sequence[Any] | None = None) -> list[Value]:
         self._check_peer(src, name="src")
         self._check_tag(tag)
-        t, deadline = self._deadline(timeout)
+        when = self._deadline(timeout)
 
         def wait(work: Any) -> None:
-            _wait(self, work, deadline=deadline, waited=t, op="recv", peer=src, tag=tag)
+            _wait(self, work, when=when, op="recv", peer=src, tag=tag)
 
         posted = self._posted.pop((src, tag), None)
         if posted is not None:  # received ahead (post_recv): the first transfer may already be here
@@ -292,8 +294,11 @@ class DistTransport(Transport):
         works = [self._pg.recv([b], src, tag) for b in buffers]
         for w in works:  # posted together: they match in send order
             wait(w)
-        values = materialise_from(descs, where, pack_bytes, buffers, first=first if inline else None,
-                                  first_np=first_np, first_offset=_HEADER_BYTES, device=self._wire)
+        if inline:  # the pack rode in the first message, after the header; ``buffers`` hold the large tensors
+            pack: torch.Tensor | None = first[_HEADER_BYTES:_HEADER_BYTES + pack_bytes]
+        else:
+            pack, buffers = (buffers[0], buffers[1:]) if pack_bytes else (None, buffers)
+        values = materialise_from(descs, where, pack=pack, large=buffers, device=self._wire)
         if self.staged:  # host values -> this rank's GPU
             values = to_device(values, self.device)
         if self._trim and posted is None:  # every small value was copied out: the buffer may take the next message
@@ -313,10 +318,6 @@ class DistTransport(Transport):
             return host
         return tensor.detach().to(self._wire, memory_format=torch.contiguous_format, copy=True)
 
-    def _run(self, kind: str, work: Any, when: tuple[float, float]) -> None:
-        t, deadline = when
-        _wait(self, work, deadline=deadline, waited=t, op=kind, peer=None, tag=None)
-
     def all_reduce(self, tensor: torch.Tensor, *, group: CommGroup | None = None, op: ReduceOp = "sum",
                    timeout: float | None = None) -> None:
         self._check_reduce(tensor, op)
@@ -324,7 +325,7 @@ class DistTransport(Transport):
         when = self._deadline(timeout)
         wire = self._on_wire(tensor)
         work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=g.handle, async_op=True)
-        self._run("all_reduce", work, when)
+        _wait(self, work, when=when, op="all_reduce")
         with torch.no_grad():
             if op == "mean":
                 wire.div_(g.size)
@@ -339,7 +340,7 @@ class DistTransport(Transport):
         when = self._deadline(timeout)
         wire = self._on_wire(tensor)
         work = dist.broadcast(wire, src=src, group=g.handle, async_op=True)
-        self._run("broadcast", work, when)
+        _wait(self, work, when=when, op="broadcast")
         if wire.data_ptr() != tensor.data_ptr():
             with torch.no_grad():
                 tensor.copy_(wire)
@@ -356,7 +357,7 @@ class DistTransport(Transport):
         self._resolve_group(None, op="barrier")
         when = self._deadline(timeout)
         work = dist.all_reduce(torch.zeros(1, device=self._wire), group=None, async_op=True)
-        self._run("barrier", work, when)
+        _wait(self, work, when=when, op="barrier")
 
     def close(self) -> None:
         if self._closed:

@@ -359,23 +359,18 @@ def materialise(descs: Sequence[Desc], payloads: Sequence[torch.Tensor], device:
     sizes, where, pack_bytes = buffer_layout(descs)
     if len(payloads) != len(sizes) or any(p.numel() != n for p, n in zip(payloads, sizes)):
         raise FramingError(f"payload sizes {[p.numel() for p in payloads]} do not match the header's {sizes}")
-    return materialise_from(descs, where, pack_bytes, payloads, device=device)
+    pack = payloads[0] if pack_bytes else None
+    return materialise_from(descs, where, pack=pack, large=payloads[1:] if pack_bytes else payloads, device=device)
 
 
-def materialise_from(descs: Sequence[Desc], where: Sequence[tuple[int, int, int] | None], pack_bytes: int,
-                     payloads: Sequence[torch.Tensor], *, device: torch.device, first: torch.Tensor | None = None,
-                     first_np: np.ndarray | None = None, first_offset: int = 0) -> list[Value]:
-    """:func:`materialise` for buffers already checked against ``buffer_layout(descs)`` (``where``, ``pack_bytes``).
-
-    With ``first``, the pack is not ``payloads[0]`` but lies in ``first`` from byte ``first_offset`` (a transport's
-    first message; ``first_np``: a numpy view of it, if at hand) and ``payloads`` holds only the large ones' buffers.
+def materialise_from(descs: Sequence[Desc], where: Sequence[tuple[int, int, int] | None], *,
+                     pack: torch.Tensor | None, large: Sequence[torch.Tensor], device: torch.device) -> list[Value]:
+    """:func:`materialise` for buffers already checked against ``buffer_layout(descs)`` (``where``): ``pack`` holds
+    exactly the small tensors' bytes (None when there are none; it may be a view into a larger message, as a
+    transport's first message carries it after the header), ``large`` the large tensors' own buffers in wire order.
     """
-    if first is not None:  # buffer index in ``where`` -> index in ``payloads``: the pack is not among them
-        pack, base, shift, pack_np = first, first_offset, 1, first_np
-    else:
-        pack, base, shift, pack_np = (payloads[0] if pack_bytes else None), 0, 0, None
-    if pack_np is None and pack is not None and pack.is_cpu:
-        pack_np = pack.numpy()
+    shift = 0 if pack is None else 1  # buffer index in ``where`` -> index in ``large``: the pack is buffer 0
+    pack_np = pack.numpy() if pack is not None and pack.is_cpu else None
     values: list[Value] = []
     for d, w in zip(descs, where):
         if type(d) is not TensorDesc:
@@ -384,9 +379,9 @@ def materialise_from(descs: Sequence[Desc], where: Sequence[tuple[int, int, int]
         if w is None:  # zero elements: nothing travelled
             t = torch.empty(d.shape, dtype=d.dtype, device=device)
         elif w[2] > PACK_LIMIT:  # its own buffer
-            t = payloads[w[0] - shift].view(d.dtype).reshape(d.shape)
+            t = large[w[0] - shift].view(d.dtype).reshape(d.shape)
         else:  # a slice of the pack: give it its own storage
-            start, end = base + w[1], base + w[1] + w[2]
+            start, end = w[1], w[1] + w[2]
             if pack_np is not None and d.dtype in _NUMPY_DTYPES:  # copy through numpy: no torch slicing ops
                 t = torch.empty(d.shape, dtype=d.dtype)
                 t.numpy().reshape(-1).view(np.uint8)[:] = pack_np[start:end]

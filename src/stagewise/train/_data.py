@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .._spec import sample_to_call  # re-exported: the data helpers of training read samples this way
+from ..split import input_leaves
+from ._config import DataConfig
+from ._device import to_device
 
-__all__ = ["ReplicaBatches", "global_batches", "sample_to_call", "split_microbatches"]
+__all__ = ["ReplicaBatches", "global_batches", "rank_microbatches", "sample_to_call", "split_microbatches"]
 
 
 def _epoch_order(n: int, *, epoch: int, seed: int, shuffle: bool) -> list[int]:
@@ -60,21 +63,22 @@ class _Subset(Dataset):
 
 
 class ReplicaBatches:
-    """The batches of one replica: slice ``replica`` of every global batch, loaded by a DataLoader."""
+    """The batches of one replica: slice ``replica`` of every global batch (drawn as ``data`` says), loaded by a
+    DataLoader."""
 
-    def __init__(self, dataset: Dataset, *, replica: int, replicas: int, global_batch: int, steps: int, seed: int,
-                 shuffle: bool, mode: str, num_workers: int, start_step: int = 0) -> None:
+    def __init__(self, dataset: Dataset, *, data: DataConfig, replica: int, replicas: int, steps: int,
+                 start_step: int = 0) -> None:
         n = len(dataset)  # type: ignore[arg-type]
-        per = global_batch // replicas
+        per = data.global_batch // replicas
         mine = [b[replica * per:(replica + 1) * per]
-                for b in global_batches(n, global_batch=global_batch, steps=steps, seed=seed, shuffle=shuffle,
-                                        start_step=start_step)]
-        if mode == "shard":
+                for b in global_batches(n, global_batch=data.global_batch, steps=steps, seed=data.seed,
+                                        shuffle=data.shuffle, start_step=start_step)]
+        if data.sharding == "shard":
             needed = sorted({i for b in mine for i in b})
             where = {idx: j for j, idx in enumerate(needed)}
             dataset = _Subset(dataset, needed)
             mine = [[where[i] for i in b] for b in mine]
-        self.loader = DataLoader(dataset, batch_sampler=_StepSampler(mine), num_workers=num_workers,
+        self.loader = DataLoader(dataset, batch_sampler=_StepSampler(mine), num_workers=data.num_workers,
                                  collate_fn=default_collate)
 
     def __iter__(self) -> Iterator[Any]:
@@ -98,3 +102,21 @@ def split_microbatches(batch: Any, microbatches: int) -> list[Any]:
         return [x] * microbatches
 
     return cut(batch)
+
+
+def rank_microbatches(batch: Any, *, needed: Collection[str], microbatches: int,
+                      device: torch.device) -> tuple[list[dict[str, Any]], list[Any]]:
+    """``(inputs, targets)`` per microbatch of a collated batch ``(inputs, targets)`` for one rank: only the input
+    leaves its stages read (``needed``, by :func:`~stagewise.split.input_leaves` name), on ``device``.
+
+    The batch moves to a GPU in one copy per tensor, then is cut into microbatches (views of those copies), rather than
+    copying every microbatch on its own; on the CPU nothing is copied.
+    """
+    batch_inputs, targets = batch
+    a, k = sample_to_call(batch_inputs)
+    leaves, names, _ = input_leaves(a, k)
+    inputs = {n: t for n, t in zip(names, leaves) if n in needed}
+    if device.type != "cpu":
+        inputs, targets = to_device((inputs, targets), device)
+    cut = split_microbatches((inputs, targets), microbatches)
+    return [i for i, _ in cut], [t for _, t in cut]

@@ -10,7 +10,7 @@ from .._spec import load_model_spec
 from ._config import TrainConfig
 from ._data import global_batches, sample_to_call
 from ._device import resolve_device, strict_fp32, to_device
-from ._worker import make_optimizer, model_loss
+from ._rank import make_optimizer, model_loss
 
 __all__ = ["train_reference"]
 
