@@ -19,7 +19,8 @@ import torch
 from .._errors import StagewiseError
 from ..comm import CommTimeoutError, SendHandle, Transport
 from ..schedule import Action, Schedule
-from ..split import Stage, as_leaf
+from ..split import Stage
+from ._forward import run_forward
 
 __all__ = ["PipelineExecutor", "StepError", "TimelineEvent"]
 
@@ -182,10 +183,11 @@ class PipelineExecutor:
         if s == 0:
             recv: list[Any] = []
         elif (s, m) in self._recv_f:
-            recv = [as_leaf(v) for v in self._recv_f.pop((s, m))]
+            recv = self._recv_f.pop((s, m))
         else:
-            recv = [as_leaf(v) for v in self._local_f.pop((s, m))]
-        send, outs = stage(recv, self._inputs[m])
+            recv = self._local_f.pop((s, m))
+        ran = run_forward(stage, recv, self._inputs[m], grad=True)
+        send, outs = ran.send, ran.outputs
         loss = None
         if s == self.num_stages - 1:
             if self.loss_fn is None:
@@ -195,7 +197,7 @@ class PipelineExecutor:
                 full[leaf] = value
             loss = self.loss_fn(full, m)
             self._losses[m] = float(loss.detach())
-        self._ctx[(s, m)] = _Ctx(recv=recv, send=send, loss=loss)
+        self._ctx[(s, m)] = _Ctx(recv=ran.recv, send=send, loss=loss)
         if s < self.num_stages - 1:
             if self._rank_of(s + 1) == self.transport.rank:
                 self._local_f[(s + 1, m)] = send

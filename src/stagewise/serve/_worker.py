@@ -9,9 +9,11 @@ processes is caught).
 
 Then batch after batch, in sequence: stage 0 takes a ``run`` message (seq, rows, every model input) from its channel; a
 later stage receives from the stage before it (DistTransport, tag = seq mod 2**20) the batch's row count, the stage
-times so far, the model inputs that it or a later stage reads, and its activations. Each stage runs and sends on; the
-last one answers the gateway over its channel. Only stage 0 hears from the gateway per batch: a later stage is woken
-once, when its input arrives (on a small machine, waking every stage at dispatch costs the first stage its core).
+times so far, the model inputs that it or a later stage reads, and its activations. Each stage runs (the runtime's
+:func:`~stagewise.runtime.run_forward`, the stage runner training's executor uses, here under inference mode; why not
+a schedule on the executor itself: see that module) and sends on; the last one answers the gateway over its channel.
+Only stage 0 hears from the gateway per batch: a later stage is woken once, when its input arrives (on a small machine,
+waking every stage at dispatch costs the first stage its core).
 
 Batches are padded to a captured size and cut back (see ``_serving_split``).
 
@@ -39,6 +41,7 @@ import torch
 
 from .._allocator import tune_allocator
 from ..comm import CommError, DistTransport, SendHandle
+from ..runtime import run_forward
 from ..split import Stage
 from ._channel import Channel
 from ._listener import HelloFields, client_handshake
@@ -187,15 +190,12 @@ class _StageWorker:
                     raise ValueError(f"batch of {rows} rows; this pipeline takes 1..{cfg.max_batch_size}")
                 padded = bucket_rows(rows, cfg.max_batch_size)
                 stage, next_names = self.stage_for(padded)
-                t0 = time.perf_counter()
                 mine = {n: pad_rows(inputs[n], padded) for n in stage.spec.inputs}
-                with torch.inference_mode():
-                    sent, outs = stage(recv, mine)
-                times.append(time.perf_counter() - t0)
-                by_name = {v.name: x for v, x in zip(stage.spec.send, sent)}
-                send = [by_name[n] for n in next_names]  # what the next stage receives, in its order
+                ran = run_forward(stage, recv, mine, grad=False, next_recv=next_names)  # the runtime's, as training's
+                times.append(ran.seconds)
+                send = ran.send
                 if self.last:
-                    result = {name: out[:rows] for name, out in zip(stage.spec.outputs, outs)}
+                    result = {name: out[:rows] for name, out in zip(stage.spec.outputs, ran.outputs)}
             except Exception as exc:  # noqa: BLE001 - one bad batch fails that batch, not the worker
                 ok = False
                 log.exception("replica %s stage %s failed on batch %s", cfg.replica, cfg.stage, seq)
