@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._optimizers import OPTIMIZERS
-from .plan import MODES, Cluster, Plan, profile_rows
+from .plan import MODES, Cluster, Plan
 
 __all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_plans"]
 
@@ -53,7 +53,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 def cmd_plan(args: argparse.Namespace) -> int:
     from ._spec import load_model_spec
     from .launch import profile_model
-    from .plan import search
+    from .plan import profile_rows, search
 
     cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
     spec = load_model_spec(args.model)
