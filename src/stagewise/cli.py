@@ -160,9 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_infer_parser(sub)
     for command in sub.choices.values():  # -v also after the command (SUPPRESS: absent there keeps the one before)
+        _show_defaults(command)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log debug messages; full tracebacks")
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default: the hand-written ones that do not say it get it appended."""
+    from ._cli_config import shown
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):  # checkpoint info / export
+            for nested in action.choices.values():
+                _show_defaults(nested)
+        elif (action.option_strings and action.help and action.default is not argparse.SUPPRESS
+                and "default" not in action.help):
+            action.help += f" (default: {shown(action.default)})".replace("%", "%%")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
