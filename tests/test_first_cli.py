@@ -156,8 +156,8 @@ def test_train_says_where_things_went_and_leaves_no_temp_folder(tmp_path: Path) 
 
     plan = tmp_path / "plan.json"
     Plan(mode="train", devices=4, stages=4, replicas=1, stages_per_rank=1, microbatches=2, schedule="1f1b",
-         global_batch=8, microbatch_rows=4, cut=["0", "2", "4", "6"], step_time_s=0.01, bubble_fraction=0.4, memory_bytes=[1] * 4,
-         device_memory_bytes=2**30).to_json(plan)
+         global_batch=8, microbatch_rows=4, cut=["0", "2", "4", "6"], step_time_s=0.01, bubble_fraction=0.4,
+         memory_bytes=[1] * 4, device_memory_bytes=2**30).to_json(plan)
     resumed = stagewise("train", "stagewise.zoo.basic:mlp", "--steps", "3", "--plan", str(plan),
                         "--resume", str(ckpt), "--no-progress", cwd=tmp_path, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
