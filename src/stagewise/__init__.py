@@ -1,26 +1,22 @@
 """Stagewise: split one large PyTorch model into stages, train it across processes, and serve it."""
 
-from ._errors import ConfigError, StagewiseError
-from ._spec import ModelSpec, load_model_spec
-from .split import Partition, SplitError, SplitModel, Stage, StageSpec, split
-from .train import TrainConfig, Trainer, TrainResult, train_reference
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-           "ConfigError",
-           "ModelSpec",
-           "Partition",
-           "SplitError",
-           "SplitModel",
-           "Stage",
-           "StageSpec",
-           "StagewiseError",
-           "TrainConfig",
-           "TrainResult",
-           "Trainer",
-           "__version__",
-           "load_model_spec",
-           "split",
-           "train_reference",
-]
+__all__ = [*lazy_exports(__name__, {
+    "ConfigError": "._errors",
+    "load_model_spec": "._spec",
+    "ModelSpec": "._spec",
+    "Partition": ".split",
+    "split": ".split",
+    "SplitError": ".split",
+    "SplitModel": ".split",
+    "Stage": ".split",
+    "StageSpec": ".split",
+    "StagewiseError": "._errors",
+    "train_reference": ".train",
+    "TrainConfig": ".train",
+    "Trainer": ".train",
+    "TrainResult": ".train",
+}), "__version__"]

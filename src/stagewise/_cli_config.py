@@ -17,7 +17,7 @@ from typing import Any, get_origin
 
 from ._settings import Setting, settings_of, strip_optional
 
-__all__ = ["add_config_arguments", "config_values"]
+__all__ = ["add_config_arguments", "config_values", "shown"]
 
 
 class _Toggle(argparse.BooleanOptionalAction):
@@ -46,7 +46,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A default as ``--help`` shows it (``none``, ``on``/``off``, ``a,b``)."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -60,7 +61,7 @@ def _shown(value: Any) -> str:
 
 def _argument(s: Setting) -> tuple[list[str], dict[str, Any]]:
     """argparse's ``add_argument`` arguments for setting ``s``."""
-    help_text = (s.doc + ("" if s.required else f" (default: {_shown(s.default)})")).replace("%", "%%")
+    help_text = (s.doc + ("" if s.required else f" (default: {shown(s.default)})")).replace("%", "%%")
     kwargs: dict[str, Any] = {"help": help_text}
     if "metavar" in s.field.metadata:
         kwargs["metavar"] = s.field.metadata["metavar"]

@@ -1,12 +1,22 @@
-"""The optimizers known by name: one table that training builds from and the planner times and sizes."""
+"""The optimizers known by name: one table that training builds from and the planner times and sizes.
+
+The names are plain strings so that the command line offers them without importing torch."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-__all__ = ["OPTIMIZERS", "OPTIMIZER_CLASSES"]
+if TYPE_CHECKING:
+    import torch
 
-OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+__all__ = ["OPTIMIZERS", "optimizer_class"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
 """The optimizers known by name (any other is a dotted path)."""
-OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` class of the known optimizer ``name`` (one of :data:`OPTIMIZERS`)."""
+    import torch
+
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]

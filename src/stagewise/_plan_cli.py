@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._optimizers import OPTIMIZERS
-from .plan import MODES, Cluster, Plan, profile_rows
+from .plan import MODES, Cluster, Plan
 
 __all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_plans"]
 
@@ -53,7 +53,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 def cmd_plan(args: argparse.Namespace) -> int:
     from ._spec import load_model_spec
     from .launch import profile_model
-    from .plan import search
+    from .plan import profile_rows, search
 
     cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
     spec = load_model_spec(args.model)
@@ -82,24 +82,31 @@ def _cuts_text(plan: Plan) -> str:
 
 
 def print_plans(plans: Sequence[Plan], *, title: str = "plans", console: Any = None) -> None:
-    """A rich table: layout, cuts, microbatches, schedule, predicted step time, bubble, memory per device."""
+    """A rich table that fits 80 columns: layout (replicas x stages, ``vN`` virtual stages per rank), microbatches x
+    rows, schedule, predicted step time, bubble, peak memory per device, throughput; then each plan's cuts (long
+    module names: a line per plan, wrapped, instead of a column squeezed to nothing)."""
+    from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .report import format_bytes
 
-    table = Table(title=title)
-    for col in ("#", "layout", "cuts", "microbatches", "schedule", "step ms", "bubble", "memory/device",
-                "samples/s"):
-        table.add_column(col, justify="left" if col in ("layout", "cuts", "schedule") else "right")
+    device = f" ({format_bytes(plans[0].device_memory_bytes)} per device)" if plans else ""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption_justify="left",
+                  caption=f"layout: replicas x stages (vN: N virtual stages per rank); micro: microbatches x rows; "
+                          f"memory: the fullest device's peak{device}")
+    for col in ("#", "layout", "micro", "schedule", "step ms", "bubble", "memory", "samples/s"):
+        table.add_column(col, justify="left" if col in ("layout", "schedule") else "right", no_wrap=True)
     for i, plan in enumerate(plans, 1):
-        virt = f" x {plan.stages_per_rank} virtual" if plan.stages_per_rank > 1 else ""
-        table.add_row(str(i), f"{plan.replicas} replica(s) x {plan.stages} stage(s){virt}", _cuts_text(plan),
-                      f"{plan.microbatches} x {plan.microbatch_rows} rows", plan.schedule,
-                      f"{plan.step_time_s * 1e3:.3f}", f"{plan.bubble_fraction:.1%}",
-                      f"{format_bytes(plan.peak_memory_bytes)} / {format_bytes(plan.device_memory_bytes)}",
-                      f"{plan.throughput:,.1f}")
-    (console or Console()).print(table)
+        virt = f" v{plan.stages_per_rank}" if plan.stages_per_rank > 1 else ""
+        table.add_row(str(i), f"{plan.replicas}x{plan.stages}{virt}", f"{plan.microbatches}x{plan.microbatch_rows}",
+                      plan.schedule, f"{plan.step_time_s * 1e3:.1f}",
+                      f"{plan.bubble_fraction:.0%}", format_bytes(plan.peak_memory_bytes), f"{plan.throughput:,.0f}")
+    console = console or Console(width=80)
+    console.print(table)
+    for i, plan in enumerate(plans, 1):
+        console.print(escape(f"#{i} cuts before: {_cuts_text(plan)}"))
 
 
 def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

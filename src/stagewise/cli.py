@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from ._errors import StagewiseError
 
 __all__ = ["main"]
 
@@ -73,34 +78,57 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.partition and _is_plan_file(args.partition):
         from .plan import Plan
 
-        values.update(Plan.from_json(args.partition).to_train_kwargs())  # the plan decides the layout
+        plan_kwargs = Plan.from_json(args.partition).to_train_kwargs()
+        values.update(plan_kwargs)  # the plan decides the layout
         values["partition"] = None
+        print(f"layout from {args.partition}: " + ", ".join(f"{k} {v}" for k, v in plan_kwargs.items()),
+              file=sys.stderr)
     config = TrainConfig(**values)
     from .launch import torchrun_env
 
     torchrun = torchrun_env()  # the one read of torchrun's environment
-    result = Trainer(config, torchrun=torchrun).fit()
+    trainer = Trainer(config, torchrun=torchrun)
+    if config.output.resume and (torchrun is None or torchrun.rank == 0):
+        _say_resume(config.output.resume, (config.layout.stages, config.layout.replicas))
+    spec = trainer.check() if torchrun is None else None  # every mistake one line here, before any rank starts
+    result = trainer.fit()
     if torchrun is not None and torchrun.rank != 0:
         return 0
     if result.losses:
+        where = f"weights in {result.out_dir}" if result.out_dir else "weights not kept: pass --out DIR to keep them"
         print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
-              f"({result.steps_per_s:.2f} steps/s); weights in {result.out_dir}")
-    if result.stopped_by is not None:  # SIGINT/SIGTERM: every rank ended after the same step
+              f"({result.steps_per_s:.2f} steps/s); {where}")
+    saved = None
+    if config.output.save_dir:
         from .checkpoint import latest_checkpoint
 
-        saved = latest_checkpoint(config.output.save_dir) if config.output.save_dir else None
+        saved = latest_checkpoint(config.output.save_dir)
+        if saved is not None and result.stopped_by is None:
+            print(f"saved checkpoint step {result.last_step} to {saved}")
+    if config.output.trace:
+        print(f"trace written to {config.output.trace} (trace.json, timeline.png)")
+    if result.stopped_by is not None:  # SIGINT/SIGTERM: every rank ended after the same step
         where = f"checkpoint at {saved}" if saved is not None else "no checkpoint: pass --save DIR to keep one"
         print(f"stagewise train: {result.stop_reason}: stopped at step {result.last_step} of {config.steps} "
               f"({where})", file=sys.stderr)
         return 128 + result.stopped_by
-    if torchrun is None:
-        from ._spec import load_model_spec
-
-        spec = load_model_spec(config.model)
-        if spec.evaluate is not None:
-            scores = spec.evaluate(result.load_into(spec.model))
-            print("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if spec is not None and spec.evaluate is not None:
+        scores = spec.evaluate(result.load_into(spec.model))
+        print("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return 0
+
+
+def _say_resume(resume: str, layout: tuple[int, int]) -> None:
+    """Name the checkpoint a run resumes from, and say when its layout differs from this run's."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(resume, verify="size")
+    saved = ckpt.extra.get("layout", {})
+    before = (saved.get("stages"), saved.get("replicas"))
+    change = ""
+    if None not in before and before != layout:
+        change = f" (layout changed from ({before[0]},{before[1]}) to ({layout[0]},{layout[1]}))"
+    print(f"resuming from {ckpt.path} step {ckpt.step}{change}", file=sys.stderr)
 
 
 def _is_plan_file(path: str) -> bool:
@@ -117,7 +145,8 @@ def _is_plan_file(path: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stagewise", description="Split a PyTorch model into stages, train it across processes, serve it.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from ._plan_cli import add_plan_parser, add_probe_parser
     from .checkpoint import add_checkpoint_parser
@@ -130,7 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_parser(sub)
     add_serve_parser(sub)
     add_infer_parser(sub)
+    for command in sub.choices.values():  # -v also after the command (SUPPRESS: absent there keeps the one before)
+        _show_defaults(command)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log debug messages; full tracebacks")
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default: the hand-written ones that do not say it get it appended."""
+    from ._cli_config import shown
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):  # checkpoint info / export
+            for nested in action.choices.values():
+                _show_defaults(nested)
+        elif (action.option_strings and action.help and action.default is not argparse.SUPPRESS
+                and "default" not in action.help):
+            action.help += f" (default: {shown(action.default)})".replace("%", "%%")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,9 +186,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"stagewise {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"stagewise {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line; the traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"stagewise {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line. Our own errors (and ValueError/OSError, which name what to change) speak for themselves;
+    anything else was raised by the user's code (a model factory, a data set): name its file and line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, StagewiseError | ValueError | OSError | TimeoutError):
+        return text
+    libraries = (str(Path(__file__).parent), sys.prefix, sys.base_prefix)  # ours, installed packages, the stdlib
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(libraries)]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}: {text}{where} (run with -v for the traceback)"
 
 
 if __name__ == "__main__":

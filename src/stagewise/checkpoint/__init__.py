@@ -29,31 +29,26 @@ and to resume in any layout::
                          ckpt.optimizer_meta([n for n, _ in names]))
 """
 
-from ._cli import add_checkpoint_parser, cmd_checkpoint_export, cmd_checkpoint_info
-from ._export import export_pretrained, export_state_dict, export_tensors, format_info
-from ._format import CheckpointError, latest_checkpoint, list_checkpoints
-from ._load import Checkpoint, Verify, load_checkpoint
-from ._save import CheckpointWriter
-from ._state import load_optimizer_state, optimizer_state_by_fqn, restore_rng_state, rng_state_json, tied_groups
+from .._lazy import lazy_exports
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointWriter",
-    "Verify",
-    "add_checkpoint_parser",
-    "cmd_checkpoint_export",
-    "cmd_checkpoint_info",
-    "export_pretrained",
-    "export_state_dict",
-    "export_tensors",
-    "format_info",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_optimizer_state",
-    "optimizer_state_by_fqn",
-    "restore_rng_state",
-    "rng_state_json",
-    "tied_groups",
-]
+__all__ = lazy_exports(__name__, {
+    "add_checkpoint_parser": "._cli",
+    "Checkpoint": "._load",
+    "CheckpointError": "._format",
+    "CheckpointWriter": "._save",
+    "cmd_checkpoint_export": "._cli",
+    "cmd_checkpoint_info": "._cli",
+    "export_pretrained": "._export",
+    "export_state_dict": "._export",
+    "export_tensors": "._export",
+    "format_info": "._export",
+    "latest_checkpoint": "._format",
+    "list_checkpoints": "._format",
+    "load_checkpoint": "._load",
+    "load_optimizer_state": "._state",
+    "optimizer_state_by_fqn": "._state",
+    "restore_rng_state": "._state",
+    "rng_state_json": "._state",
+    "tied_groups": "._state",
+    "Verify": "._load",
+})

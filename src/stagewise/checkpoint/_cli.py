@@ -7,8 +7,6 @@ import argparse
 import json
 import sys
 
-from ._format import CheckpointError
-
 __all__ = ["add_checkpoint_parser", "cmd_checkpoint_export", "cmd_checkpoint_info"]
 
 
@@ -47,6 +45,7 @@ def cmd_checkpoint_info(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ._export import format_info
+    from ._format import CheckpointError
     from ._load import load_checkpoint
 
     try:
@@ -67,6 +66,7 @@ def cmd_checkpoint_info(args: argparse.Namespace) -> int:
 def cmd_checkpoint_export(args: argparse.Namespace) -> int:
     """Export a checkpoint's weights to ``--out`` and/or ``--pretrained-dir``."""
     from ._export import export_pretrained, export_state_dict
+    from ._format import CheckpointError
     from ._load import load_checkpoint
 
     if args.out is None and args.pretrained_dir is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .._allocator import tune_allocator
-from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
+from .._optimizers import OPTIMIZERS, optimizer_class
 from .._spec import ModelSpec
 from ..plan import ChainProfile, profile_chain
 from ._spawn import spawn
@@ -55,7 +55,7 @@ def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json:
     if params:
         evict = torch.empty(cache_bytes(), dtype=torch.uint8)
         grads = [torch.randn_like(p) for p in params]
-        opt = OPTIMIZER_CLASSES[optimizer](params, lr=1e-3)
+        opt = optimizer_class(optimizer)(params, lr=1e-3)
         times = []
         for i in range(repeats + 1):
             evict.fill_(i & 0xFF)

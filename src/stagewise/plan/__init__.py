@@ -13,36 +13,30 @@ process. Nothing here starts a process: :mod:`stagewise.launch` measures links a
 and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.with_optimizer`).
 """
 
-from ._cluster import DEVICE_KINDS, Cluster, Node
-from ._cost import STATE_FACTORS, allreduce_time, optimizer_time, pipeline_lower_bound, transfer_time
-from ._cut import capped_min_max_cuts, nested_live, stage_memory
-from ._plan import MODES, Plan, PlanError
-from ._probe import LinkMeasurement, apply_measurement
-from ._profile import ChainProfile, profile_chain, profile_rows
-from ._search import OPTIMIZER_SECONDS_PER_BYTE, TRAIN_SCHEDULES, predict, search
+from .._lazy import lazy_exports
 
-__all__ = [
-    "DEVICE_KINDS",
-    "MODES",
-    "OPTIMIZER_SECONDS_PER_BYTE",
-    "STATE_FACTORS",
-    "TRAIN_SCHEDULES",
-    "ChainProfile",
-    "Cluster",
-    "LinkMeasurement",
-    "Node",
-    "Plan",
-    "PlanError",
-    "allreduce_time",
-    "apply_measurement",
-    "capped_min_max_cuts",
-    "nested_live",
-    "optimizer_time",
-    "pipeline_lower_bound",
-    "predict",
-    "profile_chain",
-    "profile_rows",
-    "search",
-    "stage_memory",
-    "transfer_time",
-]
+__all__ = lazy_exports(__name__, {
+    "allreduce_time": "._cost",
+    "apply_measurement": "._probe",
+    "capped_min_max_cuts": "._cut",
+    "ChainProfile": "._profile",
+    "Cluster": "._cluster",
+    "DEVICE_KINDS": "._cluster",
+    "LinkMeasurement": "._probe",
+    "MODES": "._plan",
+    "nested_live": "._cut",
+    "Node": "._cluster",
+    "OPTIMIZER_SECONDS_PER_BYTE": "._search",
+    "optimizer_time": "._cost",
+    "pipeline_lower_bound": "._cost",
+    "Plan": "._plan",
+    "PlanError": "._plan",
+    "predict": "._search",
+    "profile_chain": "._profile",
+    "profile_rows": "._profile",
+    "search": "._search",
+    "stage_memory": "._cut",
+    "STATE_FACTORS": "._cost",
+    "TRAIN_SCHEDULES": "._search",
+    "transfer_time": "._cost",
+})

@@ -244,6 +244,7 @@ class Cluster:
 
     def write(self, path: str | Path) -> None:
         """Write :meth:`to_toml` to ``path``."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/cluster.toml on a fresh checkout
         Path(path).write_text(self.to_toml())
 
     @classmethod

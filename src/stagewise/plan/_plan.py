@@ -124,6 +124,7 @@ class Plan:
         """JSON text (also written to ``path`` when given)."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/plan.json on a fresh checkout
             Path(path).write_text(text + "\n")
         return text
 

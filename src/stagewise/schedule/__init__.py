@@ -11,45 +11,31 @@ A :class:`Schedule` maps each rank to its list of :class:`Action` (``"1F0"``: st
 ``s`` lives on rank ``s % ranks``. Builders write each schedule once, as data; a runtime only interprets the lists.
 """
 
-from ._actions import COMM_KINDS, COMPUTE_KINDS, Action, ActionKind, Schedule, ScheduleError
-from ._builders import (
-    SCHEDULE_NAMES,
-    ScheduleName,
-    add_communication,
-    build,
-    gpipe,
-    interleaved_1f1b,
-    one_f_one_b,
-    zero_bubble,
-)
-from ._engine import CompiledSchedule, Sharing
-from ._peaks import peak_activations
-from ._simulate import Cost, Interval, Timeline, build_compiled, simulate
-from ._validate import compile_schedule, validate
+from .._lazy import lazy_exports
 
-__all__ = [
-    "COMM_KINDS",
-    "COMPUTE_KINDS",
-    "SCHEDULE_NAMES",
-    "Action",
-    "ActionKind",
-    "CompiledSchedule",
-    "Cost",
-    "Interval",
-    "Schedule",
-    "ScheduleError",
-    "ScheduleName",
-    "Sharing",
-    "Timeline",
-    "add_communication",
-    "build",
-    "build_compiled",
-    "compile_schedule",
-    "gpipe",
-    "interleaved_1f1b",
-    "one_f_one_b",
-    "peak_activations",
-    "simulate",
-    "validate",
-    "zero_bubble",
-]
+__all__ = lazy_exports(__name__, {
+    "Action": "._actions",
+    "ActionKind": "._actions",
+    "add_communication": "._builders",
+    "build": "._builders",
+    "build_compiled": "._simulate",
+    "COMM_KINDS": "._actions",
+    "compile_schedule": "._validate",
+    "CompiledSchedule": "._engine",
+    "COMPUTE_KINDS": "._actions",
+    "Cost": "._simulate",
+    "gpipe": "._builders",
+    "interleaved_1f1b": "._builders",
+    "Interval": "._simulate",
+    "one_f_one_b": "._builders",
+    "peak_activations": "._peaks",
+    "Schedule": "._actions",
+    "SCHEDULE_NAMES": "._builders",
+    "ScheduleError": "._actions",
+    "ScheduleName": "._builders",
+    "Sharing": "._engine",
+    "simulate": "._simulate",
+    "Timeline": "._simulate",
+    "validate": "._validate",
+    "zero_bubble": "._builders",
+})

@@ -13,23 +13,26 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .._cli_config import add_config_arguments, config_values
-from ._replicas import PipelineConfig
+from ._config import PipelineConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["add_infer_parser", "add_serve_parser", "cmd_infer", "cmd_serve"]
 
 log = logging.getLogger(__name__)
 
 _TOKEN_ENV = "STAGEWISE_TOKEN"
-_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-          "FP32": np.float32, "FP64": np.float64}
+_NUMPY = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+          "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
+          "FP32": "float32", "FP64": "float64"}
+"""v2 datatype -> numpy dtype name (names: numpy is imported only by ``infer``, not by ``--help``)."""
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -90,6 +93,21 @@ def _stop_on_signals() -> list[int]:
     return got
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` once, as uvicorn will (``SO_REUSEADDR``), and let go: a port another server holds fails
+    here."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); another server may hold it: "
+                          f"stop it or pick another --port (0 = any free port)") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ._gateway import GatewayConfig, create_app
     from ._http_guard import HttpLimits, raise_nofile_limit
@@ -101,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-payload-mb must be > 0, got {args.max_payload_mb}")
     limits = HttpLimits(header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout,
                         max_connections=args.max_connections)
+    _check_port_free(args.host, args.port)  # a busy port is one line now, not after every worker started
     raise_nofile_limit()  # before any worker starts: they inherit it
     signals = _stop_on_signals()
     gateway_config = GatewayConfig(auth_token=token, max_payload_bytes=int(args.max_payload_mb * 2**20))
@@ -186,6 +205,8 @@ def add_infer_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
 
 
 def _parse_input(text: str, meta: dict[str, dict[str, Any]]) -> tuple[str, np.ndarray]:
+    import numpy as np
+
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise ValueError(f"--input must look like NAME=FILE.npy or NAME=JSON-LIST, got {text!r}")
@@ -212,7 +233,7 @@ def _random_input(spec: dict[str, Any], rows: int, int_high: int, rng: np.random
     if datatype not in _NUMPY:
         raise ValueError(f"--random cannot build input {spec['name']!r} of datatype {datatype}")
     if datatype == "BOOL":
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
+        return rng.integers(0, 2, size=shape).astype("bool")
     if datatype.startswith(("INT", "UINT")):
         return rng.integers(0, int_high, size=shape).astype(_NUMPY[datatype])
     return rng.standard_normal(size=shape).astype(_NUMPY[datatype])
@@ -220,12 +241,16 @@ def _random_input(spec: dict[str, Any], rows: int, int_high: int, rng: np.random
 
 def cmd_infer(args: argparse.Namespace) -> int:
     import httpx
+    import numpy as np
 
     token = args.token or os.environ.get(_TOKEN_ENV) or None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     base = f"{args.url.rstrip('/')}/v2/models/{args.model_name}"
     with httpx.Client(timeout=args.timeout, headers=headers) as client:
-        resp = client.get(base)
+        try:
+            resp = client.get(base)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"cannot reach {args.url} ({exc}); is 'stagewise serve' running there?") from None
         if resp.status_code != 200:
             raise ValueError(f"GET {base} answered {resp.status_code}: {resp.text[:500]}")
         meta = {t["name"]: t for t in resp.json()["inputs"]}

@@ -122,6 +122,7 @@ class Partition:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/gpt2.json on a fresh checkout
             Path(path).write_text(text)
         return text
 

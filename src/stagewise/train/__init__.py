@@ -1,28 +1,17 @@
 """Pipeline-parallel and hybrid (data x pipeline) training across processes."""
 
-from ._config import (
-    OPTIMIZERS,
-    DataConfig,
-    LayoutConfig,
-    OptimConfig,
-    OutputConfig,
-    RuntimeConfig,
-    SplitConfig,
-    TrainConfig,
-)
-from ._reference import train_reference
-from ._trainer import Trainer, TrainResult
+from .._lazy import lazy_exports
 
-__all__ = [
-    "OPTIMIZERS",
-    "DataConfig",
-    "LayoutConfig",
-    "OptimConfig",
-    "OutputConfig",
-    "RuntimeConfig",
-    "SplitConfig",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "train_reference",
-]
+__all__ = lazy_exports(__name__, {
+    "DataConfig": "._config",
+    "LayoutConfig": "._config",
+    "OptimConfig": "._config",
+    "OPTIMIZERS": "._config",
+    "OutputConfig": "._config",
+    "RuntimeConfig": "._config",
+    "SplitConfig": "._config",
+    "train_reference": "._reference",
+    "TrainConfig": "._config",
+    "Trainer": "._trainer",
+    "TrainResult": "._trainer",
+})

@@ -14,13 +14,12 @@ import json
 from typing import Any, Literal, get_args
 
 from .._errors import ConfigError
-from .._optimizers import OPTIMIZER_CLASSES, OPTIMIZERS
+from .._optimizers import OPTIMIZERS
 from .._settings import build_tree, check_choices, flag_of
 from ..schedule import ScheduleName
 
 __all__ = [
     "OPTIMIZERS",
-    "OPTIMIZER_CLASSES",
     "DataConfig",
     "LayoutConfig",
     "OptimConfig",
@@ -107,6 +106,8 @@ class OptimConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; set --optimizer to one of "
                               f"{', '.join(OPTIMIZERS)} or a dotted class path such as torch.optim.RMSprop")
         _at_least(self, 0, "warmup_steps")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}; set --lr (e.g. --lr 1e-3)")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -204,7 +205,7 @@ class TrainConfig:
         self.__post_init__()
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "steps")
+        _at_least(self, 1, "steps")
         per = self.layout.replicas * self.layout.microbatches
         if self.data.global_batch % per:
             raise ConfigError(f"global_batch {self.data.global_batch} must divide by replicas x microbatches = {per}; "

@@ -12,17 +12,18 @@ from typing import Any
 import torch
 
 from .._allocator import tune_allocator
+from .._optimizers import OPTIMIZERS, optimizer_class
 from .._spec import ModelSpec, load_model_spec
 from ..comm import CommGroup, Transport
 from ..runtime import PipelineExecutor, broadcast_params
 from ..schedule import add_communication, build, validate
 from ..split import Partition, SplitModel, Stage, split, unflatten
-from ._config import OPTIMIZER_CLASSES, TrainConfig
+from ._config import TrainConfig
 from ._data import sample_to_call
 from ._device import move_stage, resolve_device, strict_fp32
 
 __all__ = ["Layout", "RankState", "example_batch", "make_optimizer", "model_loss", "rank_device", "setup_rank",
-           "stage_tensors"]
+           "split_as_configured", "stage_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tuple[Any, Any]:
-    if config.optim.optimizer in OPTIMIZER_CLASSES:
-        cls = OPTIMIZER_CLASSES[config.optim.optimizer]
+    if config.optim.optimizer in OPTIMIZERS:
+        cls = optimizer_class(config.optim.optimizer)
     else:
         module, _, name = config.optim.optimizer.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
@@ -172,7 +173,7 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
     spec = load_model_spec(config.model)
     spec.model.train(config.split.dropout)
     args, kwargs, dataset = example_batch(spec, config.microbatch_size)
-    sm = _split(config, spec, args, kwargs, stages=layout.S)
+    sm = split_as_configured(config, spec, args, kwargs, stages=layout.S)
     cap, stages = sm.stages_for(args, kwargs)
     mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}
     device = _place(mine, config, transport)
@@ -204,8 +205,8 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
                      needed=frozenset(name for st in mine.values() for name in st.spec.inputs))
 
 
-def _split(config: TrainConfig, spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,
-           stages: int) -> SplitModel:
+def split_as_configured(config: TrainConfig, spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                        stages: int) -> SplitModel:
     """The model cut into ``stages`` as configured: at a saved partition's cuts, or by ``split.by``/``split.cuts``."""
     if config.split.partition:
         partition = Partition.from_json(config.split.partition)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import torch
 
+from .._spec import ModelSpec, load_model_spec
 from ..comm import DistTransport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
+from ._rank import Layout, example_batch, split_as_configured
 from ._worker import run_worker
 
 __all__ = ["TrainResult", "Trainer"]
@@ -30,11 +33,14 @@ class TrainResult:
 
     losses: list[float]
     steps_per_s: float
-    out_dir: Path
+    out_dir: Path | None
+    """Where the weights were written; None when no ``out_dir`` was set (the weights are then kept in memory)."""
     stopped_by: int | None = None
     """The signal (SIGINT, SIGTERM) that stopped the run early, None when it ran every step."""
     last_step: int | None = None
     """The optimizer step the run ended after."""
+    weights: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    """The final weights, when the run wrote them to a temporary folder (read, then removed)."""
 
     @property
     def stop_reason(self) -> str | None:
@@ -45,7 +51,10 @@ class TrainResult:
         """The trained weights of every stage, keyed by the original model's FQNs."""
         from safetensors.torch import load_file
 
+        if self.weights is not None:
+            return dict(self.weights)
         merged: dict[str, torch.Tensor] = {}
+        assert self.out_dir is not None
         for path in sorted(self.out_dir.glob("stage*.safetensors")):
             merged.update(load_file(str(path)))
         return merged
@@ -98,6 +107,16 @@ class Trainer:
         self.devices: DevicePlan = plan_devices(config.runtime.device, on_host)
         """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
 
+    def check(self) -> ModelSpec:
+        """Build the model, read one microbatch and cut it as the ranks will, here and once: a failing factory, a
+        data set too small or more stages than units is one error before any process starts (not one per rank after
+        they all started). Returns the model's spec (its untrained model)."""
+        config = self.config
+        spec = load_model_spec(config.model)
+        args, kwargs, _ = example_batch(spec, config.microbatch_size)
+        split_as_configured(config, spec, args, kwargs, stages=Layout(config).S)
+        return spec
+
     def fit(self, *, timeout: float | None = None) -> TrainResult:
         """Spawn the processes on this machine (or, under torchrun, run this rank) and wait for them."""
         config, plan = self.config, self.devices
@@ -112,8 +131,10 @@ class Trainer:
                 transport.close()
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
                                out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"])
-        if config.output.out_dir is None:
-            config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
+        scratch = None
+        if config.output.out_dir is None:  # the ranks hand the weights over in files; read, then removed below
+            scratch = tempfile.mkdtemp(prefix="stagewise-train-")
+            config = dataclasses.replace(config, out_dir=scratch)
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
         # waits for its neighbour. Read when the forkserver first imports torch, so set before the first spawn.
         os.environ.setdefault("OMP_NUM_THREADS", str(config.runtime.threads))
@@ -122,9 +143,16 @@ class Trainer:
         budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * wait_s / 30.0)
         # After SIGINT/SIGTERM the ranks finish their step, agree to stop, maybe save: a step and a save's waits.
         grace = 30.0 + 3 * wait_s
-        stopped = spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device),
-                        timeout=budget, preload=_PRELOAD, stop_grace=grace)
-        out = Path(config.output.out_dir or ".")
-        summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-        return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out,
-                           stopped_by=stopped, last_step=summary.get("last_step"))
+        try:
+            stopped = spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device),
+                            timeout=budget, preload=_PRELOAD, stop_grace=grace)
+            out = Path(config.output.out_dir or ".")
+            summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+            result = TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out,
+                                 stopped_by=stopped, last_step=summary.get("last_step"))
+            if scratch is not None:
+                result.weights, result.out_dir = result.state_dict(), None
+            return result
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
