@@ -136,7 +136,7 @@ def served() -> Iterator[tuple[PipelineBackend, RunningServer]]:
 def test_metadata_names_inputs_and_outputs_by_leaf(served: tuple[PipelineBackend, RunningServer]) -> None:
     backend, server = served
     doc = httpx.get(f"{server.url}/v2/models/large_model", timeout=10).json()
-    assert doc["inputs"] == [{"name": "arg0", "datatype": "FP32", "shape": [-1, 10]}]
+    assert doc["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 10]}]  # forward(self, x)
     assert doc["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 40]}]
     assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
     assert [r.state for r in backend.status()] == ["ready", "ready"]
@@ -180,7 +180,7 @@ def test_infer_cli_prints_the_outputs(served: tuple[PipelineBackend, RunningServ
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("output FP32 [3, 40]")
-    args = parser.parse_args(["infer", server.url, "large_model", "--input", "arg0=[[1,2,3,4,5,6,7,8,9,10]]",
+    args = parser.parse_args(["infer", server.url, "large_model", "--input", "x=[[1,2,3,4,5,6,7,8,9,10]]",
                               "--json"])
     assert args.func(args) == 0
     assert '"shape": [1, 40]' in capsys.readouterr().out

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "as_model_spec", "load_model_spec", "sample_to_call"]
+__all__ = ["ModelSpec", "as_model_spec", "load_model_spec", "portable_model", "sample_to_call"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,11 +73,24 @@ def as_model_spec(value: Any, *, name: str = "model") -> ModelSpec:
     )
 
 
+def _is_file_target(where: str) -> bool:
+    return where.endswith(".py") or "/" in where
+
+
+def portable_model(target: str) -> str:
+    """``target`` as it finds the same factory from any directory: a ``file.py:factory`` path made absolute (what a
+    checkpoint records, so ``stagewise serve /abs/ckpt`` works from elsewhere); a module path is left as it is."""
+    where, sep, attr = target.rpartition(":")
+    if not sep or not _is_file_target(where):
+        return target
+    return f"{Path(where).resolve()}:{attr}"
+
+
 def _import_factory(target: str) -> Callable[..., Any]:
     if ":" not in target:
         raise ValueError(f"MODEL must look like 'file.py:factory' or 'package.module:factory', got {target!r}")
     where, _, attr = target.rpartition(":")
-    if where.endswith(".py") or "/" in where:
+    if _is_file_target(where):
         path = Path(where)
         if not path.is_file():
             raise FileNotFoundError(f"model file {where!r} does not exist (MODEL={target!r})")

@@ -84,12 +84,18 @@ class ModelMetadata:
     """Versions reachable through ``/versions/{v}``."""
     platform: str = "pytorch"
     """Free-form framework tag."""
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Other names a request may give an input by (``arg0`` for ``x``: the position of ``forward``'s parameter)."""
 
     def __post_init__(self) -> None:
         for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
             names = [t.name for t in tensors]
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"model {self.name!r}: {kind} must be non-empty with unique names, got {names}")
+        inputs = {t.name for t in self.inputs}
+        bad = {a: n for a, n in self.aliases.items() if n not in inputs or a in inputs}
+        if bad:
+            raise ValueError(f"model {self.name!r}: aliases {bad} must name inputs and not shadow one")
         if not self.versions:
             raise ValueError(f"model {self.name!r}: versions must name at least one version")
 
@@ -100,7 +106,12 @@ class ModelMetadata:
 
 def validate_inputs(request: InferRequest, meta: ModelMetadata) -> dict[str, TensorValue]:
     """Check the request against the model's signature; return ``name -> value`` in the model's input order."""
-    given = {x.name: x for x in request.inputs}
+    given: dict[str, Any] = {}
+    for x in request.inputs:
+        name = meta.aliases.get(x.name, x.name)
+        if name in given:
+            raise BadRequestError(f"input {name!r} is given twice (as {given[name].name!r} and {x.name!r})")
+        given[name] = x
     expected = [t.name for t in meta.inputs]
     unknown = [n for n in given if n not in expected]
     if unknown:

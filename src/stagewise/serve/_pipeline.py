@@ -187,6 +187,7 @@ class PipelineBackend(InferenceBackend):
                 self._cond.wait(min(left, 0.5))
 
     async def infer(self, inputs: Mapping[str, TensorValue]) -> dict[str, torch.Tensor]:
+        inputs = {self._meta.aliases.get(k, k): v for k, v in inputs.items()}  # arg0 -> x, as requests may say
         tensors = {t.name: numeric_tensor(t.name, inputs[t.name], served_by="a pipeline") for t in self._meta.inputs}
         rows = int(next(iter(tensors.values())).shape[0])
         if not 0 < rows <= self.max_batch_size:

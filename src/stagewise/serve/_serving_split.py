@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,8 @@ from .._spec import ModelSpec, load_model_spec
 from ..split import SplitModel, Stage, input_leaves, run_stages, split, unflatten
 from ._backend import ModelMetadata, TensorMetadata
 from ._protocol import datatype_of
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ServingSplit",
@@ -48,6 +53,8 @@ class ServingSplit:
     """The factory's model name."""
     chain: list[int] = dataclasses.field(default_factory=list)
     """Indices of the stages this service runs, in order (all of them; or a task split's trunk plus one head)."""
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Positional names a request may still use (``arg0``) -> the served input name (``x``)."""
 
     def chain_stages(self, stages: Sequence[Stage]) -> list[Stage]:
         return [stages[i] for i in self.chain]
@@ -86,7 +93,8 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
     if submodule is not None:
         spec = _submodule_spec(spec, submodule)
     kwargs = {k: v for k, v in spec.kwargs.items() if k not in set(exclude_inputs)}
-    leaves, names, _ = input_leaves(spec.args, kwargs)
+    args, kwargs, aliases = _named_inputs(spec.model, tuple(spec.args), kwargs)
+    leaves, names, _ = input_leaves(args, kwargs)
     if not leaves:
         raise ValueError(f"model {model!r} has no tensor inputs to serve")
     rows = {int(t.shape[0]) if t.dim() else 0 for t in leaves}
@@ -98,11 +106,11 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
             raise ValueError(f"head {head!r} is not one of the task heads {list(tasks or [])}")
         if stages < 2:
             raise ValueError("serving a task head needs at least 2 stages: the trunk and the head")
-        sm = split(spec.model, spec.args, kwargs, stages=stages - 1, tasks=list(tasks), model_name=model)
+        sm = split(spec.model, args, kwargs, stages=stages - 1, tasks=list(tasks), model_name=model)
         chain = [st.index for st in sm.stages if st.spec.head is None]
         chain += [st.index for st in sm.stages if st.spec.head == head]
     else:
-        sm = split(spec.model, spec.args, kwargs, stages=stages, cuts=list(cuts) if cuts else None, model_name=model)
+        sm = split(spec.model, args, kwargs, stages=stages, cuts=list(cuts) if cuts else None, model_name=model)
         if sm.partition.mode == "tasks":
             raise ValueError("a task split serves one head per model name: give the head")
         chain = [st.index for st in sm.stages]
@@ -113,8 +121,28 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
         if st.spec.outputs and pos != len(chain) - 1:
             raise ValueError(f"stage {st.index} returns model outputs {st.spec.outputs}; serving needs them all from "
                              "the last stage")
-    return ServingSplit(sm=sm, args=tuple(spec.args), kwargs=kwargs, name=spec.name if head is None else
-                        f"{spec.name}.{head}", chain=chain)
+    return ServingSplit(sm=sm, args=args, kwargs=kwargs, name=spec.name if head is None else
+                        f"{spec.name}.{head}", chain=chain, aliases=aliases)
+
+
+def _named_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> tuple[tuple[Any, ...], dict[str, Any], dict[str, str]]:
+    """Pass positional example inputs by the names ``forward`` gives them, so ``forward(self, x)`` serves input
+    ``x`` (a user queries what they wrote, not ``arg0``). Returns ``(args, kwargs, aliases)``: the old positional
+    names stay accepted. Inputs stay positional when ``forward``'s signature cannot name them all (``*args``,
+    positional-only)."""
+    if not args:
+        return args, kwargs, {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[:len(args)]
+    except (TypeError, ValueError):
+        return args, kwargs, {}
+    if len(params) < len(args) or any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params) \
+            or any(p.name in kwargs for p in params):
+        return args, kwargs, {}
+    named = {**{p.name: a for p, a in zip(params, args)}, **kwargs}
+    old, new = input_leaves(args, kwargs)[1], input_leaves((), named)[1]
+    return (), named, {o: n for o, n in zip(old, new) if o != n}
 
 
 def _submodule_spec(spec: ModelSpec, fqn: str) -> ModelSpec:
@@ -171,6 +199,12 @@ def checkpoint_model(checkpoint: str, *, trust_code: bool = False) -> str:
         raise ValueError(f"checkpoint {checkpoint} names its model {model!r}, and importing it would run code the "
                          f"checkpoint chose; name the model yourself: 'stagewise serve {model} --checkpoint "
                          f"{checkpoint}', or pass --trust-checkpoint-code if you trust whoever wrote the checkpoint")
+    where, _, attr = model.rpartition(":")
+    if where.endswith(".py") and not Path(where).is_file():
+        raise ValueError(f"checkpoint {checkpoint} names its model {model!r} (from its manifest), but {where!r} does "
+                         f"not exist here; name the model yourself: 'stagewise serve PATH/TO/FILE.py:{attr} "
+                         f"--checkpoint {checkpoint}'")
+    logger.info("model %s (from the manifest of checkpoint %s)", model, checkpoint)
     return model
 
 
@@ -193,7 +227,7 @@ def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, l
                              f"({rows} rows for the example inputs); drop loss-only inputs with exclude_inputs")
         out_meta.append(TensorMetadata(name=leaf_name, datatype=datatype_of(value), shape=(-1, *value.shape[1:])))
     meta = ModelMetadata(
-        name=name, outputs=tuple(out_meta),
+        name=name, outputs=tuple(out_meta), aliases=dict(serving.aliases),
         inputs=tuple(TensorMetadata(name=n, datatype=datatype_of(t), shape=(-1, *t.shape[1:]))
                      for n, t in example.items()))
     return meta, [stage_digest(st) for st in stages]

@@ -30,7 +30,8 @@ def split(model: nn.Module | ModelSpec, args: Sequence[Any] = (), kwargs: dict[s
 
     - Layer split (default): the chain of units is cut into ``stages`` contiguous stages minimising the most expensive
       stage under the cost ``by`` (``uniform``, ``params`` or measured ``time``), or at the units named in ``cuts``
-      (each names the first unit of a stage after the first).
+      (each names the first unit of a stage after the first, or a module holding units: the cut goes before its first
+      unit; one string is one cut or a comma-separated list).
     - ``submodels=["encoder", "decoder"]``: each named sub-module becomes one stage.
     - ``tasks=["heads.cls", "heads.reg"]``: the trunk is cut into ``stages`` stages, then one stage per head.
 

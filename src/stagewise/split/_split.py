@@ -34,8 +34,21 @@ _CAPTURE_HINT = ("Stagewise needs to capture {name}.forward as a graph to split 
                  "forward, or split by named sub-modules (--submodels) that each capture on their own.")
 
 
+def _cut_units(chain: Sequence[str], cuts: Sequence[str] | str) -> list[str]:
+    """The unit each cut names. A string is one cut or a comma-separated list (``"a.b"`` is not four cuts); a module
+    that holds units rather than being one (``encoder.stages.2``, a container of blocks) means "before its first
+    unit"."""
+    names = [c.strip() for c in cuts.split(",") if c.strip()] if isinstance(cuts, str) else list(cuts)
+    out = []
+    for name in names:
+        if name not in chain:
+            name = next((u for u in chain if u.startswith(f"{name}.")), name)
+        out.append(name)
+    return out
+
+
 def _partition(model_type: str, units: list[UnitInfo], *, mode: str, stages: int, by: str,
-               cuts: Sequence[str] | None, submodels: list[str], heads: list[str],
+               cuts: Sequence[str] | str | None, submodels: list[str], heads: list[str],
                model_name: str | None) -> Partition:
     """Place the cuts over ``units`` (sub-model starts, named cuts, or the exact min-max cut under cost ``by``)."""
     names = [u.name for u in units]
@@ -45,7 +58,7 @@ def _partition(model_type: str, units: list[UnitInfo], *, mode: str, stages: int
         chain = names if mode == "layers" else names[: _first_head_unit(names, heads)]
         if cuts:
             try:
-                starts = cuts_from_names(chain, list(cuts))
+                starts = cuts_from_names(chain, _cut_units(chain, cuts))
             except ValueError as exc:
                 raise SplitError(str(exc)) from None
         else:

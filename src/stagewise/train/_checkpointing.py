@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._spec import portable_model
 from ..checkpoint import (
     CheckpointWriter,
     load_checkpoint,
@@ -17,6 +18,7 @@ from ..checkpoint import (
     optimizer_state_by_fqn,
     restore_rng_state,
     rng_state_json,
+    tied_groups,
 )
 from ._rank import RankState, stage_tensors
 
@@ -40,7 +42,9 @@ def save_checkpoint(rs: RankState, writer: CheckpointWriter, *, step: int) -> No
                       manifest_extra={"step": step, "layout": layout.to_json(),
                                       "lr_scheduler": {"last_epoch": rs.scheduler.last_epoch},
                                       "losses": rs.losses, "first_step": rs.start_step,
-                                      "config": json.loads(rs.config.to_json())})
+                                      "config": {**json.loads(rs.config.to_json()),
+                                                 "model": portable_model(rs.config.model)}},
+                      tied=tied_groups(rs.spec.model))
     rs.transport.barrier(timeout=timeout)
 
 
