@@ -249,7 +249,7 @@ def factory():
 def test_heartbeats_find_a_stopped_worker_in_seconds_and_model_errors_are_400(tmp_path: Path) -> None:
     path = tmp_path / "embedder.py"
     path.write_text(_MODEL)
-    backend = PipelineBackend(f"{path}:factory", stages=2, replicas=2, max_batch_size=4, heartbeat_timeout_s=1.0,
+    backend = PipelineBackend(f"{path}:factory", stages=2, replicas=2, max_batch_size=4, heartbeat_timeout_s=2.0,
                               worker_timeout_s=60, restart_backoff_s=0.05, name="emb")
     try:
         backend.wait_ready(60, replicas=2)
