@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .._allocator import tune_allocator
-from .._spec import ModelSpec, load_model_spec
+from .._spec import ModelSpec, load_model_spec, training_data
 from ..comm import CommGroup, Transport
 from ..runtime import PipelineExecutor, broadcast_params
 from ..schedule import add_communication, build, validate
@@ -66,9 +66,7 @@ def model_loss(spec: ModelSpec, output: Any, targets: Any) -> torch.Tensor:
 
 def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     """The first ``rows`` samples of the data set, collated: inputs with the microbatch shape for graph capture."""
-    if spec.dataset is None:
-        raise ValueError(f"model {spec.name!r} has no dataset; training needs ModelSpec.dataset")
-    data = spec.dataset()
+    data = training_data(spec)
     if len(data) < rows:
         raise ValueError(f"the data set has {len(data)} samples, fewer than one microbatch of {rows}")
     batch = torch.utils.data.default_collate([data[i] for i in range(rows)])
@@ -82,7 +80,8 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tup
     else:
         module, _, name = config.optim.optimizer.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-    opt: torch.optim.Optimizer = cls(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+    # One explicit group: torch refuses a bare empty list, and a stage without parameters (a lone ReLU) has none.
+    opt: torch.optim.Optimizer = cls([{"params": params}], lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                      **config.optim.optimizer_kwargs)
 
     def factor(step: int) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._spec import load_model_spec, training_data
 from ..comm import DistTransport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ._config import TrainConfig
@@ -112,6 +113,8 @@ class Trainer:
                 transport.close()
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
                                out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"])
+        # A sample in a form training cannot read is said once here, not by every rank after it forked.
+        training_data(load_model_spec(config.model))
         if config.output.out_dir is None:
             config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
