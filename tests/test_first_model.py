@@ -25,6 +25,7 @@ from stagewise.train._trainer import TrainResult
 SRC = Path(stagewise.__file__).resolve().parents[1]
 
 _HEADER = """
+import itertools
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,7 +122,7 @@ def _train(model: str, tmp_path: Path, *extra: str, stages: int = 2) -> subproce
     (_TWO_INPUTS, "[((X[i], torch.ones(1)), (Y[i],)) for i in range(64)]", "F.mse_loss"),
     (_NAMED, "data", "F.mse_loss"),  # Hugging Face style: named inputs and 'labels'
     (_THREE_LAYERS, "DataLoader(TensorDataset(X, Y), batch_size=4)", "F.mse_loss"),
-    (_THREE_LAYERS, "iter(zip(X, Y))", "F.mse_loss"),  # an iterable without indexing
+    (_THREE_LAYERS, "itertools.cycle(zip(X, Y))", "F.mse_loss"),  # endless, without indexing
 ], ids=["tensor-dataset", "tuples", "named-labels", "dataloader", "iterable"])
 def test_own_model_trains_on_common_sample_forms(tmp_path: Path, body: str, data: str, loss: str) -> None:
     proc = _train(_user_file(tmp_path, body, data=data, loss=loss), tmp_path)

@@ -36,7 +36,7 @@ class ModelSpec:
     loss: Callable[..., torch.Tensor] | None = None
     """``loss(output, *targets) -> scalar`` for training; None when the model's own output holds the loss."""
     dataset: Callable[[], Any] | None = None
-    """Returns the training samples: a map-style dataset, a DataLoader or a finite iterable of ``(x, y)``,
+    """Returns the training samples: a map-style dataset, a DataLoader or an iterable of ``(x, y)``,
     ``((x1, x2), (y1, y2))`` or ``{"input_ids": ..., "labels": ...}`` samples (see :func:`training_data`)."""
     name: str = "model"
     """Name used by logs and by the serving endpoint."""
@@ -61,7 +61,7 @@ def sample_to_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 SAMPLE_FORMS = ("a training sample is (inputs, targets): (x, y) tensors as from TensorDataset(X, Y), "
                 "((x1, x2), (y1, y2)) for several inputs or targets, or a dict of named inputs with 'labels' "
-                "(Hugging Face style); the dataset is map-style, a DataLoader, or a finite iterable of such samples")
+                "(Hugging Face style); the dataset is map-style, a DataLoader, or an iterable of such samples")
 """The accepted sample forms, quoted by every error about a sample."""
 
 

@@ -219,6 +219,11 @@ class TrainConfig:
     def microbatch_size(self) -> int:
         return self.data.global_batch // (self.layout.replicas * self.layout.microbatches)
 
+    @property
+    def samples_read(self) -> int:
+        """Samples the run reads at most: what an iterable data set (no indexing) is read into memory up to."""
+        return self.steps * self.data.global_batch
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 

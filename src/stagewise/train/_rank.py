@@ -64,9 +64,11 @@ def model_loss(spec: ModelSpec, output: Any, targets: Any) -> torch.Tensor:
     return loss
 
 
-def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-    """The first ``rows`` samples of the data set, collated: inputs with the microbatch shape for graph capture."""
-    data = training_data(spec)
+def example_batch(spec: ModelSpec, rows: int, *,
+                  limit: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """The first ``rows`` samples of the data set (an iterable read up to ``limit`` samples), collated: inputs with
+    the microbatch shape for graph capture."""
+    data = training_data(spec, limit=limit)
     if len(data) < rows:
         raise ValueError(f"the data set has {len(data)} samples, fewer than one microbatch of {rows}")
     batch = torch.utils.data.default_collate([data[i] for i in range(rows)])
@@ -170,7 +172,7 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
     replica, position = layout.place(transport.rank)
     spec = load_model_spec(config.model)
     spec.model.train(config.split.dropout)
-    args, kwargs, dataset = example_batch(spec, config.microbatch_size)
+    args, kwargs, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
     sm = _split(config, spec, args, kwargs, stages=layout.S)
     cap, stages = sm.stages_for(args, kwargs)
     mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}

@@ -29,7 +29,7 @@ def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.T
         device = torch.device("cuda", torch.cuda.current_device())
         strict_fp32(device)
         model.to(device)
-    data = training_data(spec)
+    data = training_data(spec, limit=config.samples_read)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(config, params)
     losses: list[float] = []

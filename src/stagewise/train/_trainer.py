@@ -114,7 +114,7 @@ class Trainer:
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
                                out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"])
         # A sample in a form training cannot read is said once here, not by every rank after it forked.
-        training_data(load_model_spec(config.model))
+        training_data(load_model_spec(config.model), limit=config.samples_read)
         if config.output.out_dir is None:
             config = dataclasses.replace(config, out_dir=tempfile.mkdtemp(prefix="stagewise-train-"))
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
