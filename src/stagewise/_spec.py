@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import itertools
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ModelSpec", "as_model_spec", "load_model_spec", "portable_model", "sample_to_call"]
+__all__ = ["SAMPLE_FORMS", "ModelSpec", "as_model_spec", "load_model_spec", "portable_model", "sample_to_call",
+           "training_data"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -34,7 +37,8 @@ class ModelSpec:
     loss: Callable[..., torch.Tensor] | None = None
     """``loss(output, *targets) -> scalar`` for training; None when the model's own output holds the loss."""
     dataset: Callable[[], Any] | None = None
-    """Returns a map-style dataset of ``(inputs, targets)`` samples for training."""
+    """Returns the training samples: a map-style dataset, a DataLoader or an iterable of ``(x, y)``,
+    ``((x1, x2), (y1, y2))`` or ``{"input_ids": ..., "labels": ...}`` samples (see :func:`training_data`)."""
     name: str = "model"
     """Name used by logs and by the serving endpoint."""
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
@@ -54,6 +58,60 @@ def sample_to_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(inputs, (list, tuple)):
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+SAMPLE_FORMS = ("a training sample is (inputs, targets): (x, y) tensors as from TensorDataset(X, Y), "
+                "((x1, x2), (y1, y2)) for several inputs or targets, or a dict of named inputs with 'labels' "
+                "(Hugging Face style); the dataset is map-style, a DataLoader, or an iterable of such samples")
+"""The accepted sample forms, quoted by every error about a sample."""
+
+
+class _Samples(Dataset):
+    """A map-style view of the user's samples as ``(inputs, targets)`` with ``targets`` always a tuple, so that
+    ``loss(output, *targets)`` gets whole tensors (a bare target tensor would be unpacked row by row)."""
+
+    def __init__(self, data: Any, *, own_loss: bool) -> None:
+        self.data = data
+        self.own_loss = own_loss
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, tuple[Any, ...]]:
+        sample = self.data[i]
+        if isinstance(sample, Mapping):
+            named = dict(sample)
+            if self.own_loss or "labels" not in named:
+                return named, ()  # the model reads the labels itself (Hugging Face) or needs none
+            labels = named.pop("labels")
+            return named, (labels,)
+        if isinstance(sample, (tuple, list)) and len(sample) == 2:
+            inputs, targets = sample
+            return inputs, tuple(targets) if isinstance(targets, (tuple, list)) else (targets,)
+        what = f"a {len(sample)}-tuple" if isinstance(sample, (tuple, list)) else f"a {type(sample).__name__}"
+        raise ValueError(f"dataset sample {i} is {what}; {SAMPLE_FORMS}")
+
+
+def training_data(spec: ModelSpec, *, limit: int | None = None) -> Dataset:
+    """``spec.dataset()`` as a map-style dataset of ``(inputs, targets_tuple)`` samples, checked on its first sample.
+
+    A DataLoader contributes its dataset (stagewise draws its own seeded batches of the global batch size); an
+    iterable without ``__getitem__`` is read into memory, at most ``limit`` samples of it.
+    """
+    if spec.dataset is None:
+        raise ValueError(f"model {spec.name!r} has no dataset; training needs ModelSpec.dataset ({SAMPLE_FORMS})")
+    data = spec.dataset()
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        if not hasattr(data, "__iter__"):
+            raise ValueError(f"ModelSpec.dataset() returned a {type(data).__name__}; {SAMPLE_FORMS}")
+        data = list(itertools.islice(data, limit))
+    samples = _Samples(data, own_loss=spec.loss is None)
+    if len(samples) == 0:
+        raise ValueError(f"model {spec.name!r}: the dataset is empty")
+    samples[0]  # noqa: B018 (a wrong form fails here, once, with the forms it could take)
+    return samples
 
 
 def as_model_spec(value: Any, *, name: str = "model") -> ModelSpec:

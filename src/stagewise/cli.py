@@ -27,8 +27,9 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
     p.add_argument("--stages", type=int, default=2, help="number of pipeline stages (default: 2)")
-    p.add_argument("--by", choices=["time", "params", "uniform"], default="time",
-                   help="per-unit cost that the exact min-max cut balances (default: time)")
+    p.add_argument("--by", choices=["params", "time", "uniform"], default="params",
+                   help="per-unit cost that the exact min-max cut balances; params, like train, so the table shows "
+                        "what train runs (default: params)")
     p.add_argument("--cuts", type=_csv, default=None, metavar="FQN,...",
                    help="cut before each listed unit instead of balancing (each names the first unit of a stage)")
     p.add_argument("--submodels", type=_csv, default=None, metavar="FQN,...",

@@ -21,7 +21,7 @@ import torch
 
 from .._allocator import tune_allocator
 from .._optimizers import OPTIMIZERS
-from .._spec import ModelSpec, sample_to_call
+from .._spec import ModelSpec, sample_to_call, training_data
 from .._timing import median_ms, num_threads
 from ..split import UnitInfo, split
 
@@ -227,7 +227,7 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
         raise ValueError(f"rows must be row counts >= 1, got {list(rows)}")
     if repeats < 1 or rounds < 1:
         raise ValueError(f"repeats and rounds must be >= 1, got {repeats} and {rounds}")
-    data = spec.dataset() if spec.dataset is not None else None
+    data = training_data(spec) if spec.dataset is not None else None
     if data is not None and len(data) < wanted[-1]:
         raise ValueError(f"the data set has {len(data)} samples, fewer than the {wanted[-1]} rows to profile; "
                          "profile fewer rows")

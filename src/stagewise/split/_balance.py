@@ -11,6 +11,8 @@ This is the "chains-on-chains" partitioning problem. :func:`min_max_cuts` solves
    actually produced; a failed one raises ``lo`` to the smallest "stage sum + next unit" among its stages (any bound
    below that packs the same stages and fails too). When ``lo == hi`` that value is the optimum.
 4. The optimal greedy cut is completed to exactly ``stages`` non-empty stages; splitting a stage never raises the max.
+5. When at least ``stages`` units cost something, stages start only at such units (free units join the stage before),
+   so no stage costs zero; moving a cut past free units changes no stage's cost, so the optimum stays exact.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def min_max_cuts(costs: Sequence[float], stages: int) -> list[int]:
     """Cut ``costs`` into exactly ``stages`` contiguous non-empty stages minimising the most expensive stage.
 
     Returns the start index of every stage: ``stages`` strictly increasing indices, the first one 0. The result is the
-    exact optimum (see the module docstring); among optimal cuts it is the one whose early stages are packed greedily.
+    exact optimum (see the module docstring); among optimal cuts it is one with no zero-cost stage when one exists, and
+    else the one whose early stages are packed greedily.
     """
     if isinstance(stages, bool) or not isinstance(stages, numbers.Integral):
         raise ValueError(f"stages must be an int, got {stages!r}")
@@ -152,6 +155,12 @@ def min_max_cuts(costs: Sequence[float], stages: int) -> list[int]:
         raise ValueError("cannot cut an empty chain (no unit costs given); a chain needs at least one unit")
     if stages > n:
         raise ValueError(f"cannot cut {n} units into {stages} stages; use at most {n} stages")
+    working = [i for i, c in enumerate(ints) if c > 0]
+    if stages <= len(working) < n:
+        # Cut only before units that cost something: an optimal cut moved that way keeps every stage's cost, so the
+        # optimum is the same, and no stage is left with only free units (a lone ReLU by params) while one can work.
+        inner = min_max_cuts([ints[i] for i in working], stages)
+        return [0] + [working[s] for s in inner[1:]]
     prefix = _prefix(ints)
     bound = _optimal_bound(prefix, stages, max(ints))
 

@@ -90,6 +90,7 @@ def plan_stages(cap: Capture, layout: _Layout) -> list[StageSpec]:
         if used:
             users[node] = used
     owner = {node: _common_ancestor(layout.parents, used) for node, used in users.items()}
+    _own_unused(cap, owner, default=n_stages - 1)
     defined: list[set[fx.Node]] = [set(nodes) for nodes in layout.nodes]
     for node, s in owner.items():
         defined[s].add(node)
@@ -152,6 +153,26 @@ def plan_stages(cap: Capture, layout: _Layout) -> list[StageSpec]:
             recv=[spec(n) for n in rv], inputs=inputs, send=[spec(n) for n in sends], outputs=outputs,
             head=layout.heads[s]))
     return specs
+
+
+def _own_unused(cap: Capture, owner: dict[fx.Node, int], *, default: int) -> None:
+    """Give every weight the forward does not read (for these inputs) to the stage owning its nearest used relative
+    by FQN (a sibling in the same module, else in the parent...), else to ``default``: it is still the model's state,
+    so checkpoints, exports and ``load_into`` must hold it."""
+    by_fqn = {cap.state_nodes[n]: s for n, s in owner.items()}
+    for node, fqn in cap.state_nodes.items():
+        if node in owner or fqn in by_fqn:  # used, or a second name of a tied weight that is used
+            continue
+        prefix = fqn.rpartition(".")[0]
+        while prefix:
+            near = [s for f, s in by_fqn.items() if f.startswith(prefix + ".")]
+            if near:
+                owner[node] = min(near)
+                break
+            prefix = prefix.rpartition(".")[0]
+        else:
+            owner[node] = default
+        by_fqn[fqn] = owner[node]
 
 
 class Stage:

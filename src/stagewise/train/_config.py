@@ -45,7 +45,8 @@ class SplitConfig:
     """How the model is cut into stages."""
 
     by: Literal["params", "time", "uniform"] = "params"
-    """Cost that the exact min-max cut balances: params, measured time, or uniform (unit count)."""
+    """Cost that the exact min-max cut balances: params, measured time, or uniform (unit count). params is the default
+    everywhere (split, train): it needs no timing and is the same on every rank and every run."""
     cuts: list[str] | None = dataclasses.field(default=None, metadata={"metavar": "FQN,..."})
     """Cut before these units instead of balancing (each names the first unit of a stage)."""
     partition: str | None = dataclasses.field(default=None, metadata={"flag": "--plan", "metavar": "FILE"})
@@ -218,6 +219,11 @@ class TrainConfig:
     @property
     def microbatch_size(self) -> int:
         return self.data.global_batch // (self.layout.replicas * self.layout.microbatches)
+
+    @property
+    def samples_read(self) -> int:
+        """Samples the run reads at most: what an iterable data set (no indexing) is read into memory up to."""
+        return self.steps * self.data.global_batch
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -13,7 +13,7 @@ import torch
 
 from .._allocator import tune_allocator
 from .._optimizers import OPTIMIZERS, optimizer_class
-from .._spec import ModelSpec, load_model_spec
+from .._spec import ModelSpec, load_model_spec, training_data
 from ..comm import CommGroup, Transport
 from ..runtime import PipelineExecutor, broadcast_params
 from ..schedule import add_communication, build, validate
@@ -65,11 +65,11 @@ def model_loss(spec: ModelSpec, output: Any, targets: Any) -> torch.Tensor:
     return loss
 
 
-def example_batch(spec: ModelSpec, rows: int) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-    """The first ``rows`` samples of the data set, collated: inputs with the microbatch shape for graph capture."""
-    if spec.dataset is None:
-        raise ValueError(f"model {spec.name!r} has no dataset; training needs ModelSpec.dataset")
-    data = spec.dataset()
+def example_batch(spec: ModelSpec, rows: int, *,
+                  limit: int | None = None) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """The first ``rows`` samples of the data set (an iterable read up to ``limit`` samples), collated: inputs with
+    the microbatch shape for graph capture."""
+    data = training_data(spec, limit=limit)
     if len(data) < rows:
         raise ValueError(f"the data set has {len(data)} samples, fewer than one microbatch of {rows}")
     batch = torch.utils.data.default_collate([data[i] for i in range(rows)])
@@ -83,7 +83,8 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tup
     else:
         module, _, name = config.optim.optimizer.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-    opt: torch.optim.Optimizer = cls(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+    # One explicit group: torch refuses a bare empty list, and a stage without parameters (a lone ReLU) has none.
+    opt: torch.optim.Optimizer = cls([{"params": params}], lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                      **config.optim.optimizer_kwargs)
 
     def factor(step: int) -> float:
@@ -172,7 +173,7 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
     replica, position = layout.place(transport.rank)
     spec = load_model_spec(config.model)
     spec.model.train(config.split.dropout)
-    args, kwargs, dataset = example_batch(spec, config.microbatch_size)
+    args, kwargs, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
     sm = split_as_configured(config, spec, args, kwargs, stages=layout.S)
     cap, stages = sm.stages_for(args, kwargs)
     mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._spec import load_model_spec
+from .._spec import load_model_spec, training_data
 from ._config import TrainConfig
 from ._data import global_batches, sample_to_call
 from ._device import resolve_device, strict_fp32, to_device
@@ -29,9 +29,7 @@ def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.T
         device = torch.device("cuda", torch.cuda.current_device())
         strict_fp32(device)
         model.to(device)
-    if spec.dataset is None:
-        raise ValueError(f"model {spec.name!r} has no dataset")
-    data = spec.dataset()
+    data = training_data(spec, limit=config.samples_read)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(config, params)
     losses: list[float] = []

@@ -113,7 +113,7 @@ class Trainer:
         they all started). Returns the model's spec (its untrained model)."""
         config = self.config
         spec = load_model_spec(config.model)
-        args, kwargs, _ = example_batch(spec, config.microbatch_size)
+        args, kwargs, _ = example_batch(spec, config.microbatch_size, limit=config.samples_read)
         split_as_configured(config, spec, args, kwargs, stages=Layout(config).S)
         return spec
 
