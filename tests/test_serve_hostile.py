@@ -72,6 +72,18 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def _trickle_until_closed(sock: socket.socket, byte: bytes, every_s: float, why: str, limit_s: float = 5.0) -> None:
+    """Send ``byte`` every ``every_s`` until the peer closes ``sock``; fails with ``why`` after ``limit_s``."""
+    t0 = time.monotonic()
+    while not _closed_by_peer(sock):
+        assert time.monotonic() - t0 < limit_s, why
+        try:
+            sock.send(byte)
+        except OSError:
+            break
+        time.sleep(every_s)
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     """Whether the peer closed ``sock`` (what it sent before is read and dropped)."""
     try:
@@ -111,14 +123,8 @@ def test_the_worker_channel_authenticates_before_allocating_and_refuses_forgerie
         time.sleep(0.3)
         assert threading.active_count() == threads, "an unauthenticated connection must not cost a thread"
         trickle = socket.create_connection(("127.0.0.1", listener.port))
-        t0 = time.monotonic()
-        while not _closed_by_peer(trickle):  # one byte at a time never completes a hello: dropped at the deadline
-            assert time.monotonic() - t0 < 5, "a trickling peer must be dropped after hello_timeout_s"
-            try:
-                trickle.send(b"\x00")
-            except OSError:
-                break
-            time.sleep(0.1)
+        # one byte at a time never completes a hello: dropped at the deadline
+        _trickle_until_closed(trickle, b"\x00", 0.1, "a trickling peer must be dropped after hello_timeout_s")
         _wait_until(lambda: all(_closed_by_peer(s) for s in idle), 5, "idle peers to be evicted or timed out")
 
         def forged(header: dict) -> bool:
@@ -362,14 +368,7 @@ def test_idle_and_slow_http_clients_cannot_exhaust_the_server(cli_server: tuple[
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "error" in busy.json(), busy.text
     slow = socket.create_connection(("127.0.0.1", port))
     slow.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\n")
-    t0 = time.monotonic()
-    while not _closed_by_peer(slow):  # slowloris: one header byte at a time
-        assert time.monotonic() - t0 < 5, "a trickled request head must be cut off at the header timeout"
-        try:
-            slow.send(b"X")
-        except OSError:
-            break
-        time.sleep(0.2)
+    _trickle_until_closed(slow, b"X", 0.2, "a trickled request head must be cut off at the header timeout")
     _wait_until(lambda: all(_closed_by_peer(s) for s in idle), 5, "the server to close every idle connection")
     for s in idle + [slow]:
         s.close()

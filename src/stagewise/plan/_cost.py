@@ -12,7 +12,7 @@ Terms (each a small function below, unit-tested on hand-computed examples):
   ``send_overhead`` posting it, the receiver ``recv_overhead`` taking it in (the runtime's SEND and RECV actions).
 - all-reduce (train, ``D > 1``): ring all-reduce of the rank's gradient bytes, ``2 (D-1)/D * bytes / bandwidth`` plus
   ``2 (D-1)`` ring-step latencies; every step also ends with an all-reduce of the loss over all ranks.
-- optimizer: the profiled optimizer step of the rank's units (:mod:`stagewise.plan._optimizer`), or
+- optimizer: the profiled optimizer step of the rank's units (timed by :func:`stagewise.launch.time_optimizer`), or
   ``param bytes * seconds_per_byte``.
 - data: the ranks that read inputs or targets (those holding the first or the last stage) load their replica's
   batch before the pipeline starts.

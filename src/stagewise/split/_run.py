@@ -2,7 +2,7 @@
 
 :meth:`SplitModel.run <stagewise.split.SplitModel.run>` (checking a split against the model), the serving gateway
 (reading the served outputs' metadata from one run) and the unit profiler (timing each unit on what reaches it) all
-go through :func:`run_stages`; processes that run one stage each use the runtime's executor instead.
+go through :func:`run_stages`; processes that run one stage each use :func:`stagewise.runtime.run_forward` instead.
 """
 
 from __future__ import annotations
