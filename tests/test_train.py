@@ -35,9 +35,14 @@ def _compare(config: TrainConfig) -> None:
 
 
 def train_reference_model(config: TrainConfig) -> torch.nn.Module:
-    from stagewise._spec import load_model_spec
+    """The model as every run of ``config`` starts: the factory's weights, or the seeded layout-free ones."""
+    from stagewise.split import materialise
+    from stagewise.train._rank import load_train_spec
 
-    return load_model_spec(config.model).model
+    torch.manual_seed(config.data.seed)
+    model = load_train_spec(config).model
+    materialise(model, [n for n, p in model.named_parameters() if p.is_meta], seed=config.data.seed)
+    return model
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -61,6 +66,18 @@ def test_interleaved_and_zero_bubble_match_single_process(schedule: str, stages_
 def test_tied_and_hf_models_match(model: str, schedule: str, stages: int, replicas: int) -> None:
     _compare(TrainConfig(model=model, stages=stages, replicas=replicas, microbatches=2, schedule=schedule, steps=3,
                          global_batch=8, progress=False, log_every=0, dropout=False, clip_grad_norm=0.5))
+
+
+@pytest.mark.parametrize("model,schedule,stages,replicas", [
+    ("stagewise.zoo.hf:gpt2", "1f1b", 2, 1),
+    ("stagewise.zoo.basic:large_model", "gpipe", 2, 2),
+    ("stagewise.zoo.gpt:tiny_gpt", "1f1b", 4, 1),
+])
+def test_meta_built_seeded_runs_match_single_process(model: str, schedule: str, stages: int, replicas: int) -> None:
+    """Every rank builds the model on the meta device and initialises only its own stages, seeded by module name;
+    the single-process reference initialises the whole model the same way: the runs match exactly."""
+    _compare(TrainConfig(model=model, stages=stages, replicas=replicas, microbatches=2, schedule=schedule, steps=3,
+                         global_batch=8, progress=False, log_every=0, dropout=False, init="seeded"))
 
 
 def test_global_batches_cover_each_epoch_once() -> None:

@@ -4,6 +4,7 @@ without importing torch."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from .._errors import ConfigError
 from .._settings import flag_of
@@ -53,6 +54,11 @@ class PipelineConfig:
     """Delay before restarting a replica that failed while starting; doubles per failure (up to 10 s)."""
     checkpoint: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
     """A training checkpoint directory whose weights (by FQN, any layout) the workers load."""
+    weights: str | None = dataclasses.field(default=None, metadata={"metavar": "PATH"})
+    """Weights to serve: a Hugging Face model folder, a .safetensors file or a state_dict file (each worker reads
+    only its stage's tensors; with weights from a file nobody builds the whole model)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype (files are read straight into it)."""
     cuts: tuple[str, ...] | None = dataclasses.field(default=None, metadata={"cli": False})  # set by --plan
     """Cut before these units (e.g. from a plan) instead of balancing by parameters."""
     tasks: tuple[str, ...] | None = dataclasses.field(default=None, metadata={"cli": False})  # set by --tasks

@@ -119,10 +119,14 @@ class PipelineBackend(InferenceBackend):
         threading.Thread(target=multiprocessing.forkserver.ensure_running, name="stagewise-forkserver-boot",
                          daemon=True).start()
         serving = load_serving_split(config.model, stages=config.stages, exclude_inputs=config.exclude_inputs,
-                                     seed=config.seed, checkpoint=config.checkpoint, cuts=config.cuts,
-                                     tasks=config.tasks, head=config.head, submodule=config.submodule)
+                                     seed=config.seed, checkpoint=config.checkpoint, weights=config.weights,
+                                     dtype=config.dtype, cuts=config.cuts, tasks=config.tasks, head=config.head,
+                                     submodule=config.submodule)
         self.name, self.max_batch_size = config.name or serving.name, config.max_batch_size
-        self._meta, self._digests = describe_serving(serving, self.name)
+        self._meta = describe_serving(serving, self.name)
+        self._digests = dict(serving.digests)
+        """Each stage's weight digest, as the factory built it here (then dropped: the gateway holds no weights), or
+        as the first worker reported it (weights from a file): every worker of that stage must report the same."""
         del serving
         self._output_names = [t.name for t in self._meta.outputs]
         self._cap = config.inflight_per_replica or config.stages
@@ -347,7 +351,7 @@ class PipelineBackend(InferenceBackend):
                 return
             rep.beats[stage] = time.monotonic()  # every message counts as a heartbeat
             if kind == "ready":
-                if h.get("digest") != self._digests[stage]:
+                if h.get("digest") != self._digests.setdefault(stage, str(h.get("digest"))):
                     rep.last_error = (f"stage {stage} built different weights than the gateway: the factory is not "
                                       "deterministic (seed it, or load a checkpoint)")
                     raise ChannelError(rep.last_error)

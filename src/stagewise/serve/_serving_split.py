@@ -1,8 +1,10 @@
 """A model prepared for serving, the same way in the gateway and in every stage worker.
 
-:func:`load_serving_split` builds the model (seeded), loads a checkpoint's weights, and splits it into the chain of
-stages a replica runs (all stages; a task split's trunk plus one head; or one sub-model). :func:`describe_serving`
-derives the served metadata and each stage's weight digest (the gateway checks every worker's against it).
+:func:`load_serving_split` builds the model (seeded; on the meta device when the weights come from a file) and
+splits it into the chain of stages a replica runs (all stages; a task split's trunk plus one head; or one sub-model);
+a worker then holds only its own stage's weights, the gateway none. :func:`describe_serving` derives the served
+metadata from the capture; :func:`stage_digest` lets the gateway check that every worker of a stage built the same
+weights.
 
 Batch sizes: graphs are captured with static shapes, so a batch of ``n`` rows is padded (repeating its last row) to the
 next power of two (at most ``max_batch_size``) and the outputs are cut back to ``n`` rows (:func:`bucket_rows`,
@@ -12,19 +14,30 @@ exact for models whose rows do not interact in eval mode (no cross-row ops); pad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._spec import ModelSpec, load_model_spec
-from ..split import SplitModel, Stage, input_leaves, run_stages, split, unflatten
+from ..split import (
+    ReadWeights,
+    SplitModel,
+    Stage,
+    cast_meta_params,
+    input_leaves,
+    params_on_meta,
+    split,
+    unflatten,
+)
+from ..weights import is_hf_folder
 from ._backend import ModelMetadata, TensorMetadata
 from ._protocol import datatype_of
 
@@ -35,7 +48,6 @@ __all__ = [
     "bucket_rows",
     "checkpoint_model",
     "describe_serving",
-    "load_checkpoint_weights",
     "load_serving_split",
     "pad_rows",
     "stage_digest",
@@ -55,6 +67,9 @@ class ServingSplit:
     """Indices of the stages this service runs, in order (all of them; or a task split's trunk plus one head)."""
     aliases: dict[str, str] = dataclasses.field(default_factory=dict)
     """Positional names a request may still use (``arg0``) -> the served input name (``x``)."""
+    digests: dict[int, str] = dataclasses.field(default_factory=dict)
+    """The gateway's: each chain position's weight digest as the factory built it (empty when weights come from a
+    file: reading is deterministic)."""
 
     def chain_stages(self, stages: Sequence[Stage]) -> list[Stage]:
         return [stages[i] for i in self.chain]
@@ -78,17 +93,29 @@ class ServingSplit:
 
 
 def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str] = ("labels",),
-                       seed: int = 0, checkpoint: str | None = None, cuts: Sequence[str] | None = None,
+                       seed: int = 0, checkpoint: str | None = None, weights: str | None = None,
+                       dtype: str = "float32", own: int | None = None, cuts: Sequence[str] | None = None,
                        tasks: Sequence[str] | None = None, head: str | None = None,
                        submodule: str | None = None) -> ServingSplit:
-    """Build MODEL (under ``seed``), load ``checkpoint``'s weights if given, put it in eval mode and split it into a
-    chain of ``stages`` stages (at ``cuts`` when given). With ``tasks`` and ``head``: a task split whose trunk takes
-    ``stages - 1`` stages, followed by the stage of ``head`` alone."""
+    """Build MODEL (under ``seed``) and split it into a chain of ``stages`` stages (at ``cuts`` when given). With
+    ``tasks`` and ``head``: a task split whose trunk takes ``stages - 1`` stages, followed by the stage of ``head``.
+
+    Weights: only chain position ``own``'s stage holds any (``None``: none at all, the gateway). They come from
+    ``checkpoint`` / ``weights`` / a Hugging Face folder MODEL, read per stage into a model built on the meta device;
+    else from the factory (built whole, then every other stage's weights are dropped)."""
+    source = checkpoint or weights or (model if is_hf_folder(model) else None)
+    if source is not None and submodule is not None:
+        raise ValueError("serving one sub-model reads its inputs from a run of the whole model; give it without "
+                         "--checkpoint/--weights, or serve the whole model")
+    torch_dtype = getattr(torch, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        spec = load_model_spec(model)
-    if checkpoint is not None:
-        load_checkpoint_weights(spec.model, checkpoint)
+        with params_on_meta() if source is not None else contextlib.nullcontext():
+            spec = load_model_spec(model)
+    if source is not None and torch_dtype != torch.float32:
+        cast_meta_params(spec.model, torch_dtype)
+    elif torch_dtype != torch.float32:
+        spec.model.to(torch_dtype)
     spec.model.eval()
     if submodule is not None:
         spec = _submodule_spec(spec, submodule)
@@ -121,8 +148,27 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
         if st.spec.outputs and pos != len(chain) - 1:
             raise ValueError(f"stage {st.index} returns model outputs {st.spec.outputs}; serving needs them all from "
                              "the last stage")
+    mine = [] if own is None else [chain[own]]
+    digests: dict[int, str] = {}
+    if source is None:
+        if own is None:  # the factory may not be deterministic: its weights' digests are what every worker must match
+            digests = {pos: stage_digest(sm.stages[i]) for pos, i in enumerate(chain)}
+        sm.keep_only(mine)
+    elif mine:
+        sm.materialise(mine, read=_reader(source, torch_dtype), dtype=torch_dtype)
     return ServingSplit(sm=sm, args=args, kwargs=kwargs, name=spec.name if head is None else
-                        f"{spec.name}.{head}", chain=chain, aliases=aliases)
+                        f"{spec.name}.{head}", chain=chain, aliases=aliases, digests=digests)
+
+
+def _reader(path: str, dtype: torch.dtype) -> ReadWeights:
+    from ..weights import open_weights
+
+    source = open_weights(path)
+
+    def read(wanted: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> Mapping[str, torch.Tensor]:
+        return source.read(wanted, aliases=aliases, dtype=dtype)
+
+    return read
 
 
 def _named_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -166,19 +212,6 @@ def _submodule_spec(spec: ModelSpec, fqn: str) -> ModelSpec:
     return ModelSpec(model=module, args=tuple(args), kwargs=dict(kwargs), name=f"{spec.name}.{fqn}")
 
 
-def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str) -> None:
-    """Copy every weight of ``model`` from a training checkpoint (by FQN, from whatever layout saved it)."""
-    from ..checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint, verify="read")
-    state = model.state_dict()
-    saved = ckpt.tensors(list(state))
-    missing = [k for k in state if k not in saved]
-    if missing:
-        raise ValueError(f"checkpoint {checkpoint} has no weights for {missing[:5]}; was it saved from this model?")
-    model.load_state_dict(saved, strict=True)
-
-
 _LIBRARY_MODEL = re.compile(r"^stagewise(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$")
 
 
@@ -208,29 +241,29 @@ def checkpoint_model(checkpoint: str, *, trust_code: bool = False) -> str:
     return model
 
 
-def describe_serving(serving: ServingSplit, name: str) -> tuple[ModelMetadata, list[str]]:
-    """Metadata (inputs/outputs by leaf name, dtypes from one in-process run) and each stage's weight digest."""
+def describe_serving(serving: ServingSplit, name: str) -> ModelMetadata:
+    """Metadata: inputs and outputs by leaf name, dtypes and shapes read from the capture (no weights needed)."""
     leaves, names, _ = input_leaves(serving.args, serving.kwargs)
     example = dict(zip(names, leaves))
-    stages = serving.chain_stages(serving.sm.stages)
-    with torch.inference_mode():
-        outputs = run_stages(stages, example, outputs=len(serving.sm.partition.output_names))
+    cap, stages = serving.sm.stages_for(serving.args, serving.kwargs)
     rows = serving.example_rows
     out_meta = []
-    served = set(stages[-1].spec.outputs)
-    for leaf_name, value in zip(serving.sm.partition.output_names, outputs):
+    served = set(serving.chain_stages(stages)[-1].spec.outputs)
+    for i, leaf_name in enumerate(cap.output_names):
         if leaf_name not in served:  # another task head's output
             continue
+        node = cap.output_nodes[i]
+        value = example[cap.output_inputs[i]] if node is None else node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"model output {leaf_name!r} is {shape}: every served output needs the batch on dim 0 "
                              f"({rows} rows for the example inputs); drop loss-only inputs with exclude_inputs")
-        out_meta.append(TensorMetadata(name=leaf_name, datatype=datatype_of(value), shape=(-1, *value.shape[1:])))
-    meta = ModelMetadata(
+        out_meta.append(TensorMetadata(name=leaf_name, datatype=datatype_of(value),
+                                       shape=(-1, *(int(d) for d in value.shape[1:]))))
+    return ModelMetadata(
         name=name, outputs=tuple(out_meta), aliases=dict(serving.aliases),
         inputs=tuple(TensorMetadata(name=n, datatype=datatype_of(t), shape=(-1, *t.shape[1:]))
                      for n, t in example.items()))
-    return meta, [stage_digest(st) for st in stages]
 
 
 def bucket_rows(rows: int, max_batch_size: int) -> int:

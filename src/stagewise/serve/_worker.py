@@ -42,7 +42,7 @@ import torch
 from .._allocator import tune_allocator
 from ..comm import CommError, DistTransport, SendHandle
 from ..runtime import run_forward
-from ..split import Stage
+from ..split import Stage, held_param_bytes
 from ._channel import Channel
 from ._listener import HelloFields, client_handshake
 from ._replicas import PipelineConfig
@@ -93,8 +93,10 @@ class _StageWorker:
         self.last = cfg.stage == cfg.stages - 1
         t0 = time.perf_counter()
         self.serving = load_serving_split(cfg.model, stages=cfg.stages, exclude_inputs=cfg.exclude_inputs,
-                                          seed=cfg.seed, checkpoint=cfg.checkpoint, cuts=cfg.cuts, tasks=cfg.tasks,
+                                          seed=cfg.seed, checkpoint=cfg.checkpoint, weights=cfg.weights,
+                                          dtype=cfg.dtype, own=cfg.stage, cuts=cfg.cuts, tasks=cfg.tasks,
                                           head=cfg.head, submodule=cfg.submodule)
+        self.check_holds_only()
         self.digest = stage_digest(self.serving.chain_stages(self.serving.sm.stages)[cfg.stage])
         # batch rows -> (this stage, names of the values the next stage receives, in its order)
         self._stages: dict[int, tuple[Stage, list[str]]] = {}
@@ -120,6 +122,15 @@ class _StageWorker:
         names = self.serving.input_names
         self.forwarded = [n for n in names if any(n in st.spec.inputs for st in chain[cfg.stage:])]
         self.forwarded_next = [n for n in names if any(n in st.spec.inputs for st in chain[cfg.stage + 1:])]
+
+    def check_holds_only(self) -> None:
+        """The memory promise, checked in every worker: it holds exactly its own stage's parameters."""
+        sm = self.serving.sm
+        mine = self.serving.chain[self.cfg.stage]
+        held, own = held_param_bytes(sm.model), sm.param_bytes([mine])
+        if held != own:
+            raise RuntimeError(f"worker of stage {self.cfg.stage} holds {held} bytes of parameters but its stage owns "
+                               f"{own}: a weight of another stage was allocated here (please report this as a bug)")
 
     def _mine(self, stages: list[Stage]) -> tuple[Stage, list[str]]:
         chain = self.serving.chain_stages(stages)

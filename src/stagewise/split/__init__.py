@@ -4,14 +4,16 @@ from ._api import split
 from ._balance import exact_ints, min_max_cuts
 from ._build import Stage
 from ._capture import CaptureError, input_leaves
+from ._meta import cast_meta_params, held_param_bytes, materialise, params_on_meta, tensor_aliases
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
 from ._run import StageCall, as_leaf, run_stages
-from ._split import SplitError, SplitModel
+from ._split import ReadWeights, SplitError, SplitModel
 from ._tree import TreeSpec, flatten, unflatten
 
 __all__ = [
     "CaptureError",
     "Partition",
+    "ReadWeights",
     "SplitError",
     "SplitModel",
     "Stage",
@@ -21,11 +23,16 @@ __all__ = [
     "UnitInfo",
     "ValueSpec",
     "as_leaf",
+    "cast_meta_params",
     "exact_ints",
     "flatten",
+    "held_param_bytes",
     "input_leaves",
+    "materialise",
     "min_max_cuts",
+    "params_on_meta",
     "run_stages",
     "split",
+    "tensor_aliases",
     "unflatten",
 ]

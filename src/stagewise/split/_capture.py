@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from .._errors import StagewiseError
+from ._meta import has_meta_params, stand_in_params
 from ._tree import TreeSpec, flatten, leaf_names, unflatten
 
 __all__ = ["Capture", "CaptureError", "capture", "input_leaves"]
@@ -111,7 +112,9 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, ex
     flat = _Flat(model, in_spec, out_specs)
     try:
         # On failure export dumps the partial graph to stderr; the error message below says what matters.
-        with contextlib.redirect_stderr(io.StringIO()):
+        # A model built on the meta device is captured with fake CPU stand-ins for the weights it does not hold.
+        stand_in = stand_in_params(model) if has_meta_params(model) else contextlib.nullcontext()
+        with contextlib.redirect_stderr(io.StringIO()), stand_in:
             ep = torch.export.export(flat, tuple(leaves), strict=False)
     except Exception as exc:  # torch raises many exception types from inside tracing
         raise CaptureError(f"torch.export could not capture {type(model).__name__}.forward: "

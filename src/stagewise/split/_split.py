@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,11 +16,15 @@ from .._errors import StagewiseError
 from ._balance import cuts_from_names, min_max_cuts
 from ._build import Stage, _Layout, build_stage, plan_stages, value_bytes
 from ._capture import Capture, CaptureError, capture, input_leaves, signature_of
+from ._meta import materialise, release, tensor_aliases
 from ._partition import COST_METHODS, Partition, UnitInfo
 from ._run import run_stages
 from ._tree import flatten, unflatten
 
-__all__ = ["SplitError", "SplitModel", "unit_infos"]
+__all__ = ["ReadWeights", "SplitError", "SplitModel", "unit_infos"]
+
+ReadWeights = Callable[[Mapping[str, torch.Tensor], Mapping[str, list[str]]], Mapping[str, torch.Tensor]]
+"""Reads a stage's weights: (FQN -> expected meta tensor, FQN -> its other names) -> FQN -> tensor."""
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +248,37 @@ class SplitModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(args, kwargs)
+
+    def materialise(self, indices: Iterable[int], *, read: ReadWeights | None = None, seed: int = 0,
+                    dtype: torch.dtype | None = None) -> None:
+        """Give the parameters of stages ``indices`` real storage (a model built with :func:`params_on_meta`): read by
+        ``read(wanted, aliases)`` (FQN -> meta tensor, FQN -> other names; returns FQN -> tensor), else the seeded
+        layout-independent initialisation. Only these stages' weights are ever allocated; every cached capture's
+        stages are rebuilt on the new weights."""
+        owned = [fqn for s in indices for fqn in self.partition.stages[s].params]
+        values = None
+        if read is not None:
+            model_params = dict(self.model.named_parameters())
+            wanted = {fqn: model_params[fqn] for fqn in owned if fqn in model_params and model_params[fqn].is_meta}
+            aliases = tensor_aliases(self.model)
+            values = read(wanted, {fqn: aliases.get(fqn, []) for fqn in wanted}) if wanted else {}
+        materialise(self.model, owned, values=values, seed=seed, dtype=dtype)
+        self._rebuild()
+
+    def keep_only(self, indices: Iterable[int]) -> None:
+        """Drop the weights of every stage but ``indices`` (they move to the meta device): what a process that built
+        the whole model keeps once it knows its stages."""
+        release(self.model, {fqn for s in indices for fqn in self.partition.stages[s].params})
+        self._rebuild()
+
+    def param_bytes(self, indices: Iterable[int]) -> int:
+        """Bytes of the parameters stages ``indices`` own (what a process running them must hold)."""
+        params = dict(self.model.named_parameters())
+        return sum(params[f].nbytes for s in indices for f in self.partition.stages[s].params if f in params)
+
+    def _rebuild(self) -> None:
+        for sig, (cap, _) in list(self._captures.items()):
+            self._captures[sig] = (cap, self._build(cap, _layout(cap, self.partition)))
 
     def recut(self, *, stages: int | None = None, by: str | None = None,
               cuts: Sequence[str] | None = None) -> SplitModel:

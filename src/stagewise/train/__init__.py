@@ -10,6 +10,7 @@ __all__ = lazy_exports(__name__, {
     "OutputConfig": "._config",
     "RuntimeConfig": "._config",
     "SplitConfig": "._config",
+    "StartConfig": "._config",
     "train_reference": "._reference",
     "TrainConfig": "._config",
     "Trainer": "._trainer",

@@ -26,6 +26,7 @@ __all__ = [
     "OutputConfig",
     "RuntimeConfig",
     "SplitConfig",
+    "StartConfig",
     "TrainConfig",
 ]
 
@@ -54,6 +55,28 @@ class SplitConfig:
     'stagewise split --json' (sets the cut)."""
     dropout: bool = True
     """Capture the model in training mode (dropout active); --no-dropout captures eval mode for deterministic runs."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class StartConfig:
+    """Where the weights start from. With --weights, --init seeded or a Hugging Face folder as MODEL, every process
+    builds the model on the meta device and allocates only the weights of its own stages."""
+
+    weights: str | None = dataclasses.field(default=None, metadata={"metavar": "PATH"})
+    """Load the starting weights from PATH: a Stagewise checkpoint, a Hugging Face model folder, a .safetensors file
+    or a state_dict file (each process reads only its stages' tensors)."""
+    init: Literal["factory", "seeded"] = "factory"
+    """Weights without --weights: factory (as the factory made them; every process builds the whole model once) or
+    seeded (each module initialised from (seed, its name): the same weights in every layout, no full copy anywhere;
+    for models too big for one process)."""
+    dtype: DType = "float32"
+    """Weight dtype: float32, bfloat16 or float16 (files are read straight into it)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -193,6 +216,7 @@ class TrainConfig:
     """Model factory, 'path/to/file.py:factory' or 'package.module:factory'; its ModelSpec must have a dataset."""
     steps: int = 10
     """Optimizer steps to run."""
+    start: StartConfig = dataclasses.field(default_factory=StartConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

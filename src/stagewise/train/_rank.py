@@ -17,13 +17,24 @@ from .._spec import ModelSpec, load_model_spec, training_data
 from ..comm import CommGroup, Transport
 from ..runtime import PipelineExecutor, broadcast_params
 from ..schedule import add_communication, build, validate
-from ..split import Partition, SplitModel, Stage, split, unflatten
+from ..split import (
+    Partition,
+    ReadWeights,
+    SplitModel,
+    Stage,
+    cast_meta_params,
+    held_param_bytes,
+    params_on_meta,
+    split,
+    unflatten,
+)
 from ._config import TrainConfig
 from ._data import sample_to_call
 from ._device import move_stage, resolve_device, strict_fp32
 
-__all__ = ["Layout", "RankState", "example_batch", "make_optimizer", "model_loss", "rank_device", "setup_rank",
-           "split_as_configured", "stage_tensors"]
+__all__ = ["Layout", "RankState", "builds_on_meta", "example_batch", "load_train_spec",
+           "make_optimizer", "model_loss", "rank_device", "setup_rank", "split_as_configured", "stage_tensors",
+           "train_dtype", "weights_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +182,18 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
         raise ValueError(f"world size is {transport.world_size} but stages x replicas = {config.world_size}; "
                          f"launch {config.world_size} processes")
     replica, position = layout.place(transport.rank)
-    spec = load_model_spec(config.model)
+    spec = load_train_spec(config)
     spec.model.train(config.split.dropout)
     args, kwargs, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
     sm = split_as_configured(config, spec, args, kwargs, stages=layout.S)
+    owned = [s for s in range(layout.S) if s % layout.P == position]
+    if builds_on_meta(config):
+        sm.materialise(owned, read=weights_reader(config), seed=config.data.seed, dtype=train_dtype(config))
+    else:
+        sm.keep_only(owned)
+    _check_holds_only(sm, owned)
     cap, stages = sm.stages_for(args, kwargs)
-    mine = {s: stages[s] for s in range(layout.S) if s % layout.P == position}
+    mine = {s: stages[s] for s in owned}
     device = _place(mine, config, transport)
     params = [p for st in mine.values() for p in st.parameters() if p.requires_grad]
     # Every rank creates every group in the same order (a torch.distributed requirement).
@@ -204,6 +221,53 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
                      dp_group=dp_groups[position], pp_group=pp_groups[replica], optimizer=optimizer,
                      scheduler=scheduler, schedule=schedule, executor=executor, targets=targets,
                      needed=frozenset(name for st in mine.values() for name in st.spec.inputs))
+
+
+def _check_holds_only(sm: SplitModel, owned: list[int]) -> None:
+    """The memory promise, checked in every rank: it holds exactly its own stages' parameters."""
+    held, own = held_param_bytes(sm.model), sm.param_bytes(owned)
+    if held != own:
+        raise RuntimeError(f"this rank holds {held} bytes of parameters but its stages {owned} own {own}: a weight of "
+                           "another stage was allocated here (please report this as a bug)")
+
+
+def builds_on_meta(config: TrainConfig) -> bool:
+    """Whether every process builds the model on the meta device and allocates only its own stages' weights."""
+    from ..weights import is_hf_folder
+
+    return config.start.weights is not None or config.start.init == "seeded" or is_hf_folder(config.model)
+
+
+def train_dtype(config: TrainConfig) -> torch.dtype:
+    return getattr(torch, config.start.dtype)
+
+
+def load_train_spec(config: TrainConfig) -> ModelSpec:
+    """The model's spec as configured: on the meta device (see :func:`builds_on_meta`) or built by the factory, with
+    its weights (and floating example inputs) in the configured dtype."""
+    dtype = train_dtype(config)
+    if not builds_on_meta(config):
+        spec = load_model_spec(config.model)
+        if dtype != torch.float32:
+            spec.model.to(dtype)
+        return spec
+    with params_on_meta():
+        spec = load_model_spec(config.model)
+    if dtype != torch.float32:
+        cast_meta_params(spec.model, dtype)
+    return spec
+
+
+def weights_reader(config: TrainConfig) -> ReadWeights | None:
+    """Reads a stage's starting weights from --weights (or the Hugging Face folder MODEL); None: seeded init."""
+    from ..weights import is_hf_folder, open_weights
+
+    path = config.start.weights or (config.model if is_hf_folder(config.model) else None)
+    if path is None:
+        return None
+    source = open_weights(path)
+    dtype = train_dtype(config)
+    return lambda wanted, aliases: source.read(wanted, aliases=aliases, dtype=dtype)
 
 
 def split_as_configured(config: TrainConfig, spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,

@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
-from .._spec import load_model_spec, training_data
+from .._spec import training_data
+from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
 from ._data import global_batches, sample_to_call
 from ._device import resolve_device, strict_fp32, to_device
-from ._rank import make_optimizer, model_loss
+from ._rank import builds_on_meta, load_train_spec, make_optimizer, model_loss, train_dtype, weights_reader
 
 __all__ = ["train_reference"]
 
@@ -22,8 +23,14 @@ def train_reference(config: TrainConfig) -> tuple[list[float], dict[str, torch.T
     workers); the returned state dict is always on the CPU.
     """
     torch.manual_seed(config.data.seed)
-    spec = load_model_spec(config.model)
+    spec = load_train_spec(config)
     model = spec.model.train(config.split.dropout)
+    if builds_on_meta(config):  # every weight made exactly as the ranks make theirs (seeded, or read from a file)
+        names = [fqn for fqn, p in model.named_parameters() if p.is_meta]
+        read = weights_reader(config)
+        aliases = tensor_aliases(model)
+        values = None if read is None else read(dict(model.named_parameters()), aliases)
+        materialise(model, names, values=values, seed=config.data.seed, dtype=train_dtype(config))
     device = torch.device("cpu")
     if resolve_device(config.runtime.device) == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())

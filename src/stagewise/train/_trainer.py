@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from .._spec import ModelSpec, load_model_spec
+from .._spec import ModelSpec
 from ..comm import DistTransport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
+from ..split import materialise
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
-from ._rank import Layout, example_batch, split_as_configured
+from ._rank import Layout, example_batch, load_train_spec, split_as_configured
 from ._worker import run_worker
 
 __all__ = ["TrainResult", "Trainer"]
@@ -60,8 +61,13 @@ class TrainResult:
         return merged
 
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Load the trained weights into a freshly built model; tied weights are saved once, under their first name."""
-        missing, unexpected = model.load_state_dict(self.state_dict(), strict=False)
+        """Load the trained weights into a freshly built model (also one built on the meta device); tied weights are
+        saved once, under their first name."""
+        state = self.state_dict()
+        on_meta = [name for name, p in model.named_parameters() if p.is_meta and name in state]
+        if on_meta:
+            materialise(model, on_meta, values=state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"weights not in the model: {unexpected[:5]}")
         tied = {name for name, _ in model.named_parameters()}  # named_parameters() lists a tied weight once
@@ -112,7 +118,7 @@ class Trainer:
         data set too small or more stages than units is one error before any process starts (not one per rank after
         they all started). Returns the model's spec (its untrained model)."""
         config = self.config
-        spec = load_model_spec(config.model)
+        spec = load_train_spec(config)  # on the meta device when the ranks build it there: no full copy here either
         args, kwargs, _ = example_batch(spec, config.microbatch_size, limit=config.samples_read)
         split_as_configured(config, spec, args, kwargs, stages=Layout(config).S)
         return spec
