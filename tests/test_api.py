@@ -65,6 +65,7 @@ PACKAGE_NAMES = {
                              "export_tensors", "format_info", "latest_checkpoint", "list_checkpoints",
                              "load_checkpoint", "load_optimizer_state", "optimizer_state_by_fqn", "restore_rng_state",
                              "rng_state_json", "tied_groups"],
+    "stagewise.weights": ["WeightSource", "WeightsError", "hf_folder_spec", "is_hf_folder", "open_weights"],
     "stagewise.zoo": ["ALL_MODELS", "BASIC_MODELS", "HF_MODELS", "Samples", "get"],
     "stagewise.launch": ["STOP_SIGNAL", "SpawnError", "TorchrunEnv", "connect_torchrun", "describe_exit",
                          "forkserver_context", "measure_action_overhead", "measure_links", "profile_model", "spawn",

@@ -13,6 +13,7 @@ keeps working. Exception tree::
     ├── CommError(StagewiseError)                         comm: transport failures (tree in ``comm/_errors.py``)
     ├── StepError(StagewiseError, RuntimeError)           runtime: a schedule action failed
     ├── CheckpointError(StagewiseError)                   checkpoint: missing, incomplete or altered
+    ├── WeightsError(StagewiseError, ValueError)          weights: files that do not hold what the model needs
     ├── ChannelError(StagewiseError, ConnectionError)     serve: a worker channel broke inside a frame
     └── ServeError(StagewiseError)                        serve: errors the gateway answers as HTTP (``_protocol.py``)
 """

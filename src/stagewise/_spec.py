@@ -2,7 +2,8 @@
 
 A factory is any callable taking no arguments (or only keyword arguments with defaults) that returns either a
 :class:`ModelSpec` or a ``(model, inputs)`` pair, where ``inputs`` is a tuple of positional arguments, a dict of keyword
-arguments, or a single tensor. ``MODEL`` strings are ``path/to/file.py:factory`` or ``package.module:factory``.
+arguments, or a single tensor. ``MODEL`` strings are ``path/to/file.py:factory`` or ``package.module:factory``, or
+the path of a Hugging Face model folder (a directory with ``config.json``: :func:`stagewise.weights.hf_folder_spec`).
 """
 
 from __future__ import annotations
@@ -135,9 +136,20 @@ def _is_file_target(where: str) -> bool:
     return where.endswith(".py") or "/" in where
 
 
+HF_FOLDER_FACTORY = "stagewise.weights:hf_folder_spec"
+"""The factory a Hugging Face folder as ``MODEL`` stands for (imported by name: ``weights`` imports this module)."""
+
+
+def _is_hf_folder_target(target: str) -> bool:
+    return (Path(target) / "config.json").is_file()
+
+
 def portable_model(target: str) -> str:
-    """``target`` as it finds the same factory from any directory: a ``file.py:factory`` path made absolute (what a
-    checkpoint records, so ``stagewise serve /abs/ckpt`` works from elsewhere); a module path is left as it is."""
+    """``target`` as it finds the same factory from any directory: a ``file.py:factory`` path or a Hugging Face
+    folder made absolute (what a checkpoint records, so ``stagewise serve /abs/ckpt`` works from elsewhere); a module
+    path is left as it is."""
+    if _is_hf_folder_target(target):
+        return str(Path(target).resolve())
     where, sep, attr = target.rpartition(":")
     if not sep or not _is_file_target(where):
         return target
@@ -173,7 +185,10 @@ def _import_factory(target: str) -> Callable[..., Any]:
 
 
 def load_model_spec(target: str, **factory_kwargs: Any) -> ModelSpec:
-    """Import ``target`` (``file.py:factory`` or ``package.module:factory``) and call the factory."""
+    """Import ``target`` (``file.py:factory`` or ``package.module:factory``) and call the factory; a Hugging Face
+    model folder gives ``hf_folder_spec(folder)`` (its model built from ``config.json``, random weights)."""
+    if _is_hf_folder_target(target):
+        return _import_factory(HF_FOLDER_FACTORY)(target, **factory_kwargs)
     factory = _import_factory(target)
     spec = as_model_spec(factory(**factory_kwargs), name=target.rpartition(":")[2])
     return spec

@@ -1,4 +1,5 @@
-"""The bytes on disk: the directory layout, safetensors headers, reading back into fresh tensors, durable renames.
+"""The bytes on disk: the directory layout (from ``_checkpoint_layout``), safetensors headers, reading back into
+fresh tensors, durable renames.
 
 A checkpoint is a directory ``step-{k:08d}/`` holding, per part (``stage0``, ``stage1``...),
 ``{part}.model.safetensors`` and ``{part}.optim.safetensors``, plus ``manifest.json`` (see ``_save``). Tensor files
@@ -11,9 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import logging
 import os
-import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,9 +20,26 @@ from typing import Any
 
 import torch
 
+from .._checkpoint_layout import (
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    STEP_RE,
+    TMP_RE,
+    VERSION,
+    latest_checkpoint,
+    list_checkpoints,
+    step_name,
+)
 from .._errors import StagewiseError
 
 __all__ = [
+    "FORMAT",
+    "LATEST",
+    "MANIFEST",
+    "STEP_RE",
+    "TMP_RE",
+    "VERSION",
     "CheckpointError",
     "canonical_checksum",
     "chunks",
@@ -39,8 +55,6 @@ __all__ = [
     "write_json_durable",
     "write_text_durable",
 ]
-
-log = logging.getLogger(__name__)
 
 CHUNK = 8 << 20
 """Bytes per read/hash call: big enough that thread hand-offs cost nothing, small enough to stay in cache."""
@@ -245,46 +259,6 @@ def _empty(path: Path, name: str, entry: Mapping[str, Any]) -> torch.Tensor:
 
 def _raw_bytes_writable(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-# --- directory layout ---------------------------------------------------------------------------------------------
-
-FORMAT = "stagewise-checkpoint"
-VERSION = 1
-MANIFEST = "manifest.json"
-LATEST = "latest"
-STEP_RE = re.compile(r"^step-(\d{8,})$")
-TMP_RE = re.compile(r"^step-(\d{8,})\.tmp$")
-
-
-def step_name(step: int) -> str:
-    """``step-00000042``: the directory of the checkpoint taken after optimizer step ``step``."""
-    return f"step-{step:08d}"
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` as ``(step, dir)``, oldest first (an unfinished ``.tmp`` is not one)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        m = STEP_RE.match(d.name)
-        if m and (d / MANIFEST).is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory the ``latest`` pointer names, else the newest complete checkpoint, else None."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if STEP_RE.match(name) and (root / name / MANIFEST).is_file():
-            return root / name
-        log.warning("%s names %r, which is not a complete checkpoint; using the newest one instead", pointer, name)
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
 
 
 def write_text_durable(path: Path, text: str) -> None:
