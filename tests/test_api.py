@@ -28,9 +28,10 @@ def test_cli_help_lists_commands(capsys) -> None:
 
 
 PACKAGE_NAMES = {
-    "stagewise.split": ["CaptureError", "Partition", "SplitError", "SplitModel", "Stage", "StageCall", "StageSpec",
-                        "TreeSpec", "UnitInfo", "ValueSpec", "as_leaf", "exact_ints", "flatten", "input_leaves",
-                        "min_max_cuts", "run_stages", "split", "unflatten"],
+    "stagewise.split": ["CaptureError", "Partition", "ReadWeights", "SplitError", "SplitModel", "Stage", "StageCall",
+                        "StageSpec", "TreeSpec", "UnitInfo", "ValueSpec", "as_leaf", "cast_meta_params", "exact_ints",
+                        "flatten", "held_param_bytes", "input_leaves", "materialise", "min_max_cuts",
+                        "params_on_meta", "run_stages", "split", "tensor_aliases", "unflatten"],
     "stagewise.schedule": ["Action", "ActionKind", "COMM_KINDS", "COMPUTE_KINDS", "CompiledSchedule", "Cost",
                            "Interval", "SCHEDULE_NAMES", "Schedule", "ScheduleError", "ScheduleName", "Sharing",
                            "Timeline", "add_communication", "build", "build_compiled", "compile_schedule", "gpipe",
@@ -44,7 +45,7 @@ PACKAGE_NAMES = {
                           "broadcast_params", "clip_global_norm", "measured_bubble", "merge_traces", "render_timeline",
                           "run_forward", "stage_costs_from_events", "write_rank_trace"],
     "stagewise.train": ["DataConfig", "LayoutConfig", "OPTIMIZERS", "OptimConfig", "OutputConfig", "RuntimeConfig",
-                        "SplitConfig", "TrainConfig", "TrainResult", "Trainer", "train_reference"],
+                        "SplitConfig", "StartConfig", "TrainConfig", "TrainResult", "Trainer", "train_reference"],
     "stagewise.serve": ["BackendError", "BadRequestError", "BatchingConfig", "ClientDisconnectedError", "DATATYPES",
                         "DynamicBatcher", "Gateway", "GatewayConfig", "GatewayMetrics", "GatewayTimeoutError",
                         "HttpLimits", "InferRequest", "InferenceBackend", "LocalBackend", "ModelError",

@@ -35,6 +35,7 @@ from ..split import (
     input_leaves,
     params_on_meta,
     split,
+    tensor_aliases,
     unflatten,
 )
 from ..weights import is_hf_folder
@@ -156,6 +157,10 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
         sm.keep_only(mine)
     elif mine:
         sm.materialise(mine, read=_reader(source, torch_dtype), dtype=torch_dtype)
+    else:  # the gateway checks every tensor the workers will read (headers only) before any worker starts
+        from ..weights import open_weights
+
+        open_weights(source).verify(dict(sm.model.named_parameters()), aliases=tensor_aliases(sm.model))
     return ServingSplit(sm=sm, args=args, kwargs=kwargs, name=spec.name if head is None else
                         f"{spec.name}.{head}", chain=chain, aliases=aliases, digests=digests)
 

@@ -34,7 +34,7 @@ from ._device import move_stage, resolve_device, strict_fp32
 
 __all__ = ["Layout", "RankState", "builds_on_meta", "example_batch", "load_train_spec",
            "make_optimizer", "model_loss", "rank_device", "setup_rank", "split_as_configured", "stage_tensors",
-           "train_dtype", "weights_reader"]
+           "train_dtype", "weights_path", "weights_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,7 @@ def _check_holds_only(sm: SplitModel, owned: list[int]) -> None:
 
 def builds_on_meta(config: TrainConfig) -> bool:
     """Whether every process builds the model on the meta device and allocates only its own stages' weights."""
-    from ..weights import is_hf_folder
-
-    return config.start.weights is not None or config.start.init == "seeded" or is_hf_folder(config.model)
+    return weights_path(config) is not None or config.start.init == "seeded"
 
 
 def train_dtype(config: TrainConfig) -> torch.dtype:
@@ -258,11 +256,18 @@ def load_train_spec(config: TrainConfig) -> ModelSpec:
     return spec
 
 
-def weights_reader(config: TrainConfig) -> ReadWeights | None:
-    """Reads a stage's starting weights from --weights (or the Hugging Face folder MODEL); None: seeded init."""
-    from ..weights import is_hf_folder, open_weights
+def weights_path(config: TrainConfig) -> str | None:
+    """Where the starting weights are read from: --weights, or the Hugging Face folder MODEL; None: not from a file."""
+    from ..weights import is_hf_folder
 
-    path = config.start.weights or (config.model if is_hf_folder(config.model) else None)
+    return config.start.weights or (config.model if is_hf_folder(config.model) else None)
+
+
+def weights_reader(config: TrainConfig) -> ReadWeights | None:
+    """Reads a stage's starting weights from :func:`weights_path`; None: seeded init."""
+    from ..weights import open_weights
+
+    path = weights_path(config)
     if path is None:
         return None
     source = open_weights(path)

@@ -17,10 +17,10 @@ import torch
 from .._spec import ModelSpec
 from ..comm import DistTransport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
-from ..split import materialise
+from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
-from ._rank import Layout, example_batch, load_train_spec, split_as_configured
+from ._rank import Layout, example_batch, load_train_spec, split_as_configured, weights_path
 from ._worker import run_worker
 
 __all__ = ["TrainResult", "Trainer"]
@@ -121,6 +121,11 @@ class Trainer:
         spec = load_train_spec(config)  # on the meta device when the ranks build it there: no full copy here either
         args, kwargs, _ = example_batch(spec, config.microbatch_size, limit=config.samples_read)
         split_as_configured(config, spec, args, kwargs, stages=Layout(config).S)
+        weights = weights_path(config)
+        if weights is not None:  # every tensor there with the right shape (headers only; no tensor is read)
+            from ..weights import open_weights
+
+            open_weights(weights).verify(dict(spec.model.named_parameters()), aliases=tensor_aliases(spec.model))
         return spec
 
     def fit(self, *, timeout: float | None = None) -> TrainResult:

@@ -70,28 +70,9 @@ class WeightSource:
         files hold and ``wanted`` lacks are ignored. One :class:`WeightsError` lists every tensor that is missing or
         whose shape or kind of dtype (int, float...) differs.
         """
-        aliases = aliases or {}
         expected = {fqn: _shape_dtype(fqn, e) for fqn, e in wanted.items()}
-        plan: dict[str, dict[str, str]] = {}  # file -> {fqn: key}
-        problems = []
-        for fqn in expected:
-            key = self._find(fqn, aliases)
-            if key is None:
-                shape, dt = expected[fqn]
-                problems.append(f"{fqn}: expected {list(shape)} {dt}, not in the files")
-            else:
-                plan.setdefault(self._where[key], {})[fqn] = key
         with contextlib.ExitStack() as stack:
-            opened = {}
-            for file in sorted(plan):
-                opened[file] = stack.enter_context(self._open(file))
-                self.files_opened.add(Path(file).name)
-            for file, names in plan.items():
-                problems += _mismatches(opened[file], names, expected, file, self._listed_in)
-            if problems:
-                raise WeightsError(f"the weights in {self._files_text()} do not fit the model: "
-                                   f"{len(problems)} of {len(expected)} tensors asked for differ: "
-                                   + "; ".join(problems[:SHOWN]) + (" ..." if len(problems) > SHOWN else ""))
+            plan, opened = self._checked(stack, expected, aliases or {})
             out = {}
             for file, names in plan.items():
                 for fqn, key in names.items():
@@ -100,6 +81,37 @@ class WeightSource:
                         want = dtype
                     out[fqn] = opened[file].get(key).to(device=device, dtype=want)
         return {fqn: out[fqn] for fqn in expected}
+
+    def verify(self, wanted: Mapping[str, Expected], *, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
+        """What :meth:`read` checks (every name found, shapes and kinds of dtype from the files' headers), reading no
+        tensor: the whole model's weights checked in the launching process, before any worker starts."""
+        expected = {fqn: _shape_dtype(fqn, e) for fqn, e in wanted.items()}
+        with contextlib.ExitStack() as stack:
+            self._checked(stack, expected, aliases or {})
+
+    def _checked(self, stack: contextlib.ExitStack, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 aliases: Mapping[str, Sequence[str]]) -> tuple[dict[str, dict[str, str]], dict[str, TensorFile]]:
+        """(file -> {fqn: key}, file -> its open handle) for ``expected``; one WeightsError listing every problem."""
+        plan: dict[str, dict[str, str]] = {}
+        problems = []
+        for fqn in expected:
+            key = self._find(fqn, aliases)
+            if key is None:
+                shape, dt = expected[fqn]
+                problems.append(f"{fqn}: expected {list(shape)} {dt}, not in the files")
+            else:
+                plan.setdefault(self._where[key], {})[fqn] = key
+        opened = {}
+        for file in sorted(plan):
+            opened[file] = stack.enter_context(self._open(file))
+            self.files_opened.add(Path(file).name)
+        for file, names in plan.items():
+            problems += _mismatches(opened[file], names, expected, file, self._listed_in)
+        if problems:
+            raise WeightsError(f"the weights in {self._files_text()} do not fit the model: "
+                               f"{len(problems)} of {len(expected)} tensors asked for differ: "
+                               + "; ".join(problems[:SHOWN]) + (" ..." if len(problems) > SHOWN else ""))
+        return plan, opened
 
     def _open(self, file: str) -> contextlib.AbstractContextManager[TensorFile]:
         path = self._folder / file
