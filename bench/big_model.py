@@ -72,28 +72,25 @@ def big_llama() -> Any:
 
 
 class MemoryWatch:
-    """Polls every process below this one: peak RSS (VmHWM) and current RSS by pid, and each one's command line."""
+    """Polls every process below this one: peak RSS (VmHWM), current RSS and depth below this process, by pid."""
 
     def __init__(self, period_s: float = 0.2) -> None:
         self.peak: dict[int, int] = {}
         self.rss: dict[int, int] = {}
-        self.cmd: dict[int, str] = {}
+        self.depth: dict[int, int] = {}
+        """1 for this process's children (the forkserver), 2 for theirs (the ranks)..."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
         self._thread.start()
 
     def _run(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
-            for pid in _descendants(os.getpid()):
+            for pid, depth in _descendants(os.getpid()):
                 status = _status(pid)
                 if status:
                     self.peak[pid] = max(self.peak.get(pid, 0), status.get("VmHWM", 0))
                     self.rss[pid] = status.get("VmRSS", 0)
-                    if pid not in self.cmd:
-                        try:
-                            self.cmd[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                        except OSError:
-                            pass
+                    self.depth[pid] = depth
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,7 +110,7 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def _descendants(root: int) -> list[int]:
+def _descendants(root: int) -> list[tuple[int, int]]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -122,11 +119,13 @@ def _descendants(root: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
+    out: list[tuple[int, int]] = []
+    todo = [(root, 0)]
     while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
+        parent, depth = todo.pop()
+        for child in children.get(parent, []):
+            out.append((child, depth + 1))
+            todo.append((child, depth + 1))
     return out
 
 
@@ -170,7 +169,7 @@ def serve(model: str, checkpoint: Path) -> tuple[bool, float, int, torch.Tensor,
     from stagewise.comm import find_free_port
 
     port = find_free_port()
-    cmd = [sys.executable, "-m", "stagewise", "serve", model, "--checkpoint", str(checkpoint), "--stages", "4",
+    cmd = [sys.executable, "-m", "stagewise.cli", "serve", model, "--checkpoint", str(checkpoint), "--stages", "4",
            "--port", str(port), "--max-batch-size", "1", "--replica-startup-timeout", "900",
            "--worker-timeout", "600", "--threads", "1", "--request-timeout", "600"]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent / "src"))
@@ -255,9 +254,8 @@ def main() -> None:
     try:
         t0 = time.monotonic()
         train_ok, watch = train(model, tmp / "ckpt")
-        workers = {pid: peak for pid, peak in watch.peak.items() if "forkserver" not in watch.cmd.get(pid, "")
-                   and peak > idle}
-        ratio = max((peak - idle) / (2 * min(sizes)) for peak in workers.values())
+        workers = {pid: peak for pid, peak in watch.peak.items() if watch.depth.get(pid) == 2}  # the ranks
+        ratio = max(((peak - idle) / (2 * min(sizes)) for peak in workers.values()), default=float("nan"))
         print(f"train {time.monotonic() - t0:.0f} s; worker peaks MiB {sorted(p // 2**20 for p in workers.values())}")
         serve_ok, load_s, gateway_rss, tokens, logits = serve(model, tmp / "ckpt")
         expected = reference_logits(model, tmp / "ckpt", tokens)

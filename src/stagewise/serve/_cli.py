@@ -124,7 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signals = _stop_on_signals()
     gateway_config = GatewayConfig(auth_token=token, max_payload_bytes=int(args.max_payload_mb * 2**20))
     model, checkpoint = args.model, args.checkpoint
-    if Path(model).is_dir():  # a checkpoint directory: its manifest names the model
+    from ..weights import is_hf_folder
+
+    if Path(model).is_dir() and not is_hf_folder(model):  # a checkpoint directory: its manifest names the model
         from ._serving_split import checkpoint_model
 
         model, checkpoint = checkpoint_model(model, trust_code=args.trust_checkpoint_code), model

@@ -112,8 +112,8 @@ class PipelineBackend(InferenceBackend):
             config = PipelineConfig(model=model, stages=stages, replicas=replicas, max_batch_size=max_batch_size,
                                     name=name, host=host, **options)
         self.config = config
-        module = config.model.rpartition(":")[0]
-        preload = (*_PRELOAD, module) if "/" not in module and not module.endswith(".py") else _PRELOAD
+        module = config.model.rpartition(":")[0]  # a factory's module (not a file path, nor a folder as MODEL)
+        preload = (*_PRELOAD, module) if module and "/" not in module and not module.endswith(".py") else _PRELOAD
         self._ctx = _context(preload)
         # Boot the forkserver (its imports take seconds) while this process loads the model.
         threading.Thread(target=multiprocessing.forkserver.ensure_running, name="stagewise-forkserver-boot",
