@@ -15,9 +15,9 @@ Shared compute (CPU cores of one node slow each other down): with ``contention``
 ``k`` of them computing, each computes at rate ``1 / (1 + (c - 1) (k - 1) / (n - 1))``. Compute is then fluid work
 and the engine steps from event to event (a rate changes whenever a rank starts or stops computing). Without
 contention an action's end is known when it starts, so each rank runs ahead as far as its inputs allow: the same
-state machine, stepped with an infinite horizon (its idle phase's steps in one tight loop). Replicas of the pipeline run the same timeline, so rank ``r``'s
-replicas on the same node compute whenever ``r`` does: ``share[r][q]`` counts the copies of rank ``q`` (over all
-replicas) on the node of rank ``r``.
+state machine, stepped with an infinite horizon (its idle phase's steps in one tight loop). Replicas of the pipeline
+run the same timeline, so rank ``r``'s replicas on the same node compute whenever ``r`` does: ``share[r][q]`` counts
+the copies of rank ``q`` (over all replicas) on the node of rank ``r``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ _IDLE, _FIXED, _WORK, _TAIL, _TAIL_WORK, _DONE = range(6)
 class CompiledSchedule:
     """A validated schedule as flat tables the engine reads (cost-independent; compile once, run many times).
 
-    Actions are numbered 0..N-1 in rank-major order; ``ids[r]`` lists rank ``r``'s in order. Made by
+    Actions are numbered 0..N-1 in rank-major order; ``ids[r]`` is the range of rank ``r``'s, in order. Made by
     :func:`~stagewise.schedule.compile_schedule` (or, for a builder's schedule, by
     :func:`~stagewise.schedule.build_compiled`).
     """

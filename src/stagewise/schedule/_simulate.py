@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -189,7 +190,9 @@ def simulate(
     result = run(compiled, durations=durations, links=links, start=start, tail=tail, tail_work=tail_work,
                  sharing=sharing)
     intervals = _Intervals(compiled, result.start, result.end)
-    busy = {rank: sum(durations[a] for a in ids if compiled.code[a] < 4) for rank, ids in enumerate(compiled.ids)}
+    compute = [code < 4 for code in compiled.code]  # F, B, I, W
+    busy = {rank: sum(itertools.compress(durations[ids.start:ids.stop], compute[ids.start:ids.stop]))
+            for rank, ids in enumerate(compiled.ids)}
     span = max(result.pipeline_end, default=0.0)
     step_time = max(result.finish, default=0.0)
     bubble = 1.0 - sum(busy.values()) / (ranks * span) if span > 0 else 0.0

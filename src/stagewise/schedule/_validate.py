@@ -60,7 +60,8 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
     P, S, M, N = raw.ranks, raw.stages, raw.microbatches, len(keys)
     kinds = {kind: k for k, kind in enumerate(KIND_CODES)}
     # (kind, stage) of each action as one int ks = kind * S + stage; action (kind, s, m) is number[ks * M + m].
-    ks = np.array([kinds[kind] * S + s for kind, s, _ in keys], dtype=np.int64)
+    stage_of = [s for _, s, _ in keys]
+    ks = np.array([kinds[kind] for kind, _, _ in keys], dtype=np.int64) * S + np.array(stage_of, dtype=np.int64)
     mb = np.array([m for _, _, m in keys], dtype=np.int64)
     number = np.full(len(kinds) * S * M, -1, dtype=np.int64)
     number[ks * M + mb] = np.arange(N)
@@ -68,7 +69,7 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
     # it is on another rank.
     choice = np.full((2, len(kinds) * S, 2), -1, dtype=np.int64)
     remote = np.zeros((len(kinds) * S, 2), dtype=np.int64)
-    code, link = [0] * (len(kinds) * S), [-1] * (len(kinds) * S)
+    code, link = np.zeros(len(kinds) * S, dtype=np.int64), np.zeros(len(kinds) * S, dtype=np.int64)
     for kind, k in kinds.items():
         for s in range(S):
             code[k * S + s] = KIND_CODES[kind]
@@ -94,10 +95,8 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
     for rank_keys in raw.actions:
         ids.append(range(start, start + len(rank_keys)))
         start += len(rank_keys)
-    by_ks = ks.tolist()
-    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple([code[x] for x in by_ks]),
-                            stage=tuple([stage for _, stage, _ in keys]), needs=(needs[0], needs[1]),
-                            link=tuple([link[x] for x in by_ks]), given=given)
+    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple(code[ks].tolist()), stage=tuple(stage_of),
+                            needs=(needs[0], needs[1]), link=tuple(link[ks].tolist()), given=given)
 
 
 def _order_error(raw: RawSchedule, keys: list[Key], n: int, d: int, given: Schedule | None) -> None:
