@@ -261,7 +261,8 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
                 moved = settle(r, now) or moved
         if all(ph == _DONE for ph in phase):
             break
-        step_to = _next_event(c, phase, pos, left, until, sharing, now, ready_at) if sharing and contended else None
+        step_to = (_next_event(c, sharing, now=now, phase=phase, pos=pos, left=left, until=until, ready_at=ready_at)
+                   if sharing and contended else None)
         if step_to is None:
             _deadlock(c, pos, phase, times)
         assert step_to is not None
@@ -269,8 +270,8 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
     return Run(start=began, end=times[0::2], pipeline_end=pipe_end, finish=finish)
 
 
-def _next_event(c: CompiledSchedule, phase: list[int], pos: list[int], left: list[float], until: list[float],
-                sharing: Sharing, now: float, ready_at: Callable[[int, int], float]) -> float | None:
+def _next_event(c: CompiledSchedule, sharing: Sharing, *, now: float, phase: list[int], pos: list[int],
+                left: list[float], until: list[float], ready_at: Callable[[int, int], float]) -> float | None:
     """Advance the computing ranks' work to the next moment something happens; return that moment (None: nothing
     will, a deadlock)."""
     ranks = len(phase)
