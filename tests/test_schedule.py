@@ -14,6 +14,7 @@ from stagewise.schedule import (
     Timeline,
     add_communication,
     build,
+    build_compiled,
     gpipe,
     interleaved_1f1b,
     one_f_one_b,
@@ -192,6 +193,12 @@ def test_every_build_validates_with_and_without_communication(name):
         assert not s.has_communication and all(a.is_compute for acts in s.actions.values() for a in acts)
         validate(s)
         validate(add_communication(s))
+        # The planner's build_compiled skips these checks; it must compile to the very tables the checked path makes.
+        checked = sched_pkg.compile_schedule(add_communication(s))
+        built = build_compiled(n, ranks=ranks, microbatches=mbs, stages_per_rank=v)
+        for table in ("ids", "code", "stage", "needs", "link"):
+            assert getattr(built, table) == getattr(checked, table), (n, ranks, mbs, v, table)
+        assert built.schedule == checked.schedule and built.actions == checked.actions
         count += 1
     assert count >= 32
 

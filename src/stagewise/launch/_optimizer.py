@@ -13,6 +13,7 @@ bytes' share; timing each unit alone instead would count the per-step churn once
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
@@ -43,9 +44,10 @@ def cache_bytes() -> int:
     return 2 * size
 
 
-def _time_in_child(rank: int, world_size: int, port: int, out: str, shapes_json: str, optimizer: str, repeats: int,
+def _time_in_child(rank: int, world_size: int, port: int, *, out: str, shapes_json: str, optimizer: str, repeats: int,
                    threads: int) -> None:
-    """The fresh process (module level so that spawn can start it): writes each unit's share of the step to ``out``."""
+    """The fresh process (module level so that spawn can start it; the keywords come bound by a partial): writes each
+    unit's share of the step to ``out``."""
     tune_allocator()  # as training workers do: freed blocks stay mapped between steps
     torch.set_num_threads(threads)
     units = [[torch.nn.Parameter(torch.randn(shape)) for shape in shapes] for shapes in json.loads(shapes_json)]
@@ -86,7 +88,9 @@ def time_optimizer(shapes: Sequence[Sequence[Sequence[int]]], *, optimizer: str 
     with tempfile.TemporaryDirectory(prefix="stagewise-optimizer-") as tmp:
         for i in range(processes):
             out = str(Path(tmp) / f"optimizer{i}.json")
-            spawn(_time_in_child, 1, args=(out, payload, optimizer, int(repeats), int(threads)), timeout=timeout)
+            child = functools.partial(_time_in_child, out=out, shapes_json=payload, optimizer=optimizer,
+                                      repeats=int(repeats), threads=int(threads))
+            spawn(child, 1, timeout=timeout)
             runs.append([float(x) for x in json.loads(Path(out).read_text())])
     return [statistics.mean(unit) for unit in zip(*runs)] if shapes else []
 

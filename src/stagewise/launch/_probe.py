@@ -6,6 +6,7 @@ planner reads."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import statistics
@@ -43,9 +44,9 @@ def _busy(seconds: float, work: torch.Tensor) -> None:
         torch.mm(work, work)
 
 
-def _probe_rank(rank: int, world_size: int, port: int, out: str, nbytes: int, repeats: int, timeout: float,
+def _probe_rank(rank: int, world_size: int, port: int, *, out: str, nbytes: int, repeats: int, timeout: float,
                 backend: str) -> None:
-    """One probing process (module level so that spawn can start it)."""
+    """One probing process (module level so that spawn can start it; the keywords come bound by a partial)."""
     torch.set_num_threads(1)
     transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout,
                                    backend=backend)
@@ -223,7 +224,9 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     with tempfile.TemporaryDirectory(prefix="stagewise-probe-") as tmp:
         out = str(Path(tmp) / "links.json")
-        spawn(_probe_rank, 2, args=(out, int(nbytes), int(repeats), float(timeout), backend), timeout=timeout)
+        probe = functools.partial(_probe_rank, out=out, nbytes=int(nbytes), repeats=int(repeats),
+                                  timeout=float(timeout), backend=backend)
+        spawn(probe, 2, timeout=timeout)
         data = json.loads(Path(out).read_text())
     result = LinkMeasurement(**data)
     if backend == "gloo":  # the runtime's own overhead (CPU); a GPU's launches are asynchronous, so it is not measured

@@ -25,6 +25,8 @@ __all__ = [
     "COMPUTE_KINDS",
     "Action",
     "ActionKind",
+    "Key",
+    "RawSchedule",
     "Schedule",
     "ScheduleError",
 ]
@@ -257,3 +259,36 @@ class Schedule:
             ]
             lines.append(f"{f'rank {rank}':<{label}} " + "".join(cells))
         return "\n".join(line.rstrip() for line in lines)
+
+
+Key = tuple[str, int, int]
+"""An action's fields as a plain tuple ``(kind, stage, microbatch)``: what builders and the compiler work on."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RawSchedule:
+    """A :class:`Schedule` whose actions are :data:`Key` tuples, made without checks: what the builders write.
+
+    The planner compiles thousands of builder schedules' actions per search, and an :class:`Action` object (a checked
+    frozen dataclass) costs ten times a tuple; :meth:`to_schedule` makes the objects when someone looks at them.
+    """
+
+    name: str
+    ranks: int
+    stages: int
+    microbatches: int
+    actions: tuple[list[Key], ...]
+    """Per rank (index), its keys in execution order."""
+
+    @classmethod
+    def of(cls, schedule: Schedule) -> RawSchedule:
+        """The keys of ``schedule``'s actions."""
+        return cls(schedule.name, schedule.ranks, schedule.stages, schedule.microbatches,
+                   tuple([(a.kind, a.stage, a.microbatch) for a in schedule.actions[rank]]
+                         for rank in range(schedule.ranks)))
+
+    def to_schedule(self) -> Schedule:
+        """The :class:`Schedule` of these keys (checks sizes and action fields)."""
+        return Schedule(name=self.name, ranks=self.ranks, stages=self.stages, microbatches=self.microbatches,
+                        actions={rank: [Action(*key) for key in keys]  # type: ignore[arg-type]
+                                 for rank, keys in enumerate(self.actions)})

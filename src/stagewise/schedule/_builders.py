@@ -6,17 +6,20 @@ never re-derives the order. Communication is a separate pass (:func:`add_communi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Literal, get_args
 
-from ._actions import Action, Schedule
+from ._actions import Key, RawSchedule, Schedule
 
 __all__ = [
     "SCHEDULE_NAMES",
     "ScheduleName",
     "add_communication",
+    "add_communication_raw",
     "build",
+    "build_raw",
     "gpipe",
     "interleaved_1f1b",
     "one_f_one_b",
@@ -39,26 +42,23 @@ def _check_sizes(*, ranks: int, microbatches: int, stages_per_rank: int = 1) -> 
 
 
 def _assemble(
-    name: str, *, ranks: int, stages: int, microbatches: int, rank_actions: Callable[[int], list[Action]]
-) -> Schedule:
-    schedule = Schedule(
-        name=name,
-        ranks=ranks,
-        stages=stages,
-        microbatches=microbatches,
-        actions={rank: rank_actions(rank) for rank in range(ranks)},
-    )
+    name: str, *, ranks: int, stages: int, microbatches: int, rank_actions: Callable[[int], list[Key]]
+) -> RawSchedule:
+    raw = RawSchedule(name, ranks, stages, microbatches, tuple(rank_actions(rank) for rank in range(ranks)))
     logger.debug("built %s schedule: ranks=%s stages=%s microbatches=%s", name, ranks, stages, microbatches)
-    return schedule
+    return raw
 
 
 def gpipe(*, ranks: int, microbatches: int) -> Schedule:
     """GPipe: every rank runs all forwards, then all backwards (peak activations M per stage)."""
+    return _gpipe(ranks=ranks, microbatches=microbatches).to_schedule()
+
+
+def _gpipe(*, ranks: int, microbatches: int) -> RawSchedule:
     _check_sizes(ranks=ranks, microbatches=microbatches)
 
-    def rank_actions(rank: int) -> list[Action]:
-        forwards = [Action("F", rank, m) for m in range(microbatches)]
-        return forwards + [Action("B", rank, m) for m in range(microbatches)]
+    def rank_actions(rank: int) -> list[Key]:
+        return [("F", rank, m) for m in range(microbatches)] + [("B", rank, m) for m in range(microbatches)]
 
     return _assemble("gpipe", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
 
@@ -82,11 +82,14 @@ def one_f_one_b(*, ranks: int, microbatches: int) -> Schedule:
 
     Same step time as GPipe, but stage ``r`` keeps at most ``min(M, P - r)`` activations alive instead of M.
     """
+    return _one_f_one_b(ranks=ranks, microbatches=microbatches).to_schedule()
+
+
+def _one_f_one_b(*, ranks: int, microbatches: int) -> RawSchedule:
     _check_sizes(ranks=ranks, microbatches=microbatches)
 
-    def rank_actions(rank: int) -> list[Action]:
-        order = _one_f_one_b_order(warmup=ranks - 1 - rank, total=microbatches)
-        return [Action(kind, rank, m) for kind, m in order]  # type: ignore[arg-type]
+    def rank_actions(rank: int) -> list[Key]:
+        return [(kind, rank, m) for kind, m in _one_f_one_b_order(warmup=ranks - 1 - rank, total=microbatches)]
 
     return _assemble("1f1b", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
 
@@ -97,6 +100,10 @@ def interleaved_1f1b(*, ranks: int, stages_per_rank: int, microbatches: int) -> 
 
     Requires ``microbatches % ranks == 0``. With ``stages_per_rank=1`` this is plain 1F1B.
     """
+    return _interleaved_1f1b(ranks=ranks, stages_per_rank=stages_per_rank, microbatches=microbatches).to_schedule()
+
+
+def _interleaved_1f1b(*, ranks: int, stages_per_rank: int, microbatches: int) -> RawSchedule:
     _check_sizes(ranks=ranks, microbatches=microbatches, stages_per_rank=stages_per_rank)
     if microbatches % ranks:
         raise ValueError(
@@ -106,7 +113,7 @@ def interleaved_1f1b(*, ranks: int, stages_per_rank: int, microbatches: int) -> 
         )
     if stages_per_rank == 1:
         # Megatron's warmup formula (below) doubles 1F1B's warmup even with one stage per rank; that only costs memory.
-        return one_f_one_b(ranks=ranks, microbatches=microbatches)
+        return _one_f_one_b(ranks=ranks, microbatches=microbatches)
     per_round = ranks * stages_per_rank  # forward work items per group of `ranks` microbatches
     total = microbatches * stages_per_rank
 
@@ -116,14 +123,11 @@ def interleaved_1f1b(*, ranks: int, stages_per_rank: int, microbatches: int) -> 
             chunk = stages_per_rank - 1 - chunk  # backward visits the rank's stages last-first
         return chunk * ranks + rank, (k // per_round) * ranks + k % ranks
 
-    def rank_actions(rank: int) -> list[Action]:
+    def rank_actions(rank: int) -> list[Key]:
         # Enough warmup forwards that the first backward has come back from the last stage when the 1F1B phase starts.
         warmup = (stages_per_rank - 1) * ranks + 2 * (ranks - 1 - rank)
-        actions = []
-        for kind, k in _one_f_one_b_order(warmup=warmup, total=total):
-            stage, mb = stage_and_mb(rank, k, forward=kind == "F")
-            actions.append(Action(kind, stage, mb))  # type: ignore[arg-type]
-        return actions
+        return [(kind, *stage_and_mb(rank, k, forward=kind == "F"))
+                for kind, k in _one_f_one_b_order(warmup=warmup, total=total)]
 
     return _assemble(
         "interleaved",
@@ -141,28 +145,37 @@ def zero_bubble(*, ranks: int, microbatches: int) -> Schedule:
     gradients travel upstream sooner, and runs them at the end, where 1F1B would leave it idle. Peak activations per
     stage stay those of 1F1B. W of a (stage, microbatch) always follows its I.
     """
+    return _zero_bubble(ranks=ranks, microbatches=microbatches).to_schedule()
+
+
+def _zero_bubble(*, ranks: int, microbatches: int) -> RawSchedule:
     _check_sizes(ranks=ranks, microbatches=microbatches)
 
-    def rank_actions(rank: int) -> list[Action]:
+    def rank_actions(rank: int) -> list[Key]:
         deferred = min(rank, microbatches)
-        actions: list[Action] = []
+        actions: list[Key] = []
         for kind, m in _one_f_one_b_order(warmup=ranks - 1 - rank, total=microbatches):
             if kind == "F":
-                actions.append(Action("F", rank, m))
+                actions.append(("F", rank, m))
             else:
-                actions.append(Action("I", rank, m))
+                actions.append(("I", rank, m))
                 if m >= deferred:
-                    actions.append(Action("W", rank, m))
-        return actions + [Action("W", rank, m) for m in range(deferred)]
+                    actions.append(("W", rank, m))
+        return actions + [("W", rank, m) for m in range(deferred)]
 
     return _assemble("zb", ranks=ranks, stages=ranks, microbatches=microbatches, rank_actions=rank_actions)
 
 
 def build(name: ScheduleName | str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> Schedule:
     """Build a schedule by name: ``"gpipe"``, ``"1f1b"``, ``"interleaved"`` or ``"zb"``."""
+    return build_raw(name, ranks=ranks, microbatches=microbatches, stages_per_rank=stages_per_rank).to_schedule()
+
+
+def build_raw(name: ScheduleName | str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> RawSchedule:
+    """:func:`build`, as keys (no :class:`Action` objects)."""
     if name == "interleaved":
-        return interleaved_1f1b(ranks=ranks, stages_per_rank=stages_per_rank, microbatches=microbatches)
-    builders: dict[str, Callable[..., Schedule]] = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb": zero_bubble}
+        return _interleaved_1f1b(ranks=ranks, stages_per_rank=stages_per_rank, microbatches=microbatches)
+    builders: dict[str, Callable[..., RawSchedule]] = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "zb": _zero_bubble}
     if name not in builders:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
     if stages_per_rank != 1:
@@ -182,37 +195,35 @@ def add_communication(schedule: Schedule) -> Schedule:
     """
     if schedule.has_communication:
         raise ValueError(f"schedule {schedule.name!r} already has SEND/RECV actions; add_communication runs once")
+    return add_communication_raw(RawSchedule.of(schedule)).to_schedule()
 
+
+def add_communication_raw(schedule: RawSchedule) -> RawSchedule:
+    """:func:`add_communication` on keys, for a schedule without transfers."""
     S, P = schedule.stages, schedule.ranks
     # Per stage: is the previous / next stage on another rank (a lookup per action; big schedules have many).
     before = [s > 0 and (s - 1) % P != s % P for s in range(S)]
     after = [s + 1 < S and (s + 1) % P != s % P for s in range(S)]
-    actions: dict[int, list[Action]] = {}
-    for rank, compute in schedule.actions.items():
-        out: list[Action] = []
-        for action in compute:
-            s, m = action.stage, action.microbatch
+    actions: list[list[Key]] = []
+    for compute in schedule.actions:
+        out: list[Key] = []
+        for key in compute:
+            kind, s, m = key
             if s >= S:  # no such stage: validate() reports it
-                out.append(action)
-            elif action.kind == "F":
+                out.append(key)
+            elif kind == "F":
                 if before[s]:
-                    out.append(Action("RECV_F", s, m))
-                out.append(action)
+                    out.append(("RECV_F", s, m))
+                out.append(key)
                 if after[s]:
-                    out.append(Action("SEND_F", s, m))
-            elif action.kind in ("B", "I"):
+                    out.append(("SEND_F", s, m))
+            elif kind in ("B", "I"):
                 if after[s]:
-                    out.append(Action("RECV_B", s, m))
-                out.append(action)
+                    out.append(("RECV_B", s, m))
+                out.append(key)
                 if before[s]:
-                    out.append(Action("SEND_B", s, m))
+                    out.append(("SEND_B", s, m))
             else:
-                out.append(action)
-        actions[rank] = out
-    return Schedule(
-        name=schedule.name,
-        ranks=schedule.ranks,
-        stages=schedule.stages,
-        microbatches=schedule.microbatches,
-        actions=actions,
-    )
+                out.append(key)
+        actions.append(out)
+    return dataclasses.replace(schedule, actions=tuple(actions))

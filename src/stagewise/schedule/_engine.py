@@ -15,18 +15,19 @@ Shared compute (CPU cores of one node slow each other down): with ``contention``
 ``k`` of them computing, each computes at rate ``1 / (1 + (c - 1) (k - 1) / (n - 1))``. Compute is then fluid work
 and the engine steps from event to event (a rate changes whenever a rank starts or stops computing). Without
 contention an action's end is known when it starts, so each rank runs ahead as far as its inputs allow: the same
-state machine, stepped with an infinite horizon. Replicas of the pipeline run the same timeline, so rank ``r``'s
-replicas on the same node compute whenever ``r`` does: ``share[r][q]`` counts the copies of rank ``q`` (over all
-replicas) on the node of rank ``r``.
+state machine, stepped with an infinite horizon (its idle phase's steps in one tight loop). Replicas of the pipeline
+run the same timeline, so rank ``r``'s replicas on the same node compute whenever ``r`` does: ``share[r][q]`` counts
+the copies of rank ``q`` (over all replicas) on the node of rank ``r``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
-from ._actions import Action, Schedule, ScheduleError
+from ._actions import Action, RawSchedule, Schedule, ScheduleError
 
 __all__ = ["CompiledSchedule", "Run", "Sharing", "run"]
 
@@ -40,23 +41,41 @@ _IDLE, _FIXED, _WORK, _TAIL, _TAIL_WORK, _DONE = range(6)
 class CompiledSchedule:
     """A validated schedule as flat tables the engine reads (cost-independent; compile once, run many times).
 
-    Actions are numbered 0..N-1; ``ids[r]`` lists rank ``r``'s in order. Made by
-    :func:`~stagewise.schedule.compile_schedule`.
+    Actions are numbered 0..N-1 in rank-major order; ``ids[r]`` is the range of rank ``r``'s, in order. Made by
+    :func:`~stagewise.schedule.compile_schedule` (or, for a builder's schedule, by
+    :func:`~stagewise.schedule.build_compiled`).
     """
 
-    schedule: Schedule
-    actions: tuple[Action, ...]
-    ids: tuple[tuple[int, ...], ...]
+    raw: RawSchedule
+    """The schedule's actions as key tuples (what was compiled)."""
+    ids: tuple[range, ...]
     code: tuple[int, ...]
     """Per action: :data:`KIND_CODES` value."""
     stage: tuple[int, ...]
-    local: tuple[tuple[int, ...], ...]
-    """Per action: the actions on its own rank it waits for (their end)."""
-    remote: tuple[tuple[int, ...], ...]
-    """Per action: the actions on other ranks it waits for (their value's arrival)."""
+    needs: tuple[Sequence[int], Sequence[int]]
+    """Two columns: per action, what it waits for (none, one or two actions), as slots of the engine's time table:
+    ``2 * d`` for the end of action ``d`` on its own rank, ``2 * d + 1`` for the arrival of the value of action ``d``
+    from another rank; -1 for none (the second column only when the first has one)."""
     link: tuple[int, ...]
     """Per action: the link its value leaves by for another rank, ``2 * boundary`` forward (stage ``b`` to ``b + 1``)
     or ``2 * boundary + 1`` backward (``b + 1`` to ``b``); -1 when nothing leaves the rank."""
+    given: dataclasses.InitVar[Schedule | None] = None
+    """The :class:`Schedule` that was compiled, when there was one (else it is made from ``raw`` when asked)."""
+
+    def __post_init__(self, given: Schedule | None) -> None:
+        if given is not None:
+            self.__dict__["schedule"] = given  # what the cached property below would return
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        """The compiled schedule (made on first access when compiled from keys)."""
+        return self.raw.to_schedule()
+
+    @functools.cached_property
+    def actions(self) -> tuple[Action, ...]:
+        """Action number -> :class:`Action`."""
+        sched = self.schedule
+        return tuple(a for rank in range(sched.ranks) for a in sched.actions[rank])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,9 +117,10 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
     c = compiled
     ranks = len(c.ids)
     n = len(c.code)
+    need0, need1 = c.needs
+    out_link = c.link
     began = [-1.0] * n
-    ended = [-1.0] * n
-    arrive = [-1.0] * n
+    times = [-1.0] * (2 * n)  # 2a: when action a ended; 2a + 1: when its value reached the other rank
     link_free = [0.0] * len(links)
     clock = [0.0] * ranks if start is None else [float(x) for x in start]
     fixed_tail = [0.0] * ranks if tail is None else [float(x) for x in tail]
@@ -114,14 +134,14 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
     finish = [0.0] * ranks
 
     def finish_action(r: int, a: int, t: float) -> None:
-        ended[a] = t
-        out = c.link[a]
+        times[2 * a] = t
+        out = out_link[a]
         if out >= 0:
             latency, occupancy = links[out]
             free = link_free[out]
-            free = max(free, t) + occupancy
+            free = (free if free > t else t) + occupancy
             link_free[out] = free
-            arrive[a] = free + latency
+            times[2 * a + 1] = free + latency
         clock[r] = t
         pos[r] += 1
         phase[r] = _IDLE
@@ -129,17 +149,59 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
     def ready_at(r: int, a: int) -> float:
         """When action ``a`` can start on rank ``r``; -1 while something it needs has not run yet."""
         t = clock[r]
-        for d in c.local[a]:
-            e = ended[d]
+        slot = need0[a]
+        if slot >= 0:
+            e = times[slot]
             if e < 0:
                 return -1.0
-            t = max(e, t)
-        for d in c.remote[a]:
-            e = arrive[d]
-            if e < 0:
-                return -1.0
-            t = max(e, t)
+            if e > t:
+                t = e
+            slot = need1[a]
+            if slot >= 0:
+                e = times[slot]
+                if e < 0:
+                    return -1.0
+                if e > t:
+                    t = e
         return t
+
+    def run_ahead(r: int) -> bool:
+        """Without contention an action's end is known when it starts: run rank ``r``'s actions while what they need
+        is there (:func:`ready_at` and :func:`finish_action` in one loop: the planner runs millions of actions).
+        True if it moved."""
+        ids = c.ids[r]
+        p, t0, end = pos[r], clock[r], len(ids)
+        while p < end:
+            a = ids[p]
+            t = t0
+            slot = need0[a]
+            if slot >= 0:
+                e = times[slot]
+                if e < 0:
+                    break
+                if e > t:
+                    t = e
+                slot = need1[a]
+                if slot >= 0:
+                    e = times[slot]
+                    if e < 0:
+                        break
+                    if e > t:
+                        t = e
+            began[a] = t
+            t0 = t + durations[a]
+            times[2 * a] = t0
+            out = out_link[a]
+            if out >= 0:
+                latency, occupancy = links[out]
+                free = link_free[out]
+                free = (free if free > t0 else t0) + occupancy
+                link_free[out] = free
+                times[2 * a + 1] = free + latency
+            p += 1
+        moved = p > pos[r]
+        pos[r], clock[r] = p, t0
+        return moved
 
     def settle(r: int, now: float) -> bool:
         """Move rank ``r`` through every phase that ends by ``now``; True if it moved."""
@@ -153,15 +215,18 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
                     phase[r], until[r] = _TAIL, clock[r] + fixed_tail[r]
                     moved = True
                     continue
+                if not contended:
+                    if not run_ahead(r):
+                        return moved
+                    moved = True
+                    continue
                 a = ids[pos[r]]
                 t = ready_at(r, a)
                 if t < 0 or t > now:
                     return moved
                 began[a] = t
                 moved = True
-                if not contended:  # its end is known now: the fixed phase ends within the infinite horizon
-                    finish_action(r, a, t + durations[a])
-                elif c.code[a] < 4:
+                if c.code[a] < 4:
                     phase[r], left[r] = _WORK, durations[a]
                 else:
                     phase[r], until[r] = _FIXED, t + durations[a]
@@ -196,16 +261,17 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
                 moved = settle(r, now) or moved
         if all(ph == _DONE for ph in phase):
             break
-        step_to = _next_event(c, phase, pos, left, until, sharing, now, ready_at) if sharing and contended else None
+        step_to = (_next_event(c, sharing, now=now, phase=phase, pos=pos, left=left, until=until, ready_at=ready_at)
+                   if sharing and contended else None)
         if step_to is None:
-            _deadlock(c, pos, phase, ended, arrive)
+            _deadlock(c, pos, phase, times)
         assert step_to is not None
         now = step_to
-    return Run(start=began, end=ended, pipeline_end=pipe_end, finish=finish)
+    return Run(start=began, end=times[0::2], pipeline_end=pipe_end, finish=finish)
 
 
-def _next_event(c: CompiledSchedule, phase: list[int], pos: list[int], left: list[float], until: list[float],
-                sharing: Sharing, now: float, ready_at: Callable[[int, int], float]) -> float | None:
+def _next_event(c: CompiledSchedule, sharing: Sharing, *, now: float, phase: list[int], pos: list[int],
+                left: list[float], until: list[float], ready_at: Callable[[int, int], float]) -> float | None:
     """Advance the computing ranks' work to the next moment something happens; return that moment (None: nothing
     will, a deadlock)."""
     ranks = len(phase)
@@ -241,13 +307,13 @@ def _next_event(c: CompiledSchedule, phase: list[int], pos: list[int], left: lis
     return best
 
 
-def _deadlock(c: CompiledSchedule, pos: list[int], phase: list[int], ended: list[float], arrive: list[float]) -> None:
+def _deadlock(c: CompiledSchedule, pos: list[int], phase: list[int], times: list[float]) -> None:
     where = {a: (r, k) for r, ids in enumerate(c.ids) for k, a in enumerate(ids)}
     stuck = [r for r in range(len(c.ids)) if phase[r] == _IDLE and pos[r] < len(c.ids[r])]
     waits = []
     for r in stuck:
         a = c.ids[r][pos[r]]
-        missing = [d for d in c.local[a] if ended[d] < 0] + [d for d in c.remote[a] if arrive[d] < 0]
+        missing = [slot // 2 for slot in (c.needs[0][a], c.needs[1][a]) if slot >= 0 and times[slot] < 0]
         on = ", ".join(f"{c.actions[d]} (rank {where[d][0]}, step {where[d][1]})" for d in missing)
         waits.append(f"rank {r} step {pos[r]} {c.actions[a]} waits for {on}")
     first = stuck[0]

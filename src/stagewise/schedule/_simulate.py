@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._actions import Action, Schedule
-from ._builders import add_communication, build
+from ._builders import add_communication_raw, build_raw
 from ._engine import CompiledSchedule, Sharing, run
-from ._validate import compile_schedule
+from ._validate import compile_built, compile_schedule
 
 __all__ = ["Cost", "Interval", "Timeline", "build_compiled", "simulate"]
 
@@ -163,8 +164,8 @@ def simulate(
     Raises :class:`ScheduleError` if the schedule does not validate.
     """
     compiled = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
-    sched = compiled.schedule
-    stages, ranks = sched.stages, sched.ranks
+    raw = compiled.raw
+    stages, ranks = raw.stages, raw.ranks
     fwd = _per_stage("forward_cost", forward_cost, stages)
     bwd = _per_stage("backward_cost", backward_cost, stages)
     wgt = [b / 2 for b in bwd] if weight_cost is None else _per_stage("weight_cost", weight_cost, stages)
@@ -189,16 +190,19 @@ def simulate(
     result = run(compiled, durations=durations, links=links, start=start, tail=tail, tail_work=tail_work,
                  sharing=sharing)
     intervals = _Intervals(compiled, result.start, result.end)
-    busy = {rank: sum(durations[a] for a in ids if compiled.code[a] < 4) for rank, ids in enumerate(compiled.ids)}
+    compute = [code < 4 for code in compiled.code]  # F, B, I, W
+    busy = {rank: sum(itertools.compress(durations[ids.start:ids.stop], compute[ids.start:ids.stop]))
+            for rank, ids in enumerate(compiled.ids)}
     span = max(result.pipeline_end, default=0.0)
     step_time = max(result.finish, default=0.0)
     bubble = 1.0 - sum(busy.values()) / (ranks * span) if span > 0 else 0.0
-    return Timeline(schedule=sched.name, intervals=intervals, step_time=step_time, bubble_fraction=bubble, busy=busy)
+    return Timeline(schedule=raw.name, intervals=intervals, step_time=step_time, bubble_fraction=bubble, busy=busy)
 
 
 @functools.lru_cache(maxsize=64)
 def build_compiled(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> CompiledSchedule:
-    """The schedule the runtime runs for ``name`` (``add_communication(build(...))``), checked and compiled once: what
-    the planner simulates its layouts on."""
-    return compile_schedule(add_communication(build(name, ranks=ranks, microbatches=microbatches,
-                                                    stages_per_rank=stages_per_rank)))
+    """The schedule the runtime runs for ``name`` (``add_communication(build(...))``), compiled once: what the planner
+    simulates its layouts on. Made from keys and not re-checked (:func:`~stagewise.schedule.compile_built`); its
+    :attr:`~CompiledSchedule.schedule` and actions are made when first read."""
+    return compile_built(add_communication_raw(build_raw(name, ranks=ranks, microbatches=microbatches,
+                                                         stages_per_rank=stages_per_rank)))

@@ -15,64 +15,106 @@ timelines, so the validator and the simulators cannot disagree about what may ru
 
 from __future__ import annotations
 
-from ._actions import COMM_KINDS, Action, Schedule, ScheduleError
+import numpy as np
+
+from ._actions import COMM_KINDS, Action, Key, RawSchedule, Schedule, ScheduleError
 from ._engine import KIND_CODES, CompiledSchedule, run
 
-__all__ = ["compile_schedule", "validate"]
+__all__ = ["compile_built", "compile_schedule", "validate"]
 
 _Position = tuple[int, int, int]  # (rank, step, number of the action in rank-major order)
-_Key = tuple[str, int, int]  # (kind, stage, microbatch): an Action's fields; hashing these is what makes a check fast
 
 
 def validate(schedule: Schedule) -> None:
     """Raise :class:`ScheduleError` if ``schedule`` is incomplete, out of order or deadlocks; return None if it runs."""
     compiled = compile_schedule(schedule)
-    run(compiled, durations=[0.0] * len(compiled.actions), links=[(0.0, 0.0)] * (2 * schedule.stages))
+    run(compiled, durations=[0.0] * len(compiled.code), links=[(0.0, 0.0)] * (2 * schedule.stages))
 
 
 def compile_schedule(schedule: Schedule) -> CompiledSchedule:
     """Check ``schedule`` (all of :func:`validate` but the deadlock run) and turn it into the engine's tables."""
-    actions = tuple(a for rank in range(schedule.ranks) for a in schedule.actions[rank])
-    keys = [(a.kind, a.stage, a.microbatch) for a in actions]
+    raw = RawSchedule.of(schedule)
+    keys = [key for rank_keys in raw.actions for key in rank_keys]
     index = _check_actions(schedule, keys)
     communicated = any(key[0] in COMM_KINDS for key in keys)
     if communicated:
         _check_transfers(schedule, keys, index)
-    local: list[tuple[int, ...]] = []
-    remote: list[tuple[int, ...]] = []
-    for key in keys:
-        rank, step, _ = index[key]
-        here: tuple[int, ...] = ()
-        there: tuple[int, ...] = ()
-        for dep in _dependencies(schedule, key, index, communicated):
-            dep_rank, dep_step, number = index[dep]
-            if dep_rank != rank:
-                there += (number,)
-            elif dep_step > step:
-                raise ScheduleError(_order_reason(Action(*key), Action(*dep), dep_step), rank=rank, step=step,  # type: ignore[arg-type]
-                                    action=Action(*key), schedule=schedule)  # type: ignore[arg-type]
-            else:
-                here += (number,)
-        local.append(here)
-        remote.append(there)
-    ids, first = [], 0
-    for rank in range(schedule.ranks):
-        ids.append(tuple(range(first, first + len(schedule.actions[rank]))))
-        first += len(schedule.actions[rank])
-    # The link an action's value leaves by depends on its kind and stage only: look it up per (kind, stage).
-    links = {kind: [_link(schedule, (kind, s, 0), communicated) for s in range(schedule.stages)] for kind in KIND_CODES}
-    return CompiledSchedule(schedule=schedule, actions=actions, ids=tuple(ids),
-                            code=tuple([KIND_CODES[kind] for kind, _, _ in keys]),
-                            stage=tuple([stage for _, stage, _ in keys]), local=tuple(local), remote=tuple(remote),
-                            link=tuple([links[kind][stage] for kind, stage, _ in keys]))
+    return _tables(raw, keys, communicated, given=schedule)
+
+
+def compile_built(raw: RawSchedule) -> CompiledSchedule:
+    """The engine's tables of a schedule our builders made, with communication added, without :func:`validate`'s
+    checks: tests validate every builder's schedules (and compare these tables with :func:`compile_schedule`'s), and
+    the checks would take most of the time of a plan search, which prices schedules of thousands of actions."""
+    return _tables(raw, [key for rank_keys in raw.actions for key in rank_keys], True)
+
+
+def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedule | None = None) -> CompiledSchedule:
+    """The engine's tables of ``keys``, every action of ``raw`` in rank-major order (stage ``s`` on rank ``s % ranks``,
+    each action once, every one it needs present). Raises :class:`ScheduleError` if an action comes before one it
+    needs on its rank.
+
+    What an action waits for and where its value goes depend on its (kind, stage) only, up to the choice between a B
+    and an I present for its microbatch: a small table per (kind, stage), then array lookups for all the actions.
+    """
+    P, S, M, N = raw.ranks, raw.stages, raw.microbatches, len(keys)
+    kinds = {kind: k for k, kind in enumerate(KIND_CODES)}
+    # (kind, stage) of each action as one int ks = kind * S + stage; action (kind, s, m) is number[ks * M + m].
+    stage_of = [s for _, s, _ in keys]
+    ks = np.array([kinds[kind] for kind, _, _ in keys], dtype=np.int64) * S + np.array(stage_of, dtype=np.int64)
+    mb = np.array([m for _, _, m in keys], dtype=np.int64)
+    number = np.full(len(kinds) * S * M, -1, dtype=np.int64)
+    number[ks * M + mb] = np.arange(N)
+    # Per (kind, stage) and dependency j (at most two): ks * M of its first and second choice (-1: none), and whether
+    # it is on another rank.
+    choice = np.full((2, len(kinds) * S, 2), -1, dtype=np.int64)
+    remote = np.zeros((len(kinds) * S, 2), dtype=np.int64)
+    code, link = np.zeros(len(kinds) * S, dtype=np.int64), np.zeros(len(kinds) * S, dtype=np.int64)
+    for kind, k in kinds.items():
+        for s in range(S):
+            code[k * S + s] = KIND_CODES[kind]
+            link[k * S + s] = _link(P, S, kind, s, communicated)
+            for j, choices in enumerate(_dependencies(P, S, kind, s, communicated)):
+                for c, (dep_kind, dep_stage) in enumerate(choices):
+                    choice[c, k * S + s, j] = (kinds[dep_kind] * S + dep_stage) * M
+                remote[k * S + s, j] = choices[0][1] % P != s % P
+    needs, early = [], N
+    for j in range(2):
+        first, second, far = choice[0, ks, j], choice[1, ks, j], remote[ks, j]
+        d = number[np.maximum(first, 0) + mb]
+        d = np.where((d < 0) & (second >= 0), number[np.maximum(second, 0) + mb], d)
+        d = np.where(first >= 0, d, -1)
+        assert not (d[first >= 0] < 0).any(), "an action waits for one the schedule lacks (checked before)"
+        late = np.flatnonzero((d >= 0) & (far == 0) & (d > np.arange(N)))  # it comes after its user on their rank
+        if late.size and late[0] < early:
+            early, dep = int(late[0]), int(d[late[0]])
+        needs.append(np.where(d >= 0, 2 * d + far, -1).tolist())
+    if early < N:
+        _order_error(raw, keys, early, dep, given)
+    ids, start = [], 0
+    for rank_keys in raw.actions:
+        ids.append(range(start, start + len(rank_keys)))
+        start += len(rank_keys)
+    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple(code[ks].tolist()), stage=tuple(stage_of),
+                            needs=(needs[0], needs[1]), link=tuple(link[ks].tolist()), given=given)
+
+
+def _order_error(raw: RawSchedule, keys: list[Key], n: int, d: int, given: Schedule | None) -> None:
+    """Raise: action number ``n`` comes before action number ``d`` on its rank, which it needs."""
+    rank = keys[n][1] % raw.ranks
+    first = sum(len(before) for before in raw.actions[:rank])  # the rank's first action number
+    schedule = given or raw.to_schedule()
+    action, dep = schedule.actions[rank][n - first], schedule.actions[rank][d - first]
+    raise ScheduleError(_order_reason(action, dep, d - first), rank=rank, step=n - first, action=action,
+                        schedule=schedule)
 
 
 # -- which actions exist -----------------------------------------------------------------------------------------------
 
 
-def _check_actions(schedule: Schedule, keys: list[_Key]) -> dict[_Key, _Position]:
+def _check_actions(schedule: Schedule, keys: list[Key]) -> dict[Key, _Position]:
     """Range, placement, duplicate and completeness checks; returns where each action (by key) sits."""
-    index: dict[_Key, _Position] = {}
+    index: dict[Key, _Position] = {}
     S, M, P = schedule.stages, schedule.microbatches, schedule.ranks
     positions = ((rank, step) for rank in range(P) for step in range(len(schedule.actions[rank])))
     for number, (key, (rank, step)) in enumerate(zip(keys, positions)):
@@ -123,13 +165,13 @@ def _check_actions(schedule: Schedule, keys: list[_Key]) -> dict[_Key, _Position
     return index
 
 
-def _needed_transfers(schedule: Schedule) -> set[_Key]:
+def _needed_transfers(schedule: Schedule) -> set[Key]:
     """The SEND/RECV actions a communicated schedule must hold: one pair per cross-rank edge and direction."""
 
     def remote(stage: int, other: int) -> bool:
         return 0 <= other < schedule.stages and schedule.rank_of(other) != schedule.rank_of(stage)
 
-    needed: set[_Key] = set()
+    needed: set[Key] = set()
     for stage in range(schedule.stages):
         if remote(stage, stage + 1):  # activation goes down, its gradient comes back
             for mb in range(schedule.microbatches):
@@ -138,13 +180,13 @@ def _needed_transfers(schedule: Schedule) -> set[_Key]:
     return needed
 
 
-def _check_transfers(schedule: Schedule, keys: list[_Key], index: dict[_Key, _Position]) -> None:
+def _check_transfers(schedule: Schedule, keys: list[Key], index: dict[Key, _Position]) -> None:
     S, P = schedule.stages, schedule.ranks
     crossing = [s + 1 < S and (s + 1) % P != s % P for s in range(S)]  # does boundary s -> s + 1 cross ranks?
     # Messages between two ranks are matched in the order they were sent (as a runtime without tags would match them):
     # the k-th RECV on rank b from rank a must be for the k-th SEND on rank a to rank b.
-    sends: dict[tuple[int, int], list[_Key]] = {}
-    receives: dict[tuple[int, int], list[_Key]] = {}
+    sends: dict[tuple[int, int], list[Key]] = {}
+    receives: dict[tuple[int, int], list[Key]] = {}
     count = 0
     for key in keys:  # in (rank, step) order
         kind, stage, _ = key
@@ -196,7 +238,7 @@ def _check_transfers(schedule: Schedule, keys: list[_Key], index: dict[_Key, _Po
 _PEERS = {"SEND_F": ("RECV_F", 1), "RECV_F": ("SEND_F", -1), "SEND_B": ("RECV_B", -1), "RECV_B": ("SEND_B", 1)}
 
 
-def _peer(key: _Key) -> _Key:
+def _peer(key: Key) -> Key:
     """The other end of a transfer: SEND_F(s) <-> RECV_F(s + 1), SEND_B(s) <-> RECV_B(s - 1)."""
     kind, step = _PEERS[key[0]]
     return kind, key[1] + step, key[2]
@@ -205,30 +247,28 @@ def _peer(key: _Key) -> _Key:
 # -- what each action waits for ----------------------------------------------------------------------------------------
 
 
-def _dependencies(schedule: Schedule, key: _Key, index: dict[_Key, _Position], communicated: bool) -> list[_Key]:
-    """Actions that must have finished before action ``key`` starts (on this rank or another)."""
-    kind, s, m = key
-    P = schedule.ranks
+def _dependencies(P: int, S: int, kind: str, s: int, communicated: bool) -> list[tuple[tuple[str, int], ...]]:
+    """What action ``kind`` of stage ``s`` waits for (on its rank or another), with ``P`` ranks and ``S`` stages:
+    per dependency, the (kind, stage) choices for the same microbatch; the first one the schedule has is it."""
     if kind == "F":
         if s == 0:
             return []
-        return [("RECV_F", s, m)] if communicated and (s - 1) % P != s % P else [("F", s - 1, m)]
+        return [(("RECV_F", s),)] if communicated and (s - 1) % P != s % P else [(("F", s - 1),)]
     if kind == "B" or kind == "I":
-        if s + 1 == schedule.stages:
-            return [("F", s, m)]
+        if s + 1 == S:
+            return [(("F", s),)]
         if communicated and (s + 1) % P != s % P:
-            return [("F", s, m), ("RECV_B", s, m)]
-        full = ("B", s + 1, m)  # whichever of B / I produces the next stage's input gradient
-        return [("F", s, m), full if full in index else ("I", s + 1, m)]
+            return [(("F", s),), (("RECV_B", s),)]
+        return [(("F", s),), (("B", s + 1), ("I", s + 1))]  # whichever produces the next stage's input gradient
     if kind == "W":
-        return [("I", s, m)]
+        return [(("I", s),)]
     if kind == "SEND_F":
-        return [("F", s, m)]
+        return [(("F", s),)]
     if kind == "SEND_B":
-        full = ("B", s, m)
-        return [full if full in index else ("I", s, m)]
+        return [(("B", s), ("I", s))]
     assert kind in ("RECV_F", "RECV_B"), kind
-    return [_peer(key)]
+    peer, _ = _PEERS[kind]  # RECV_F(s) <- SEND_F(s - 1), RECV_B(s) <- SEND_B(s + 1)
+    return [((peer, s - 1 if kind == "RECV_F" else s + 1),)]
 
 
 def _order_reason(action: Action, dep: Action, dep_step: int) -> str:
@@ -249,13 +289,11 @@ def _order_reason(action: Action, dep: Action, dep_step: int) -> str:
 # -- compiling ---------------------------------------------------------------------------------------------------------
 
 
-def _link(schedule: Schedule, key: _Key, communicated: bool) -> int:
-    """The link (see :attr:`CompiledSchedule.link`) by which action ``key``'s value leaves its rank; -1 for none."""
-    kind, s, _ = key
-    if kind == "SEND_F" or (not communicated and kind == "F" and s + 1 < schedule.stages
-                            and schedule.rank_of(s + 1) != schedule.rank_of(s)):
+def _link(P: int, S: int, kind: str, s: int, communicated: bool) -> int:
+    """The link (see :attr:`CompiledSchedule.link`) by which the value of action ``kind`` of stage ``s`` leaves its
+    rank; -1 for none."""
+    if kind == "SEND_F" or (not communicated and kind == "F" and s + 1 < S and (s + 1) % P != s % P):
         return 2 * s
-    if kind == "SEND_B" or (not communicated and kind in ("B", "I") and s > 0
-                            and schedule.rank_of(s - 1) != schedule.rank_of(s)):
+    if kind == "SEND_B" or (not communicated and kind in ("B", "I") and s > 0 and (s - 1) % P != s % P):
         return 2 * (s - 1) + 1
     return -1

@@ -163,7 +163,8 @@ class _StageWorker:
             seq = 0
             while True:
                 try:
-                    self.run_one(*self._receive(seq))
+                    rows, ok, times, inputs, recv = self._receive(seq)
+                    self.run_one(seq, rows=rows, ok=ok, times=times, inputs=inputs, recv=recv)
                 except (CommError, OSError) as exc:  # a neighbour or the gateway is gone (shutdown, or a crash the
                     log.debug("replica %s stage %s: %s", cfg.replica, cfg.stage, exc)  # gateway sees itself)
                     os._exit(0)
@@ -171,25 +172,26 @@ class _StageWorker:
         try:
             while (msg := self.chan.recv()) is not None:
                 if msg.kind == "run":
-                    self.run_one(int(msg.header["seq"]), int(msg.header["rows"]), True, [], msg.tensors, [])
+                    self.run_one(int(msg.header["seq"]), rows=int(msg.header["rows"]), ok=True, times=[],
+                                 inputs=msg.tensors, recv=[])
                 else:
                     log.warning("replica %s stage 0: ignoring message kind %r", cfg.replica, msg.kind)
         except OSError as exc:  # any broken channel means the gateway is gone (ChannelError is an OSError)
             log.debug("replica %s stage 0: channel broke: %s", cfg.replica, exc)
         os._exit(0)
 
-    def _receive(self, seq: int) -> tuple[int, int, bool, list[float], dict[str, torch.Tensor], list[Any]]:
-        """Batch ``seq`` from the stage before: ``[ok, rows, n_times, *times, n_inputs, *model inputs (name order),
-        *values this stage receives]``."""
+    def _receive(self, seq: int) -> tuple[int, bool, list[float], dict[str, torch.Tensor], list[Any]]:
+        """Batch ``seq`` from the stage before, sent as ``[ok, rows, n_times, *times, n_inputs, *model inputs (name
+        order), *values this stage receives]``: (rows, ok, times, inputs, received values)."""
         assert self.transport is not None
         values = self.transport.recv(src=self.cfg.stage - 1, tag=seq % TAG_SPACE, timeout=_IDLE_WAIT_S)
         ok, rows, n = values[0] == 0, int(values[1]), int(values[2])  # type: ignore[arg-type]
         times = [float(t) for t in values[3:3 + n]]  # type: ignore[arg-type]
         k = int(values[3 + n])  # type: ignore[arg-type]
         inputs = dict(zip(self.forwarded, values[4 + n:4 + n + k]))
-        return seq, rows, ok, times, inputs, values[4 + n + k:]  # type: ignore[return-value]
+        return rows, ok, times, inputs, values[4 + n + k:]  # type: ignore[return-value]
 
-    def run_one(self, seq: int, rows: int, ok: bool, times: list[float], inputs: dict[str, torch.Tensor],
+    def run_one(self, seq: int, *, rows: int, ok: bool, times: list[float], inputs: dict[str, torch.Tensor],
                 recv: list[Any]) -> None:
         """Run batch ``seq`` (unless a stage before failed it: ``ok`` False) and pass it on."""
         cfg = self.cfg
