@@ -15,11 +15,11 @@ do not fit in 24 GiB. Nobody builds it whole:
    stage by stage from the checkpoint after the server stopped).
 
 Memory is read from the kernel: every process below this one is polled for ``VmHWM`` (its peak RSS) and ``VmRSS``.
-``peak_ratio`` = max over training workers of (peak RSS - idle worker RSS) / (the worker's weights + gradients +
-optimizer state; SGD has none), where the idle worker RSS is a process that imported what a worker imports and the
-denominator is the *smallest* stage's bytes (stages are balanced by parameters, so this overstates R slightly; it
-never flatters it). ``gateway_mb`` is the serving gateway process's RSS once ready; ``load_s`` the time from starting
-the server to ready (each worker reads its ~1.9 GB stage from the checkpoint).
+``peak_ratio`` = max over training ranks of (peak RSS - idle worker RSS) / (the rank's weights + gradients +
+optimizer state; SGD has none), where the idle worker RSS is a process that imported what a worker imports; ranks are
+told apart by their pids (the forkserver forks rank 0 first). ``gateway_mb`` is the serving gateway process's RSS
+once ready; ``load_s`` the time from starting the server to ready (each worker reads its ~1.9 GB stage from the
+checkpoint).
 
 Last line: ``big_model params_gb=G stages=4 train_ok=1 serve_ok=1 peak_ratio=R gateway_mb=M load_s=T``.
 """
@@ -254,9 +254,11 @@ def main() -> None:
     try:
         t0 = time.monotonic()
         train_ok, watch = train(model, tmp / "ckpt")
-        workers = {pid: peak for pid, peak in watch.peak.items() if watch.depth.get(pid) == 2}  # the ranks
-        ratio = max(((peak - idle) / (2 * min(sizes)) for peak in workers.values()), default=float("nan"))
-        print(f"train {time.monotonic() - t0:.0f} s; worker peaks MiB {sorted(p // 2**20 for p in workers.values())}")
+        # The ranks, in the order the forkserver forked them (rank 0 first: pids grow), each against its own stage.
+        peaks = [watch.peak[pid] for pid in sorted(pid for pid in watch.peak if watch.depth.get(pid) == 2)]
+        ratio = max(((peak - idle) / (2 * own) for peak, own in zip(peaks, sizes)), default=float("nan"))
+        print(f"train {time.monotonic() - t0:.0f} s; rank peaks MiB {[p // 2**20 for p in peaks]}, their weights + "
+              f"gradients MiB {[2 * b // 2**20 for b in sizes]}")
         serve_ok, load_s, gateway_rss, tokens, logits = serve(model, tmp / "ckpt")
         expected = reference_logits(model, tmp / "ckpt", tokens)
         same = torch.allclose(logits, expected, rtol=1e-4, atol=1e-4)
