@@ -212,7 +212,8 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
     two slow each other computing at once, each the median of ``repeats`` (or a few times more) timings, over
     ``backend`` (``gloo``: CPU tensors; ``nccl``: one GPU per process, needs two); with gloo also the runtime's
     overhead per compute action (:func:`measure_action_overhead`, in this process). Raises
-    :class:`stagewise.comm.SpawnError` if a process fails or ``timeout`` seconds pass."""
+    :class:`stagewise.comm.SpawnError` if a process fails or ``timeout`` seconds pass, ``KeyboardInterrupt`` on
+    SIGINT or SIGTERM (the processes are killed at once)."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and torch.cuda.device_count() < 2:
@@ -223,7 +224,8 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     with tempfile.TemporaryDirectory(prefix="stagewise-probe-") as tmp:
         out = str(Path(tmp) / "links.json")
-        spawn(_probe_rank, 2, args=(out, int(nbytes), int(repeats), float(timeout), backend), timeout=timeout)
+        spawn(_probe_rank, 2, args=(out, int(nbytes), int(repeats), float(timeout), backend), timeout=timeout,
+              stoppable=False)
         data = json.loads(Path(out).read_text())
     result = LinkMeasurement(**data)
     if backend == "gloo":  # the runtime's own overhead (CPU); a GPU's launches are asynchronous, so it is not measured
