@@ -90,13 +90,33 @@ def describe_exit(code: int | None) -> str:
 def forkserver_context(preload: Sequence[str]) -> Any:
     """A multiprocessing forkserver context whose server imports ``preload`` once: later children start in
     milliseconds instead of re-importing torch (seconds each). The server itself never runs torch ops, so forking it
-    is safe."""
+    is safe. The server is started here (see :func:`_boot_forkserver`: Ctrl-C cannot reach it)."""
     ctx = mp.get_context("forkserver")
     global _PRELOADED
     if preload and _PRELOADED is None:
         ctx.set_forkserver_preload(list(preload))
         _PRELOADED = tuple(preload)
+    _boot_forkserver()
     return ctx
+
+
+def _boot_forkserver() -> None:
+    """Start the forkserver now, if none runs, with SIGINT blocked: it imports its preload modules (seconds) before
+    it ignores SIGINT itself, and a terminal's Ctrl-C in that window (sent to the whole process group) would end it
+    with a traceback on the user's screen. The blocked mask survives exec; the forkserver and the processes it forks
+    keep it (each leaves Ctrl-C to its launcher anyway). The imports then run while this process goes on.
+
+    The standard library starts its resource tracker the same way, but unblocks SIGINT afterwards instead of
+    restoring the mask: so it is started first, and the forkserver's own start then finds it running."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 _PRELOADED: tuple[str, ...] | None = None
