@@ -43,7 +43,7 @@ PACKAGE_NAMES = {
                        "rendezvous_store"],
     "stagewise.runtime": ["Forward", "PipelineExecutor", "StepError", "TimelineEvent", "all_reduce_grads",
                           "broadcast_params", "clip_global_norm", "measured_bubble", "merge_traces", "render_timeline",
-                          "run_forward", "stage_costs_from_events", "write_rank_trace"],
+                          "run_forward", "stage_costs_from_events", "timeline_figure", "write_rank_trace"],
     "stagewise.train": ["DataConfig", "LayoutConfig", "OPTIMIZERS", "OptimConfig", "OutputConfig", "RuntimeConfig",
                         "SplitConfig", "StartConfig", "TrainConfig", "TrainResult", "Trainer", "train_reference"],
     "stagewise.serve": ["BackendError", "BadRequestError", "BatchingConfig", "ClientDisconnectedError", "DATATYPES",

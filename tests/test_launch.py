@@ -149,6 +149,7 @@ def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_nothing(tmp_path: 
         log.close()
     text = (tmp_path / "train.log").read_text()
     assert code == 128 + sig, text[-3000:]
+    assert "\x1b" not in text and "Traceback" not in text  # piped: no live bar (it is on by default), no colour
     line = next(ln for ln in text.splitlines() if "stopped at step" in ln)
     step = int(line.split("stopped at step ")[1].split()[0])
     assert f"{sig.name}: stopped at step {step} of 100000 (checkpoint at {save / f'step-{step:08d}'})" in line

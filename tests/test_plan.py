@@ -639,14 +639,17 @@ def test_detect_describes_this_machine() -> None:
 # --- probe and CLI ---------------------------------------------------------------------------------------------------
 
 
-def test_probe_measures_two_real_processes_and_writes_the_cluster_file(tmp_path: Path) -> None:
+def test_probe_measures_two_real_processes_and_writes_the_cluster_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     parser = argparse.ArgumentParser()
     add_probe_parser(parser.add_subparsers())
     path = tmp_path / "cluster.toml"
     Cluster(nodes=[Node(name="x", devices=3, memory_bytes=999)], inter_latency=0.125).write(path)
-    args = parser.parse_args(["probe", "--cluster", str(path), "--bytes", str(256 * KIB), "--repeats", "3",
+    monkeypatch.chdir(tmp_path)  # a relative --cluster: the success line names the whole path
+    args = parser.parse_args(["probe", "--cluster", "cluster.toml", "--bytes", str(256 * KIB), "--repeats", "3",
                               "--timeout", "40"])
     assert args.func(args) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"; written to {path}")
     measured = Cluster.read(path)
     assert measured.nodes == [Node(name="x", devices=3, memory_bytes=999)] and measured.inter_latency == 0.125
     assert 0 < measured.intra_latency < 0.5

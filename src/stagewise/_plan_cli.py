@@ -51,18 +51,24 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from ._progress import Phases
     from ._spec import load_model_spec
     from .launch import profile_model
     from .plan import profile_rows, search
 
-    cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
-    spec = load_model_spec(args.model)
-    rows = profile_rows(args.profile_batch or args.global_batch)
-    profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=args.threads,
-                            optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model)
-    units = profile.units
-    plans = search(profile, cluster, mode=args.mode, global_batch=args.global_batch, devices=args.devices,
-                   optimizer=args.optimizer, limit=max(1, args.top))
+    with Phases("stagewise plan") as phase:  # a spinner on a terminal; erased before the table prints
+        phase("reading the cluster" if args.cluster else "detecting this machine")
+        cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
+        phase(f"building {args.model}")
+        spec = load_model_spec(args.model)
+        rows = profile_rows(args.profile_batch or args.global_batch)
+        profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=args.threads,
+                                optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model,
+                                phase=phase)
+        units = profile.units
+        phase(f"searching layouts of {args.devices or cluster.num_devices} device(s)")
+        plans = search(profile, cluster, mode=args.mode, global_batch=args.global_batch, devices=args.devices,
+                       optimizer=args.optimizer, limit=max(1, args.top))
     for plan in plans:
         plan.model = args.model
     print_plans(plans, title=f"{args.model}: best {args.mode} plans for {plans[0].devices} device(s) "
@@ -117,7 +123,7 @@ def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     "each other when both compute, and write them into the cluster file (created from this machine's "
                     "devices if it does not exist; other fields of an existing file are kept).")
     p.add_argument("--cluster", metavar="FILE", default="cluster.toml",
-                   help="cluster TOML file (default: cluster.toml)")
+                   help="cluster TOML file to update or create (default: cluster.toml in the current directory)")
     p.add_argument("--bytes", dest="nbytes", type=int, default=4 * 2**20,
                    help="size of the large message and all-reduce, bytes (default: 4 MiB)")
     p.add_argument("--repeats", type=int, default=5, help="timings per measurement, median taken (default: 5)")
@@ -129,17 +135,22 @@ def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from ._progress import Phases
     from .launch import measure_links
     from .plan import apply_measurement
 
-    path = Path(args.cluster)
-    cluster = Cluster.read(path) if path.exists() else Cluster.detect()
-    backend = args.backend
-    if backend == "auto":
-        import torch
+    path = Path(args.cluster).absolute()  # the success line names the file wherever the command ran
+    with Phases("stagewise probe") as phase:  # a spinner on a terminal; erased before the result prints
+        phase(f"reading {path}" if path.exists() else "detecting this machine")
+        cluster = Cluster.read(path) if path.exists() else Cluster.detect()
+        backend = args.backend
+        if backend == "auto":
+            import torch
 
-        backend = "nccl" if cluster.device_kind == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
-    measured = measure_links(nbytes=args.nbytes, repeats=args.repeats, timeout=args.timeout, backend=backend)
+            backend = "nccl" if cluster.device_kind == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+        phase(f"measuring links, all-reduce and contention between two processes ({backend}, "
+              f"{args.repeats} repeats)")
+        measured = measure_links(nbytes=args.nbytes, repeats=args.repeats, timeout=args.timeout, backend=backend)
     cluster = apply_measurement(cluster, measured)
     cluster.write(path)
     print(f"latency {measured.latency_s * 1e6:.1f} us, bandwidth {measured.bandwidth / 1e9:.3f} GB/s, all-reduce "

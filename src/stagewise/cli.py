@@ -187,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"stagewise {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a run that handles it itself (train stops at a step): one line
+        why = f" ({exc})" if str(exc) else ""
+        print(f"stagewise {args.command}: interrupted{why}", file=sys.stderr)
         return 130
     except Exception as exc:  # one line; the traceback only with -v
         if args.verbose:

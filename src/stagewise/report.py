@@ -10,6 +10,9 @@ from .split import Partition
 
 __all__ = ["format_bytes", "print_partition"]
 
+_PIPED_WIDTH = 10_000
+"""Columns a table may take when stdout is not a terminal: wider than any row, so none is wrapped or cut."""
+
 
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -22,8 +25,8 @@ def format_bytes(n: float) -> str:
 def print_partition(partition: Partition, console: Console | None = None) -> None:
     if console is None:
         console = Console()
-        if not console.is_terminal:  # piped or captured: do not wrap rows at 80 columns
-            console = Console(width=200)
+        if not console.is_terminal:  # piped or captured: every row whole (the table takes its natural width)
+            console = Console(width=_PIPED_WIDTH)
     units = {u.name: u for u in partition.units}
     console.print(escape(f"{partition.model or 'model'}: {partition.num_stages} stages ({partition.mode}, "
                          f"cut by {partition.by})"), soft_wrap=True)

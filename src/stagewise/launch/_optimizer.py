@@ -18,7 +18,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -90,19 +90,24 @@ def time_optimizer(shapes: Sequence[Sequence[Sequence[int]]], *, optimizer: str 
             out = str(Path(tmp) / f"optimizer{i}.json")
             child = functools.partial(_time_in_child, out=out, shapes_json=payload, optimizer=optimizer,
                                       repeats=int(repeats), threads=int(threads))
-            spawn(child, 1, timeout=timeout)
+            spawn(child, 1, timeout=timeout, stoppable=False)  # Ctrl-C: killed at once, KeyboardInterrupt here
             runs.append([float(x) for x in json.loads(Path(out).read_text())])
     return [statistics.mean(unit) for unit in zip(*runs)] if shapes else []
 
 
 def profile_model(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rounds: int = 1, threads: int = 1,
-                  optimizer: str | None = "adam", model_name: str | None = None) -> ChainProfile:
+                  optimizer: str | None = "adam", model_name: str | None = None,
+                  phase: Callable[[str], object] | None = None) -> ChainProfile:
     """:func:`stagewise.plan.profile_chain` (in this process), plus one ``optimizer`` step over each unit's
-    parameters timed in fresh processes (:func:`time_optimizer`; None: not timed): the planner's whole profile."""
+    parameters timed in fresh processes (:func:`time_optimizer`; None: not timed): the planner's whole profile.
+    ``phase`` is told each step as it starts (a progress display: :class:`stagewise._progress.Phases`)."""
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}")
+    say = phase or (lambda text: None)
+    say(f"profiling every unit at {', '.join(map(str, rows))} rows")
     profile = profile_chain(spec, rows=rows, repeats=repeats, rounds=rounds, threads=threads, model_name=model_name)
     if optimizer is None or profile.param_shapes is None:
         return profile
+    say(f"timing the {optimizer} step of {len(profile.units)} units in fresh processes")
     ms = time_optimizer(profile.param_shapes, optimizer=optimizer, repeats=repeats, threads=threads)
     return profile.with_optimizer(optimizer, ms)

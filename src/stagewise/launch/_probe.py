@@ -213,7 +213,8 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
     two slow each other computing at once, each the median of ``repeats`` (or a few times more) timings, over
     ``backend`` (``gloo``: CPU tensors; ``nccl``: one GPU per process, needs two); with gloo also the runtime's
     overhead per compute action (:func:`measure_action_overhead`, in this process). Raises
-    :class:`stagewise.comm.SpawnError` if a process fails or ``timeout`` seconds pass."""
+    :class:`stagewise.comm.SpawnError` if a process fails or ``timeout`` seconds pass, ``KeyboardInterrupt`` on
+    SIGINT or SIGTERM (the processes are killed at once)."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl" and torch.cuda.device_count() < 2:
@@ -226,7 +227,7 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
         out = str(Path(tmp) / "links.json")
         probe = functools.partial(_probe_rank, out=out, nbytes=int(nbytes), repeats=int(repeats),
                                   timeout=float(timeout), backend=backend)
-        spawn(probe, 2, timeout=timeout)
+        spawn(probe, 2, timeout=timeout, stoppable=False)
         data = json.loads(Path(out).read_text())
     result = LinkMeasurement(**data)
     if backend == "gloo":  # the runtime's own overhead (CPU); a GPU's launches are asynchronous, so it is not measured

@@ -9,7 +9,8 @@ Stopping: the launcher owns SIGINT and SIGTERM (what Ctrl-C, ``timeout``, docker
 SIGINT (a terminal sends it to the whole process group; the launcher decides); on either signal the launcher sends
 each child SIGUSR1, which sets :func:`stop_requested` there, so a training loop can stop at its next step boundary
 (ranks of a pipeline must agree on which: see ``train``). Children that have not finished ``stop_grace`` seconds later
-are killed. A second signal kills at once.
+are killed. A second signal kills at once. Children that never ask (probes, timings: ``stoppable=False``) are killed
+at the first signal, and :func:`spawn` raises ``KeyboardInterrupt`` (the command line's one line, no traceback).
 """
 
 from __future__ import annotations
@@ -89,20 +90,41 @@ def describe_exit(code: int | None) -> str:
 def forkserver_context(preload: Sequence[str]) -> Any:
     """A multiprocessing forkserver context whose server imports ``preload`` once: later children start in
     milliseconds instead of re-importing torch (seconds each). The server itself never runs torch ops, so forking it
-    is safe."""
+    is safe. The server is started here (see :func:`_boot_forkserver`: Ctrl-C cannot reach it)."""
     ctx = mp.get_context("forkserver")
     global _PRELOADED
     if preload and _PRELOADED is None:
         ctx.set_forkserver_preload(list(preload))
         _PRELOADED = tuple(preload)
+    _boot_forkserver()
     return ctx
+
+
+def _boot_forkserver() -> None:
+    """Start the forkserver now, if none runs, with SIGINT blocked: it imports its preload modules (seconds) before
+    it ignores SIGINT itself, and a terminal's Ctrl-C in that window (sent to the whole process group) would end it
+    with a traceback on the user's screen. The blocked mask survives exec; the forkserver and the processes it forks
+    keep it (each leaves Ctrl-C to its launcher anyway). The imports then run while this process goes on.
+
+    The standard library starts its resource tracker the same way, but unblocks SIGINT afterwards instead of
+    restoring the mask: so it is started first, and the forkserver's own start then finds it running."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 _PRELOADED: tuple[str, ...] | None = None
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = (), timeout: float = 60.0,
-          port: int | None = None, preload: Sequence[str] = ("torch",), stop_grace: float = 30.0) -> int | None:
+          port: int | None = None, preload: Sequence[str] = ("torch",), stop_grace: float = 30.0,
+          stoppable: bool = True) -> int | None:
     """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes and wait for all of them.
 
     Children are forked from a forkserver that imported ``preload`` (module names) once per parent process.
@@ -113,7 +135,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
 
     Returns None when every rank finished, or the signal number (SIGINT, SIGTERM) that stopped the run: the children
     were asked to stop (:func:`stop_requested`) and all finished within ``stop_grace`` seconds (else they are killed
-    and :class:`SpawnError` says so). Signals are handled only when called from the main thread.
+    and :class:`SpawnError` says so). With ``stoppable`` False (``fn`` never asks :func:`stop_requested`: a probe, a
+    timing) the first signal kills every child at once and ``KeyboardInterrupt`` is raised. Signals are handled only
+    when called from the main thread.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -128,7 +152,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
     succeeded: set[int] = set()
     timed_out = False
     deadline = time.monotonic() + timeout
-    stop = _StopRelay(procs, grace=stop_grace)
+    stop = _StopRelay(procs, grace=stop_grace, kill=not stoppable)
     frozen: list[int] = []
     try:
         stop.install()
@@ -175,6 +199,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
         codes = _reap(procs)
         for reader in readers.values():
             reader.close()
+    if stop.signum is not None and not stoppable:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(stop.signum).name}")
     ended = not failures and not timed_out and not stop.forced
     for rank in sorted(succeeded) if ended else []:
         if codes[rank] != 0:  # reported OK but then crashed (or hung) on exit
@@ -219,11 +245,11 @@ def _frozen(procs: list[Any]) -> list[int]:
 
 class _StopRelay:
     """The launcher's SIGINT/SIGTERM handler while :func:`spawn` waits: the first signal asks every child to stop
-    (:data:`STOP_SIGNAL`) and starts ``grace``; a second one makes spawn kill them at once. The previous handlers
-    come back afterwards."""
+    (:data:`STOP_SIGNAL`) and starts ``grace``; a second one (or, with ``kill``, the first) makes spawn kill them at
+    once. The previous handlers come back afterwards."""
 
-    def __init__(self, procs: list[Any], *, grace: float) -> None:
-        self.procs, self.grace = procs, grace
+    def __init__(self, procs: list[Any], *, grace: float, kill: bool = False) -> None:
+        self.procs, self.grace, self.kill = procs, grace, kill
         self.signum: int | None = None
         self.forced = False
         self.deadline = float("inf")
@@ -244,6 +270,9 @@ class _StopRelay:
             self.forced = True
             return
         self.signum = signum
+        if self.kill:
+            self.forced = True
+            return
         self.deadline = time.monotonic() + self.grace
         log.warning("received %s: asking %d rank(s) to stop at their next step boundary (%.0f s grace)",
                     signal.Signals(signum).name, len(self.procs), self.grace)

@@ -4,7 +4,14 @@ and clip gradients, record and draw the trace."""
 from ._executor import PipelineExecutor, StepError, TimelineEvent
 from ._forward import Forward, run_forward
 from ._grads import all_reduce_grads, broadcast_params, clip_global_norm
-from ._trace import measured_bubble, merge_traces, render_timeline, stage_costs_from_events, write_rank_trace
+from ._trace import (
+    measured_bubble,
+    merge_traces,
+    render_timeline,
+    stage_costs_from_events,
+    timeline_figure,
+    write_rank_trace,
+)
 
 __all__ = [
     "Forward",
@@ -19,5 +26,6 @@ __all__ = [
     "render_timeline",
     "run_forward",
     "stage_costs_from_events",
+    "timeline_figure",
     "write_rank_trace",
 ]

@@ -11,10 +11,17 @@ from typing import Any
 
 from ..schedule import Schedule, simulate
 
-__all__ = ["measured_bubble", "merge_traces", "render_timeline", "stage_costs_from_events", "write_rank_trace"]
+__all__ = ["measured_bubble", "merge_traces", "render_timeline", "stage_costs_from_events", "timeline_figure",
+           "write_rank_trace"]
 
-_COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#55A868", "W": "#8C9D3A", "SEND_F": "#BBBBBB", "SEND_B": "#BBBBBB",
-           "RECV_F": "#DDDDDD", "RECV_B": "#DDDDDD", "wait": "#EEEEEE", "allreduce": "#C44E52", "optimizer": "#8172B2"}
+_KINDS = {  # kind -> (legend label, colour); one colour per label, so the legend names every colour drawn
+    "F": ("forward", "#4C72B0"), "B": ("backward", "#55A868"), "I": ("input grad", "#64B5CD"),
+    "W": ("weight grad", "#8C9D3A"), "SEND_F": ("send", "#A0A0A0"), "SEND_B": ("send", "#A0A0A0"),
+    "RECV_F": ("receive", "#D0D0D0"), "RECV_B": ("receive", "#D0D0D0"), "wait": ("wait for sends", "#F0E442"),
+    "allreduce": ("all-reduce", "#C44E52"), "optimizer": ("optimizer", "#8172B2"),
+}
+_OTHER = ("other", "#FF9DA7")
+_LEGEND_ORDER = [*dict.fromkeys(label for label, _ in _KINDS.values()), _OTHER[0]]
 _COMPUTE = {"F", "B", "I", "W"}
 
 
@@ -38,9 +45,14 @@ def merge_traces(trace_dir: Path, *, schedule: Schedule) -> dict[str, Any]:
                 events.append({"name": e["name"], "cat": e["kind"], "ph": "X", "pid": 0, "tid": r["rank"],
                                "ts": (e["start"] - t0) * 1e6, "dur": max(0.0, e["end"] - e["start"]) * 1e6,
                                "args": {"step": step_i}})
+    # every rank that wrote a trace (pipeline ranks x replicas), not only the schedule's pipeline ranks
+    traced = len(ranks)
     trace = {"traceEvents": events, "displayTimeUnit": "ms",
-             "otherData": {"schedule": schedule.name, "ranks": schedule.ranks, "stages": schedule.stages,
-                           "microbatches": schedule.microbatches}}
+             "otherData": {"schedule": schedule.name, "ranks": traced, "pipeline_ranks": schedule.ranks,
+                           "replicas": traced // schedule.ranks if schedule.ranks else 0,
+                           "stages": schedule.stages, "microbatches": schedule.microbatches,
+                           "steps": max((len(r["steps"]) for r in ranks), default=0),
+                           "events": sum(e["ph"] == "X" for e in events)}}
     (trace_dir / "trace.json").write_text(json.dumps(trace))
     return trace
 
@@ -96,7 +108,26 @@ def measured_bubble(steps_by_rank: Mapping[int, list[list[dict[str, Any]]]], *, 
 
 
 def render_timeline(trace_dir: Path, *, schedule: Schedule, step: int = -1) -> Path:
-    """Draw the measured step (one row per rank) above the simulated ideal; returns the PNG path."""
+    """Draw the measured step (one row per rank) above the simulated ideal on one time axis; returns the PNG path."""
+    import matplotlib.pyplot as plt
+
+    fig = timeline_figure(trace_dir, schedule=schedule, step=step)
+    out = trace_dir / "timeline.png"
+    try:
+        fig.savefig(out, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return out
+
+
+_DPI = 110
+
+
+def timeline_figure(trace_dir: Path, *, schedule: Schedule, step: int = -1) -> Any:
+    """The figure :func:`render_timeline` saves: two panels sharing one time axis (ms), the measured step of every
+    rank above, the simulated ideal for the measured stage costs below; one legend above both, outside the axes, that
+    names every colour drawn; each compute bar labelled with its action (``0F1``), shortened (``F1``, ``1``) or left
+    out where the label does not fit inside its bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,38 +138,63 @@ def render_timeline(trace_dir: Path, *, schedule: Schedule, step: int = -1) -> P
     fwd, bwd, weight = stage_costs_from_events(steps_by_rank, schedule)
     ideal = simulate(schedule, forward_cost=fwd, backward_cost=bwd, weight_cost=weight)
     ranks = sorted(steps_by_rank)
-    fig, axes = plt.subplots(2, 1, figsize=(12, 1.2 + 0.9 * len(ranks) * 2), sharex=False)
+    rows = len(ranks) + schedule.ranks
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(12, 1.8 + 0.45 * rows), dpi=_DPI,
+                                      layout="constrained", height_ratios=[len(ranks), schedule.ranks])
+    used: set[str] = set()
+    labels: list[tuple[Any, float, float, int, str]] = []  # (axes, x, width, row, action) of each compute bar
+
+    def bar(ax: Any, row: int, x: float, w: float, kind: str, name: str) -> None:
+        label, colour = _KINDS.get(kind, _OTHER)
+        used.add(label)
+        full = kind in _COMPUTE or kind in ("allreduce", "optimizer")
+        ax.barh(row, w, left=x, height=0.8 if full else 0.35, color=colour, edgecolor="black", linewidth=0.3)
+        if kind in _COMPUTE:
+            labels.append((ax, x, w, row, name))
+
     t0 = min(e["start"] for r in ranks for e in steps_by_rank[r][step])
     for row, r in enumerate(ranks):
         for e in steps_by_rank[r][step]:
-            kind = e["kind"]
-            x, w = (e["start"] - t0) * 1e3, max(1e-3, (e["end"] - e["start"]) * 1e3)
-            height = 0.8 if kind in _COMPUTE or kind in ("allreduce", "optimizer") else 0.35
-            axes[0].barh(row, w, left=x, height=height, color=_COLORS.get(kind, "#999999"), edgecolor="black",
-                         linewidth=0.3)
-            if kind in _COMPUTE and w > 0:
-                axes[0].text(x + w / 2, row, e["name"], ha="center", va="center", fontsize=6, color="white")
-    measured = measured_bubble(steps_by_rank, step=step)
-    axes[0].set_title(f"measured: {schedule.name}, {len(ranks)} ranks, {schedule.microbatches} microbatches "
-                      f"(bubble {measured:.1%})")
+            bar(top, row, (e["start"] - t0) * 1e3, max(1e-3, (e["end"] - e["start"]) * 1e3), e["kind"], e["name"])
     for r, intervals in ideal.intervals.items():
         for iv in intervals:
             if iv.action.kind in _COMPUTE:
-                x, w = iv.start * 1e3, (iv.end - iv.start) * 1e3
-                axes[1].barh(r, w, left=x, height=0.8, color=_COLORS[iv.action.kind], edgecolor="black",
-                             linewidth=0.3)
-                axes[1].text(x + w / 2, r, str(iv.action), ha="center", va="center", fontsize=6, color="white")
-    axes[1].set_title(f"simulated ideal with the measured stage costs (bubble {ideal.bubble_fraction:.1%})")
-    for ax, n in ((axes[0], len(ranks)), (axes[1], schedule.ranks)):
-        ax.set_yticks(range(n), [f"rank {i}" for i in range(n)])
-        ax.invert_yaxis()
-        ax.set_xlabel("ms")
-    legend = [Patch(color=_COLORS[k], label=label) for k, label in
-              (("F", "forward"), ("B", "backward"), ("W", "weight grad"), ("RECV_F", "recv / send"),
-               ("allreduce", "all-reduce"), ("optimizer", "optimizer"))]
-    axes[0].legend(handles=legend, loc="upper right", fontsize=7, ncol=6)
-    fig.tight_layout()
-    out = trace_dir / "timeline.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+                bar(bottom, r, iv.start * 1e3, (iv.end - iv.start) * 1e3, iv.action.kind, str(iv.action))
+    measured = measured_bubble(steps_by_rank, step=step)
+    top.set_title(f"measured: {schedule.name}, {len(ranks)} ranks, {schedule.microbatches} microbatches "
+                  f"(bubble {measured:.1%})", fontsize=9)
+    bottom.set_title(f"simulated ideal with the measured stage costs (bubble {ideal.bubble_fraction:.1%})",
+                     fontsize=9)
+    for ax, names in ((top, ranks), (bottom, range(schedule.ranks))):
+        ax.set_yticks(range(len(names)), [f"rank {i}" for i in names])
+        ax.set_ylim(len(names) - 0.5, -0.5)  # rank 0 on top
+    bottom.set_xlabel("ms since the step began")
+    bottom.xaxis.set_tick_params(labelbottom=True)
+    colours = dict([*_KINDS.values(), _OTHER])
+    handles = [Patch(facecolor=colours[label], edgecolor="black", linewidth=0.3, label=label)
+               for label in _LEGEND_ORDER if label in used]
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=8, frameon=False)
+    _label_bars(fig, labels)
+    return fig
+
+
+def _label_bars(fig: Any, labels: list[tuple[Any, float, float, int, str]]) -> None:
+    """Write each action's name inside its bar: ``0F1``, else ``F1``, else ``1``, else nothing, whichever first fits
+    with a little margin (measured in pixels once the layout is final, so labels never spill or run together)."""
+    fig.canvas.draw()  # runs the constrained layout once
+    fig.set_layout_engine("none")  # and keeps it: the axes' pixel sizes measured below are the ones saved
+    renderer = fig.canvas.get_renderer()
+    for ax, x, w, row, name in labels:
+        left, right = ax.transData.transform([(x, row), (x + w, row)])[:, 0]
+        room = right - left - 4  # pixels, 2 each side
+        if room <= 0:
+            continue
+        action = name.lstrip("0123456789")  # F1: the kind and microbatch (the row says the rank)
+        text = ax.text(x + w / 2, row, name, ha="center", va="center", fontsize=6, color="white", clip_on=True)
+        text.set_in_layout(False)
+        for candidate in (name, action, action[1:]):
+            text.set_text(candidate)
+            if candidate and text.get_window_extent(renderer).width <= room:
+                break
+        else:
+            text.remove()

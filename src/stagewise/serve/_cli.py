@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._cli_config import add_config_arguments, config_values
+from .._progress import Phases
 from ._config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -148,20 +149,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       [{"submodule": m} for m in subs] or [{}])
     backends: list[PipelineBackend] = []
     try:
-        for v in variants:
-            suffix = v.get("head") or v.get("submodule")
-            name = (f"{args.name}.{suffix}" if suffix else args.name) if args.name else None
-            chosen = {"model": model, "name": name, "checkpoint": checkpoint, "cuts": None if suffix else cuts}
-            backends.append(PipelineBackend(PipelineConfig(**settings | chosen | v)))
-        names = ", ".join(repr(b.name) for b in backends)
-        print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {names}",
-              file=sys.stderr, flush=True)
-        try:
-            for backend in backends:
-                backend.wait_ready(args.startup_timeout)
-        except (RuntimeError, TimeoutError) as exc:
-            print(f"stagewise serve: error: no replica became ready: {exc}", file=sys.stderr)
-            return 1
+        with Phases("stagewise serve") as phase:  # a spinner on a terminal, erased once a replica is ready
+            for v in variants:
+                suffix = v.get("head") or v.get("submodule")
+                name = (f"{args.name}.{suffix}" if suffix else args.name) if args.name else None
+                chosen = {"model": model, "name": name, "checkpoint": checkpoint, "cuts": None if suffix else cuts}
+                phase(f"capturing {model}{f' ({suffix})' if suffix else ''} and cutting it into {stages} stage(s)")
+                backends.append(PipelineBackend(PipelineConfig(**settings | chosen | v)))
+            names = ", ".join(repr(b.name) for b in backends)
+            print(f"stagewise serve: starting {replicas} replica(s) x {stages} stage(s) of {names}",
+                  file=sys.stderr, flush=True)
+            phase(f"starting workers: {replicas} replica(s) x {stages} stage(s) of {names}")
+            try:
+                for backend in backends:
+                    backend.wait_ready(args.startup_timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                phase.close()
+                print(f"stagewise serve: error: no replica became ready: {exc}", file=sys.stderr)
+                return 1
         gateway_config.model_batching = {b.name: b.batching_config(max_delay_ms=args.max_delay_ms) for b in backends}
         app = create_app(backends, config=gateway_config)
         host = f"[{args.host}]" if ":" in args.host else args.host

@@ -114,10 +114,8 @@ class PipelineBackend(InferenceBackend):
         self.config = config
         module = config.model.rpartition(":")[0]  # a factory's module (not a file path, nor a folder as MODEL)
         preload = (*_PRELOAD, module) if module and "/" not in module and not module.endswith(".py") else _PRELOAD
+        # Boots the forkserver: its imports (seconds) run while this process loads the model.
         self._ctx = _context(preload)
-        # Boot the forkserver (its imports take seconds) while this process loads the model.
-        threading.Thread(target=multiprocessing.forkserver.ensure_running, name="stagewise-forkserver-boot",
-                         daemon=True).start()
         serving = load_serving_split(config.model, stages=config.stages, exclude_inputs=config.exclude_inputs,
                                      seed=config.seed, checkpoint=config.checkpoint, weights=config.weights,
                                      dtype=config.dtype, cuts=config.cuts, tasks=config.tasks, head=config.head,

@@ -196,7 +196,7 @@ class OutputConfig:
     log_every: int = 10
     """Print the loss every N steps (when no progress bar shows; 0: never)."""
     progress: bool = True
-    """Show a live progress bar on rank 0."""
+    """Show a live progress bar (step, loss, steps/s, time left) on stderr when it is a terminal."""
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "save_every", "log_every")

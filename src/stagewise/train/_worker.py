@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._progress import StepProgress
 from ..comm import Transport
 from ..runtime import StepError, all_reduce_grads, clip_global_norm, merge_traces, render_timeline, write_rank_trace
 from ..split import Stage
 from ._config import TrainConfig
 from ._data import ReplicaBatches, rank_microbatches
-from ._progress import Progress
 from ._rank import RankState, setup_rank, stage_tensors
 
 if TYPE_CHECKING:
@@ -72,28 +72,30 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
            should_stop: Callable[[], bool]) -> int:
     """Run the steps from ``start_step``; returns the last step done (earlier than ``steps`` when asked to stop)."""
     config = rs.config
-    progress = Progress(total=config.steps, enabled=config.output.progress and rs.rank == 0)
+    progress = StepProgress(total=config.steps, start=rs.start_step, enabled=config.output.progress and rs.rank == 0)
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
     done = rs.start_step
-    for step in range(rs.start_step, config.steps):
-        try:
-            loss, stop = _train_step(rs, None if loader is None else next(loader), should_stop)
-            rs.losses.append(loss)
-            progress.update(step + 1, loss)
-            log_every = config.output.log_every
-            if rs.rank == 0 and log_every and (step + 1) % log_every == 0 and not progress.enabled:
-                print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
-            done = step + 1
-            _maybe_save(rs, writer, step=done, stop=stop)
-            if stop and done < config.steps:
-                if rs.rank == 0:
-                    log.warning("asked to stop: ending after step %d of %d", done, config.steps)
-                break
-        except StepError:
-            raise
-        except Exception as exc:
-            raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
-    progress.close()
+    try:
+        for step in range(rs.start_step, config.steps):
+            try:
+                loss, stop = _train_step(rs, None if loader is None else next(loader), should_stop)
+                rs.losses.append(loss)
+                progress.update(step + 1, loss)
+                log_every = config.output.log_every
+                if rs.rank == 0 and log_every and (step + 1) % log_every == 0 and not progress.enabled:
+                    print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
+                done = step + 1
+                _maybe_save(rs, writer, step=done, stop=stop)
+                if stop and done < config.steps:
+                    # the command line says where it stopped (and the checkpoint); the Python API reads stopped_by
+                    log.info("asked to stop: ending after step %d of %d", done, config.steps)
+                    break
+            except StepError:
+                raise
+            except Exception as exc:
+                raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
+    finally:  # also on a failure: the bar stops drawing before the error's one line is printed
+        progress.close()
     return done
 
 
