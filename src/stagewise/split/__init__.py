@@ -4,7 +4,8 @@ from ._api import split
 from ._balance import exact_ints, min_max_cuts
 from ._build import Stage
 from ._capture import CaptureError, input_leaves
-from ._meta import cast_meta_params, held_param_bytes, materialise, params_on_meta, tensor_aliases
+from ._meta import cast_meta_params, held_param_bytes, materialise, params_on_meta, release, tensor_aliases
+from ._pack import StagePack
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
 from ._run import StageCall, as_leaf, run_stages
 from ._split import ReadWeights, SplitError, SplitModel
@@ -18,6 +19,7 @@ __all__ = [
     "SplitModel",
     "Stage",
     "StageCall",
+    "StagePack",
     "StageSpec",
     "TreeSpec",
     "UnitInfo",
@@ -31,6 +33,7 @@ __all__ = [
     "materialise",
     "min_max_cuts",
     "params_on_meta",
+    "release",
     "run_stages",
     "split",
     "tensor_aliases",

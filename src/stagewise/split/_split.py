@@ -17,6 +17,7 @@ from ._balance import cuts_from_names, min_max_cuts
 from ._build import Stage, _Layout, build_stage, plan_stages, value_bytes
 from ._capture import Capture, CaptureError, capture, input_leaves, signature_of
 from ._meta import materialise, release, tensor_aliases
+from ._pack import StagePack, strip_weights
 from ._partition import COST_METHODS, Partition, UnitInfo
 from ._run import run_stages
 from ._tree import flatten, unflatten
@@ -264,6 +265,18 @@ class SplitModel:
             values = read(wanted, {fqn: aliases.get(fqn, []) for fqn in wanted}) if wanted else {}
         materialise(self.model, owned, values=values, seed=seed, dtype=dtype)
         self._rebuild()
+
+    def pack(self, indices: Iterable[int], args: Sequence[Any] | None = None,
+             kwargs: dict[str, Any] | None = None) -> StagePack:
+        """Stages ``indices`` as data for another process (see :class:`StagePack`): built for the example inputs, or
+        for ``(args, kwargs)``, with every parameter on the meta device; this split's own stages keep theirs."""
+        cap = self._captures[self._default][0] if args is None else self.stages_for(args, kwargs)[0]
+        layout = _layout(cap, self.partition)
+        specs = plan_stages(cap, layout)
+        stages = {i: build_stage(cap, specs[i], layout.nodes[i]) for i in indices}
+        strip_weights(stages)
+        return StagePack(partition=self.partition, stages=stages, out_spec=cap.out_spec,
+                         output_names=list(cap.output_names))
 
     def keep_only(self, indices: Iterable[int]) -> None:
         """Drop the weights of every stage but ``indices`` (they move to the meta device): what a process that built

@@ -22,19 +22,23 @@ from ..split import (
     ReadWeights,
     SplitModel,
     Stage,
+    StagePack,
     cast_meta_params,
     held_param_bytes,
+    materialise,
     params_on_meta,
+    release,
     split,
+    tensor_aliases,
     unflatten,
 )
 from ._config import TrainConfig
 from ._data import sample_to_call
 from ._device import move_stage, resolve_device, strict_fp32
 
-__all__ = ["Layout", "RankState", "builds_on_meta", "example_batch", "load_train_spec",
-           "make_optimizer", "model_loss", "rank_device", "setup_rank", "split_as_configured", "stage_tensors",
-           "train_dtype", "weights_path", "weights_reader"]
+__all__ = ["Layout", "RankState", "builds_on_meta", "example_batch", "load_train_spec", "make_optimizer", "model_loss",
+           "rank_device", "rank_packs", "setup_rank", "split_as_configured", "stage_tensors", "train_dtype",
+           "weights_path", "weights_reader"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,10 @@ class Layout:
 
     def pipeline(self, replica: int) -> list[int]:
         return [replica * self.P + p for p in range(self.P)]
+
+    def owned(self, position: int) -> list[int]:
+        """The stages a rank at ``position`` runs (``stages_per_rank`` of them, interleaved)."""
+        return [s for s in range(self.S) if s % self.P == position]
 
     def replicas_of(self, position: int) -> list[int]:
         return [d * self.P + position for d in range(self.D)]
@@ -171,9 +179,10 @@ class RankState:
         return 1.0
 
 
-def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
-    """Seed, split the model, keep and place this rank's stages, make the groups, agree on the weights, and build the
-    optimizer and the pipeline executor."""
+def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack | None = None) -> RankState:
+    """Seed, take this rank's stages (``pack``, split by the launcher; or split here under torchrun), give them their
+    weights and place them, make the groups, agree on the weights, and build the optimizer and the pipeline
+    executor."""
     tune_allocator()
     torch.set_num_threads(config.runtime.threads)
     torch.manual_seed(config.data.seed)
@@ -185,15 +194,10 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
     spec = load_train_spec(config)
     spec.model.train(config.split.dropout)
     args, kwargs, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
-    sm = split_as_configured(config, spec, args, kwargs, stages=layout.S)
-    owned = [s for s in range(layout.S) if s % layout.P == position]
-    if builds_on_meta(config):
-        sm.materialise(owned, read=weights_reader(config), seed=config.data.seed, dtype=train_dtype(config))
-    else:
-        sm.keep_only(owned)
-    _check_holds_only(sm, owned)
-    cap, stages = sm.stages_for(args, kwargs)
-    mine = {s: stages[s] for s in owned}
+    if pack is None:  # no launcher split the model for this rank (torchrun): split it here, once
+        pack = split_as_configured(config, spec, args, kwargs, stages=layout.S).pack(layout.owned(position))
+    _fill_weights(config, spec.model, pack)
+    mine = pack.stages
     device = _place(mine, config, transport)
     params = [p for st in mine.values() for p in st.parameters() if p.requires_grad]
     # Every rank creates every group in the same order (a torch.distributed requirement).
@@ -209,26 +213,53 @@ def setup_rank(config: TrainConfig, transport: Transport) -> RankState:
     targets: list[Any] = []
 
     def loss_fn(full: list[Any], m: int) -> torch.Tensor:
-        leaves = full + [None] * (len(cap.output_names) - len(full))
-        return model_loss(spec, unflatten(cap.out_spec, leaves), targets[m])
+        leaves = full + [None] * (len(pack.output_names) - len(full))
+        return model_loss(spec, unflatten(pack.out_spec, leaves), targets[m])
 
     executor = PipelineExecutor(stages=mine, schedule=schedule, transport=transport, peers=layout.pipeline(replica),
                                 num_stages=layout.S, loss_fn=loss_fn, timeout=config.runtime.timeout,
                                 record=config.output.trace is not None)
     return RankState(config=config, transport=transport, layout=layout, replica=replica, position=position, spec=spec,
-                     partition=sm.partition, stages=mine, device=device, dataset=dataset, params=params,
+                     partition=pack.partition, stages=mine, device=device, dataset=dataset, params=params,
                      named=[(n, p) for st in mine.values() for n, p in st.named_parameters() if p.requires_grad],
                      dp_group=dp_groups[position], pp_group=pp_groups[replica], optimizer=optimizer,
                      scheduler=scheduler, schedule=schedule, executor=executor, targets=targets,
                      needed=frozenset(name for st in mine.values() for name in st.spec.inputs))
 
 
-def _check_holds_only(sm: SplitModel, owned: list[int]) -> None:
-    """The memory promise, checked in every rank: it holds exactly its own stages' parameters."""
-    held, own = held_param_bytes(sm.model), sm.param_bytes(owned)
-    if held != own:
-        raise RuntimeError(f"this rank holds {held} bytes of parameters but its stages {owned} own {own}: a weight of "
-                           "another stage was allocated here (please report this as a bug)")
+def _fill_weights(config: TrainConfig, model: torch.nn.Module, pack: StagePack) -> None:
+    """Give ``pack``'s stages their weights: made here for them alone (seeded, or read from a file) on a model built
+    on the meta device; or the factory's own, after which the model drops every other stage's. Then check the
+    memory promise: this rank holds exactly its own stages' parameters."""
+    names = pack.param_names()
+    if builds_on_meta(config):
+        read = weights_reader(config)
+        values = None
+        if read is not None:
+            params, aliases = dict(model.named_parameters()), tensor_aliases(model)
+            values = read({f: params[f] for f in names}, {f: aliases.get(f, []) for f in names})
+        own = materialise(model, names, values=values, seed=config.data.seed, dtype=train_dtype(config))
+    else:
+        params = dict(model.named_parameters())
+        own = {f: params[f] for f in names}
+        release(model, set(names))
+    pack.fill(own)
+    held, expected = held_param_bytes(model), pack.held_param_bytes()
+    if held != expected or any(p.is_meta for st in pack.stages.values() for p in st.module.parameters()):
+        raise RuntimeError(f"this rank holds {held} bytes of parameters but its stages {sorted(pack.stages)} own "
+                           f"{expected}: a weight of another stage was allocated here (please report this as a bug)")
+
+
+def rank_packs(config: TrainConfig, spec: ModelSpec | None = None) -> dict[int, StagePack]:
+    """The model split once, as configured, into each pipeline position's stages without weights: what the
+    launcher hands its ranks so that none of them captures the model again."""
+    layout = Layout(config)
+    if spec is None:
+        spec = load_train_spec(config)
+    spec.model.train(config.split.dropout)
+    args, kwargs, _ = example_batch(spec, config.microbatch_size, limit=config.samples_read)
+    sm = split_as_configured(config, spec, args, kwargs, stages=layout.S)
+    return {position: sm.pack(layout.owned(position)) for position in range(layout.P)}
 
 
 def builds_on_meta(config: TrainConfig) -> bool:

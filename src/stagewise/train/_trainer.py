@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -20,7 +21,7 @@ from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
-from ._rank import Layout, example_batch, load_train_spec, split_as_configured, weights_path
+from ._rank import Layout, load_train_spec, rank_packs, weights_path
 from ._worker import run_worker
 
 __all__ = ["TrainResult", "Trainer"]
@@ -84,12 +85,15 @@ _PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker",
 
 
 def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, backend: str = "gloo",
-                     device: str = "cpu") -> None:
+                     device: str = "cpu", packs: dict[int, bytes] | None = None) -> None:
     config = TrainConfig.from_json(config_json)
+    # This rank's stages as the launcher split them (pickled by the process that started this one, on this machine;
+    # never data from the network or a file): the rank does not capture the model again.
+    pack = pickle.loads(packs[Layout(config).place(rank)[1]]) if packs else None
     transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.runtime.timeout,
                                    backend=backend, device=None if device == "cpu" else device)
     try:
-        run_worker(config, transport, should_stop=stop_requested)
+        run_worker(config, transport, pack=pack, should_stop=stop_requested)
     finally:
         transport.close()
 
@@ -112,15 +116,16 @@ class Trainer:
         on_host = config.world_size if torchrun is None else torchrun.local_world_size
         self.devices: DevicePlan = plan_devices(config.runtime.device, on_host)
         """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
+        self._packs: dict[int, bytes] | None = None
 
     def check(self) -> ModelSpec:
         """Build the model, read one microbatch and cut it as the ranks will, here and once: a failing factory, a
         data set too small or more stages than units is one error before any process starts (not one per rank after
-        they all started). Returns the model's spec (its untrained model)."""
+        they all started). Returns the model's spec (its untrained model). The cut is kept: each rank gets its own
+        stages from it, without weights, and never captures the model itself."""
         config = self.config
         spec = load_train_spec(config)  # on the meta device when the ranks build it there: no full copy here either
-        args, kwargs, _ = example_batch(spec, config.microbatch_size, limit=config.samples_read)
-        split_as_configured(config, spec, args, kwargs, stages=Layout(config).S)
+        self._packs = {p: pickle.dumps(pack) for p, pack in rank_packs(config, spec).items()}
         weights = weights_path(config)
         if weights is not None:  # every tensor there with the right shape (headers only; no tensor is read)
             from ..weights import open_weights
@@ -155,7 +160,10 @@ class Trainer:
         # After SIGINT/SIGTERM the ranks finish their step, agree to stop, maybe save: a step and a save's waits.
         grace = 30.0 + 3 * wait_s
         try:
-            stopped = spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device),
+            if self._packs is None:
+                self.check()
+            stopped = spawn(_local_rank_main, config.world_size,
+                            args=(config.to_json(), plan.backend, plan.device, self._packs),
                             timeout=budget, preload=_PRELOAD, stop_grace=grace)
             out = Path(config.output.out_dir or ".")
             summary: dict[str, Any] = json.loads((out / "summary.json").read_text())

@@ -15,7 +15,7 @@ import torch
 from .._progress import StepProgress
 from ..comm import Transport
 from ..runtime import StepError, all_reduce_grads, clip_global_norm, merge_traces, render_timeline, write_rank_trace
-from ..split import Stage
+from ..split import Stage, StagePack
 from ._config import TrainConfig
 from ._data import ReplicaBatches, rank_microbatches
 from ._rank import RankState, setup_rank, stage_tensors
@@ -28,17 +28,18 @@ __all__ = ["run_worker"]
 log = logging.getLogger(__name__)
 
 
-def run_worker(config: TrainConfig, transport: Transport, *,
+def run_worker(config: TrainConfig, transport: Transport, *, pack: StagePack | None = None,
                should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced).
 
+    ``pack``: this rank's stages as the launcher split them (None: split here, as under torchrun).
     ``should_stop`` is asked once a step: when it says True on any rank, every rank ends after the same step (the
     answer rides on the step's loss all-reduce, so they agree), saving a checkpoint there when ``save_dir`` is set.
 
     With ``config.runtime.device`` cuda the rank's stages, their inputs and targets, the loss and the optimizer state
     live on the rank's GPU (:func:`rank_device`); the graph is still captured on the CPU and each stage moved
     afterwards. """
-    rs = setup_rank(config, transport)
+    rs = setup_rank(config, transport, pack)
     if config.output.resume:
         from ._checkpointing import restore_checkpoint
 
