@@ -126,7 +126,7 @@ class Server:
         self.port = find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, str(HERE), "--serve", f"{HERE}:{factory}", "--stages", str(stages), "--port",
-               str(self.port), "--max-batch-size", str(max_batch_size), "--precapture", "--max-delay-ms", "2",
+               str(self.port), "--max-batch-size", str(max_batch_size), "--max-delay-ms", "2",
                "--threads", str(threads)]
         env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent / "src"))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -139,10 +139,10 @@ def test_serve_flags_come_from_pipeline_config() -> None:
         action = _option(parser, s.name)
         assert s.flag in action.option_strings and action.default == s.default
         assert action.help is not None and action.help.startswith(s.doc.replace("%", "%%"))
-    args = parser.parse_args(["m:f", "--threads", "2", "--max-batch-size", "8", "--precapture",
+    args = parser.parse_args(["m:f", "--threads", "2", "--max-batch-size", "8", "--dtype", "bfloat16",
                               "--exclude-inputs", "labels,mask", "--worker-timeout", "5"])
     values = config_values(PipelineConfig, args)
     config = PipelineConfig(**values)
-    assert (config.threads_per_worker, config.max_batch_size, config.precapture) == (2, 8, True)
+    assert (config.threads_per_worker, config.max_batch_size, config.dtype) == (2, 8, "bfloat16")
     assert config.exclude_inputs == ("labels", "mask") and config.worker_timeout_s == 5.0
     assert args.host == "127.0.0.1"  # the HTTP address, not PipelineConfig.host (the workers' channel)

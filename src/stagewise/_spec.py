@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["SAMPLE_FORMS", "ModelSpec", "as_model_spec", "load_model_spec", "portable_model", "sample_to_call",
-           "training_data"]
+__all__ = ["SAMPLE_FORMS", "ModelSpec", "as_model_spec", "import_model_code", "load_model_spec", "portable_model",
+           "sample_to_call", "training_data"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -182,6 +182,13 @@ def _import_factory(target: str) -> Callable[..., Any]:
     if not callable(factory):
         raise ValueError(f"{target!r} is not callable; MODEL must name a factory function")
     return factory
+
+
+def import_model_code(target: str) -> None:
+    """Import the module of MODEL's factory without calling it: what a process that gets its stages as data needs
+    before it rebuilds them (the module may register custom operators the graphs call). A folder imports nothing."""
+    if not _is_hf_folder_target(target):
+        _import_factory(target)
 
 
 def load_model_spec(target: str, **factory_kwargs: Any) -> ModelSpec:

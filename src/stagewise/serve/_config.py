@@ -67,9 +67,6 @@ class PipelineConfig:
     """Serve the trunk (``stages - 1`` stages) plus this task head as its own model (named ``name.head``)."""
     submodule: str | None = dataclasses.field(default=None, metadata={"cli": False})  # set by --submodels
     """Serve only this sub-model (by FQN, e.g. ``encoder``) on the inputs it receives, named ``name.FQN``."""
-    precapture: bool = False
-    """Workers capture every batch-size bucket (1, 2, 4... max_batch_size) before reporting ready; else on first use
-    (the first batch of each size then waits for its capture, ~0.1-1 s)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, rule: str) -> ConfigError:

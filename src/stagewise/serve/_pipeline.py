@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import multiprocessing.forkserver
 import os
+import pickle
 import secrets
 import signal
 import socket
@@ -52,7 +53,7 @@ from ._listener import ChannelListener, HelloFields
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
 from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus, settle
-from ._serving_split import describe_serving, load_serving_split
+from ._serving_split import describe_serving, load_serving_split, stage_assignments
 from ._worker import WorkerConfig, worker_main
 
 __all__ = ["PipelineBackend", "PipelineConfig", "ReplicaStatus"]
@@ -122,6 +123,8 @@ class PipelineBackend(InferenceBackend):
                                      submodule=config.submodule)
         self.name, self.max_batch_size = config.name or serving.name, config.max_batch_size
         self._meta = describe_serving(serving, self.name)
+        # Every batch-size bucket captured here, once: each worker gets its stage's graphs as data (no weights).
+        self._assignments = [pickle.dumps(a) for a in stage_assignments(serving, config.max_batch_size)]
         self._digests = dict(serving.digests)
         """Each stage's weight digest, as the factory built it here (then dropped: the gateway holds no weights), or
         as the first worker reported it (weights from a file): every worker of that stage must report the same."""
@@ -444,7 +447,7 @@ class PipelineBackend(InferenceBackend):
                 wc = WorkerConfig(**dataclasses.asdict(cfg) | {"threads_per_worker": self._threads}, stage=s,
                                   replica=rep.index, generation=gen, gateway_port=self._port, secret=self._secret,
                                   dist_port=port, log_level=log.getEffectiveLevel())
-                p = self._ctx.Process(target=worker_main, args=(wc.to_json(),), daemon=True,
+                p = self._ctx.Process(target=worker_main, args=(wc.to_json(), self._assignments[s]), daemon=True,
                                       name=f"stagewise-serve-r{rep.index}s{s}")
                 p.start()
                 procs.append(p)

@@ -28,12 +28,13 @@ import torch
 
 from .._spec import ModelSpec, load_model_spec
 from ..split import (
-    ReadWeights,
     SplitModel,
     Stage,
+    StagePack,
     cast_meta_params,
     input_leaves,
     params_on_meta,
+    release,
     split,
     tensor_aliases,
     unflatten,
@@ -46,11 +47,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ServingSplit",
+    "StageAssignment",
     "bucket_rows",
+    "buckets",
     "checkpoint_model",
     "describe_serving",
     "load_serving_split",
+    "load_stage_weights",
     "pad_rows",
+    "stage_assignments",
     "stage_digest",
 ]
 
@@ -95,15 +100,16 @@ class ServingSplit:
 
 def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str] = ("labels",),
                        seed: int = 0, checkpoint: str | None = None, weights: str | None = None,
-                       dtype: str = "float32", own: int | None = None, cuts: Sequence[str] | None = None,
+                       dtype: str = "float32", cuts: Sequence[str] | None = None,
                        tasks: Sequence[str] | None = None, head: str | None = None,
                        submodule: str | None = None) -> ServingSplit:
     """Build MODEL (under ``seed``) and split it into a chain of ``stages`` stages (at ``cuts`` when given). With
     ``tasks`` and ``head``: a task split whose trunk takes ``stages - 1`` stages, followed by the stage of ``head``.
 
-    Weights: only chain position ``own``'s stage holds any (``None``: none at all, the gateway). They come from
-    ``checkpoint`` / ``weights`` / a Hugging Face folder MODEL, read per stage into a model built on the meta device;
-    else from the factory (built whole, then every other stage's weights are dropped)."""
+    This is the gateway's split, and it holds no weights: with ``checkpoint`` / ``weights`` / a Hugging Face folder
+    MODEL the model is built on the meta device and the files are checked (headers only); from the factory it is
+    built whole, each stage's weight digest is kept (:attr:`ServingSplit.digests`), and the weights are dropped.
+    Workers get their stages from :func:`stage_assignments` and their weights from :func:`load_stage_weights`."""
     source = checkpoint or weights or (model if is_hf_folder(model) else None)
     if source is not None and submodule is not None:
         raise ValueError("serving one sub-model reads its inputs from a run of the whole model; give it without "
@@ -149,15 +155,11 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
         if st.spec.outputs and pos != len(chain) - 1:
             raise ValueError(f"stage {st.index} returns model outputs {st.spec.outputs}; serving needs them all from "
                              "the last stage")
-    mine = [] if own is None else [chain[own]]
     digests: dict[int, str] = {}
-    if source is None:
-        if own is None:  # the factory may not be deterministic: its weights' digests are what every worker must match
-            digests = {pos: stage_digest(sm.stages[i]) for pos, i in enumerate(chain)}
-        sm.keep_only(mine)
-    elif mine:
-        sm.materialise(mine, read=_reader(source, torch_dtype), dtype=torch_dtype)
-    else:  # the gateway checks every tensor the workers will read (headers only) before any worker starts
+    if source is None:  # the factory may not be deterministic: its weights' digests are what every worker must match
+        digests = {pos: stage_digest(sm.stages[i]) for pos, i in enumerate(chain)}
+        sm.keep_only([])
+    else:  # every tensor the workers will read is there with its shape (headers only) before any worker starts
         from ..weights import open_weights
 
         open_weights(source).verify(dict(sm.model.named_parameters()), aliases=tensor_aliases(sm.model))
@@ -165,15 +167,34 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
                         f"{spec.name}.{head}", chain=chain, aliases=aliases, digests=digests)
 
 
-def _reader(path: str, dtype: torch.dtype) -> ReadWeights:
-    from ..weights import open_weights
+def load_stage_weights(assignment: StageAssignment, *, model: str, seed: int, checkpoint: str | None,
+                       weights: str | None, dtype: str, submodule: str | None) -> dict[str, torch.nn.Parameter]:
+    """A worker's weights, and only its own: read from the files (checkpoint, weights file, Hugging Face folder), or
+    taken from the factory's model (built under ``seed``), whose other weights are then dropped."""
+    names = assignment.param_names()
+    expected = {n: t for pack in assignment.packs.values() for st in pack.stages.values()
+                for n, t in st.module.named_parameters() if n in names}
+    source = checkpoint or weights or (model if is_hf_folder(model) else None)
+    torch_dtype = getattr(torch, dtype)
+    if source is not None:
+        from ..weights import open_weights
 
-    source = open_weights(path)
-
-    def read(wanted: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> Mapping[str, torch.Tensor]:
-        return source.read(wanted, aliases=aliases, dtype=dtype)
-
-    return read
+        values = open_weights(source).read(expected, aliases=assignment.aliases, dtype=torch_dtype)
+        return {n: torch.nn.Parameter(v, requires_grad=False) for n, v in values.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        spec = load_model_spec(model)
+    if submodule is not None:
+        spec = _submodule_spec(spec, submodule)
+    if torch_dtype != torch.float32:
+        spec.model.to(torch_dtype)
+    params = dict(spec.model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"the factory of {model!r} built no weights {missing[:5]} that the gateway's split has")
+    own = {n: params[n] for n in names}
+    release(spec.model, set(names))
+    return own
 
 
 def _named_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -244,6 +265,56 @@ def checkpoint_model(checkpoint: str, *, trust_code: bool = False) -> str:
                          f"--checkpoint {checkpoint}'")
     logger.info("model %s (from the manifest of checkpoint %s)", model, checkpoint)
     return model
+
+
+@dataclasses.dataclass
+class StageAssignment:
+    """What one chain position's worker runs, as data: its stage captured for every batch-size bucket, without
+    weights (the gateway captured them all, once; the worker captures nothing), and where its weights come from."""
+
+    packs: dict[int, StagePack]
+    """Bucket rows -> this position's stage for batches of that many rows (parameters on the meta device)."""
+    next_recv: dict[int, list[str]]
+    """Bucket rows -> names of the values the next stage receives, in its order (empty for the last stage)."""
+    forwarded: list[str]
+    """Model inputs this stage or a later one reads (what it receives with the activations), in metadata order."""
+    forwarded_next: list[str]
+    """Model inputs a later stage reads (what it passes on)."""
+    aliases: dict[str, list[str]]
+    """Other names of this stage's tied weights (a weights file may hold a tied weight under any of them)."""
+
+    def param_names(self) -> list[str]:
+        return next(iter(self.packs.values())).param_names()
+
+    def fill(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        for pack in self.packs.values():  # one set of weights shared by every bucket's graph
+            pack.fill(params)
+
+
+def buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes a worker runs: powers of two below ``max_batch_size``, and ``max_batch_size``."""
+    return sorted({bucket_rows(rows, max_batch_size) for rows in range(1, max_batch_size + 1)})
+
+
+def stage_assignments(serving: ServingSplit, max_batch_size: int) -> list[StageAssignment]:
+    """Every chain position's :class:`StageAssignment` (the gateway captures each bucket once, for all workers)."""
+    sm = serving.sm
+    default = serving.chain_stages(sm.stages)
+    names = serving.input_names
+    aliases = tensor_aliases(sm.model)
+    out = [StageAssignment(packs={}, next_recv={}, aliases={},
+                           forwarded=[n for n in names if any(n in st.spec.inputs for st in default[pos:])],
+                           forwarded_next=[n for n in names if any(n in st.spec.inputs for st in default[pos + 1:])])
+           for pos in range(len(serving.chain))]
+    for rows in buckets(max_batch_size):
+        args, kwargs = serving.example_call(rows)
+        chain = serving.chain_stages(sm.stages_for(args, kwargs)[1])
+        for pos, index in enumerate(serving.chain):
+            a = out[pos]
+            a.packs[rows] = sm.pack([index], args, kwargs)
+            a.next_recv[rows] = [v.name for v in chain[pos + 1].spec.recv] if pos + 1 < len(chain) else []
+            a.aliases.update({f: aliases.get(f, []) for f in a.packs[rows].param_names()})
+    return out
 
 
 def describe_serving(serving: ServingSplit, name: str) -> ModelMetadata:

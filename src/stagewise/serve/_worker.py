@@ -2,10 +2,11 @@
 
 A worker connects to the gateway's channel (answers its challenge with an authenticated hello, see ``_listener``),
 starts a heartbeat thread (a beat every ``heartbeat_s``: the gateway fails a silent worker, so a stopped process is
-found in seconds, while a long forward on the main thread still beats), loads the model, splits it exactly as the
-gateway did, keeps its own stage, joins its replica's own gloo group (rank = stage), and reports ready with a digest of
-its stage's weights (the gateway checks it against its own: a factory that builds different weights in different
-processes is caught).
+found in seconds, while a long forward on the main thread still beats), takes its stage as the gateway captured it
+for every batch-size bucket (a :class:`StageAssignment`: graphs without weights; the worker captures nothing), gets
+its own stage's weights alone (read from the files, or from the factory's model, whose other weights it drops), joins
+its replica's own gloo group (rank = stage), and reports ready with a digest of its stage's weights (the gateway
+checks it against the factory's: a factory that builds different weights in different processes is caught).
 
 Then batch after batch, in sequence: stage 0 takes a ``run`` message (seq, rows, every model input) from its channel; a
 later stage receives from the stage before it (DistTransport, tag = seq mod 2**20) the batch's row count, the stage
@@ -29,6 +30,7 @@ import gc
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -40,13 +42,14 @@ from typing import Any
 import torch
 
 from .._allocator import tune_allocator
+from .._spec import import_model_code
 from ..comm import CommError, DistTransport, SendHandle
 from ..runtime import run_forward
-from ..split import Stage, held_param_bytes
+from ..split import Stage
 from ._channel import Channel
 from ._listener import HelloFields, client_handshake
 from ._replicas import PipelineConfig
-from ._serving_split import bucket_rows, load_serving_split, pad_rows, stage_digest
+from ._serving_split import StageAssignment, bucket_rows, load_stage_weights, pad_rows, stage_digest
 
 __all__ = ["WorkerConfig", "worker_main"]
 
@@ -88,65 +91,43 @@ class WorkerConfig(PipelineConfig):
 
 
 class _StageWorker:
-    def __init__(self, cfg: WorkerConfig, chan: Channel) -> None:
-        self.cfg, self.chan = cfg, chan
+    def __init__(self, cfg: WorkerConfig, chan: Channel, assignment: StageAssignment) -> None:
+        self.cfg, self.chan, self.assignment = cfg, chan, assignment
         self.last = cfg.stage == cfg.stages - 1
         t0 = time.perf_counter()
-        self.serving = load_serving_split(cfg.model, stages=cfg.stages, exclude_inputs=cfg.exclude_inputs,
-                                          seed=cfg.seed, checkpoint=cfg.checkpoint, weights=cfg.weights,
-                                          dtype=cfg.dtype, own=cfg.stage, cuts=cfg.cuts, tasks=cfg.tasks,
-                                          head=cfg.head, submodule=cfg.submodule)
-        self.check_holds_only()
-        self.digest = stage_digest(self.serving.chain_stages(self.serving.sm.stages)[cfg.stage])
+        own = load_stage_weights(assignment, model=cfg.model, seed=cfg.seed, checkpoint=cfg.checkpoint,
+                                 weights=cfg.weights, dtype=cfg.dtype, submodule=cfg.submodule)
+        assignment.fill(own)
+        self._check_holds_only(own)
         # batch rows -> (this stage, names of the values the next stage receives, in its order)
-        self._stages: dict[int, tuple[Stage, list[str]]] = {}
-        if self.serving.example_rows <= cfg.max_batch_size:
-            self._stages[self.serving.example_rows] = self._mine(self.serving.sm.stages)
+        self._stages: dict[int, tuple[Stage, list[str]]] = {
+            rows: (next(iter(pack.stages.values())), assignment.next_recv[rows])
+            for rows, pack in assignment.packs.items()}
+        self.digest = stage_digest(next(iter(self._stages.values()))[0])
         t1 = time.perf_counter()
         self.transport: DistTransport | None = None
         if cfg.stages > 1:
             self.transport = DistTransport.init(rank=cfg.stage, world_size=cfg.stages, master_port=cfg.dist_port,
                                                 timeout=cfg.worker_timeout_s)
-        if cfg.precapture:
-            rows = 1
-            while rows < cfg.max_batch_size:
-                self.stage_for(rows)
-                rows *= 2
-            self.stage_for(cfg.max_batch_size)
-        log.info("replica %s stage %s: model split in %.2f s, rendezvous and captures in %.2f s", cfg.replica,
-                 cfg.stage, t1 - t0, time.perf_counter() - t1)
+        log.info("replica %s stage %s: weights in %.2f s, rendezvous in %.2f s", cfg.replica, cfg.stage, t1 - t0,
+                 time.perf_counter() - t1)
         self._sends: collections.deque[SendHandle] = collections.deque()
         # Model inputs read by the stages after this one travel with the activations (the gateway sends every input
         # to stage 0 only), in the metadata's input order: what this stage receives, and what it passes on.
-        chain = self.serving.chain_stages(self.serving.sm.stages)
-        names = self.serving.input_names
-        self.forwarded = [n for n in names if any(n in st.spec.inputs for st in chain[cfg.stage:])]
-        self.forwarded_next = [n for n in names if any(n in st.spec.inputs for st in chain[cfg.stage + 1:])]
+        self.forwarded = assignment.forwarded
+        self.forwarded_next = assignment.forwarded_next
 
-    def check_holds_only(self) -> None:
+    def _check_holds_only(self, own: dict[str, torch.nn.Parameter]) -> None:
         """The memory promise, checked in every worker: it holds exactly its own stage's parameters."""
-        sm = self.serving.sm
-        mine = self.serving.chain[self.cfg.stage]
-        held, own = held_param_bytes(sm.model), sm.param_bytes([mine])
-        if held != own:
-            raise RuntimeError(f"worker of stage {self.cfg.stage} holds {held} bytes of parameters but its stage owns "
-                               f"{own}: a weight of another stage was allocated here (please report this as a bug)")
-
-    def _mine(self, stages: list[Stage]) -> tuple[Stage, list[str]]:
-        chain = self.serving.chain_stages(stages)
-        s = self.cfg.stage
-        return chain[s], [] if self.last else [v.name for v in chain[s + 1].spec.recv]
+        held = {id(p): p for pack in self.assignment.packs.values() for st in pack.stages.values()
+                for p in st.module.parameters()}
+        if any(p.is_meta for p in held.values()) or set(held) != {id(p) for p in own.values()}:
+            raise RuntimeError(f"worker of stage {self.cfg.stage} holds other parameters than its own stage's "
+                               "(please report this as a bug)")
 
     def stage_for(self, rows: int) -> tuple[Stage, list[str]]:
-        """This stage captured for ``rows`` rows (captured now if it is the first such batch)."""
-        found = self._stages.get(rows)
-        if found is None:
-            t0 = time.perf_counter()
-            _, stages = self.serving.sm.stages_for(*self.serving.example_call(rows))
-            found = self._stages[rows] = self._mine(stages)
-            log.info("replica %s stage %s: captured batch size %s in %.2f s", self.cfg.replica, self.cfg.stage, rows,
-                     time.perf_counter() - t0)
-        return found
+        """This stage for batches of ``rows`` rows (a bucket the gateway captured)."""
+        return self._stages[rows]
 
     def serve_forever(self) -> None:
         """Run batches in order until the gateway goes away, then exit the process.
@@ -235,8 +216,10 @@ def _beat(chan: Channel, every_s: float) -> None:
             return
 
 
-def worker_main(config_json: str) -> None:
-    """Process entry point (module level, so the forkserver can start it)."""
+def worker_main(config_json: str, assignment_bytes: bytes) -> None:
+    """Process entry point (module level, so the forkserver can start it). ``assignment_bytes``: this worker's
+    :class:`StageAssignment`, pickled by the gateway that starts this process on this machine (never data from the
+    network or a file)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the gateway, which then closes our channel
     cfg = WorkerConfig.from_json(config_json)
     logging.basicConfig(level=cfg.log_level, format=f"%(asctime)s %(levelname)s [replica {cfg.replica} stage "
@@ -250,7 +233,8 @@ def worker_main(config_json: str) -> None:
                                                        stage=cfg.stage, pid=os.getpid()), timeout_s=30.0)
         threading.Thread(target=_beat, args=(chan, cfg.heartbeat_timeout_s / 5), name="stagewise-heartbeat",
                          daemon=True).start()
-        worker = _StageWorker(cfg, chan)
+        import_model_code(cfg.model)  # custom operators the graphs call are registered by the factory's module
+        worker = _StageWorker(cfg, chan, pickle.loads(assignment_bytes))
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()
     except BaseException:  # noqa: BLE001 - tell the gateway why, then go

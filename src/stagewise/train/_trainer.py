@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._spec import ModelSpec
+from .._spec import ModelSpec, import_model_code
 from ..comm import DistTransport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ..split import materialise, tensor_aliases
@@ -89,6 +89,7 @@ def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, ba
     config = TrainConfig.from_json(config_json)
     # This rank's stages as the launcher split them (pickled by the process that started this one, on this machine;
     # never data from the network or a file): the rank does not capture the model again.
+    import_model_code(config.model)  # custom operators the graphs call are registered by the factory's module
     pack = pickle.loads(packs[Layout(config).place(rank)[1]]) if packs else None
     transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.runtime.timeout,
                                    backend=backend, device=None if device == "cpu" else device)
