@@ -80,6 +80,24 @@ def test_meta_built_seeded_runs_match_single_process(model: str, schedule: str, 
                          global_batch=8, progress=False, log_every=0, dropout=False, init="seeded"))
 
 
+def test_a_sub_model_partition_trains_as_saved(tmp_path: Path) -> None:
+    """A partition saved from a sub-model split keeps its mode on the way to the ranks (not re-cut as layers)."""
+    from stagewise._spec import load_model_spec
+    from stagewise.split import Partition, split
+
+    spec = load_model_spec("stagewise.zoo.hf:t5")
+    saved = split(spec, submodels=["encoder", "decoder"]).partition
+    saved.to_json(tmp_path / "p.json")
+    config = TrainConfig(model="stagewise.zoo.hf:t5", stages=2, microbatches=2, steps=2, global_batch=8,
+                         progress=False, log_every=0, dropout=False, partition=str(tmp_path / "p.json"))
+    from stagewise.train._rank import rank_packs
+
+    packs = rank_packs(config)
+    assert [p.partition.mode for p in packs.values()] == ["submodels", "submodels"]
+    assert Partition.from_json(tmp_path / "p.json").starts == packs[0].partition.starts
+    _compare(config)
+
+
 def test_global_batches_cover_each_epoch_once() -> None:
     batches = list(global_batches(10, global_batch=5, steps=4, seed=3, shuffle=True))
     assert sorted(batches[0] + batches[1]) == list(range(10))

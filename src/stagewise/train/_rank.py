@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .._allocator import tune_allocator
+from .._errors import ConfigError
 from .._optimizers import OPTIMIZERS, optimizer_class
 from .._spec import ModelSpec, load_model_spec, training_data
 from ..comm import CommGroup, Transport
@@ -308,9 +309,16 @@ def weights_reader(config: TrainConfig) -> ReadWeights | None:
 
 def split_as_configured(config: TrainConfig, spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,
                         stages: int) -> SplitModel:
-    """The model cut into ``stages`` as configured: at a saved partition's cuts, or by ``split.by``/``split.cuts``."""
+    """The model cut into ``stages`` as configured: as a saved partition (its mode and cuts), or by
+    ``split.by``/``split.cuts``."""
     if config.split.partition:
         partition = Partition.from_json(config.split.partition)
+        if partition.mode == "tasks":
+            raise ConfigError(f"{config.split.partition} is a task split (heads {partition.heads}); training runs a "
+                              "chain of stages: split it by layers or sub-models to train, serve the heads with "
+                              "'stagewise serve --tasks'")
+        if partition.mode == "submodels":
+            return split(spec.model, args, kwargs, submodels=partition.submodels, model_name=config.model)
         cuts = [partition.units[i].name for i in partition.starts[1:]]
         return split(spec.model, args, kwargs, stages=stages, cuts=cuts or None, model_name=config.model)
     return split(spec.model, args, kwargs, stages=stages, by=config.split.by, cuts=config.split.cuts,
