@@ -65,8 +65,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class StartConfig:
-    """Where the weights start from. With --weights, --init seeded or a Hugging Face folder as MODEL, every process
-    builds the model on the meta device and allocates only the weights of its own stages."""
+    """Where the weights start from (each process allocates only its own stages' weights)."""
 
     weights: str | None = dataclasses.field(default=None, metadata={"metavar": "PATH"})
     """Load the starting weights from PATH: a Stagewise checkpoint, a Hugging Face model folder, a .safetensors file
