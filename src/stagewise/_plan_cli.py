@@ -55,12 +55,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ._spec import load_model_spec
     from .launch import profile_model
     from .plan import profile_rows, search
+    from .split import params_on_meta
 
     with Phases("stagewise plan") as phase:  # a spinner on a terminal; erased before the table prints
         phase("reading the cluster" if args.cluster else "detecting this machine")
         cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
-        phase(f"building {args.model}")
-        spec = load_model_spec(args.model)
+        phase(f"building {args.model} on the meta device")
+        with params_on_meta():  # profiled unit by unit: only one unit's weights ever exist (plan.profile_chain)
+            spec = load_model_spec(args.model)
         rows = profile_rows(args.profile_batch or args.global_batch)
         profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=args.threads,
                                 optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model,

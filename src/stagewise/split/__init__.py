@@ -6,6 +6,7 @@ from ._build import Stage
 from ._capture import CaptureError, input_leaves
 from ._meta import cast_meta_params, held_param_bytes, materialise, params_on_meta, tensor_aliases
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
+from ._profile import UnitTimes, time_units
 from ._run import StageCall, as_leaf, run_stages
 from ._split import ReadWeights, SplitError, SplitModel
 from ._tree import TreeSpec, flatten, unflatten
@@ -21,6 +22,7 @@ __all__ = [
     "StageSpec",
     "TreeSpec",
     "UnitInfo",
+    "UnitTimes",
     "ValueSpec",
     "as_leaf",
     "cast_meta_params",
@@ -34,5 +36,6 @@ __all__ = [
     "run_stages",
     "split",
     "tensor_aliases",
+    "time_units",
     "unflatten",
 ]
