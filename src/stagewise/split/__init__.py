@@ -8,6 +8,7 @@ from ._meta import cast_meta_params, held_param_bytes, materialise, params_on_me
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
 from ._profile import UnitTimes, time_units
 from ._run import StageCall, as_leaf, run_stages
+from ._saved import SavedBytes
 from ._split import ReadWeights, SplitError, SplitModel
 from ._tree import TreeSpec, flatten, unflatten
 
@@ -15,6 +16,7 @@ __all__ = [
     "CaptureError",
     "Partition",
     "ReadWeights",
+    "SavedBytes",
     "SplitError",
     "SplitModel",
     "Stage",

@@ -13,6 +13,7 @@ gradients (plus a tied weight travelling down the chain, as it would between sta
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from ._build import Stage, _Layout, build_stage, plan_stages
 from ._capture import Capture
 from ._meta import materialise, release, tensor_aliases
 from ._run import as_leaf, run_stages
+from ._saved import SavedBytes
 
 __all__ = ["UnitTimes", "profile_units", "time_units"]
 
@@ -37,6 +39,9 @@ class UnitTimes:
     timed on without running the whole model again."""
     held_bytes: list[int]
     """Bytes of parameters with storage in the model while each unit was timed (the profiler's memory promise)."""
+    saved_bytes: list[int]
+    """Bytes every unit's forward leaves saved for its backward (:class:`SavedBytes`): its activations per
+    microbatch, the input it received included when its backward needs it."""
 
 
 def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 3,
@@ -49,7 +54,8 @@ def profile_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int
 def time_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 3, warmup: int = 1,
                seed: int = 0) -> UnitTimes:
     """Time every unit as :func:`profile_units` does, materialising a meta model's parameters one unit at a time
-    (seeded with ``seed``; see the module doc), and keep the model's outputs."""
+    (seeded with ``seed``; see the module doc); keep the model's outputs and count what each unit saves for
+    backward (one more forward, untimed)."""
     nodes: list[list[Any]] = [[] for _ in cap.units]
     for node in cap.compute_nodes():
         nodes[cap.node_unit[node]].append(node)
@@ -58,6 +64,7 @@ def time_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 
     stages = [build_stage(cap, spec, n) for spec, n in zip(plan_stages(cap, layout), nodes)]
     times: list[tuple[float, float]] = []
     held: list[int] = []
+    saved: list[int] = []
     names = list(tensor_aliases(cap.model))
 
     def timed(stage: Stage, recv: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -73,17 +80,24 @@ def time_units(cap: Capture, inputs: dict[str, torch.Tensor], *, repeats: int = 
             return last[0]
 
         times.append(median_ms(forward, _backward, repeats=repeats, warmup=warmup))
+        meter = SavedBytes(stage.parameters())
+        with meter.counting():
+            kept = stage(leaves, inputs)
+        saved.append(meter.live)
+        del kept
         for p in stage.parameters():
             p.grad = None
+        send, outs = last[0]
         if made:
             release(cap.model, keep=set(names) - set(made))
-        send, outs = last[0]
+            del stage, made, last, forward
+            gc.collect()  # a graph module sits in reference cycles: free this unit's weights now, not at some later gc
         # Detached, so that no graph node downstream keeps this unit's weights (or their gradients) alive.
         return [as_leaf(v) for v in send], [as_leaf(v) for v in outs]
 
     outputs = run_stages(stages, inputs, outputs=len(cap.output_names), call=timed)
     return UnitTimes(times=times, outputs=[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs],
-                     held_bytes=held)
+                     held_bytes=held, saved_bytes=saved)
 
 
 def _backward(result: tuple[list[Any], list[Any]]) -> None:
