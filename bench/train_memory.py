@@ -46,62 +46,12 @@ from stagewise.comm import DistTransport  # noqa: E402
 from stagewise.launch import spawn  # noqa: E402
 from stagewise.runtime import PipelineExecutor  # noqa: E402
 from stagewise.schedule import Action, add_communication, build, peak_activations, validate  # noqa: E402
-from stagewise.split import split  # noqa: E402
+from stagewise.split import SavedBytes, split  # noqa: E402
 
 STAGES, MICROBATCHES, BATCH, HIDDEN, LAYERS = 2, 8, 64, 1024, 8
 CUT = "8"
 SCHEDULES = ("gpipe", "1f1b")
 PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.split", "stagewise.runtime", "stagewise.comm")
-
-
-class SavedBytes:
-    """Live bytes of the tensors autograd saved for backward (each storage once; parameters excluded)."""
-
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.param_storages = {p.untyped_storage().data_ptr() for p in params}
-        self.refs: dict[int, list[int]] = {}  # storage pointer -> [bytes, packed references]
-        self.live = 0
-        self.peak = 0
-
-    def reset(self) -> None:
-        self.peak = self.live
-
-    def pack(self, t: torch.Tensor) -> Any:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.param_storages or ptr == 0:
-            return t
-        entry = self.refs.get(ptr)
-        if entry is None:
-            nbytes = t.untyped_storage().nbytes()
-            self.refs[ptr] = [nbytes, 1]
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        else:
-            entry[1] += 1
-        return _Packed(t, ptr, self)
-
-    @staticmethod
-    def unpack(obj: Any) -> torch.Tensor:
-        return obj.tensor if isinstance(obj, _Packed) else obj
-
-    def release(self, ptr: int) -> None:
-        entry = self.refs[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self.refs[ptr]
-
-
-class _Packed:
-    """What the pack hook hands autograd; freed (and un-counted) when the graph node that saved it goes away."""
-
-    __slots__ = ("tensor", "ptr", "meter")
-
-    def __init__(self, tensor: torch.Tensor, ptr: int, meter: SavedBytes) -> None:
-        self.tensor, self.ptr, self.meter = tensor, ptr, meter
-
-    def __del__(self) -> None:
-        self.meter.release(self.ptr)
 
 
 class CountingExecutor(PipelineExecutor):

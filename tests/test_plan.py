@@ -701,6 +701,9 @@ def test_cmd_plan_profiles_a_model_and_writes_the_best_plan(tmp_path: Path, caps
     assert best.cut[0] == "0"
     printed = capsys.readouterr().out
     assert "step ms" in printed and "best plan written to" in printed
+    assert "#1 memory per device" in printed and "optimizer" in printed and "activations" in printed
+    assert [sum(x) for x in zip(best.weight_bytes, best.gradient_bytes, best.optimizer_bytes,
+                                best.activation_bytes)] == best.memory_bytes
     assert "profiled at 1, 2, 4, 8 rows" in printed  # the global batch and smaller microbatches down to 1 row
     assert profile_rows(32) == [1, 4, 8, 32] and profile_rows(1) == [1] and profile_rows(512) == [1, 8, 64, 512]
 

@@ -14,7 +14,7 @@ from typing import Any
 from ._optimizers import OPTIMIZERS
 from .plan import MODES, Cluster, Plan
 
-__all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_plans"]
+__all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_memory", "print_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ._spec import load_model_spec
     from .launch import profile_model
     from .plan import profile_rows, search
+    from .split import params_on_meta
 
     with Phases("stagewise plan") as phase:  # a spinner on a terminal; erased before the table prints
         phase("reading the cluster" if args.cluster else "detecting this machine")
         cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
-        phase(f"building {args.model}")
-        spec = load_model_spec(args.model)
+        phase(f"building {args.model} on the meta device")
+        with params_on_meta():  # profiled unit by unit: only one unit's weights ever exist (plan.profile_chain)
+            spec = load_model_spec(args.model)
         rows = profile_rows(args.profile_batch or args.global_batch)
         profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=args.threads,
                                 optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model,
@@ -73,6 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan.model = args.model
     print_plans(plans, title=f"{args.model}: best {args.mode} plans for {plans[0].devices} device(s) "
                              f"({len(units)} units, profiled at {', '.join(map(str, rows))} rows)")
+    print_memory(plans[0])
     if args.json:
         plans[0].to_json(args.json)
         print(f"best plan written to {args.json}")
@@ -113,6 +116,28 @@ def print_plans(plans: Sequence[Plan], *, title: str = "plans", console: Any = N
     console.print(table)
     for i, plan in enumerate(plans, 1):
         console.print(escape(f"#{i} cuts before: {_cuts_text(plan)}"))
+
+
+def print_memory(plan: Plan, *, console: Any = None) -> None:
+    """A table of ``plan``'s predicted memory per device (pipeline rank; every replica the same): weights, gradients,
+    optimizer state, activations (the most microbatches alive under the schedule x their bytes) and the total."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import format_bytes
+
+    table = Table(title=f"#1 memory per device ({plan.replicas} replica(s) alike)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, caption_justify="left",
+                  caption=f"activations: peak microbatches alive under {plan.schedule} x their bytes at "
+                          f"{plan.microbatch_rows} rows; device: {format_bytes(plan.device_memory_bytes)}")
+    for col in ("rank", "weights", "gradients", "optimizer", "activations", "total"):
+        table.add_column(col, justify="right", no_wrap=True)
+    parts = [plan.weight_bytes, plan.gradient_bytes, plan.optimizer_bytes, plan.activation_bytes]
+    for r in range(plan.stages):
+        table.add_row(str(r), *(format_bytes(part[r]) if part else "-" for part in parts),
+                      format_bytes(plan.memory_bytes[r]))
+    (console or Console(width=80)).print(table)
 
 
 def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -60,9 +60,12 @@ class Chain:
     """Prefix sums of one chain, shared by every cut of it (the search cuts one chain hundreds of times).
 
     ``act`` is given per unit at some base scale; :meth:`cut` multiplies it by ``live[j] * act_scale`` per stage.
+    ``inbound=False``: a stage holds only ``sum(act[a:b])`` (``act`` already counts what each unit keeps of its input,
+    as bytes saved for backward do); the greedy stays exact, since that too only shrinks when a stage loses units.
     """
 
-    def __init__(self, time: Sequence[float], weight: Sequence[int], act: Sequence[int], input_act: int = 0) -> None:
+    def __init__(self, time: Sequence[float], weight: Sequence[int], act: Sequence[int], input_act: int = 0, *,
+                 inbound: bool = True) -> None:
         n = len(time)
         if n == 0:
             raise ValueError("cannot cut an empty chain (no units)")
@@ -78,8 +81,9 @@ class Chain:
             self.T[i + 1] = self.T[i] + ints[i]
             self.W[i + 1] = self.W[i] + int(weight[i])
             self.A[i + 1] = self.A[i] + int(act[i])
-        # held activations of [a, b) are A[b] - Ain[a], with Ain[a] = A[a - 1] (a > 0) and -input_act at a = 0
-        self.Ain = [-int(input_act)] + self.A[:-1]
+        # held activations of [a, b) are A[b] - Ain[a], with Ain[a] = A[a - 1] (a > 0) and -input_act at a = 0;
+        # without the inbound term Ain[a] = A[a]
+        self.Ain = [-int(input_act)] + self.A[:-1] if inbound else list(self.A)
         self._free: dict[int, list[int]] = {}
 
     def memory(self, k: int, a: int, b: int) -> int:

@@ -50,7 +50,8 @@ class Plan:
     bubble_fraction: float
     """Idle share of the simulated pipeline (0 = no bubble)."""
     memory_bytes: list[int]
-    """Predicted peak memory of each pipeline rank's device (the same on every replica)."""
+    """Predicted peak memory of each pipeline rank's device (the same on every replica): the sum of the four parts
+    below."""
     device_memory_bytes: int
     """Memory of one device, the cap every rank fits under."""
     stage_time_s: list[float] = dataclasses.field(default_factory=list)
@@ -64,6 +65,16 @@ class Plan:
     optimizer step and the loss all-reduce."""
     model: str | None = None
     """The ``MODEL`` string planned for, when known."""
+    weight_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per pipeline rank: bytes of its stages' parameters and buffers (empty in a plan written before it existed)."""
+    gradient_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per pipeline rank: bytes of their gradients (train; 0 in serve)."""
+    optimizer_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per pipeline rank: bytes of the optimizer state (train: :data:`~stagewise.plan.STATE_FACTORS` x parameters)."""
+    activation_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per pipeline rank: activation bytes at the peak, the most microbatches alive at each stage under the schedule
+    (:func:`stagewise.schedule.peak_activations`) times what a stage holds per microbatch (its input and every unit's
+    output at ``microbatch_rows``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +100,15 @@ class Plan:
         if len(self.memory_bytes) != self.stages:
             raise ValueError(f"Plan.memory_bytes must have one entry per pipeline rank ({self.stages}), "
                              f"got {len(self.memory_bytes)}")
+        parts = [self.weight_bytes, self.gradient_bytes, self.optimizer_bytes, self.activation_bytes]
+        if any(parts):
+            if any(len(part) != self.stages for part in parts):
+                raise ValueError(f"Plan.weight_bytes, gradient_bytes, optimizer_bytes and activation_bytes need one "
+                                 f"entry per pipeline rank ({self.stages}) each, or none")
+            sums = [sum(ranks) for ranks in zip(*parts)]
+            if sums != list(self.memory_bytes):
+                raise ValueError(f"Plan.memory_bytes ({self.memory_bytes}) must be the sum of weights, gradients, "
+                                 f"optimizer state and activations per rank ({sums})")
         for name in ("step_time_s", "bubble_fraction", "throughput", "latency_s", "allreduce_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

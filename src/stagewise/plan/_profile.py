@@ -7,6 +7,12 @@ It also times what the stage profile leaves out but a training step pays: the lo
 stage) and loading a batch from the data set (on the ranks that read inputs or targets). The optimizer step is timed in
 fresh processes (:func:`stagewise.launch.time_optimizer`, over :attr:`ChainProfile.param_shapes`) and added with
 :meth:`ChainProfile.with_optimizer`; :func:`stagewise.launch.profile_model` does both.
+
+The whole model is never needed at once: a model built on the meta device (:func:`stagewise.split.params_on_meta`,
+as ``stagewise plan`` builds it) is timed unit by unit with one unit's weights materialised at a time
+(:func:`stagewise.split.time_units`), the loss is timed on the outputs of that chain, and parameter bytes and shapes
+come from the meta tensors. Only a model ``torch.export`` cannot capture is given all its weights, since the
+module-boundary fallback has to run it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from .._allocator import tune_allocator
 from .._optimizers import OPTIMIZERS
 from .._spec import ModelSpec, sample_to_call, training_data
 from .._timing import median_ms, num_threads
-from ..split import UnitInfo, split
+from ..split import SavedBytes, UnitInfo, input_leaves, materialise, split, time_units, unflatten
 
 __all__ = ["ChainProfile", "interpolate", "profile_chain", "profile_rows"]
 
@@ -69,6 +75,10 @@ class ChainProfile:
     optimizer_ms: list[float] = dataclasses.field(default_factory=list)
     """Milliseconds of one optimizer step (and ``zero_grad``) over each unit's parameters, state in main memory
     (empty: not timed)."""
+    saved_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Bytes each unit's forward saves for backward at the largest profiled row count, the loss's counted in the last
+    unit (:class:`stagewise.split.SavedBytes`): the activations a stage holds per microbatch in training (empty: not
+    measured, e.g. the module-boundary fallback; :attr:`UnitInfo.out_bytes` then stand in)."""
     param_shapes: list[list[list[int]]] | None = None
     """``param_shapes[u]``: the shapes of unit ``u``'s trainable parameters, what the optimizer timing needs (None:
     the chain is not a layer split, whose units own their parameters)."""
@@ -92,6 +102,8 @@ class ChainProfile:
             raise ValueError(f"ChainProfile.optimizer_ms needs one entry per unit ({len(self.units)}) or none")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"ChainProfile.optimizer must be one of {OPTIMIZERS} or None, got {self.optimizer!r}")
+        if self.saved_bytes and len(self.saved_bytes) != len(self.units):
+            raise ValueError(f"ChainProfile.saved_bytes needs one entry per unit ({len(self.units)}) or none")
         if self.param_shapes is not None and len(self.param_shapes) != len(self.units):
             raise ValueError(f"ChainProfile.param_shapes needs one entry per unit ({len(self.units)}) or None")
 
@@ -140,17 +152,21 @@ def _rows_of(value: Any, rows: int) -> Any:
     return value
 
 
-def _loss_ms(spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], targets: tuple[Any, ...],
-             repeats: int) -> tuple[float, float]:
-    """(forward, backward) milliseconds of ``spec.loss`` on the model's output for these inputs."""
+def _loss_ms(spec: ModelSpec, output: Any, targets: tuple[Any, ...], repeats: int) -> tuple[float, float, int]:
+    """(forward, backward) milliseconds of ``spec.loss`` on the model's ``output`` (fresh leaves), and the bytes its
+    forward saves for backward."""
     assert spec.loss is not None
     loss_fn = spec.loss
-    with torch.no_grad():
-        out = spec.model(*args, **kwargs)
-    leaves, tree = torch.utils._pytree.tree_flatten(out)
+    leaves, tree = torch.utils._pytree.tree_flatten(output)
     fresh = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in leaves]
     output = torch.utils._pytree.tree_unflatten(fresh, tree)
-    return median_ms(lambda: loss_fn(output, *targets), lambda loss: loss.backward(), repeats=repeats)
+    fwd, bwd = median_ms(lambda: loss_fn(output, *targets), lambda loss: loss.backward(), repeats=repeats)
+    meter = SavedBytes(())
+    with meter.counting():
+        kept = loss_fn(output, *targets)
+    saved = meter.live
+    del kept
+    return fwd, bwd, saved
 
 
 @dataclasses.dataclass
@@ -160,9 +176,11 @@ class _AtRows:
     units: list[UnitInfo]
     forward: list[float]
     backward: list[float]
-    loss: tuple[float, float] | None
+    loss: tuple[float, float, int] | None
     load: float | None
     split: Any
+    saved: list[int]
+    """Bytes each unit saves for backward (the loss's added to the last unit); empty: not measured."""
 
     def faster(self, other: _AtRows) -> _AtRows:
         """Each time the smaller of the two (other processes on the machine only ever add time)."""
@@ -170,10 +188,11 @@ class _AtRows:
             return [min(x, y) for x, y in zip(a, b)]
 
         loss = None if self.loss is None or other.loss is None else (min(self.loss[0], other.loss[0]),
-                                                                      min(self.loss[1], other.loss[1]))
+                                                                      min(self.loss[1], other.loss[1]), self.loss[2])
         load = None if self.load is None or other.load is None else min(self.load, other.load)
         return _AtRows(units=self.units, forward=low(self.forward, other.forward),
-                       backward=low(self.backward, other.backward), loss=loss, load=load, split=self.split)
+                       backward=low(self.backward, other.backward), loss=loss, load=load, split=self.split,
+                       saved=self.saved)
 
 
 def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, threads: int, model_name: str | None) -> _AtRows:
@@ -187,17 +206,54 @@ def _time_at(spec: ModelSpec, data: Any, rows: int, repeats: int, threads: int, 
     else:
         args, kwargs = _rows_of(spec.args, rows), _rows_of(spec.kwargs, rows)
     was_training = spec.model.training
-    sm = split(spec.model, args, kwargs, stages=1, by="time", profile=True, repeats=repeats, threads=threads,
-               model_name=model_name or spec.name)
+    name = model_name or spec.name
+    try:
+        sm = split(spec.model, args, kwargs, stages=1, model_name=name)
+    except RuntimeError:
+        if not _materialise_whole(spec.model):
+            raise
+        sm = split(spec.model, args, kwargs, stages=1, model_name=name)
+    saved: list[int] = []
+    if sm.partition.capture == "modules":
+        # The module-boundary fallback records the model running, so it holds real weights: its profiler times them.
+        sm = split(spec.model, args, kwargs, stages=1, by="time", profile=True, repeats=repeats, threads=threads,
+                   model_name=name)
+        output = _whole_output(spec, args, kwargs) if spec.loss is not None and data is not None else None
+    else:
+        # Unit by unit; a model on the meta device gets one unit's weights at a time (split.time_units).
+        cap, _ = sm.stages_for(args, kwargs)
+        leaves, names, _ = input_leaves(args, kwargs)
+        timed = time_units(cap, dict(zip(names, leaves)), repeats=repeats)
+        for info, (fwd, bwd) in zip(sm.partition.units, timed.times):
+            info.forward_ms, info.backward_ms = fwd, bwd
+        output = unflatten(cap.out_spec, timed.outputs)
+        saved = list(timed.saved_bytes)
     spec.model.train(was_training)
     units = sm.partition.units
     loss = None
     if spec.loss is not None and data is not None:
-        loss = _loss_ms(spec, args, kwargs, tuple(targets), repeats)
+        loss = _loss_ms(spec, output, tuple(targets), repeats)
+        if saved:
+            saved[-1] += loss[2]
     log.debug("profiled %d units at %d rows: %.3f ms forward, %.3f ms backward", len(units), rows,
               sum(u.forward_ms for u in units), sum(u.backward_ms for u in units))
     return _AtRows(units=units, forward=[u.forward_ms for u in units], backward=[u.backward_ms for u in units],
-                   loss=loss, load=load, split=sm)
+                   loss=loss, load=load, split=sm, saved=saved)
+
+
+def _materialise_whole(model: torch.nn.Module) -> bool:
+    """Give a meta model all its weights (seeded); False if it had none on meta. Only for a model torch.export cannot
+    capture: the module-boundary fallback records it running, which meta weights cannot do."""
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        log.info("%s cannot be captured as a graph; profiling it with all its weights", type(model).__name__)
+        materialise(model, on_meta)
+    return bool(on_meta)
+
+
+def _whole_output(spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        return spec.model(*args, **kwargs)
 
 
 def profile_rows(largest: int) -> list[int]:
@@ -252,4 +308,4 @@ def profile_chain(spec: ModelSpec, *, rows: Sequence[int], repeats: int = 5, rou
                         loss_forward_ms=[x[0] for x in losses] if has_loss else [],  # type: ignore[index]
                         loss_backward_ms=[x[1] for x in losses] if has_loss else [],  # type: ignore[index]
                         load_rows=wanted if has_load else [], load_ms=loads if has_load else [],  # type: ignore
-                        param_shapes=shapes)
+                        param_shapes=shapes, saved_bytes=timed[-1].saved)

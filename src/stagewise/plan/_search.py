@@ -62,6 +62,8 @@ class _Candidate:
     weight: list[float] | None
     send: list[tuple[float, float]]
     memory: list[int]
+    params: list[int]
+    """Per rank: parameter bytes of its stages (the weights part of ``memory``)."""
     start: list[float]
     tail: list[float]
     """Per rank: fixed seconds after its last action (gradient and loss all-reduces)."""
@@ -87,9 +89,12 @@ class _Search:
         self.N = cluster.num_devices
         self.cap = cluster.device_memory
         # Memory is compared in ints scaled by profile_batch: act bytes scale by rows / profile_batch.
-        factor = 2 + STATE_FACTORS[optimizer] if mode == "train" else 1  # params (+ grads + optimizer state)
+        self.state_factor = STATE_FACTORS[optimizer] if mode == "train" else 0
+        factor = 2 + self.state_factor if mode == "train" else 1  # params (+ grads + optimizer state)
         self.weight = [factor * u.param_bytes * self.prof for u in self.units]
-        self.act = [u.out_bytes for u in self.units]
+        # Per microbatch a stage holds what its units save for backward (measured), else the values crossing each cut.
+        self.inbound = not profile.saved_bytes
+        self.act = list(profile.saved_bytes) if profile.saved_bytes else [u.out_bytes for u in self.units]
         self.time_ms = self._times(self.prof)
         self.param_prefix = _prefix([u.param_bytes for u in self.units])
         if seconds_per_byte is None and profile.optimizer == optimizer and profile.optimizer_ms:
@@ -116,7 +121,7 @@ class _Search:
         """The chain cut by the unit times at ``rows`` rows, and prefix sums of forward/backward seconds."""
         if rows not in self._at_rows:
             fwd, bwd = self.profile.unit_ms(rows)
-            chain = Chain(self._times(rows), self.weight, self.act)
+            chain = Chain(self._times(rows), self.weight, self.act, inbound=self.inbound)
             self._at_rows[rows] = (chain, _prefix([f / 1e3 for f in fwd]), _prefix([b / 1e3 for b in bwd]))
         return self._at_rows[rows]
 
@@ -188,7 +193,7 @@ class _Search:
         ks = nested_live(live)
         for j in range(S):
             memory[j % P] += chain.memory(ks[j] * rows, bounds[j], bounds[j + 1])
-            params[j % P] += pp[bounds[j + 1]] - pp[bounds[j]]
+            params[j % P] += int(pp[bounds[j + 1]] - pp[bounds[j]])
             opt[j % P] += op[bounds[j + 1]] - op[bounds[j]]
         memory = [-(-m // self.prof) for m in memory]
         start = [0.0] * P
@@ -202,7 +207,7 @@ class _Search:
                 bw_, lat = self.reduce_link(P, D, r)
                 tail[r] = allreduce_time(params[r], replicas=D, bandwidth=bw_, latency=lat) + self.loss_sync
         c = _Candidate(P=P, D=D, V=V, M=M, rows=rows, schedule=schedule, starts=starts, fwd=fwd, bwd=bwd,
-                       weight=weight, send=send, memory=memory, start=start, tail=tail, opt=opt)
+                       weight=weight, send=send, memory=memory, params=params, start=start, tail=tail, opt=opt)
         so, ro = cl.send_overhead, cl.recv_overhead
         if self.mode == "train":
             busy = [0.0] * P
@@ -281,13 +286,17 @@ class _Search:
                                        if j % c.P != (j + 1) % c.P)
         else:
             throughput, latency = c.throughput, c.latency
+        grads = c.params if self.mode == "train" else [0] * c.P
+        state = [self.state_factor * b for b in c.params]
+        acts = [m - w - g - o for m, w, g, o in zip(c.memory, c.params, grads, state)]
         return Plan(mode=self.mode, devices=c.P * c.D, stages=c.P, replicas=c.D, stages_per_rank=c.V,
                     microbatches=c.M, schedule=c.schedule, global_batch=self.G, microbatch_rows=c.rows,
                     cut=[names[s] for s in c.starts], step_time_s=step, bubble_fraction=max(0.0, bubble),
                     memory_bytes=c.memory, device_memory_bytes=self.cap,
                     stage_time_s=[c.fwd[j] + c.bwd[j] for j in range(S)],
                     throughput=throughput if math.isfinite(throughput) else 0.0, latency_s=latency,
-                    allreduce_s=max(a + b for a, b in zip(c.tail, c.opt)))
+                    allreduce_s=max(a + b for a, b in zip(c.tail, c.opt)), weight_bytes=list(c.params),
+                    gradient_bytes=grads, optimizer_bytes=state, activation_bytes=acts)
 
 
 def _tie_key(c: _Candidate) -> tuple[int, int, int, int, int]:

@@ -7,7 +7,9 @@ from ._capture import CaptureError, input_leaves
 from ._meta import cast_meta_params, held_param_bytes, materialise, params_on_meta, release, tensor_aliases
 from ._pack import StagePack
 from ._partition import Partition, StageSpec, UnitInfo, ValueSpec
+from ._profile import UnitTimes, time_units
 from ._run import StageCall, as_leaf, run_stages
+from ._saved import SavedBytes
 from ._split import ReadWeights, SplitError, SplitModel
 from ._tree import TreeSpec, flatten, unflatten
 
@@ -15,6 +17,7 @@ __all__ = [
     "CaptureError",
     "Partition",
     "ReadWeights",
+    "SavedBytes",
     "SplitError",
     "SplitModel",
     "Stage",
@@ -23,6 +26,7 @@ __all__ = [
     "StageSpec",
     "TreeSpec",
     "UnitInfo",
+    "UnitTimes",
     "ValueSpec",
     "as_leaf",
     "cast_meta_params",
@@ -37,5 +41,6 @@ __all__ = [
     "run_stages",
     "split",
     "tensor_aliases",
+    "time_units",
     "unflatten",
 ]

@@ -43,6 +43,9 @@ class TrainResult:
     """The optimizer step the run ended after."""
     weights: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
     """The final weights, when the run wrote them to a temporary folder (read, then removed)."""
+    memory: list[dict[str, int]] = dataclasses.field(default_factory=list)
+    """Per rank, the bytes it measured on its first step: ``weights``, ``gradients``, ``optimizer`` state and peak
+    saved ``activations`` (what :class:`stagewise.plan.Plan` predicts per pipeline rank)."""
 
     @property
     def stop_reason(self) -> str | None:
@@ -147,7 +150,8 @@ class Trainer:
             finally:
                 transport.close()
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
-                               out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"])
+                               out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"],
+                               memory=summary["memory"])
         scratch = None
         if config.output.out_dir is None:  # the ranks hand the weights over in files; read, then removed below
             scratch = tempfile.mkdtemp(prefix="stagewise-train-")
@@ -169,7 +173,8 @@ class Trainer:
             out = Path(config.output.out_dir or ".")
             summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
             result = TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out,
-                                 stopped_by=stopped, last_step=summary.get("last_step"))
+                                 stopped_by=stopped, last_step=summary.get("last_step"),
+                                 memory=summary.get("memory", []))
             if scratch is not None:
                 result.weights, result.out_dir = result.state_dict(), None
             return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -15,9 +16,10 @@ import torch
 from .._progress import StepProgress
 from ..comm import Transport
 from ..runtime import StepError, all_reduce_grads, clip_global_norm, merge_traces, render_timeline, write_rank_trace
-from ..split import Stage, StagePack
+from ..split import SavedBytes, Stage, StagePack
 from ._config import TrainConfig
 from ._data import ReplicaBatches, rank_microbatches
+from ._memory import MEMORY_KINDS, storage_bytes
 from ._rank import RankState, setup_rank, stage_tensors
 
 if TYPE_CHECKING:
@@ -48,8 +50,9 @@ def run_worker(config: TrainConfig, transport: Transport, *, pack: StagePack | N
     writer = _writer(rs)
     start = time.perf_counter()
     gc.freeze()  # the model, captures and torch's own objects: later collections skip them (a full one is ~0.1 s)
-    done = _train(rs, loader, writer, should_stop)
-    return _finish(rs, done=done, elapsed=time.perf_counter() - start)
+    memory: dict[str, int] = {}
+    done = _train(rs, loader, writer, should_stop, memory)
+    return _finish(rs, done=done, elapsed=time.perf_counter() - start, memory=memory)
 
 
 def _loader(rs: RankState) -> Iterator[Any] | None:
@@ -70,8 +73,9 @@ def _writer(rs: RankState) -> CheckpointWriter | None:
 
 
 def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter | None,
-           should_stop: Callable[[], bool]) -> int:
-    """Run the steps from ``start_step``; returns the last step done (earlier than ``steps`` when asked to stop)."""
+           should_stop: Callable[[], bool], memory: dict[str, int]) -> int:
+    """Run the steps from ``start_step``; returns the last step done (earlier than ``steps`` when asked to stop).
+    The first step fills ``memory`` with what this rank measured (:mod:`._memory`)."""
     config = rs.config
     progress = StepProgress(total=config.steps, start=rs.start_step, enabled=config.output.progress and rs.rank == 0)
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
@@ -79,7 +83,8 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     try:
         for step in range(rs.start_step, config.steps):
             try:
-                loss, stop = _train_step(rs, None if loader is None else next(loader), should_stop)
+                loss, stop = _train_step(rs, None if loader is None else next(loader), should_stop,
+                                         None if memory else memory)
                 rs.losses.append(loss)
                 progress.update(step + 1, loss)
                 log_every = config.output.log_every
@@ -100,9 +105,11 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     return done
 
 
-def _train_step(rs: RankState, batch: Any, should_stop: Callable[[], bool]) -> tuple[float, bool]:
+def _train_step(rs: RankState, batch: Any, should_stop: Callable[[], bool],
+                memory: dict[str, int] | None = None) -> tuple[float, bool]:
     """One step: the pipeline schedule, gradient sync (and clipping), the update, the loss all-reduce; returns
-    ``(loss, stop)``, where ``stop`` is True when any rank was asked to stop."""
+    ``(loss, stop)``, where ``stop`` is True when any rank was asked to stop. Given ``memory``, the step fills it
+    with this rank's measured bytes (:data:`MEMORY_KINDS`)."""
     config, timeout = rs.config, rs.config.runtime.timeout
     if batch is None:
         inputs: list[dict[str, Any]] = [{} for _ in range(config.layout.microbatches)]
@@ -111,13 +118,23 @@ def _train_step(rs: RankState, batch: Any, should_stop: Callable[[], bool]) -> t
         inputs, targets = rank_microbatches(batch, needed=rs.needed, microbatches=config.layout.microbatches,
                                             device=rs.device)
         rs.targets[:] = targets
-    mb_losses = rs.executor.run(inputs, loss_scale=rs.loss_scale)
+    meter = SavedBytes(rs.params) if memory is not None else None
+    with meter.counting() if meter is not None else contextlib.nullcontext():
+        mb_losses = rs.executor.run(inputs, loss_scale=rs.loss_scale)
+    if memory is not None:
+        assert meter is not None
+        modules = [st.module for st in rs.stages.values()]
+        memory["weights"] = storage_bytes(t for m in modules for t in [*m.parameters(), *m.buffers()])
+        memory["gradients"] = storage_bytes(p.grad for p in rs.params)
+        memory["activations"] = meter.peak
     t_sync = time.time()
     all_reduce_grads(rs.params, rs.transport, rs.dp_group, average=False, timeout=timeout)
     if config.optim.clip_grad_norm is not None:
         clip_global_norm(rs.params, config.optim.clip_grad_norm, rs.transport, rs.pp_group, timeout=timeout)
     t_opt = time.time()
     rs.optimizer.step()
+    if memory is not None:
+        memory["optimizer"] = storage_bytes(t for state in rs.optimizer.state.values() for t in state.values())
     rs.scheduler.step()
     rs.optimizer.zero_grad(set_to_none=True)
     if config.output.trace is not None:
@@ -143,14 +160,19 @@ def _maybe_save(rs: RankState, writer: CheckpointWriter | None, *, step: int, st
         save_checkpoint(rs, writer, step=step)
 
 
-def _finish(rs: RankState, *, done: int, elapsed: float) -> dict[str, Any]:
-    """The run's summary; replica 0 writes its stages' weights (rank 0 the summary too), every rank its trace."""
+def _finish(rs: RankState, *, done: int, elapsed: float, memory: dict[str, int]) -> dict[str, Any]:
+    """The run's summary; replica 0 writes its stages' weights (rank 0 the summary too), every rank its trace.
+    ``memory``: what every rank measured on its first step, gathered so that each summary lists all ranks."""
     ran = done - rs.start_step
     transport = rs.transport
+    table = torch.zeros(transport.world_size, len(MEMORY_KINDS), dtype=torch.float64)
+    table[transport.rank] = torch.tensor([float(memory.get(k, 0)) for k in MEMORY_KINDS], dtype=torch.float64)
+    transport.all_reduce(table, op="sum", timeout=rs.config.runtime.timeout)  # every row but one is zero: a gather
     summary = {"losses": rs.losses, "seconds": elapsed, "steps_per_s": ran / elapsed if elapsed else 0.0,
                "start_step": rs.start_step, "last_step": done, "device": str(rs.device),
                "backend": getattr(transport, "backend", None),
-               "staged": bool(getattr(transport, "staged", False))}
+               "staged": bool(getattr(transport, "staged", False)),
+               "memory": [dict(zip(MEMORY_KINDS, map(int, row.tolist()))) for row in table]}
     output = rs.config.output
     if output.out_dir and rs.replica == 0:
         _write_outputs(Path(output.out_dir), rs.stages, summary if rs.rank == 0 else None)
