@@ -83,9 +83,12 @@ def test_checkpoint_serves_from_another_directory(tmp_path: Path) -> None:
     run_ok("stagewise train my_model.py:tiny --stages 2 --steps 2 --global-batch 8 --save ckpt", project, env)
     port = free_port()
     cmd = f"stagewise serve {project / 'ckpt'} --trust-checkpoint-code --port {port}"
-    with serving(cmd, port, elsewhere, env):
+    with serving(cmd, port, elsewhere, env) as log:
         out = run_ok(f"stagewise infer http://127.0.0.1:{port} tiny -i 'x=[[1,2,3,4]]' --json", elsewhere, env)
+        said = log.read_text()
     assert len(json.loads(out.stdout)["outputs"][0]["data"]) == 2
+    # Say where the model came from: the manifest's absolute factory path.
+    assert f"model {project / 'my_model.py'}:tiny (from the manifest of checkpoint {project / 'ckpt'})" in said, said
 
 
 @pytest.mark.timeout(600)

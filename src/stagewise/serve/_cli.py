@@ -131,6 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ._serving_split import checkpoint_model
 
         model, checkpoint = checkpoint_model(model, trust_code=args.trust_checkpoint_code), model
+        print(f"stagewise serve: model {model} (from the manifest of checkpoint {checkpoint})", file=sys.stderr,
+              flush=True)
     settings = config_values(PipelineConfig, args)
     cuts = None
     if args.plan:
