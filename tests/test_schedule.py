@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -11,6 +12,7 @@ from stagewise.schedule import (
     Action,
     Schedule,
     ScheduleError,
+    Sharing,
     Timeline,
     add_communication,
     build,
@@ -201,6 +203,36 @@ def test_every_build_validates_with_and_without_communication(name):
         assert built.schedule == checked.schedule and built.actions == checked.actions
         count += 1
     assert count >= 32
+
+
+def test_folded_transfers_price_exactly_like_send_and_recv_actions():
+    # The planner simulates build_compiled(..., folded=True): compute actions paying their RECV before and their SEND
+    # after. It must give the very floats of the schedule with SEND/RECV actions, contended or not.
+    rng = random.Random(3)
+    for n, ranks, mbs, v in all_builds():
+        S = ranks * v
+        f = [rng.uniform(0.1, 2) for _ in range(S)]
+        b = [rng.uniform(0.1, 3) for _ in range(S)]
+        cost = {
+            "forward_cost": f, "backward_cost": b, "weight_cost": [x * rng.uniform(0, 1) for x in b],
+            "forward_links": [(rng.uniform(0, 0.3), rng.uniform(0, 0.5)) for _ in range(S - 1)],
+            "backward_links": [(rng.uniform(0, 0.3), rng.uniform(0, 0.5)) for _ in range(S - 1)],
+            "send_overhead": rng.choice([0.0, 0.05]), "recv_overhead": rng.choice([0.0, 0.07]),
+            "start": [rng.uniform(0, 0.2) for _ in range(ranks)], "tail": [rng.uniform(0, 0.2) for _ in range(ranks)],
+            "tail_work": [rng.uniform(0, 0.2) for _ in range(ranks)],
+        }
+        for contention in (1.0, 1.4):
+            sharing = Sharing(contention=contention, pool=[ranks] * ranks, share=[[1] * ranks] * ranks)
+            full = simulate(build_compiled(n, ranks=ranks, microbatches=mbs, stages_per_rank=v), sharing=sharing,
+                            **cost)
+            folded = build_compiled(n, ranks=ranks, microbatches=mbs, stages_per_rank=v, folded=True)
+            fast = simulate(folded, sharing=sharing, **cost)
+            assert folded.folded and not folded.schedule.has_communication
+            assert (fast.step_time, fast.bubble_fraction, fast.busy) == (full.step_time, full.bubble_fraction,
+                                                                         full.busy), (n, ranks, mbs, v, contention)
+            for rank in range(ranks):
+                compute = [iv for iv in full.intervals[rank] if iv.action.is_compute]
+                assert fast.intervals[rank] == compute, (n, ranks, mbs, v, contention, rank)
 
 
 def test_zero_bubble_splits_every_backward():

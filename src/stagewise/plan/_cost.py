@@ -16,9 +16,10 @@ Terms (each a small function below, unit-tested on hand-computed examples):
   ``param bytes * seconds_per_byte``.
 - data: the ranks that read inputs or targets (those holding the first or the last stage) load their replica's
   batch before the pipeline starts.
-- step time: the schedule the runtime runs (:func:`stagewise.schedule.build_compiled`) is *simulated* by the schedule
-  engine (:func:`stagewise.schedule.simulate`) with those stage costs, per-boundary links and per-action send and
-  receive costs; each rank's all-reduce and optimizer follow its last action, and the step ends with the loss
+- step time: the schedule the runtime runs (:func:`stagewise.schedule.build_compiled`, its SEND/RECV folded into the
+  compute actions next to them, which prices them exactly alike) is *simulated* by the schedule engine
+  (:func:`stagewise.schedule.simulate`) with those stage costs, per-boundary links and per-action send and receive
+  costs; each rank's all-reduce and optimizer follow its last action, and the step ends with the loss
   all-reduce. On nodes whose devices slow each other down (CPU cores: :attr:`~stagewise.plan.Cluster.contention` > 1)
   the engine shares their compute (:class:`stagewise.schedule.Sharing`).
 - memory per rank: parameters + gradients + optimizer state (train; Adam keeps 2x params) or parameters (serve), plus

@@ -262,7 +262,7 @@ class _Search:
             sharing = Sharing(contention=cl.contention, pool=pool, share=share)
         # Serving sends no gradients back (its B actions cost nothing; their SEND/RECV still cost the ranks).
         back = c.send if self.mode == "train" else [(0.0, 0.0)] * len(c.send)
-        compiled = build_compiled(c.schedule, ranks=c.P, microbatches=c.M, stages_per_rank=c.V)
+        compiled = build_compiled(c.schedule, ranks=c.P, microbatches=c.M, stages_per_rank=c.V, folded=True)
         timeline = simulate(compiled, forward_cost=c.fwd, backward_cost=c.bwd, weight_cost=c.weight,
                             forward_links=c.send, backward_links=back, send_overhead=cl.send_overhead,
                             recv_overhead=cl.recv_overhead, start=c.start, tail=c.tail, tail_work=c.opt,

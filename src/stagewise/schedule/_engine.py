@@ -11,6 +11,11 @@ link queue), and arrives ``latency`` after leaving it. SEND and RECV actions cos
 ``recv_overhead`` (posting the message, taking it in). A rank starts at ``start[r]`` and, after its last action,
 works ``tail[r]`` fixed seconds (all-reduces) and then ``tail_work[r]`` of compute (the optimizer step).
 
+Transfers folded into compute (a :attr:`CompiledSchedule.folded` schedule, what the planner runs): an action may hold
+its rank ``before[a]`` fixed seconds once what it needs is there and before it computes (taking in a value from
+another rank: RECV), and ``after[a]`` after it (posting its value: SEND; the value enters its link then). That is
+the very arithmetic of separate RECV, compute and SEND actions in a row, with a third of the actions to step.
+
 Shared compute (CPU cores of one node slow each other down): with ``contention`` c, a node of ``n`` devices, and
 ``k`` of them computing, each computes at rate ``1 / (1 + (c - 1) (k - 1) / (n - 1))``. Compute is then fluid work
 and the engine steps from event to event (a rate changes whenever a rank starts or stops computing). Without
@@ -27,6 +32,8 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from ._actions import Action, RawSchedule, Schedule, ScheduleError
 
 __all__ = ["CompiledSchedule", "Run", "Sharing", "run"]
@@ -34,7 +41,7 @@ __all__ = ["CompiledSchedule", "Run", "Sharing", "run"]
 KIND_CODES = {"F": 0, "B": 1, "I": 2, "W": 3, "SEND_F": 4, "SEND_B": 4, "RECV_F": 5, "RECV_B": 5}
 """Action kind -> engine code: 0-3 compute (F, B, I, W), 4 a send, 5 a receive."""
 
-_IDLE, _FIXED, _WORK, _TAIL, _TAIL_WORK, _DONE = range(6)
+_IDLE, _FIXED, _WORK, _TAIL, _TAIL_WORK, _DONE, _BEFORE, _AFTER = range(8)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +66,19 @@ class CompiledSchedule:
     link: tuple[int, ...]
     """Per action: the link its value leaves by for another rank, ``2 * boundary`` forward (stage ``b`` to ``b + 1``)
     or ``2 * boundary + 1`` backward (``b + 1`` to ``b``); -1 when nothing leaves the rank."""
+    cost_index: np.ndarray
+    """Per action: ``code * stages + stage``, its entry in a flat (code, stage) table of costs."""
+    crossing: tuple[np.ndarray, np.ndarray]
+    """Two boolean columns: per action, does it wait for a value from another rank (an odd slot in ``needs``), does
+    its value leave for another rank (a ``link``)? Where a :attr:`folded` schedule pays its RECVs and SENDs."""
+    computes: list[bool]
+    """Per action: is it compute (F, B, I, W)?"""
+    folded: bool = False
+    """True: a compute-only schedule standing for the one with communication added
+    (:func:`~stagewise.schedule.add_communication`), its transfers folded into the compute actions: an action that
+    waits for a value from another rank (an odd slot in ``needs``) pays the RECV before computing, one whose value
+    leaves by a link pays the SEND after (:func:`run`'s ``before`` and ``after``). Made by
+    :func:`~stagewise.schedule.build_compiled` with ``folded=True``."""
     given: dataclasses.InitVar[Schedule | None] = None
     """The :class:`Schedule` that was compiled, when there was one (else it is made from ``raw`` when asked)."""
 
@@ -110,22 +130,112 @@ class Run:
 
 
 def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequence[tuple[float, float]],
+        before: Sequence[float] | None = None, after: Sequence[float] | None = None,
         start: Sequence[float] | None = None, tail: Sequence[float] | None = None,
         tail_work: Sequence[float] | None = None, sharing: Sharing | None = None) -> Run:
     """Run ``compiled`` with ``durations[a]`` per action (compute at rate 1) and ``links[l] = (latency, occupancy)``
-    per link (indexed as :attr:`CompiledSchedule.link`). Raises :class:`ScheduleError` on a deadlock."""
-    c = compiled
-    ranks = len(c.ids)
-    n = len(c.code)
-    need0, need1 = c.needs
-    out_link = c.link
-    began = [-1.0] * n
-    times = [-1.0] * (2 * n)  # 2a: when action a ended; 2a + 1: when its value reached the other rank
-    link_free = [0.0] * len(links)
-    clock = [0.0] * ranks if start is None else [float(x) for x in start]
+    per link (indexed as :attr:`CompiledSchedule.link`); ``before[a]`` / ``after[a]``: fixed seconds around action
+    ``a``'s own (folded transfers; none by default). ``start``/``end`` of an action are those of its own part.
+    Raises :class:`ScheduleError` on a deadlock."""
+    n, ranks = len(compiled.code), len(compiled.ids)
+    state = _State(
+        durations=durations, links=links, pre=[0.0] * n if before is None else before,
+        post=[0.0] * n if after is None else after, began=[-1.0] * n, times=[-1.0] * (2 * n),
+        link_free=[0.0] * len(links), clock=[0.0] * ranks if start is None else [float(x) for x in start],
+    )
     fixed_tail = [0.0] * ranks if tail is None else [float(x) for x in tail]
     work_tail = [0.0] * ranks if tail_work is None else [float(x) for x in tail_work]
-    contended = sharing is not None and sharing.contention > 1.0
+    if sharing is not None and sharing.contention > 1.0:
+        pipe_end, finish = _run_shared(compiled, state, fixed_tail, work_tail, sharing)
+    else:
+        _sweep(compiled, state)
+        pipe_end = list(state.clock)
+        finish = [(t + f) + w for t, f, w in zip(pipe_end, fixed_tail, work_tail)]
+    return Run(start=state.began, end=state.times[0::2], pipeline_end=pipe_end, finish=finish)
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _State:
+    """What a run reads and writes, per action (``durations``, ``pre``, ``post``, ``began``; ``times``: ``2a`` when
+    action ``a`` ended, ``2a + 1`` when its value reached the other rank), link and rank."""
+
+    durations: Sequence[float]
+    links: Sequence[tuple[float, float]]
+    pre: Sequence[float]
+    post: Sequence[float]
+    began: list[float]
+    times: list[float]
+    link_free: list[float]
+    clock: list[float]
+
+
+def _sweep(c: CompiledSchedule, state: _State) -> None:
+    """Without contention an action's end is known when it starts: sweep the ranks, each running its list while what
+    its next action needs is there, until all are done (one tight loop: the planner runs millions of actions). Sweeps
+    alternate direction, since forwards flow down the ranks and backwards up them."""
+    need0, need1 = c.needs
+    out_link = c.link
+    durations, links, pre, post = state.durations, state.links, state.pre, state.post
+    began, times, link_free, clock = state.began, state.times, state.link_free, state.clock
+    nxt = [ids.start for ids in c.ids]  # per rank: its next action (numbered rank-major, so its list is a range)
+    ends = [ids.stop for ids in c.ids]
+    left = len(c.code)
+    down = list(range(len(c.ids)))
+    sweep, other = down, down[::-1]
+    while left:
+        moved = 0
+        for r in sweep:
+            a, end = nxt[r], ends[r]
+            if a == end:
+                continue
+            first, t0 = a, clock[r]
+            while a < end:
+                t = t0
+                slot = need0[a]
+                if slot >= 0:
+                    e = times[slot]
+                    if e < 0:
+                        break
+                    if e > t:
+                        t = e
+                    slot = need1[a]
+                    if slot >= 0:
+                        e = times[slot]
+                        if e < 0:
+                            break
+                        if e > t:
+                            t = e
+                t = t + pre[a]
+                began[a] = t
+                t0 = t + durations[a]
+                times[2 * a] = t0
+                t0 = t0 + post[a]
+                out = out_link[a]
+                if out >= 0:
+                    latency, occupancy = links[out]
+                    free = link_free[out]
+                    free = (free if free > t0 else t0) + occupancy
+                    link_free[out] = free
+                    times[2 * a + 1] = free + latency
+                a += 1
+            if a > first:
+                moved += a - first
+                nxt[r], clock[r] = a, t0
+        if not moved:
+            _deadlock(c, [a - ids.start for a, ids in zip(nxt, c.ids)], [_IDLE] * len(c.ids), times)
+        left -= moved
+        sweep, other = other, sweep
+
+
+def _run_shared(c: CompiledSchedule, state: _State, fixed_tail: list[float], work_tail: list[float],
+                sharing: Sharing) -> tuple[list[float], list[float]]:
+    """With contention: step from event to event (every rank's phase, compute as fluid work); returns (pipeline end,
+    finish) per rank."""
+    ranks = len(c.ids)
+    need0, need1 = c.needs
+    out_link = c.link
+    durations, links, pre, post = state.durations, state.links, state.pre, state.post
+    began, times, link_free, clock = state.began, state.times, state.link_free, state.clock
     phase = [_IDLE] * ranks
     pos = [0] * ranks
     until = [0.0] * ranks  # end of a fixed phase
@@ -134,7 +244,15 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
     finish = [0.0] * ranks
 
     def finish_action(r: int, a: int, t: float) -> None:
+        """Action ``a``'s own part ended at ``t``: on to its ``after`` part, or done."""
         times[2 * a] = t
+        if post[a] > 0:
+            phase[r], until[r] = _AFTER, t + post[a]
+        else:
+            leave(r, a, t)
+
+    def leave(r: int, a: int, t: float) -> None:
+        """Action ``a`` is done at ``t``; its value (if another rank takes it) enters its link."""
         out = out_link[a]
         if out >= 0:
             latency, occupancy = links[out]
@@ -146,62 +264,26 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
         pos[r] += 1
         phase[r] = _IDLE
 
+    def begin(r: int, a: int, t: float) -> None:
+        """Action ``a``'s own part starts at ``t``."""
+        began[a] = t
+        if c.code[a] < 4:
+            phase[r], left[r] = _WORK, durations[a]
+        else:
+            phase[r], until[r] = _FIXED, t + durations[a]
+
     def ready_at(r: int, a: int) -> float:
         """When action ``a`` can start on rank ``r``; -1 while something it needs has not run yet."""
         t = clock[r]
-        slot = need0[a]
-        if slot >= 0:
+        for slot in (need0[a], need1[a]):
+            if slot < 0:
+                break
             e = times[slot]
             if e < 0:
                 return -1.0
             if e > t:
                 t = e
-            slot = need1[a]
-            if slot >= 0:
-                e = times[slot]
-                if e < 0:
-                    return -1.0
-                if e > t:
-                    t = e
         return t
-
-    def run_ahead(r: int) -> bool:
-        """Without contention an action's end is known when it starts: run rank ``r``'s actions while what they need
-        is there (:func:`ready_at` and :func:`finish_action` in one loop: the planner runs millions of actions).
-        True if it moved."""
-        ids = c.ids[r]
-        p, t0, end = pos[r], clock[r], len(ids)
-        while p < end:
-            a = ids[p]
-            t = t0
-            slot = need0[a]
-            if slot >= 0:
-                e = times[slot]
-                if e < 0:
-                    break
-                if e > t:
-                    t = e
-                slot = need1[a]
-                if slot >= 0:
-                    e = times[slot]
-                    if e < 0:
-                        break
-                    if e > t:
-                        t = e
-            began[a] = t
-            t0 = t + durations[a]
-            times[2 * a] = t0
-            out = out_link[a]
-            if out >= 0:
-                latency, occupancy = links[out]
-                free = link_free[out]
-                free = (free if free > t0 else t0) + occupancy
-                link_free[out] = free
-                times[2 * a + 1] = free + latency
-            p += 1
-        moved = p > pos[r]
-        pos[r], clock[r] = p, t0
-        return moved
 
     def settle(r: int, now: float) -> bool:
         """Move rank ``r`` through every phase that ends by ``now``; True if it moved."""
@@ -215,21 +297,23 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
                     phase[r], until[r] = _TAIL, clock[r] + fixed_tail[r]
                     moved = True
                     continue
-                if not contended:
-                    if not run_ahead(r):
-                        return moved
-                    moved = True
-                    continue
                 a = ids[pos[r]]
                 t = ready_at(r, a)
                 if t < 0 or t > now:
                     return moved
-                began[a] = t
                 moved = True
-                if c.code[a] < 4:
-                    phase[r], left[r] = _WORK, durations[a]
+                if pre[a] > 0:
+                    phase[r], until[r] = _BEFORE, t + pre[a]
                 else:
-                    phase[r], until[r] = _FIXED, t + durations[a]
+                    begin(r, a, t)
+            elif ph == _BEFORE:
+                if until[r] > now:
+                    return moved
+                begin(r, ids[pos[r]], until[r])
+            elif ph == _AFTER:
+                if until[r] > now:
+                    return moved
+                leave(r, ids[pos[r]], until[r])
             elif ph == _FIXED:
                 if until[r] > now:
                     return moved
@@ -241,10 +325,7 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
             elif ph == _TAIL:
                 if until[r] > now:
                     return moved
-                if contended:
-                    phase[r], left[r], clock[r] = _TAIL_WORK, work_tail[r], until[r]
-                else:
-                    phase[r], finish[r] = _DONE, until[r] + work_tail[r]
+                phase[r], left[r], clock[r] = _TAIL_WORK, work_tail[r], until[r]
             elif ph == _TAIL_WORK:
                 if left[r] > 0:
                     return moved
@@ -252,7 +333,7 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
             else:
                 return moved
 
-    now = math.inf if not contended else 0.0
+    now = 0.0
     while True:
         moved = True
         while moved:  # every rank settles each pass (one's output may unblock a rank settled before it)
@@ -260,14 +341,12 @@ def run(compiled: CompiledSchedule, *, durations: Sequence[float], links: Sequen
             for r in range(ranks):
                 moved = settle(r, now) or moved
         if all(ph == _DONE for ph in phase):
-            break
-        step_to = (_next_event(c, sharing, now=now, phase=phase, pos=pos, left=left, until=until, ready_at=ready_at)
-                   if sharing and contended else None)
+            return pipe_end, finish
+        step_to = _next_event(c, sharing, now=now, phase=phase, pos=pos, left=left, until=until, ready_at=ready_at)
         if step_to is None:
             _deadlock(c, pos, phase, times)
         assert step_to is not None
         now = step_to
-    return Run(start=began, end=times[0::2], pipeline_end=pipe_end, finish=finish)
 
 
 def _next_event(c: CompiledSchedule, sharing: Sharing, *, now: float, phase: list[int], pos: list[int],
@@ -287,7 +366,7 @@ def _next_event(c: CompiledSchedule, sharing: Sharing, *, now: float, phase: lis
         ph = phase[r]
         if active[r]:
             when = now + left[r] / rate[r]
-        elif ph in (_FIXED, _TAIL):
+        elif ph in (_FIXED, _TAIL, _BEFORE, _AFTER):
             when = until[r]
         elif ph == _IDLE:
             t = ready_at(r, c.ids[r][pos[r]])

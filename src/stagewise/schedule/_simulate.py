@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ._actions import Action, Schedule
 from ._builders import add_communication_raw, build_raw
 from ._engine import CompiledSchedule, Sharing, run
@@ -184,13 +186,18 @@ def simulate(
     bl = _links("backward_links", backward_links, float(comm_cost), stages)
     links = [pair for j in range(stages - 1) for pair in (fl[j], bl[j])]
     # code -> cost per stage: F, B, I, W, SEND, RECV
-    table = [fwd, bwd, [b - w for b, w in zip(bwd, wgt)], wgt, [float(send_overhead)] * stages,
-             [float(recv_overhead)] * stages]
-    durations = [table[code][stage] for code, stage in zip(compiled.code, compiled.stage)]
-    result = run(compiled, durations=durations, links=links, start=start, tail=tail, tail_work=tail_work,
-                 sharing=sharing)
+    table = np.array([fwd, bwd, [b - w for b, w in zip(bwd, wgt)], wgt, [float(send_overhead)] * stages,
+                      [float(recv_overhead)] * stages], dtype=np.float64).reshape(-1)
+    durations = table[compiled.cost_index].tolist()
+    before = after = None
+    if compiled.folded:  # its RECVs and SENDs are paid by the compute actions they stand next to
+        takes, gives = compiled.crossing
+        before = np.where(takes, float(recv_overhead), 0.0).tolist()
+        after = np.where(gives, float(send_overhead), 0.0).tolist()
+    result = run(compiled, durations=durations, links=links, before=before, after=after, start=start, tail=tail,
+                 tail_work=tail_work, sharing=sharing)
     intervals = _Intervals(compiled, result.start, result.end)
-    compute = [code < 4 for code in compiled.code]  # F, B, I, W
+    compute = compiled.computes
     busy = {rank: sum(itertools.compress(durations[ids.start:ids.stop], compute[ids.start:ids.stop]))
             for rank, ids in enumerate(compiled.ids)}
     span = max(result.pipeline_end, default=0.0)
@@ -200,9 +207,15 @@ def simulate(
 
 
 @functools.lru_cache(maxsize=64)
-def build_compiled(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1) -> CompiledSchedule:
-    """The schedule the runtime runs for ``name`` (``add_communication(build(...))``), compiled once: what the planner
-    simulates its layouts on. Made from keys and not re-checked (:func:`~stagewise.schedule.compile_built`); its
-    :attr:`~CompiledSchedule.schedule` and actions are made when first read."""
-    return compile_built(add_communication_raw(build_raw(name, ranks=ranks, microbatches=microbatches,
-                                                         stages_per_rank=stages_per_rank)))
+def build_compiled(name: str, *, ranks: int, microbatches: int, stages_per_rank: int = 1,
+                   folded: bool = False) -> CompiledSchedule:
+    """The schedule the runtime runs for ``name`` (``add_communication(build(...))``), compiled once. Made from keys
+    and not re-checked (:func:`~stagewise.schedule.compile_built`); its :attr:`~CompiledSchedule.schedule` and actions
+    are made when first read.
+
+    ``folded=True``: the same schedule with its SEND/RECV actions folded into the compute actions next to them
+    (:attr:`CompiledSchedule.folded`): :func:`simulate` gives the very step time, bubble and compute intervals with a
+    third of the actions to run (what the planner simulates its layouts on); its timeline lists compute actions only.
+    """
+    raw = build_raw(name, ranks=ranks, microbatches=microbatches, stages_per_rank=stages_per_rank)
+    return compile_built(raw, folded=True) if folded else compile_built(add_communication_raw(raw))

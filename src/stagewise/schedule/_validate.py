@@ -42,14 +42,16 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
     return _tables(raw, keys, communicated, given=schedule)
 
 
-def compile_built(raw: RawSchedule) -> CompiledSchedule:
-    """The engine's tables of a schedule our builders made, with communication added, without :func:`validate`'s
-    checks: tests validate every builder's schedules (and compare these tables with :func:`compile_schedule`'s), and
-    the checks would take most of the time of a plan search, which prices schedules of thousands of actions."""
-    return _tables(raw, [key for rank_keys in raw.actions for key in rank_keys], True)
+def compile_built(raw: RawSchedule, *, folded: bool = False) -> CompiledSchedule:
+    """The engine's tables of a schedule our builders made, with communication added (or, ``folded``, compute-only
+    and standing for it: :attr:`CompiledSchedule.folded`), without :func:`validate`'s checks: tests validate every
+    builder's schedules (and compare these tables with :func:`compile_schedule`'s), and the checks would take most of
+    the time of a plan search, which prices schedules of thousands of actions."""
+    return _tables(raw, [key for rank_keys in raw.actions for key in rank_keys], not folded, folded=folded)
 
 
-def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedule | None = None) -> CompiledSchedule:
+def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedule | None = None,
+            folded: bool = False) -> CompiledSchedule:
     """The engine's tables of ``keys``, every action of ``raw`` in rank-major order (stage ``s`` on rank ``s % ranks``,
     each action once, every one it needs present). Raises :class:`ScheduleError` if an action comes before one it
     needs on its rank.
@@ -78,7 +80,7 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
                 for c, (dep_kind, dep_stage) in enumerate(choices):
                     choice[c, k * S + s, j] = (kinds[dep_kind] * S + dep_stage) * M
                 remote[k * S + s, j] = choices[0][1] % P != s % P
-    needs, early = [], N
+    needs, takes, early = [], np.zeros(N, dtype=bool), N
     for j in range(2):
         first, second, far = choice[0, ks, j], choice[1, ks, j], remote[ks, j]
         d = number[np.maximum(first, 0) + mb]
@@ -89,14 +91,17 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
         if late.size and late[0] < early:
             early, dep = int(late[0]), int(d[late[0]])
         needs.append(np.where(d >= 0, 2 * d + far, -1).tolist())
+        takes |= (d >= 0) & (far == 1)
     if early < N:
         _order_error(raw, keys, early, dep, given)
     ids, start = [], 0
     for rank_keys in raw.actions:
         ids.append(range(start, start + len(rank_keys)))
         start += len(rank_keys)
-    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple(code[ks].tolist()), stage=tuple(stage_of),
-                            needs=(needs[0], needs[1]), link=tuple(link[ks].tolist()), given=given)
+    codes, links = code[ks], link[ks]
+    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple(codes.tolist()), stage=tuple(stage_of),
+                            needs=(needs[0], needs[1]), link=tuple(links.tolist()), cost_index=codes * S + ks % S,
+                            crossing=(takes, links >= 0), computes=(codes < 4).tolist(), folded=folded, given=given)
 
 
 def _order_error(raw: RawSchedule, keys: list[Key], n: int, d: int, given: Schedule | None) -> None:
