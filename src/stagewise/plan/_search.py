@@ -108,7 +108,7 @@ class _Search:
         """Seconds of the step's loss all-reduce over every device (the same for every layout)."""
         self._at_rows: dict[int, tuple[Chain, list[float], list[float]]] = {}
         self._cuts: dict[tuple[int, int, int, tuple[int, ...]], list[int] | None] = {}
-        self._links: dict[tuple[int, int, int], set[tuple[float, float]]] = {}
+        self._links: dict[tuple[int, int, int], tuple[tuple[float, float], ...]] = {}
         self._reduce_links: dict[tuple[int, int], tuple[float, float]] = {}
         self.rejected = 0
 
@@ -139,9 +139,13 @@ class _Search:
     def transfer(self, P: int, D: int, a: int, b: int, nbytes: float) -> tuple[float, float]:
         """(latency, occupancy) of ``nbytes`` from pipeline position a to b: the slowest over all replicas."""
         key = (P, a, b)
-        if key not in self._links:
-            self._links[key] = {self.cluster.link(d * P + a, d * P + b) for d in range(D)}
-        return max(((lat, nbytes / bw) for bw, lat in self._links[key]), key=sum)
+        links = self._links.get(key)
+        if links is None:
+            links = self._links[key] = tuple({self.cluster.link(d * P + a, d * P + b) for d in range(D)})
+        if len(links) == 1:  # the common case: every replica's pair of positions is linked alike
+            bw, lat = links[0]
+            return lat, nbytes / bw
+        return max(((lat, nbytes / bw) for bw, lat in links), key=sum)
 
     def reduce_link(self, P: int, D: int, r: int) -> tuple[float, float]:
         if (P, r) not in self._reduce_links:
@@ -211,8 +215,9 @@ class _Search:
         so, ro = cl.send_overhead, cl.recv_overhead
         if self.mode == "train":
             busy = [0.0] * P
+            crossing = [0, *(int(j % P != (j + 1) % P) for j in range(S - 1)), 0]  # boundary j - 1 -> j crosses ranks
             for j in range(S):
-                remote = sum(1 for k in (j - 1, j + 1) if 0 <= k < S and k % P != j % P)
+                remote = crossing[j] + crossing[j + 1]
                 busy[j % P] += M * (fwd[j] + bwd[j] + remote * (so + ro))
             c.bound = pipeline_lower_bound(schedule, ranks=P, busy=busy, forward=fwd, backward=bwd, start=start,
                                            tail=[a + b for a, b in zip(tail, opt)],

@@ -62,27 +62,32 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
     P, S, M, N = raw.ranks, raw.stages, raw.microbatches, len(keys)
     kinds = {kind: k for k, kind in enumerate(KIND_CODES)}
     # (kind, stage) of each action as one int ks = kind * S + stage; action (kind, s, m) is number[ks * M + m].
-    stage_of = [s for _, s, _ in keys]
-    ks = np.array([kinds[kind] for kind, _, _ in keys], dtype=np.int64) * S + np.array(stage_of, dtype=np.int64)
-    mb = np.array([m for _, _, m in keys], dtype=np.int64)
+    kind_of, stage_of, mb_of = zip(*keys) if keys else ((), (), ())
+    ks = np.fromiter(map(kinds.__getitem__, kind_of), np.int64, N) * S + np.array(stage_of, dtype=np.int64)
+    mb = np.array(mb_of, dtype=np.int64)
     number = np.full(len(kinds) * S * M, -1, dtype=np.int64)
     number[ks * M + mb] = np.arange(N)
     # Per (kind, stage) and dependency j (at most two): ks * M of its first and second choice (-1: none), and whether
-    # it is on another rank.
-    choice = np.full((2, len(kinds) * S, 2), -1, dtype=np.int64)
-    remote = np.zeros((len(kinds) * S, 2), dtype=np.int64)
-    code, link = np.zeros(len(kinds) * S, dtype=np.int64), np.zeros(len(kinds) * S, dtype=np.int64)
+    # it is on another rank (built as lists: numpy's item assignment is slow).
+    table = [(-1, -1, 0) * 2] * (len(kinds) * S)  # per ks: (first, second, remote) for j = 0, then j = 1
+    code_at, link_at = [0] * (len(kinds) * S), [-1] * (len(kinds) * S)
     for kind, k in kinds.items():
+        if kind in COMM_KINDS and not communicated:
+            continue  # none in the schedule
         for s in range(S):
-            code[k * S + s] = KIND_CODES[kind]
-            link[k * S + s] = _link(P, S, kind, s, communicated)
+            code_at[k * S + s] = KIND_CODES[kind]
+            link_at[k * S + s] = _link(P, S, kind, s, communicated)
+            row = [-1, -1, 0] * 2
             for j, choices in enumerate(_dependencies(P, S, kind, s, communicated)):
                 for c, (dep_kind, dep_stage) in enumerate(choices):
-                    choice[c, k * S + s, j] = (kinds[dep_kind] * S + dep_stage) * M
-                remote[k * S + s, j] = choices[0][1] % P != s % P
+                    row[3 * j + c] = (kinds[dep_kind] * S + dep_stage) * M
+                row[3 * j + 2] = int(choices[0][1] % P != s % P)
+            table[k * S + s] = tuple(row)
+    deps = np.array(table, dtype=np.int64).reshape(len(kinds) * S, 2, 3)[ks]  # (N, j, (first, second, remote))
+    code, link = np.array(code_at, dtype=np.int64), np.array(link_at, dtype=np.int64)
     needs, takes, early = [], np.zeros(N, dtype=bool), N
     for j in range(2):
-        first, second, far = choice[0, ks, j], choice[1, ks, j], remote[ks, j]
+        first, second, far = deps[:, j, 0], deps[:, j, 1], deps[:, j, 2]
         d = number[np.maximum(first, 0) + mb]
         d = np.where((d < 0) & (second >= 0), number[np.maximum(second, 0) + mb], d)
         d = np.where(first >= 0, d, -1)
@@ -98,8 +103,8 @@ def _tables(raw: RawSchedule, keys: list[Key], communicated: bool, given: Schedu
     for rank_keys in raw.actions:
         ids.append(range(start, start + len(rank_keys)))
         start += len(rank_keys)
-    codes, links = code[ks], link[ks]
-    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple(codes.tolist()), stage=tuple(stage_of),
+    codes, links = code[ks], link[ks]  # per action now
+    return CompiledSchedule(raw=raw, ids=tuple(ids), code=tuple(codes.tolist()), stage=stage_of,
                             needs=(needs[0], needs[1]), link=tuple(links.tolist()), cost_index=codes * S + ks % S,
                             crossing=(takes, links >= 0), computes=(codes < 4).tolist(), folded=folded, given=given)
 

@@ -60,6 +60,8 @@ def exact_ints(costs: Sequence[float]) -> list[int]:
     Floats are dyadic rationals, so the common denominator is a power of two and no rounding happens anywhere.
     """
     values = list(costs)
+    if all(type(c) is int for c in values) and (not values or min(values) >= 0):
+        return values  # already exact (the planner re-cuts its scaled chain many times)
     try:  # fast path: int, float, numpy floats, Fraction, Decimal all have as_integer_ratio
         ratios = [c.as_integer_ratio() for c in values]
     except (AttributeError, TypeError, ValueError, OverflowError):  # nan/inf/non-numbers: find the culprit
