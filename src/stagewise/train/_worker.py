@@ -134,9 +134,11 @@ def _train_step(rs: RankState, batch: Any, should_stop: Callable[[], bool]) -> t
 
 
 def _maybe_save(rs: RankState, writer: CheckpointWriter | None, *, step: int, stop: bool) -> None:
-    """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so."""
-    save_every = rs.config.output.save_every
-    if writer is not None and (stop or step == rs.config.steps or (save_every and step % save_every == 0)):
+    """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so, or
+    (with ``max_restarts``) ``snapshot_every`` does: a restart goes on from the newest save."""
+    save_every, recovery = rs.config.output.save_every, rs.config.recovery
+    snapshot = recovery.max_restarts > 0 and step % recovery.snapshot_every == 0
+    if writer is not None and (stop or step == rs.config.steps or snapshot or (save_every and step % save_every == 0)):
         from ._checkpointing import save_checkpoint
 
         save_checkpoint(rs, writer, step=step)
