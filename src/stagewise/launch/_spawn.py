@@ -285,6 +285,9 @@ def _cause_first(procs: list[Any], failures: dict[int, str], summaries: dict[int
                  hung: list[int]) -> tuple[dict[int, str], dict[int, str]]:
     """``failures`` reordered so the likely cause leads: hung ranks, then ranks a signal killed (SIGKILL from
     outside, the OOM killer: their pipe may not have been read yet, so they are added here), then the rest."""
+    settle = time.monotonic() + 0.3  # a killed process closes its sockets (peers fail) before it can be reaped
+    for p in procs:
+        p.join(max(0.0, settle - time.monotonic()))
     killed = [r for r, p in enumerate(procs) if r not in hung and p.exitcode is not None and p.exitcode < 0]
     for rank in killed:
         if rank not in failures:

@@ -22,6 +22,7 @@ from ._rank import RankState, setup_rank, stage_tensors
 
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointWriter
+    from ._checkpointing import Snapshots
 
 __all__ = ["run_worker"]
 
@@ -75,6 +76,11 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     progress = StepProgress(total=config.steps, start=rs.start_step, enabled=config.output.progress and rs.rank == 0)
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
     done = rs.start_step
+    snapshots = None
+    if writer is not None and config.recovery.max_restarts:
+        from ._checkpointing import Snapshots
+
+        snapshots = Snapshots(rs, writer)
     try:
         for step in range(rs.start_step, config.steps):
             try:
@@ -85,7 +91,7 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
                 if rs.rank == 0 and log_every and (step + 1) % log_every == 0 and not progress.enabled:
                     print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
                 done = step + 1
-                _maybe_save(rs, writer, step=done, stop=stop)
+                _maybe_save(rs, writer, snapshots, step=done, stop=stop)
                 if stop and done < config.steps:
                     # the command line says where it stopped (and the checkpoint); the Python API reads stopped_by
                     log.info("asked to stop: ending after step %d of %d", done, config.steps)
@@ -96,6 +102,8 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
                 raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
     finally:  # also on a failure: the bar stops drawing before the error's one line is printed
         progress.close()
+    if snapshots is not None:
+        snapshots.close()
     return done
 
 
@@ -133,15 +141,20 @@ def _train_step(rs: RankState, batch: Any, should_stop: Callable[[], bool]) -> t
     return loss, bool(total[1] > 0)
 
 
-def _maybe_save(rs: RankState, writer: CheckpointWriter | None, *, step: int, stop: bool) -> None:
-    """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so, or
-    (with ``max_restarts``) ``snapshot_every`` does: a restart goes on from the newest save."""
-    save_every, recovery = rs.config.output.save_every, rs.config.recovery
-    snapshot = recovery.max_restarts > 0 and step % recovery.snapshot_every == 0
-    if writer is not None and (stop or step == rs.config.steps or snapshot or (save_every and step % save_every == 0)):
+def _maybe_save(rs: RankState, writer: CheckpointWriter | None, snapshots: Snapshots | None, *, step: int,
+                stop: bool) -> None:
+    """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so;
+    else take a snapshot (written in the background) when ``snapshot_every`` says so: a restart goes on from the
+    newest of either."""
+    save_every = rs.config.output.save_every
+    if writer is not None and (stop or step == rs.config.steps or (save_every and step % save_every == 0)):
         from ._checkpointing import save_checkpoint
 
+        if snapshots is not None:
+            snapshots.drain()  # one writer at a time under the folder
         save_checkpoint(rs, writer, step=step)
+    elif snapshots is not None and step % rs.config.recovery.snapshot_every == 0:
+        snapshots.take(step)
 
 
 def _finish(rs: RankState, *, done: int, elapsed: float) -> dict[str, Any]:
