@@ -213,8 +213,10 @@ class RecoveryConfig:
     """Restarts after a rank dies (a crash, SIGKILL) or hangs (no heartbeat): every rank is stopped and the run goes
     on from the newest complete snapshot. 0: the first failure ends the run."""
     snapshot_every: int = 10
-    """With --max-restarts: save a snapshot every K steps (into --save when given, else into a private temporary
-    folder removed at the end); a failure recomputes at most K steps."""
+    """With --max-restarts: take a snapshot every K steps (copied in memory, written to disk by a thread); a failure
+    recomputes at most K steps."""
+    snapshot_dir: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
+    """Where snapshots go: the --save folder when given, else a private temporary folder removed at the end."""
     heartbeat_timeout: float = 10.0
     """With --max-restarts: seconds a rank's process may go without a heartbeat (it is stopped: SIGSTOP, a debugger, a
     deadlock) before it counts as hung. A rank stuck in a wait fails by --timeout instead."""

@@ -33,6 +33,8 @@ class Restarts:
 
     def losses_before(self, step: int) -> list[float]:
         """The losses of the steps after ``first_step`` up to ``step`` that earlier attempts kept in snapshots."""
+        if not self.causes:  # no restart: the last attempt ran from the start
+            return []
         return [self.losses[s] for s in range(self.first_step + 1, step + 1)]
 
 

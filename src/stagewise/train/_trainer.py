@@ -157,9 +157,10 @@ class Trainer:
         if config.output.out_dir is None:  # the ranks hand the weights over in files; read, then removed below
             scratch = tempfile.mkdtemp(prefix="stagewise-train-")
             config = dataclasses.replace(config, out_dir=scratch)
-        if config.recovery.max_restarts and config.output.save_dir is None:  # snapshots in a folder of this run's
-            snapshots = tempfile.mkdtemp(prefix="stagewise-snapshots-")
-            config = dataclasses.replace(config, save_dir=snapshots, keep=2)
+        if config.recovery.max_restarts and config.recovery.snapshot_dir is None:
+            if config.output.save_dir is None:  # a folder of this run's own
+                snapshots = tempfile.mkdtemp(prefix="stagewise-snapshots-")
+            config = dataclasses.replace(config, snapshot_dir=snapshots or config.output.save_dir)
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
         # waits for its neighbour. Read when the forkserver first imports torch, so set before the first spawn.
         os.environ.setdefault("OMP_NUM_THREADS", str(config.runtime.threads))
@@ -175,7 +176,7 @@ class Trainer:
                          timeout=budget, preload=_PRELOAD, stop_grace=grace, heartbeat=heartbeat)
 
         try:
-            stopped, restarts = run_with_restarts(launch, config, snapshots=Path(config.output.save_dir or "."))
+            stopped, restarts = run_with_restarts(launch, config, snapshots=Path(config.recovery.snapshot_dir or "."))
             out = Path(config.output.out_dir or ".")
             summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
             # the steps before the last restart, as the snapshots kept them, then the last attempt's

@@ -77,10 +77,13 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
     done = rs.start_step
     snapshots = None
-    if writer is not None and config.recovery.max_restarts:
+    folder = config.recovery.snapshot_dir
+    if folder and config.recovery.max_restarts:
+        from ..checkpoint import CheckpointWriter
         from ._checkpointing import Snapshots
 
-        snapshots = Snapshots(rs, writer)
+        same = writer is not None and folder == config.output.save_dir
+        snapshots = Snapshots(rs, writer if same else CheckpointWriter(folder, keep=2, clean=rs.rank == 0))
     try:
         for step in range(rs.start_step, config.steps):
             try:
@@ -151,7 +154,7 @@ def _maybe_save(rs: RankState, writer: CheckpointWriter | None, snapshots: Snaps
         from ._checkpointing import save_checkpoint
 
         if snapshots is not None:
-            snapshots.drain()  # one writer at a time under the folder
+            snapshots.drain()  # one writer at a time when they share the folder
         save_checkpoint(rs, writer, step=step)
     elif snapshots is not None and step % rs.config.recovery.snapshot_every == 0:
         snapshots.take(step)
