@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,18 @@ class CheckpointWriter:
         log.debug("step %d: saved part %s (%d bytes)", step, part,
                   sum(w["size"] for w in written.values()))
         return record
+
+    def wait_for_parts(self, step: int, parts: Sequence[str], *, timeout: float) -> bool:
+        """Wait until every part of ``step`` is saved (its sidecar written, the last thing ``save_part`` does), at
+        most ``timeout`` seconds; True when they all are. For ranks that save in the background, without a barrier."""
+        tmp = self.tmp_dir(step)
+        deadline = time.monotonic() + timeout
+        while True:
+            if all((tmp / f"{part}{SIDECAR}").is_file() for part in parts):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
 
     def commit(
         self,

@@ -54,9 +54,11 @@ def _on_stop(signum: int, frame: Any) -> None:
 
 
 def _child_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple[Any, ...],
-                conn: multiprocessing.connection.Connection) -> None:
+                conn: multiprocessing.connection.Connection, beats: Any = None, every: float = 1.0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C and forwards it as STOP_SIGNAL
     signal.signal(STOP_SIGNAL, _on_stop)
+    if beats is not None:
+        threading.Thread(target=_beat, args=(beats, rank, every), name="stagewise-heartbeat", daemon=True).start()
     try:
         fn(rank, world_size, port, *args)
     except BaseException as exc:  # noqa: BLE001 - report everything, including SystemExit/KeyboardInterrupt
@@ -73,6 +75,15 @@ def _child_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, a
         os._exit(1)  # skip atexit/destructors that could hang on a half-dead process group
     conn.send_bytes(b"OK")
     conn.close()
+
+
+def _beat(beats: Any, rank: int, every: float) -> None:
+    """The child's heartbeat: its slot of the shared array holds the last time (CLOCK_MONOTONIC, one clock for every
+    process of the host) this thread ran. A thread of its own, so a long step or a wait does not count as silence;
+    a stopped process (SIGSTOP, a debugger) or one that never releases the GIL does."""
+    while True:
+        beats[rank] = time.monotonic()
+        time.sleep(every)
 
 
 def describe_exit(code: int | None) -> str:
@@ -124,7 +135,7 @@ _PRELOADED: tuple[str, ...] | None = None
 
 def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = (), timeout: float = 60.0,
           port: int | None = None, preload: Sequence[str] = ("torch",), stop_grace: float = 30.0,
-          stoppable: bool = True) -> int | None:
+          stoppable: bool = True, heartbeat: float | None = None) -> int | None:
     """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes and wait for all of them.
 
     Children are forked from a forkserver that imported ``preload`` (module names) once per parent process.
@@ -138,6 +149,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
     and :class:`SpawnError` says so). With ``stoppable`` False (``fn`` never asks :func:`stop_requested`: a probe, a
     timing) the first signal kills every child at once and ``KeyboardInterrupt`` is raised. Signals are handled only
     when called from the main thread.
+
+    ``heartbeat`` (seconds): each child beats from a thread of its own (five times per period); a child silent that
+    long (stopped by SIGSTOP or a debugger, or holding the GIL) counts as hung: it is killed and reported as the failed
+    rank. In :class:`SpawnError`'s ``failures`` a hung rank comes first, then a rank killed by a signal from outside,
+    then ranks that failed with an error (often only because a peer vanished).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -154,13 +170,17 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
     deadline = time.monotonic() + timeout
     stop = _StopRelay(procs, grace=stop_grace, kill=not stoppable)
     frozen: list[int] = []
+    hung: list[int] = []
+    beats = ctx.RawArray("d", world_size) if heartbeat is not None else None  # zero: no beat yet
+    started: list[float] = []
     try:
         stop.install()
         for rank in range(world_size):
             reader, writer = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child_main, args=(fn, rank, world_size, port, tuple(args), writer),
-                            name=f"stagewise-rank{rank}")
+            p = ctx.Process(target=_child_main, name=f"stagewise-rank{rank}",
+                            args=(fn, rank, world_size, port, tuple(args), writer, beats, (heartbeat or 5.0) / 5))
             p.start()
+            started.append(time.monotonic())
             writer.close()  # the child holds the only write end: EOF here means it died without a word
             procs.append(p)
             readers[rank] = reader
@@ -183,6 +203,12 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
                     succeeded.add(rank)
                 else:
                     summaries[rank], _, failures[rank] = msg.removeprefix("FAIL\n").partition("\n")
+            if beats is not None and heartbeat is not None and not failures:
+                hung = _silent(procs, beats, started, sorted(readers), heartbeat)
+                for rank in hung:
+                    summaries[rank] = failures[rank] = (f"rank {rank} sent no heartbeat for {heartbeat:.1f} s "
+                                                        f"({_state(procs[rank].pid)}): it counts as hung; killed")
+                    procs[rank].kill()
             if failures or stop.forced:
                 break
             left = min(deadline, stop.deadline) - time.monotonic()
@@ -191,6 +217,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
                 break
             multiprocessing.connection.wait(list(readers.values()), timeout=min(left, 0.5))
         frozen = _frozen(procs) if failures or timed_out else []  # before the reap: a stopped rank explains a timeout
+        if failures:  # before the reap: a rank killed from outside is the cause, not the peers that lost it
+            failures, summaries = _cause_first(procs, failures, summaries, hung)
         if not failures and not timed_out and not stop.forced:
             for p in procs:  # all reported OK: let them exit on their own (process group teardown) before reaping
                 p.join(max(0.0, min(deadline, stop.deadline) - time.monotonic()))
@@ -219,7 +247,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
                          "all killed")
         else:
             cause = (f"ranks {frozen} were stopped (SIGSTOP or a debugger) and the others timed out waiting: "
-                     if frozen else "")
+                     if frozen and first not in hung else "")
             headline = summaries.get(first) or failures[first].splitlines()[0]
             parts.append(f"spawn: {cause}rank {first} failed: {headline}; "
                          "the other ranks were stopped")
@@ -229,18 +257,49 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
     return stop.signum
 
 
+def _silent(procs: list[Any], beats: Any, started: list[float], running: list[int], heartbeat: float) -> list[int]:
+    """The ranks among ``running`` whose last heartbeat (or start, before the first) is over ``heartbeat`` s old."""
+    now = time.monotonic()
+    return [rank for rank in running
+            if procs[rank].exitcode is None and now - (beats[rank] or started[rank]) > heartbeat]
+
+
+def _proc_state(pid: int | None) -> str | None:
+    """The process's state letter in ``/proc`` (R, S, D, T for stopped, t for traced, Z), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _state(pid: int | None) -> str:
+    """How ``/proc`` sees a process, in words."""
+    state = _proc_state(pid)
+    if state is None:
+        return "its process is gone"
+    return "its process is stopped: SIGSTOP or a debugger" if state in ("T", "t") else f"process state {state}"
+
+
+def _cause_first(procs: list[Any], failures: dict[int, str], summaries: dict[int, str],
+                 hung: list[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """``failures`` reordered so the likely cause leads: hung ranks, then ranks a signal killed (SIGKILL from
+    outside, the OOM killer: their pipe may not have been read yet, so they are added here), then the rest."""
+    settle = time.monotonic() + 0.3  # a killed process closes its sockets (peers fail) before it can be reaped
+    for p in procs:
+        p.join(max(0.0, settle - time.monotonic()))
+    killed = [r for r, p in enumerate(procs) if r not in hung and p.exitcode is not None and p.exitcode < 0]
+    for rank in killed:
+        if rank not in failures:
+            summaries[rank] = f"rank {rank} {describe_exit(procs[rank].exitcode)} without reporting a traceback"
+            failures[rank] = summaries[rank]
+    order = hung + killed + [r for r in failures if r not in hung and r not in killed]
+    return {r: failures[r] for r in order}, summaries
+
+
 def _frozen(procs: list[Any]) -> list[int]:
     """The ranks whose process is stopped (state T or t in ``/proc``: SIGSTOP, a debugger), not merely slow."""
-    frozen = []
-    for rank, p in enumerate(procs):
-        try:
-            with open(f"/proc/{p.pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state in ("T", "t"):
-            frozen.append(rank)
-    return frozen
+    return [rank for rank, p in enumerate(procs) if _proc_state(p.pid) in ("T", "t")]
 
 
 class _StopRelay:

@@ -8,6 +8,7 @@ __all__ = lazy_exports(__name__, {
     "OptimConfig": "._config",
     "OPTIMIZERS": "._config",
     "OutputConfig": "._config",
+    "RecoveryConfig": "._config",
     "RuntimeConfig": "._config",
     "SplitConfig": "._config",
     "StartConfig": "._config",

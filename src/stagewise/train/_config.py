@@ -1,9 +1,9 @@
 """Training configuration: one typed tree that the CLI maps onto 1:1 and that travels to workers as JSON.
 
 ``TrainConfig`` holds the model and the step count, and one group per concern: ``split`` (how the model is cut),
-``layout`` (stages x replicas x microbatches and the schedule), ``optim``, ``data``, ``runtime`` and ``output``. Every
-leaf setting has one name in the whole tree, which is also its flag (``stages`` -> ``--stages``), so a config is
-written flat, ``TrainConfig(model=m, stages=4, lr=1e-3)``, or by group, ``TrainConfig(model=m,
+``layout`` (stages x replicas x microbatches and the schedule), ``optim``, ``data``, ``runtime``, ``output`` and
+``recovery``. Every leaf setting has one name in the whole tree, which is also its flag (``stages`` -> ``--stages``),
+so a config is written flat, ``TrainConfig(model=m, stages=4, lr=1e-3)``, or by group, ``TrainConfig(model=m,
 layout=LayoutConfig(stages=4))``; it is read by group, ``config.layout.stages``.
 """
 
@@ -24,6 +24,7 @@ __all__ = [
     "LayoutConfig",
     "OptimConfig",
     "OutputConfig",
+    "RecoveryConfig",
     "RuntimeConfig",
     "SplitConfig",
     "StartConfig",
@@ -202,6 +203,30 @@ class OutputConfig:
         _at_least(self, 1, "keep")
 
 
+@dataclasses.dataclass(kw_only=True, slots=True)
+class RecoveryConfig:
+    """How a local run survives a rank that dies or hangs: every rank stops and the run restarts from its newest
+    snapshot (a checkpoint every --snapshot-every steps), with the same result as a run without the failure."""
+
+    max_restarts: int = 0
+    """Restarts after a rank dies (a crash, SIGKILL) or hangs (no heartbeat): every rank is stopped and the run goes
+    on from the newest complete snapshot. 0: the first failure ends the run."""
+    snapshot_every: int = 10
+    """With --max-restarts: take a snapshot every K steps (copied in memory, written to disk by a thread); a failure
+    recomputes at most K steps."""
+    snapshot_dir: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
+    """Where snapshots go: the --save folder when given, else a private temporary folder removed at the end."""
+    heartbeat_timeout: float = 10.0
+    """With --max-restarts: seconds a rank's process may go without a heartbeat (it is stopped: SIGSTOP, a debugger, a
+    deadlock) before it counts as hung. A rank stuck in a wait fails by --timeout instead."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "max_restarts")
+        _at_least(self, 1, "snapshot_every")
+        if not self.heartbeat_timeout > 0:
+            raise ConfigError(f"heartbeat_timeout must be > 0, got {self.heartbeat_timeout}; set --heartbeat-timeout")
+
+
 @dataclasses.dataclass(kw_only=True, slots=True, init=False)
 class TrainConfig:
     """How to train a split model across processes.
@@ -222,6 +247,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
 
     def __init__(self, **settings: Any) -> None:
         for name, value in build_tree(TrainConfig, settings).items():

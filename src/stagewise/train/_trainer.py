@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._errors import ConfigError
 from .._spec import ModelSpec, import_model_code
 from ..comm import DistTransport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
@@ -22,6 +23,7 @@ from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
 from ._rank import Layout, load_train_spec, rank_packs, weights_path
+from ._recovery import run_with_restarts
 from ._worker import run_worker
 
 __all__ = ["TrainResult", "Trainer"]
@@ -46,6 +48,10 @@ class TrainResult:
     memory: list[dict[str, int]] = dataclasses.field(default_factory=list)
     """Per rank, the bytes it measured on its first step: ``weights``, ``gradients``, ``optimizer`` state and peak
     saved ``activations`` (what :class:`stagewise.plan.Plan` predicts per pipeline rank)."""
+    restarts: int = 0
+    """How often the run restarted from a snapshot after a rank died or hung (``--max-restarts``)."""
+    failures: list[str] = dataclasses.field(default_factory=list)
+    """The cause of each restart, in order: the rank and what happened to it."""
 
     @property
     def stop_reason(self) -> str | None:
@@ -110,8 +116,10 @@ class Trainer:
     through pinned host memory (ranks sharing a GPU: NCCL refuses them).
 
     ``torchrun`` (from :func:`stagewise.launch.torchrun_env`) makes this process the one rank torchrun started;
-    without it the ranks are spawned here. Locally, SIGINT or SIGTERM of this process stops every rank at the next
-    step boundary (saving a checkpoint there when ``save_dir`` is set): :attr:`TrainResult.stopped_by` says so.
+    without it the ranks are spawned here. With ``max_restarts`` a local run outlives ranks that die or hang: every
+    rank is stopped and the run goes on from its newest snapshot (see :mod:`stagewise.train._recovery`). Locally,
+    SIGINT or SIGTERM of this process stops every rank at the next step boundary (saving a checkpoint there when
+    ``save_dir`` is set): :attr:`TrainResult.stopped_by` says so.
     """
 
     def __init__(self, config: TrainConfig, *, torchrun: TorchrunEnv | None = None) -> None:
@@ -143,6 +151,9 @@ class Trainer:
         log.info("training %s: %s", config.model, plan.describe())
         device = None if plan.device == "cpu" else plan.device
         if self.torchrun is not None:  # every rank runs this; out_dir, if any, must be a path all ranks share
+            if config.recovery.max_restarts:
+                raise ConfigError("--max-restarts restarts ranks this process spawned; under torchrun use torchrun's "
+                                  "own --max-restarts with --save DIR --resume DIR")
             transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout,
                                          device=device)
             try:
@@ -152,10 +163,14 @@ class Trainer:
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
                                out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"],
                                memory=summary["memory"])
-        scratch = None
+        scratch = snapshots = None
         if config.output.out_dir is None:  # the ranks hand the weights over in files; read, then removed below
             scratch = tempfile.mkdtemp(prefix="stagewise-train-")
             config = dataclasses.replace(config, out_dir=scratch)
+        if config.recovery.max_restarts and config.recovery.snapshot_dir is None:
+            if config.output.save_dir is None:  # a folder of this run's own
+                snapshots = tempfile.mkdtemp(prefix="stagewise-snapshots-")
+            config = dataclasses.replace(config, snapshot_dir=snapshots or config.output.save_dir)
         # Ranks share cores: one compute thread each, and OpenMP threads that sleep instead of spinning while a rank
         # waits for its neighbour. Read when the forkserver first imports torch, so set before the first spawn.
         os.environ.setdefault("OMP_NUM_THREADS", str(config.runtime.threads))
@@ -164,20 +179,30 @@ class Trainer:
         budget = timeout if timeout is not None else max(120.0, 60.0 + 5.0 * config.steps * wait_s / 30.0)
         # After SIGINT/SIGTERM the ranks finish their step, agree to stop, maybe save: a step and a save's waits.
         grace = 30.0 + 3 * wait_s
+        heartbeat = config.recovery.heartbeat_timeout if config.recovery.max_restarts else None
+
+        if self._packs is None:
+            self.check()
+
+        def launch(attempt: TrainConfig) -> int | None:
+            return spawn(_local_rank_main, attempt.world_size,
+                         args=(attempt.to_json(), plan.backend, plan.device, self._packs),
+                         timeout=budget, preload=_PRELOAD, stop_grace=grace, heartbeat=heartbeat)
+
         try:
-            if self._packs is None:
-                self.check()
-            stopped = spawn(_local_rank_main, config.world_size,
-                            args=(config.to_json(), plan.backend, plan.device, self._packs),
-                            timeout=budget, preload=_PRELOAD, stop_grace=grace)
+            stopped, restarts = run_with_restarts(launch, config, snapshots=Path(config.recovery.snapshot_dir or "."))
             out = Path(config.output.out_dir or ".")
             summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
-            result = TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"], out_dir=out,
+            # the steps before the last restart, as the snapshots kept them, then the last attempt's
+            losses = restarts.losses_before(summary["start_step"]) + summary["losses"]
+            result = TrainResult(losses=losses, steps_per_s=summary["steps_per_s"], out_dir=out,
                                  stopped_by=stopped, last_step=summary.get("last_step"),
-                                 memory=summary.get("memory", []))
+                                 memory=summary.get("memory", []), restarts=len(restarts.causes),
+                                 failures=restarts.causes)
             if scratch is not None:
                 result.weights, result.out_dir = result.state_dict(), None
             return result
         finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            for folder in (scratch, snapshots):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)

@@ -24,6 +24,7 @@ from ._rank import RankState, setup_rank, stage_tensors
 
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointWriter
+    from ._checkpointing import Snapshots
 
 __all__ = ["run_worker"]
 
@@ -80,6 +81,14 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     progress = StepProgress(total=config.steps, start=rs.start_step, enabled=config.output.progress and rs.rank == 0)
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
     done = rs.start_step
+    snapshots = None
+    folder = config.recovery.snapshot_dir
+    if folder and config.recovery.max_restarts:
+        from ..checkpoint import CheckpointWriter
+        from ._checkpointing import Snapshots
+
+        same = writer is not None and folder == config.output.save_dir
+        snapshots = Snapshots(rs, writer if same else CheckpointWriter(folder, keep=2, clean=rs.rank == 0))
     try:
         for step in range(rs.start_step, config.steps):
             try:
@@ -91,7 +100,7 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
                 if rs.rank == 0 and log_every and (step + 1) % log_every == 0 and not progress.enabled:
                     print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
                 done = step + 1
-                _maybe_save(rs, writer, step=done, stop=stop)
+                _maybe_save(rs, writer, snapshots, step=done, stop=stop)
                 if stop and done < config.steps:
                     # the command line says where it stopped (and the checkpoint); the Python API reads stopped_by
                     log.info("asked to stop: ending after step %d of %d", done, config.steps)
@@ -102,6 +111,8 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
                 raise RuntimeError(f"{where} failed at step {step + 1}: {type(exc).__name__}: {exc}") from exc
     finally:  # also on a failure: the bar stops drawing before the error's one line is printed
         progress.close()
+    if snapshots is not None:
+        snapshots.close()
     return done
 
 
@@ -151,13 +162,20 @@ def _train_step(rs: RankState, batch: Any, should_stop: Callable[[], bool],
     return loss, bool(total[1] > 0)
 
 
-def _maybe_save(rs: RankState, writer: CheckpointWriter | None, *, step: int, stop: bool) -> None:
-    """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so."""
+def _maybe_save(rs: RankState, writer: CheckpointWriter | None, snapshots: Snapshots | None, *, step: int,
+                stop: bool) -> None:
+    """Save after ``step`` when a writer is set and the run ends there, stops there, or ``save_every`` says so;
+    else take a snapshot (written in the background) when ``snapshot_every`` says so: a restart goes on from the
+    newest of either."""
     save_every = rs.config.output.save_every
     if writer is not None and (stop or step == rs.config.steps or (save_every and step % save_every == 0)):
         from ._checkpointing import save_checkpoint
 
+        if snapshots is not None:
+            snapshots.drain()  # one writer at a time when they share the folder
         save_checkpoint(rs, writer, step=step)
+    elif snapshots is not None and step % rs.config.recovery.snapshot_every == 0:
+        snapshots.take(step)
 
 
 def _finish(rs: RankState, *, done: int, elapsed: float, memory: dict[str, int]) -> dict[str, Any]:

@@ -1,0 +1,115 @@
+"""Restarting a local run after a rank dies or hangs: every rank is stopped (by :func:`~stagewise.launch.spawn`) and
+the run starts again from the newest complete snapshot, the checkpoint the ranks save every ``snapshot_every`` steps.
+
+The snapshot holds the weights, optimizer state, LR schedule, every rank's RNG and (through its step) the data
+position, so on the same layout the restarted run computes exactly what the lost steps computed: the final weights
+equal an uninterrupted run's, bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ..comm import SpawnError
+from ._config import TrainConfig
+
+__all__ = ["Restarts", "failure_cause", "run_with_restarts"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Restarts:
+    """What the restarts of one run did: one cause per restart, and the losses of the steps the failed attempts
+    finished up to their snapshot (by step number, from 1)."""
+
+    first_step: int
+    """The step the run began from (0, or the step of the checkpoint it resumed)."""
+    causes: list[str] = dataclasses.field(default_factory=list)
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def losses_before(self, step: int) -> list[float]:
+        """The losses of the steps after ``first_step`` up to ``step`` that earlier attempts kept in snapshots."""
+        if not self.causes:  # no restart: the last attempt ran from the start
+            return []
+        return [self.losses[s] for s in range(self.first_step + 1, step + 1)]
+
+
+def failure_cause(exc: SpawnError) -> str:
+    """The rank that caused a failed launch (spawn puts it first) and what happened, in one line: how its process
+    ended ("rank 1 killed by signal SIGKILL ...", "rank 3 sent no heartbeat ...") or the exception it raised (its
+    traceback's last line)."""
+    rank = next(iter(exc.failures))
+    lines = [line.strip() for line in exc.failures[rank].strip().splitlines() if line.strip()] or ["no report"]
+    cause = (lines[-1] if lines[0].startswith("Traceback") else lines[0])[:300]
+    return cause if cause.startswith(f"rank {rank} ") else f"rank {rank} failed: {cause}"
+
+
+def run_with_restarts(launch: Callable[[TrainConfig], int | None], config: TrainConfig, *,
+                      snapshots: Path) -> tuple[int | None, Restarts]:
+    """Call ``launch(config)`` (it runs every rank and waits) until it returns, restarting from the newest
+    checkpoint under ``snapshots`` after each failure, at most ``config.recovery.max_restarts`` times.
+
+    Returns what ``launch`` returned (the stopping signal, or None) and the restarts. A launch stopped by a signal
+    (SIGINT, SIGTERM) or past its deadline is not restarted; after the last allowed restart a failure raises
+    :class:`SpawnError` naming every failure.
+    """
+    limit = config.recovery.max_restarts
+    resume = config.output.resume
+    restarts = Restarts(first_step=_step_of(Path(resume)) if limit and resume is not None else 0)
+    earlier = _newest(snapshots) if limit else None  # what an earlier run left under --save: no snapshot of this one
+    attempt = config
+    while True:
+        try:
+            return launch(attempt), restarts
+        except SpawnError as exc:
+            if exc.signum is not None or exc.timed_out or limit == 0:
+                raise
+            cause = failure_cause(exc)
+            restarts.causes.append(cause)
+            if len(restarts.causes) > limit:
+                listed = "; ".join(f"{i + 1}) {c}" for i, c in enumerate(restarts.causes))
+                raise SpawnError(f"training failed {len(restarts.causes)} times, more than --max-restarts {limit} "
+                                 f"allows: {listed}; fix the cause or raise --max-restarts\n{exc}",
+                                 failures=exc.failures, timed_out=False) from exc
+            snapshot = _newest(snapshots)
+            if snapshot is not None and snapshot != earlier:
+                _keep_losses(restarts, snapshot[0])
+                attempt = dataclasses.replace(attempt, resume=str(snapshot[0]))
+                step = _step_of(snapshot[0])
+            else:  # failed before the first snapshot: from where the run began
+                attempt = dataclasses.replace(attempt, resume=resume)
+                step = restarts.first_step
+            log.warning("restart %d of %d: %s; every rank was stopped; restarting from step %d",
+                        len(restarts.causes), limit, cause, step)
+
+
+def _newest(root: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint under ``root`` and its manifest's mtime (a step saved again is another one)."""
+    from .._checkpoint_layout import MANIFEST
+    from ..checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(root) if root.is_dir() else None
+    try:
+        return None if found is None else (found, (found / MANIFEST).stat().st_mtime_ns)
+    except FileNotFoundError:  # pruned in between
+        return None
+
+
+def _step_of(path: Path) -> int:
+    from ..checkpoint import load_checkpoint
+
+    return load_checkpoint(path, verify="size").step
+
+
+def _keep_losses(restarts: Restarts, snapshot: Path) -> None:
+    """Record the losses the snapshot's attempt computed (its manifest has them from that attempt's first step)."""
+    from ..checkpoint import load_checkpoint
+
+    extra = load_checkpoint(snapshot, verify="size").extra
+    first = int(extra.get("first_step", 0))
+    for i, loss in enumerate(extra.get("losses", [])):
+        restarts.losses[first + i + 1] = float(loss)
