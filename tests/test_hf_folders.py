@@ -92,12 +92,13 @@ def test_training_from_a_folder_matches_single_process(folders: dict[str, Path],
     assert any(not torch.equal(state[f], initial[f]) for f in state if f in initial)
 
 
-def test_serving_a_folder_equals_from_pretrained(folders: dict[str, Path]) -> None:
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_serving_a_folder_equals_from_pretrained(folders: dict[str, Path], name: str) -> None:
     import httpx
 
     from stagewise.serve import GatewayConfig, PipelineBackend, create_app, serve_app
 
-    folder = folders["llama"]
+    folder = folders[name]
     backend = PipelineBackend(str(folder), stages=2, replicas=1, max_batch_size=2)
     try:
         backend.wait_ready(120)
