@@ -92,13 +92,14 @@ def _rss_growth(how: str) -> dict[str, int]:
 def test_profiling_peak_rss_grows_by_about_one_unit_not_the_model() -> None:
     # 8 units of 64 MiB (512 MiB of weights): profiled from the meta device the process's peak RSS grows by about one
     # unit (the allocator keeps the warm-up's freed blocks for the gradients), well under the model; built for real,
-    # the same profile grows by at least the whole model.
+    # the same profile grows by most of the model (the allocator may reuse the warm-up's freed blocks for a unit or
+    # two of it).
     meta = _rss_growth("meta")
     unit = meta["model"] // 8
     assert meta["model"] == 8 * (4096 * 4096 + 4096) * 4
     assert meta["growth"] < 2 * unit, meta
     real = _rss_growth("real")
-    assert real["growth"] > meta["model"], real
+    assert real["growth"] > 0.75 * meta["model"], real
 
 
 @pytest.mark.parametrize(("optimizer", "schedule"), [("adam", "1f1b"), ("sgd", "gpipe")])
