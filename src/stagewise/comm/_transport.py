@@ -58,7 +58,8 @@ class SendHandle(abc.ABC):
 class Transport(abc.ABC):
     """Point-to-point messages of :data:`Value` lists plus the collectives a pipeline needs.
 
-    Implementations: :class:`DistTransport` (torch.distributed) and :class:`LocalTransport` (threads, for tests).
+    Implementations: :class:`DistTransport` (torch.distributed), :class:`ShmTransport` (shared memory on one host,
+    collectives on gloo) and :class:`LocalTransport` (threads, for tests).
     Each transport is used by one thread at a time.
     """
 
