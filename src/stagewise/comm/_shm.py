@@ -12,8 +12,9 @@ gloo.
 Differences from :class:`DistTransport` a schedule can see (none that makes a correct gloo schedule wrong):
 
 - ``send`` completes once the whole message is *in the ring*, not when the receiver took it; a message larger than
-  the free space completes as the receiver drains it. Sends still in progress advance whenever this rank waits for
-  anything (a ``recv``, another send).
+  the free space completes as the receiver drains it. Whenever a rank waits for anything (a ``recv``, a send), it
+  advances its sends in progress and takes every message that has arrived (kept for its ``recv``), so two ranks that
+  both send before receiving, which deadlock on gloo, complete here.
 - Different tags on one pair share the ring: a ``recv`` that meets a message for another tag receives it into its own
   buffers and keeps it for the ``recv`` of that tag (one copy either way). ``post_recv`` is a no-op: the ring always
   receives ahead.
@@ -251,24 +252,22 @@ class ShmTransport(Transport):
             out.done, out.parts, out.keepalive = True, [], []
             queue.popleft()
 
-    def _pump_all(self) -> None:
-        for dst, queue in self._outbox.items():
-            if queue:
-                self._pump(dst)
-
     def recv(self, *, src: int, tag: int = 0, timeout: float | None = None,
              expect: Sequence[Any] | None = None) -> list[Value]:
         self._check_peer(src, name="src")
         self._check_tag(tag)
-        kept = self._stash.get((src, tag))
-        values = kept.popleft() if kept else self._wait_for(lambda: self._take(src, tag), op="recv", peer=src,
-                                                            tag=tag, timeout=timeout)
+        values = self._take(src, tag)
+        if values is None:
+            values = self._wait_for(lambda: self._take(src, tag), op="recv", peer=src, tag=tag, timeout=timeout)
         check_expect(values, expect, where=f"recv on rank {self.rank} from rank {src} (tag {tag})")
         return values
 
     def _take(self, src: int, tag: int) -> list[Value] | None:
         """The next message from ``src`` on ``tag`` if it has arrived; messages for other tags met on the way are
         kept for their own ``recv``."""
+        kept = self._stash.get((src, tag))
+        if kept:
+            return kept.popleft()
         reader = self._readers[src]
         while True:
             got = reader.poll()
@@ -278,6 +277,16 @@ class ShmTransport(Transport):
                 return got[1]
             self._stash[(src, got[0])].append(got[1])
 
+    def _progress(self) -> None:
+        """Advance every pending send and take every message that has arrived (kept for its ``recv``): a rank that
+        waits for one thing never holds up a peer that waits for another."""
+        for dst, queue in self._outbox.items():
+            if queue:
+                self._pump(dst)
+        for src, reader in self._readers.items():
+            while (got := reader.poll()) is not None:
+                self._stash[(src, got[0])].append(got[1])
+
     # -- waiting -------------------------------------------------------------------------------------------------
     def _wait_for(self, ready: Callable[[], T | None], *, op: str, peer: int, tag: int, timeout: float | None) -> T:
         """Advance pending sends and call ``ready`` until it returns a result: spin ``spin_s``, then sleep on the
@@ -285,7 +294,7 @@ class ShmTransport(Transport):
         waited, deadline = self._deadline(timeout)
         spin_until = time.monotonic() + self.spin_s
         while True:
-            self._pump_all()
+            self._progress()
             got = ready()
             if got is not None:
                 return got
@@ -296,19 +305,18 @@ class ShmTransport(Transport):
                 self._peer_gone(op, peer, tag)
             if now < spin_until:
                 continue
-            got = self._park(ready, op=op, peer=peer, until=min(deadline, now + PARK_MAX_S))
+            got = self._park(ready, until=min(deadline, now + PARK_MAX_S))
             if got is not None:
                 return got
 
-    def _park(self, ready: Callable[[], T | None], *, op: str, peer: int, until: float) -> T | None:
+    def _park(self, ready: Callable[[], T | None], *, until: float) -> T | None:
         rings = [(ring, False) for dst, ring in self._out.items() if self._outbox[dst]]
-        if op == "recv":
-            rings.append((self._readers[peer].ring, True))
+        rings += [(reader.ring, True) for reader in self._readers.values()]
         for ring, consumer in rings:
             ring.park(consumer=consumer, on=True)
         try:
             fence()
-            self._pump_all()
+            self._progress()
             got = ready()
             if got is not None:
                 return got
@@ -325,7 +333,6 @@ class ShmTransport(Transport):
         return None
 
     def _peer_gone(self, op: str, peer: int, tag: int) -> None:
-        self._pump_all()  # what it wrote before exiting is still readable: only fail when nothing more can come
         direction = "to" if op == "send" else "from"
         raise CommError(f"rank {self.rank}: {op} {direction} rank {peer} (tag {tag}) failed: rank {peer} (pid "
                         f"{self._pids[peer]}) exited; the peer process probably crashed or was killed, check its log")

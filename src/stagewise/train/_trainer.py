@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from .._errors import ConfigError
 from .._spec import ModelSpec
-from ..comm import DistTransport
+from ..comm import DistTransport, ShmTransport, Transport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
@@ -84,10 +85,15 @@ _PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker",
 
 
 def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, backend: str = "gloo",
-                     device: str = "cpu") -> None:
+                     device: str = "cpu", kind: str = "gloo") -> None:
     config = TrainConfig.from_json(config_json)
-    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.runtime.timeout,
-                                   backend=backend, device=None if device == "cpu" else device)
+    timeout = config.runtime.timeout
+    transport: Transport
+    if kind == "shm":
+        transport = ShmTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout)
+    else:
+        transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout,
+                                       backend=backend, device=None if device == "cpu" else device)
     try:
         run_worker(config, transport, should_stop=stop_requested)
     finally:
@@ -110,7 +116,10 @@ class Trainer:
         self.config = config
         self.torchrun = torchrun
         on_host = config.world_size if torchrun is None else torchrun.local_world_size
-        self.devices: DevicePlan = plan_devices(config.runtime.device, on_host)
+        if torchrun is not None and config.runtime.transport == "shm":
+            raise ConfigError("transport 'shm' runs on the local processes Stagewise starts, not under torchrun "
+                              "(yet); use --transport auto or gloo")
+        self.devices: DevicePlan = plan_devices(config.runtime.device, on_host, config.runtime.transport)
         """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
 
     def check(self) -> ModelSpec:
@@ -155,7 +164,8 @@ class Trainer:
         # After SIGINT/SIGTERM the ranks finish their step, agree to stop, maybe save: a step and a save's waits.
         grace = 30.0 + 3 * wait_s
         try:
-            stopped = spawn(_local_rank_main, config.world_size, args=(config.to_json(), plan.backend, plan.device),
+            stopped = spawn(_local_rank_main, config.world_size,
+                            args=(config.to_json(), plan.backend, plan.device, plan.transport),
                             timeout=budget, preload=_PRELOAD, stop_grace=grace)
             out = Path(config.output.out_dir or ".")
             summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
