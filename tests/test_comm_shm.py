@@ -23,6 +23,7 @@ from stagewise.comm import (
     find_free_port,
     remove_shm_segments,
 )
+from stagewise.comm._shm_reader import BufferPool
 from stagewise.comm._shm_ring import SHM_DIR, Ring, create_segment, unlink_segment
 from stagewise.launch import forkserver_context, spawn
 
@@ -221,3 +222,19 @@ def test_shm_rejects_bad_settings() -> None:
         ShmTransport.init(rank=0, world_size=1, master_port=find_free_port(), ring_bytes=1024)
     with pytest.raises(ValueError, match="spin_us must be >= 0"):
         ShmTransport.init(rank=0, world_size=1, master_port=find_free_port(), spin_us=-1.0)
+
+
+def test_buffer_pool_reuses_only_buffers_nobody_holds() -> None:
+    pool = BufferPool(keep=2)
+    a = pool.tensor(1000)
+    view = a.view(torch.float32)[10:]
+    del a
+    b = pool.tensor(1000)  # the first is still seen through ``view``: a new buffer
+    assert b.data_ptr() != view.data_ptr() - 40
+    first = view.data_ptr() - 40
+    del view
+    assert pool.tensor(1000).data_ptr() == first  # nothing holds it now: reused (warm pages)
+    c = pool.tensor(1000)  # b is alive and the first is held by... nobody: reused again
+    assert c.data_ptr() == first and c.data_ptr() != b.data_ptr()
+    d = pool.tensor(5000)  # a size the pool lacks, and no free buffer to evict: not kept
+    assert d.numel() == 5000 and len(pool._buffers) == 2

@@ -48,7 +48,7 @@ from ._errors import CommError, CommTimeoutError
 from ._expect import check_expect
 from ._framing import HEADER_SLOTS, Value, as_bytes, prepare
 from ._rendezvous import rendezvous_store
-from ._shm_reader import Reader
+from ._shm_reader import BufferPool, Reader
 from ._shm_ring import (
     PARK_MAX_S,
     Doorbell,
@@ -128,7 +128,8 @@ class ShmTransport(Transport):
         self.spin_s = spin_us / 1e6
         self._prefix, self._bell, self._pids = prefix, doorbell, pids
         self._out = outbound
-        self._readers = {src: Reader(ring, src=src) for src, ring in inbound.items()}
+        pool = BufferPool()
+        self._readers = {src: Reader(ring, src=src, pool=pool) for src, ring in inbound.items()}
         self._outbox: dict[int, collections.deque[_Outgoing]] = {dst: collections.deque() for dst in outbound}
         self._stash: dict[tuple[int, int], collections.deque[list[Value]]] = collections.defaultdict(collections.deque)
         self._pidfds = {os.pidfd_open(pid): peer for peer, pid in pids.items()}
