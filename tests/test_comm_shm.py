@@ -149,6 +149,14 @@ def _tags_worker(rank: int, world_size: int, port: int) -> None:
         x = torch.full((5,), float(rank + 1))
         t.all_reduce(x, op="mean")  # collectives ride on the gloo group kept alongside
         assert torch.equal(x, torch.full((5,), 1.5))
+        if rank == 0:  # a rank idle in recv for a second sleeps on its doorbell: it burns no core
+            time.sleep(1.0)
+            t.send([7], dst=1, tag=11)
+        else:
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            assert t.recv(src=0, tag=11) == [7]
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            assert wall > 0.8 and cpu < 0.15 * wall, f"{cpu:.3f} s of CPU while waiting {wall:.3f} s"
     finally:
         t.close()
 
