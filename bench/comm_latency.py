@@ -121,11 +121,11 @@ def _ping_pong(shm: Any, case: str, rounds: int) -> tuple[list[float], list[floa
     return (times if rank == 0 else []), calls
 
 
-def _rank(rank: int, world_size: int, port: int, out_dir: str, rounds: int, repeats: int) -> None:
+def _rank(rank: int, world_size: int, port: int, out_dir: str, rounds: int, repeats: int, spin_us: float) -> None:
     from stagewise.comm import ShmTransport
 
     torch.set_num_threads(1)
-    transport = ShmTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=30.0)
+    transport = ShmTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=30.0, spin_us=spin_us)
     try:
         best: dict[str, dict[str, float]] = {}
         for case in CASES:  # warm up every path (first messages set up gloo pairs and allocator pools)
@@ -172,11 +172,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2000, help="ping-pongs per case and repeat")
     parser.add_argument("--repeats", type=int, default=3, help="alternating passes over all cases; best kept")
+    parser.add_argument("--spin-us", type=float, default=100.0,
+                        help="how long a shm wait spins before it sleeps (ShmTransport's spin_us)")
     args = parser.parse_args()
     if args.rounds < 1 or args.repeats < 1:
         parser.error("--rounds and --repeats must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
-        spawn(_rank, 2, args=(tmp, args.rounds, args.repeats), port=find_free_port(), timeout=600,
+        spawn(_rank, 2, args=(tmp, args.rounds, args.repeats, args.spin_us), port=find_free_port(), timeout=600,
               preload=("torch", "stagewise.comm"))
         res = json.loads(Path(tmp, "comm_latency.json").read_text())
     gbps = {case: _MB64 / (res[case]["rt_us"] / 1e6) / 1e9 for case in ("gloo 64MiB", "shm 64MiB")}

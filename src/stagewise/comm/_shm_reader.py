@@ -35,6 +35,7 @@ __all__ = ["BufferPool", "Reader"]
 
 _HEADER_BYTES = HEADER_SLOTS * 8
 _CPU = torch.device("cpu")
+_KNOWN = 64  # descriptor layouts a reader remembers
 
 
 class BufferPool:
@@ -73,6 +74,7 @@ class Reader:
     def __init__(self, ring: Ring, *, src: int, pool: BufferPool) -> None:
         self.ring, self.src, self.pool = ring, src, pool
         self._header_buf = np.empty(_HEADER_BYTES, dtype=np.uint8)
+        self._known: dict[tuple[int, ...], tuple[list[Desc], list[int], list[tuple[int, int, int] | None], int]] = {}
         self._start()
 
     def _start(self) -> None:
@@ -106,8 +108,7 @@ class Reader:
         if not self._fill():
             return None
         if self._descs is None:
-            ext = None if self._extension is None else self._extension.view(np.int64).tolist()
-            self._descs = parse_descriptors(self._header, ext)
+            self._describe()
             self._layout()
             if not self._fill():
                 return None
@@ -120,10 +121,27 @@ class Reader:
         self._start()
         return tag, values
 
+    def _describe(self) -> None:
+        """Decode the descriptors and the buffer layout; a pipeline sends the same descriptors message after message,
+        so those read from the header alone are remembered by their slots."""
+        assert self._header is not None
+        if self._extension is not None:
+            self._descs = parse_descriptors(self._header, self._extension.view(np.int64).tolist())
+            self._sizes, self._where, self._pack_bytes = buffer_layout(self._descs)
+            return
+        key = self._header[4 : 6 + self._header[5]]
+        known = self._known.get(key)
+        if known is None:
+            descs = parse_descriptors(self._header, None)
+            known = (descs, *buffer_layout(descs))
+            if len(self._known) >= _KNOWN:
+                self._known.clear()
+            self._known[key] = known
+        self._descs, self._sizes, self._where, self._pack_bytes = known
+
     def _layout(self) -> None:
         """Allocate the buffers the message's bytes land in, from its descriptors."""
-        assert self._descs is not None
-        sizes, self._where, self._pack_bytes = buffer_layout(self._descs)
+        sizes = self._sizes
         large_sizes = sizes[1:] if self._pack_bytes else sizes
         if self._pack_bytes:
             self._in_place = not large_sizes
