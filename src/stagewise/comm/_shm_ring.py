@@ -29,6 +29,7 @@ import os
 import platform
 import socket
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -127,8 +128,9 @@ class Ring:
         self.data_t = torch.from_numpy(self.data)
         self.head = int(self.ctl[_HEAD])
         self.tail = int(self.ctl[_TAIL])
-        self.wake_peer: object = None
-        """Called (no arguments) after a store the other side may be parked on; set by the transport."""
+        self.wake_peer: Callable[[], None] = lambda: None
+        """Called after a store the other side may be parked on (it rings the peer's doorbell); set by the
+        transport."""
 
     # -- producer --------------------------------------------------------------------------------------------------
     def free(self) -> int:
@@ -145,7 +147,7 @@ class Ring:
         self.ctl[_HEAD] = self.head
         fence()
         if self.ctl[_RX_PARKED]:
-            self.wake_peer()  # type: ignore[operator]
+            self.wake_peer()
 
     def write(self, src: np.ndarray, start: int) -> int:
         """Write as much of ``src[start:]`` (flat uint8) as fits, wrapping around; publish it; bytes written."""
@@ -175,7 +177,7 @@ class Ring:
         self.ctl[_TAIL] = self.tail
         fence()
         if self.ctl[_TX_PARKED]:
-            self.wake_peer()  # type: ignore[operator]
+            self.wake_peer()
 
     def read_into(self, dst: np.ndarray, start: int) -> int:
         """Copy as many of the next bytes as have arrived into ``dst[start:]`` (flat uint8); bytes copied."""
