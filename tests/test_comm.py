@@ -126,8 +126,9 @@ def _catch(fn: Callable[[], None], errors: list[BaseException]) -> None:
 def test_public_surface() -> None:
     assert set(comm.__all__) == {
         "DTYPE_CODES", "BoundaryMismatchError", "CommError", "CommGroup", "CommTimeoutError", "DistTransport",
-        "FramingError", "LocalHub", "LocalTransport", "ReduceOp", "SendHandle", "SpawnError", "Transport",
-        "TransportClosedError", "Value", "check_expect", "find_free_port", "rendezvous_store"}
+        "FramingError", "LocalHub", "LocalTransport", "ReduceOp", "SendHandle", "ShmTransport", "SpawnError",
+        "Transport", "TransportClosedError", "Value", "check_expect", "find_free_port", "remove_shm_segments",
+        "rendezvous_store"}
     assert issubclass(CommTimeoutError, TimeoutError) and issubclass(BoundaryMismatchError, ValueError)
 
 

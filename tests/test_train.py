@@ -53,19 +53,24 @@ def test_matches_single_process(schedule: str, stages: int, replicas: int) -> No
                          global_batch=16, progress=False, log_every=0, dropout=False))
 
 
+@pytest.mark.parametrize("transport", ["auto", "shm"])
 @pytest.mark.parametrize("schedule,stages_per_rank", [("interleaved", 2), ("zb", 1)])
-def test_interleaved_and_zero_bubble_match_single_process(schedule: str, stages_per_rank: int) -> None:
+def test_interleaved_and_zero_bubble_match_single_process(schedule: str, stages_per_rank: int, transport: str) -> None:
+    """shm: interleaved sends forward and backward values between the same two ranks on many tags (one ring)."""
     _compare(TrainConfig(model="stagewise.zoo.basic:mlp", stages=2, stages_per_rank=stages_per_rank, microbatches=4,
-                         schedule=schedule, steps=3, global_batch=16, progress=False, log_every=0, dropout=False))
+                         schedule=schedule, steps=3, global_batch=16, progress=False, log_every=0, dropout=False,
+                         transport=transport))
 
 
-@pytest.mark.parametrize("model,schedule,stages,replicas", [
-    ("stagewise.zoo.hf:gpt2", "1f1b", 2, 1),          # Hugging Face, tied embedding / LM head across stages
-    ("stagewise.zoo.gpt:tiny_gpt", "gpipe", 2, 2),    # our GPT, tied weights, hybrid
+@pytest.mark.parametrize("model,schedule,stages,replicas,transport", [
+    ("stagewise.zoo.hf:gpt2", "1f1b", 2, 1, "auto"),          # Hugging Face, tied embedding / LM head across stages
+    ("stagewise.zoo.gpt:tiny_gpt", "gpipe", 2, 2, "auto"),    # our GPT, tied weights, hybrid
+    ("stagewise.zoo.gpt:tiny_gpt", "1f1b", 2, 2, "shm"),      # the same over shared memory (all-reduce on gloo)
 ])
-def test_tied_and_hf_models_match(model: str, schedule: str, stages: int, replicas: int) -> None:
+def test_tied_and_hf_models_match(model: str, schedule: str, stages: int, replicas: int, transport: str) -> None:
     _compare(TrainConfig(model=model, stages=stages, replicas=replicas, microbatches=2, schedule=schedule, steps=3,
-                         global_batch=8, progress=False, log_every=0, dropout=False, clip_grad_norm=0.5))
+                         global_batch=8, progress=False, log_every=0, dropout=False, clip_grad_norm=0.5,
+                         transport=transport))
 
 
 @pytest.mark.parametrize("model,schedule,stages,replicas", [
@@ -216,3 +221,15 @@ def test_trace_has_every_action_of_every_rank(tmp_path: Path) -> None:
     assert all(e["dur"] >= 0 for e in events)
     png = (trace / "timeline.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_transport_setting_picks_what_carries_messages() -> None:
+    from stagewise.train._device import plan_devices
+
+    assert plan_devices("cpu", 2, "shm").transport == "shm"
+    assert plan_devices("cpu", 2, "auto").transport == plan_devices("cpu", 2, "gloo").transport == "gloo"
+    assert "shared-memory rings" in Trainer(TrainConfig(model="m:f", stages=2, transport="shm")).devices.describe()
+    with pytest.raises(ValueError, match="transport 'shm' moves CPU tensors and device is cuda; use --transport auto"):
+        TrainConfig(model="m:f", transport="shm", device="cuda")
+    with pytest.raises(ValueError, match="transport must be one of auto, shm, gloo, got 'tcp'; set --transport"):
+        TrainConfig(model="m:f", transport="tcp")

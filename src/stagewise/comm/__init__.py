@@ -11,9 +11,10 @@
 >>> handle.wait()
 
 Messages are framed without pickle (an int64 header, then raw tensor bytes; see ``_framing``). :class:`Transport` is
-the interface; :class:`DistTransport` runs on torch.distributed (gloo on CPU, NCCL on CUDA), :class:`LocalTransport`
-on threads. Rank 0 serves the group's rendezvous store on the run's address only (:func:`rendezvous_store`); starting
-the processes is :mod:`stagewise.launch`'s job.
+the interface; :class:`DistTransport` runs on torch.distributed (gloo on CPU, NCCL on CUDA), :class:`ShmTransport`
+on shared-memory rings between ranks of one host (collectives on gloo), :class:`LocalTransport` on threads. Rank 0
+serves the group's rendezvous store on the run's address only (:func:`rendezvous_store`); starting the processes is
+:mod:`stagewise.launch`'s job.
 """
 
 from ._dist import DistTransport
@@ -29,6 +30,7 @@ from ._expect import check_expect
 from ._framing import DTYPE_CODES, Value
 from ._local import LocalHub, LocalTransport
 from ._rendezvous import find_free_port, rendezvous_store
+from ._shm import ShmTransport, remove_shm_segments
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
 __all__ = [
@@ -43,11 +45,13 @@ __all__ = [
     "LocalTransport",
     "ReduceOp",
     "SendHandle",
+    "ShmTransport",
     "SpawnError",
     "Transport",
     "TransportClosedError",
     "Value",
     "check_expect",
     "find_free_port",
+    "remove_shm_segments",
     "rendezvous_store",
 ]

@@ -7,6 +7,8 @@ Semantics every implementation keeps (so a unit test on :class:`LocalTransport` 
   raises :class:`FramingError` instead of being silently misdelivered.
 - ``send`` is a rendezvous: it returns once the receiver has taken the message (as gloo does). Two ranks that both
   ``send`` to each other before receiving deadlock until the timeout; post ``isend`` first, then ``recv``, then wait.
+  (:class:`ShmTransport` completes a send once the message is in its ring, a weaker condition: what is correct on
+  gloo stays correct there.)
 - Between ``isend`` and ``handle.wait()`` the caller must not modify the tensors sent.
 - Every wait has a deadline (``timeout`` seconds, default :attr:`Transport.timeout`) and raises
   :class:`CommTimeoutError` naming ranks, tag and seconds. Collectives must be called by every rank of the group in the
@@ -58,7 +60,8 @@ class SendHandle(abc.ABC):
 class Transport(abc.ABC):
     """Point-to-point messages of :data:`Value` lists plus the collectives a pipeline needs.
 
-    Implementations: :class:`DistTransport` (torch.distributed) and :class:`LocalTransport` (threads, for tests).
+    Implementations: :class:`DistTransport` (torch.distributed), :class:`ShmTransport` (shared memory on one host,
+    collectives on gloo) and :class:`LocalTransport` (threads, for tests).
     Each transport is used by one thread at a time.
     """
 

@@ -11,6 +11,9 @@ each child SIGUSR1, which sets :func:`stop_requested` there, so a training loop 
 (ranks of a pipeline must agree on which: see ``train``). Children that have not finished ``stop_grace`` seconds later
 are killed. A second signal kills at once. Children that never ask (probes, timings: ``stoppable=False``) are killed
 at the first signal, and :func:`spawn` raises ``KeyboardInterrupt`` (the command line's one line, no traceback).
+
+Shared-memory segments a rank left behind (killed while attaching its rings: see :class:`~stagewise.comm.ShmTransport`)
+are removed once every child is gone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from ..comm import SpawnError, find_free_port
+from ..comm import SpawnError, find_free_port, remove_shm_segments
 
 __all__ = ["STOP_SIGNAL", "describe_exit", "forkserver_context", "spawn", "stop_requested"]
 
@@ -227,6 +230,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *, args: tuple[Any, ...] = ()
         codes = _reap(procs)
         for reader in readers.values():
             reader.close()
+        remove_shm_segments(port)  # what ranks killed while attaching their shared-memory rings left behind
     if stop.signum is not None and not stoppable:
         raise KeyboardInterrupt(f"stopped by {signal.Signals(stop.signum).name}")
     ended = not failures and not timed_out and not stop.forced

@@ -33,6 +33,8 @@ __all__ = [
 
 Device = Literal["cpu", "cuda", "auto"]
 DEVICES: tuple[str, ...] = get_args(Device)
+TransportName = Literal["auto", "shm", "gloo"]
+TRANSPORTS: tuple[str, ...] = get_args(TransportName)
 
 
 def _at_least(config: Any, minimum: int, *names: str) -> None:
@@ -168,12 +170,18 @@ class RuntimeConfig:
     device: Device = "cpu"
     """Where stages compute: cpu, cuda (rank r on GPU local_rank % GPUs; NCCL when every rank has its own GPU, else
     gloo staged through pinned host memory), or auto (cuda when CUDA is available)."""
+    transport: TransportName = "auto"
+    """How ranks exchange activations and gradients: shm (shared-memory rings between the processes of this machine,
+    CPU only; collectives on gloo), gloo, or auto (gloo on the CPU, NCCL or staged gloo on GPUs, as --device says)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
         _at_least(self, 1, "threads")
         if not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0, got {self.timeout}; set --timeout")
+        if self.transport == "shm" and self.device == "cuda":
+            raise ConfigError("transport 'shm' moves CPU tensors and device is cuda; use --transport auto (NCCL or "
+                              "staged gloo) or --device cpu")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._config import DEVICES
+from .._errors import ConfigError
+from ._config import DEVICES, TRANSPORTS
 
 __all__ = [
     "DEVICES",
@@ -75,21 +76,38 @@ class DevicePlan:
     """GPUs visible on this host (0 on a CPU run)."""
     ranks_on_host: int
     """Training processes on this host."""
+    transport: str = ""
+    """What carries point-to-point messages: ``shm`` (shared-memory rings; collectives on :attr:`backend`), else the
+    backend's name (the default)."""
+
+    def __post_init__(self) -> None:
+        if not self.transport:
+            object.__setattr__(self, "transport", self.backend)
 
     def describe(self) -> str:
         if self.device == "cpu":
-            return f"device cpu, backend gloo, {self.ranks_on_host} rank(s)"
+            how = "shared-memory rings (collectives on gloo)" if self.transport == "shm" else "backend gloo"
+            return f"device cpu, {how}, {self.ranks_on_host} rank(s)"
         how = "staged through pinned host memory" if self.staged else "one GPU per rank"
         return (f"device cuda, backend {self.backend} ({how}), {self.ranks_on_host} rank(s) on "
                 f"{self.gpus_on_host} GPU(s)")
 
 
-def plan_devices(setting: str, ranks_on_host: int) -> DevicePlan:
-    """Resolve ``setting`` and choose the backend for ``ranks_on_host`` ranks on this host."""
+def plan_devices(setting: str, ranks_on_host: int, transport: str = "auto") -> DevicePlan:
+    """Resolve ``setting`` and choose the backend for ``ranks_on_host`` ranks on this host; ``transport`` (see
+    :attr:`RuntimeConfig.transport`) forces shared memory (CPU only) or gloo (staged on GPUs)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
     device = resolve_device(setting)
+    if transport == "shm" and device == "cuda":
+        raise ConfigError(f"transport 'shm' moves CPU tensors and device {setting!r} means cuda here; use "
+                         "--transport auto or --device cpu")
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     backend, staged = choose_backend(device, gpus, ranks_on_host)
-    return DevicePlan(device=device, backend=backend, staged=staged, gpus_on_host=gpus, ranks_on_host=ranks_on_host)
+    if transport == "gloo" and backend == "nccl":
+        backend, staged = "gloo", True
+    return DevicePlan(device=device, backend=backend, staged=staged, gpus_on_host=gpus, ranks_on_host=ranks_on_host,
+                      transport="shm" if transport == "shm" else backend)
 
 
 def strict_fp32(device: torch.device) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from .._errors import ConfigError
 from .._spec import ModelSpec, import_model_code
-from ..comm import DistTransport
+from ..comm import DistTransport, ShmTransport, Transport
 from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
 from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
@@ -94,14 +94,19 @@ _PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker",
 
 
 def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, backend: str = "gloo",
-                     device: str = "cpu", packs: dict[int, bytes] | None = None) -> None:
+                     device: str = "cpu", kind: str = "gloo", packs: dict[int, bytes] | None = None) -> None:
     config = TrainConfig.from_json(config_json)
     # This rank's stages as the launcher split them (pickled by the process that started this one, on this machine;
     # never data from the network or a file): the rank does not capture the model again.
     import_model_code(config.model)  # custom operators the graphs call are registered by the factory's module
     pack = pickle.loads(packs[Layout(config).place(rank)[1]]) if packs else None
-    transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=config.runtime.timeout,
-                                   backend=backend, device=None if device == "cpu" else device)
+    timeout = config.runtime.timeout
+    transport: Transport
+    if kind == "shm":
+        transport = ShmTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout)
+    else:
+        transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout,
+                                       backend=backend, device=None if device == "cpu" else device)
     try:
         run_worker(config, transport, pack=pack, should_stop=stop_requested)
     finally:
@@ -126,7 +131,10 @@ class Trainer:
         self.config = config
         self.torchrun = torchrun
         on_host = config.world_size if torchrun is None else torchrun.local_world_size
-        self.devices: DevicePlan = plan_devices(config.runtime.device, on_host)
+        if torchrun is not None and config.runtime.transport == "shm":
+            raise ConfigError("transport 'shm' runs on the local processes Stagewise starts, not under torchrun "
+                              "(yet); use --transport auto or gloo")
+        self.devices: DevicePlan = plan_devices(config.runtime.device, on_host, config.runtime.transport)
         """The device and backend decision for this run (see :func:`~stagewise.train._device.choose_backend`)."""
         self._packs: dict[int, bytes] | None = None
 
@@ -186,7 +194,7 @@ class Trainer:
 
         def launch(attempt: TrainConfig) -> int | None:
             return spawn(_local_rank_main, attempt.world_size,
-                         args=(attempt.to_json(), plan.backend, plan.device, self._packs),
+                         args=(attempt.to_json(), plan.backend, plan.device, plan.transport, self._packs),
                          timeout=budget, preload=_PRELOAD, stop_grace=grace, heartbeat=heartbeat)
 
         try:
