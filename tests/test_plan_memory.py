@@ -72,7 +72,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     profile_chain(ModelSpec(model=build(1), args=(torch.randn(2, 4096),)), rows=[1], repeats=1)  # warm up
     how = sys.argv[1]
-    before = peak()
+    before = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
     if how == "meta":
         with params_on_meta():
             model = build(8)
@@ -90,16 +90,15 @@ def _rss_growth(how: str) -> dict[str, int]:
 
 
 def test_profiling_peak_rss_grows_by_about_one_unit_not_the_model() -> None:
-    # 8 units of 64 MiB (512 MiB of weights): profiled from the meta device the process's peak RSS grows by about one
-    # unit (the allocator keeps the warm-up's freed blocks for the gradients), well under the model; built for real,
-    # the same profile grows by most of the model (the allocator may reuse the warm-up's freed blocks for a unit or
-    # two of it).
+    # 8 units of 64 MiB (512 MiB of weights). Growth = peak RSS after profiling - RSS before it (after a warm-up whose
+    # own peak, one unit with its gradients and optimizer state, sets the meta run's peak). From the meta device it
+    # stays within a few units (one unit at a time), well under the model; built for real it is the whole model.
     meta = _rss_growth("meta")
     unit = meta["model"] // 8
     assert meta["model"] == 8 * (4096 * 4096 + 4096) * 4
-    assert meta["growth"] < 2 * unit, meta
+    assert meta["growth"] < 4 * unit, meta  # measured: ~3 units, the warm-up's peak (weights, gradients, Adam)
     real = _rss_growth("real")
-    assert real["growth"] > 0.75 * meta["model"], real
+    assert real["growth"] > 0.95 * meta["model"], real
 
 
 @pytest.mark.parametrize(("optimizer", "schedule"), [("adam", "1f1b"), ("sgd", "gpipe")])
