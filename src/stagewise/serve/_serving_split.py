@@ -110,19 +110,11 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
     MODEL the model is built on the meta device and the files are checked (headers only); from the factory it is
     built whole, each stage's weight digest is kept (:attr:`ServingSplit.digests`), and the weights are dropped.
     Workers get their stages from :func:`stage_assignments` and their weights from :func:`load_stage_weights`."""
-    source = checkpoint or weights or (model if is_hf_folder(model) else None)
+    source = _weights_source(model, checkpoint, weights)
     if source is not None and submodule is not None:
         raise ValueError("serving one sub-model reads its inputs from a run of the whole model; give it without "
                          "--checkpoint/--weights, or serve the whole model")
-    torch_dtype = getattr(torch, dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with params_on_meta() if source is not None else contextlib.nullcontext():
-            spec = load_model_spec(model)
-    if source is not None and torch_dtype != torch.float32:
-        cast_meta_params(spec.model, torch_dtype)
-    elif torch_dtype != torch.float32:
-        spec.model.to(torch_dtype)
+    spec = _built_spec(model, seed=seed, dtype=dtype, on_meta=source is not None)
     spec.model.eval()
     if submodule is not None:
         spec = _submodule_spec(spec, submodule)
@@ -167,6 +159,27 @@ def load_serving_split(model: str, *, stages: int, exclude_inputs: Sequence[str]
                         f"{spec.name}.{head}", chain=chain, aliases=aliases, digests=digests)
 
 
+def _weights_source(model: str, checkpoint: str | None, weights: str | None) -> str | None:
+    """Where the served weights are read from (a checkpoint, a weights file, the Hugging Face folder MODEL), or None:
+    the factory's own."""
+    return checkpoint or weights or (model if is_hf_folder(model) else None)
+
+
+def _built_spec(model: str, *, seed: int, dtype: str, on_meta: bool) -> ModelSpec:
+    """MODEL built under ``seed`` (parameters on the meta device when ``on_meta``), its weights in ``dtype``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with params_on_meta() if on_meta else contextlib.nullcontext():
+            spec = load_model_spec(model)
+    torch_dtype = getattr(torch, dtype)
+    if torch_dtype != torch.float32:
+        if on_meta:
+            cast_meta_params(spec.model, torch_dtype)
+        else:
+            spec.model.to(torch_dtype)
+    return spec
+
+
 def load_stage_weights(assignment: StageAssignment, *, model: str, seed: int, checkpoint: str | None,
                        weights: str | None, dtype: str, submodule: str | None) -> dict[str, torch.nn.Parameter]:
     """A worker's weights, and only its own: read from the files (checkpoint, weights file, Hugging Face folder), or
@@ -174,26 +187,20 @@ def load_stage_weights(assignment: StageAssignment, *, model: str, seed: int, ch
     names = assignment.param_names()
     expected = {n: t for pack in assignment.packs.values() for st in pack.stages.values()
                 for n, t in st.module.named_parameters() if n in names}
-    source = checkpoint or weights or (model if is_hf_folder(model) else None)
-    torch_dtype = getattr(torch, dtype)
+    source = _weights_source(model, checkpoint, weights)
     if source is not None:
         from ..weights import open_weights
 
-        values = open_weights(source).read(expected, aliases=assignment.aliases, dtype=torch_dtype)
+        values = open_weights(source).read(expected, aliases=assignment.aliases, dtype=getattr(torch, dtype))
         return {n: torch.nn.Parameter(v, requires_grad=False) for n, v in values.items()}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        spec = load_model_spec(model)
-    if submodule is not None:
-        spec = _submodule_spec(spec, submodule)
-    if torch_dtype != torch.float32:
-        spec.model.to(torch_dtype)
-    params = dict(spec.model.named_parameters())
+    built = _built_spec(model, seed=seed, dtype=dtype, on_meta=False).model
+    served = built.get_submodule(submodule) if submodule is not None else built  # its weights; no forward needed
+    params = dict(served.named_parameters())
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"the factory of {model!r} built no weights {missing[:5]} that the gateway's split has")
     own = {n: params[n] for n in names}
-    release(spec.model, set(names))
+    release(served, set(names))
     return own
 
 
