@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from stagewise._procs import descendants
+
 HERE = Path(__file__).resolve()
 _ENV = "STAGEWISE_BIG_MODEL"
 """The model's size travels to the worker processes (which call the factory) in this environment variable."""
@@ -85,7 +87,7 @@ class MemoryWatch:
 
     def _run(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
-            for pid, depth in _descendants(os.getpid()):
+            for pid, depth in descendants(os.getpid()).items():
                 status = _status(pid)
                 if status:
                     self.peak[pid] = max(self.peak.get(pid, 0), status.get("VmHWM", 0))
@@ -107,25 +109,6 @@ def _status(pid: int) -> dict[str, int]:
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS"):
             out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _descendants(root: int) -> list[tuple[int, int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out: list[tuple[int, int]] = []
-    todo = [(root, 0)]
-    while todo:
-        parent, depth = todo.pop()
-        for child in children.get(parent, []):
-            out.append((child, depth + 1))
-            todo.append((child, depth + 1))
     return out
 
 

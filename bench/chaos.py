@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stagewise._procs import live_children
 from stagewise._spec import load_model_spec
 
 MODEL = "stagewise.zoo.basic:mlp"
@@ -44,26 +45,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            fields = stat.rpartition(")")[2].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
 def _workers(server: int) -> list[int]:
     """Stage workers: the children of serve's forkserver child."""
-    for child in _children(server):
+    for child in live_children().get(server, []):
         try:
             if b"forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return _children(child)
+                return live_children().get(child, [])
         except FileNotFoundError:
             continue
     return []

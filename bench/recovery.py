@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from stagewise._procs import grandchildren
+
 MODEL = "stagewise.zoo.gpt:tiny_gpt"
 STEP_LINE = re.compile(r"^step (\d+)/")
 RESTART_LINE = re.compile(r"restart 1 of \d+: .*restarting from step (\d+)")
@@ -42,20 +44,6 @@ def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parent.parent / "src")
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1"}
-
-
-def _grandchildren(pid: int) -> list[int]:
-    """The ranks: the children of the launcher's forkserver (its only child with children)."""
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                kids.setdefault(int(fields[1]), []).append(int(entry.name))
-    return sorted(g for c in kids.get(pid, []) for g in kids.get(c, []))
 
 
 class Run:
@@ -107,7 +95,7 @@ def _recovery(steps: int, every: int) -> tuple[float, int]:
             run.wait(timeout=1)
             raise SystemExit(f"the run ended or stalled before step {target}")
         time.sleep(0.005)
-    ranks = _grandchildren(run.proc.pid)
+    ranks = grandchildren(run.proc.pid)
     if len(ranks) != 4:
         raise SystemExit(f"expected 4 ranks, found {ranks}")
     os.kill(ranks[1], signal.SIGKILL)

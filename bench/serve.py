@@ -9,6 +9,13 @@ machine would measure the client): a blocking socket for one-at-a-time latency, 
   2-stage pipeline, alternating with an in-process forward of the same model; overhead = served latency - in-process
   latency (p50 - p50, and p99 - p50). For scale, the same client against the same gateway with an echo backend (no
   model, no workers) is printed first: what HTTP and the gateway alone cost on this machine.
+- vs_ray_p50: the same overhead model cut in the same two stages, served by Ray Serve on a local Ray cluster (two
+  chained deployments: stage 0 is the HTTP ingress and awaits stage 1 through a deployment handle; the request body is
+  the raw 64 KiB of floats, cheaper to parse than the KServe request Stagewise gets). Requests alternate between the
+  in-process forward, Stagewise and Ray Serve; vs_ray_p50 = Stagewise's added p50 latency / Ray Serve's. Needs
+  ``pip install 'ray[serve]'`` (``--no-ray`` or a missing Ray prints ``vs_ray_p50=nan``).
+- idle_cpu_pct: CPU time used by the Stagewise server process and every process below it (gateway, forkserver,
+  workers) over 5 s without requests, in percent of one core: waiting must not burn a core.
 - batching_gain: requests/s at concurrency 32 with dynamic batching (max batch 32) over batch-1 serving (max batch 1),
   2 stages, a weight-bound MLP (one-row requests).
 - pipeline_gain: requests/s at concurrency 32 of 2 stages over 1 stage, a compute-heavy Linear stack (8-row requests).
@@ -19,13 +26,14 @@ reference: several OpenMP threads per process oversubscribe a small shared machi
 slower than a 1-thread one while other processes ran), so the 2-stage pipeline uses two cores where 1 stage uses one.
 
 The last line is machine-readable:
-``serve overhead_p50_ms=A overhead_p99_ms=B batching_gain=G pipeline_gain=Q``.
+``serve overhead_p50_ms=A overhead_p99_ms=B batching_gain=G pipeline_gain=Q vs_ray_p50=V idle_cpu_pct=C``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +41,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -115,6 +124,97 @@ def _echo_main(port: int) -> int:
     run(create_app([Echo()], config=GatewayConfig(batching=BatchingConfig(max_delay_ms=2))), port=port,
         log_level="warning")
     return 0
+
+
+def _ray_main(port: int) -> int:
+    """Ray Serve on a local Ray cluster, the same overhead model cut in the same two stages as two chained deployments
+    (stage 0 is the HTTP ingress and calls stage 1 through a deployment handle, Ray Serve's model composition)."""
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    @serve.deployment
+    class Stage1:
+        def __init__(self) -> None:
+            torch.set_num_threads(1)
+            self.model = overhead_model().model[2:].eval()
+
+        def __call__(self, h: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model(h)
+
+    @serve.deployment
+    class Stage0:
+        def __init__(self, following: Any) -> None:
+            torch.set_num_threads(1)
+            self.model = overhead_model().model[:2].eval()
+            self.following = following
+
+        async def __call__(self, request: Request) -> Response:
+            x = torch.frombuffer(bytearray(await request.body()), dtype=torch.float32).reshape(1, -1)
+            with torch.inference_mode():
+                h = self.model(x)
+            y = await self.following.remote(h)
+            return Response(y.numpy().tobytes(), media_type="application/octet-stream")
+
+    serve.run(Stage0.bind(Stage1.bind()), route_prefix="/overhead", blocking=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("ready", flush=True)
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+class RayServer:
+    """Ray Serve (``_ray_main``) in a subprocess; ``None`` from :meth:`start` when Ray Serve is not installed."""
+
+    def __init__(self) -> None:
+        from stagewise.comm import find_free_port
+
+        self.port = find_free_port()
+        env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent / "src"), OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, str(HERE), "--ray-serve", str(self.port)], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import ray.serve  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def __enter__(self) -> RayServer:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 180
+        for line in self.proc.stdout:  # Ray prints its own lines first
+            if line.strip() == "ready":
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.proc.poll() is not None or time.monotonic() > deadline:
+            self.__exit__()
+            raise RuntimeError("Ray Serve did not start")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep its pipe drained
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
 
 
 class Server:
@@ -263,30 +363,49 @@ class _BlockingConn:
         self.sock.close()
 
 
-def _sequential(port: int, request: bytes, requests: int, local: Callable[[], object] | None = None
-                ) -> tuple[list[float], list[float]]:
-    """``requests`` served latencies (after 20 warm-up requests), each after one ``local()`` call timed alike."""
-    conn = _BlockingConn(port)
+def _sequential(requests: list[tuple[int, bytes]], count: int, local: Callable[[], object] | None = None
+                ) -> tuple[list[float], list[list[float]]]:
+    """``count`` rounds (after 20 warm-up rounds) of one ``local()`` call then one request to each ``(port, raw
+    request)`` in turn: the in-process latencies and each server's latencies, measured alternately."""
+    conns = [_BlockingConn(port) for port, _ in requests]
     try:
-        lats, served = [], []
-        for i in range(requests + 20):
+        lats: list[float] = []
+        served: list[list[float]] = [[] for _ in requests]
+        for i in range(count + 20):
             t0 = time.perf_counter()
             if local is not None:
                 local()
             t1 = time.perf_counter()
-            status, _, content = conn.post(request)
-            t2 = time.perf_counter()
-            assert status == 200, content[:500]
+            times = []
+            for conn, (_, request) in zip(conns, requests):
+                status, _, content = conn.post(request)
+                t2 = time.perf_counter()
+                assert status == 200, content[:500]
+                times.append(t2 - t1)
+                t1 = t2
             if i >= 20:  # warm-up
-                lats.append(t1 - t0)
-                served.append(t2 - t1)
+                lats.append(time.perf_counter() - t0 - sum(times))
+                for kept, t in zip(served, times):
+                    kept.append(t)
         return lats, served
     finally:
-        conn.close()
+        for conn in conns:
+            conn.close()
 
 
-def measure_overhead(requests: int) -> tuple[float, float]:
-    """Alternate one in-process forward and one served request, so both see the same machine load."""
+def _idle_cpu_pct(pid: int, seconds: float) -> float:
+    """CPU used by ``pid`` and every process below it over ``seconds`` of no requests, in percent of one core."""
+    from stagewise._procs import cpu_seconds, descendants
+
+    family = [pid, *descendants(pid)]
+    before = sum(cpu_seconds(p) for p in family)
+    time.sleep(seconds)
+    return (sum(cpu_seconds(p) for p in family) - before) / seconds * 100
+
+
+def measure_overhead(requests: int, *, ray: bool) -> dict[str, float]:
+    """Alternate one in-process forward, one request to Stagewise and (with ``ray``) one to Ray Serve, so all see the
+    same machine load; then Stagewise's idle CPU."""
     model = overhead_model().model.eval()
     torch.set_num_threads(1)
     x = np.random.default_rng(0).standard_normal((1, 16384)).astype(np.float32)
@@ -297,23 +416,35 @@ def measure_overhead(requests: int) -> tuple[float, float]:
         with torch.inference_mode():
             return model(torch.from_numpy(x))
 
-    with Server("overhead_model", stages=2, max_batch_size=1) as server:
-        request = _raw_request(server.port, path, body, headers)
-        conn = _BlockingConn(server.port)
-        status, head, content = conn.post(request)
-        conn.close()
-        assert status == 200, content[:500]
-        n = int(head["inference-header-content-length"])
-        got = np.frombuffer(content[n:], dtype=np.float32).reshape(1, -1)
-        want = forward().numpy()
-        assert np.allclose(got, want, atol=1e-4), f"served output differs by {np.abs(got - want).max()}"
-        local, served = _sequential(server.port, request, requests, forward)
+    want = forward().numpy()
+    with Server("overhead_model", stages=2, max_batch_size=1) as server, \
+            (RayServer() if ray else contextlib.nullcontext()) as ray_server:
+        targets = [(server.port, _raw_request(server.port, path, body, headers))]
+        if ray_server is not None:
+            targets.append((ray_server.port, _raw_request(ray_server.port, "/overhead", x.tobytes(),
+                                                          {"Content-Type": "application/octet-stream"})))
+        for port, request in targets:
+            conn = _BlockingConn(port)
+            status, head, content = conn.post(request)
+            conn.close()
+            assert status == 200, content[:500]
+            n = int(head.get("inference-header-content-length", 0))
+            got = np.frombuffer(content[n:], dtype=np.float32).reshape(1, -1)
+            assert np.allclose(got, want, atol=1e-4), f"served output differs by {np.abs(got - want).max()}"
+        local, served = _sequential(targets, requests, forward)
+        time.sleep(1.0)
+        idle = _idle_cpu_pct(server.proc.pid, 5.0)
     local_p50 = statistics.median(local)
-    q = statistics.quantiles(served, n=100)
-    print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; served (2 stages) p50 "
-          f"{statistics.median(served) * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, "
-          "64 KiB in and out)")
-    return (statistics.median(served) - local_p50) * 1e3, (q[98] - local_p50) * 1e3
+    out = {"idle_cpu_pct": idle}
+    for name, lats in zip(("stagewise", "ray"), served):
+        q = statistics.quantiles(lats, n=100)
+        print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; {name} served (2 stages) p50 "
+              f"{statistics.median(lats) * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, "
+              "64 KiB in and out)")
+        out[f"{name}_p50"] = (statistics.median(lats) - local_p50) * 1e3
+        out[f"{name}_p99"] = (q[98] - local_p50) * 1e3
+    print(f"idle: gateway and workers used {idle:.2f}% of one core over 5 s without requests")
+    return out
 
 
 def measure_http_floor(requests: int) -> None:
@@ -321,7 +452,7 @@ def measure_http_floor(requests: int) -> None:
     with Server("overhead_model", stages=0, max_batch_size=1) as server:
         request = _raw_request(server.port, "/v2/models/overhead/infer", *_binary_request(
             "arg0", np.zeros((1, 16384), dtype=np.float32)))
-        _, served = _sequential(server.port, request, requests)
+        _, (served,) = _sequential([(server.port, request)], requests)
     q = statistics.quantiles(served, n=100)
     print(f"http floor (gateway with an echo backend, no model, no workers): p50 {statistics.median(served) * 1e3:.2f} "
           f"ms, p99 {q[98] * 1e3:.2f} ms")
@@ -355,11 +486,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="sequential requests for the overhead")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput window")
     parser.add_argument("--rounds", type=int, default=3, help="alternating windows per comparison")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve side of the overhead")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPU cores shared by every server and client process; load average "
           f"{os.getloadavg()[0]:.1f}")
     measure_http_floor(args.requests)
-    p50, p99 = measure_overhead(args.requests)
+    ray = RayServer.available() and not args.no_ray
+    if not ray:
+        print("Ray Serve is not installed (pip install 'ray[serve]') or --no-ray: vs_ray_p50 is not measured")
+    over = measure_overhead(args.requests, ray=ray)
     rng = np.random.default_rng(1)
     gain = compare_rps("batching_model", "batching", rng.standard_normal((1, 1024)).astype(np.float32),
                        {"stages": 2, "max_batch_size": 32}, {"stages": 2, "max_batch_size": 1}, seconds=args.seconds,
@@ -368,11 +503,15 @@ def main() -> None:
                        {"stages": 2, "max_batch_size": 32}, {"stages": 1, "max_batch_size": 32}, seconds=args.seconds,
                        rounds=args.rounds)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"serve overhead_p50_ms={p50:.2f} overhead_p99_ms={p99:.2f} batching_gain={gain:.2f} "
-          f"pipeline_gain={pipe:.2f}")
+    vs_ray = f"{over['stagewise_p50'] / over['ray_p50']:.2f}" if ray else "nan"
+    print(f"serve overhead_p50_ms={over['stagewise_p50']:.2f} overhead_p99_ms={over['stagewise_p99']:.2f} "
+          f"batching_gain={gain:.2f} pipeline_gain={pipe:.2f} vs_ray_p50={vs_ray} "
+          f"idle_cpu_pct={over['idle_cpu_pct']:.2f}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         sys.exit(_serve_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--ray-serve":
+        sys.exit(_ray_main(int(sys.argv[2])))
     main()

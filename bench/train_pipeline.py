@@ -22,7 +22,9 @@ Adam (lr 1e-3), one compute thread per rank (``OMP_NUM_THREADS=1``, ``torch.set_
   (printed above the summary) compares the ideal plus the measured all-reduce/optimizer with the full measured step.
 - a diagnostic: the median round trip of one boundary tensor through Stagewise's transport vs bare gloo.
 
-The last line is ``train_pipeline gpipe_ratio=X 1f1b_ratio=Y efficiency=E`` (ratios: Stagewise steps/s over torch's).
+Every Stagewise run is done twice, with ``transport="gloo"`` and with ``transport="shm"`` (the shared-memory rings of
+``stagewise.comm``), next to the same torch run. The last line is ``train_pipeline gpipe_ratio=X 1f1b_ratio=Y
+efficiency=E shm_gpipe_ratio=X2 shm_1f1b_ratio=Y2`` (ratios: Stagewise steps/s over torch's; X, Y, E over gloo).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ CUT = "8"  # unit "8" is the 5th Linear: stage 0 = Linear 1-4, stage 1 = Linear 
 LR = 1e-3
 PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker", "stagewise.comm",
            "torch.distributed.pipelining")
+TRANSPORTS = ("gloo", "shm")
 _PIPE_KINDS = {"F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "wait"}
 
 
@@ -64,13 +67,14 @@ _PIPE_KINDS = {"F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "wait
 # Stagewise
 
 
-def run_stagewise(schedule: str, *, steps: int, warmup: int, trace_root: Path) -> dict[str, Any]:
-    trace = trace_root / schedule
+def run_stagewise(schedule: str, *, steps: int, warmup: int, trace_root: Path, transport: str = "gloo"
+                  ) -> dict[str, Any]:
+    trace = trace_root / f"{schedule}-{transport}"
     trace_root.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(model=f"{MODELS_FILE}:deep_mlp", stages=STAGES, microbatches=MICROBATCHES,
                          global_batch=BATCH, schedule=schedule, steps=steps + 1, cuts=[CUT], optimizer="adam", lr=LR,
                          threads=1, dropout=False, trace=str(trace), progress=False, log_every=0,
-                         out_dir=str(trace_root / f"out-{schedule}"))
+                         transport=transport, out_dir=str(trace_root / f"out-{schedule}-{transport}"))
     t0 = time.perf_counter()
     result = Trainer(config).fit()
     wall = time.perf_counter() - t0
@@ -164,6 +168,20 @@ def _rates(starts: list[float], warmup: int, steps: int) -> dict[str, float]:
             "min_step_ms": min(durations) * 1e3, "max_step_ms": max(durations) * 1e3}
 
 
+def _print_run(name: str, schedule: str, rep: int, s: dict[str, Any], steps: int) -> None:
+    print(f"{name} {schedule:6s} run {rep}: {s['steps_per_s']:6.2f} steps/s (median step "
+          f"{s['step_ms']:.1f} ms, mean {s['mean_step_ms']:.1f}, min {s['min_step_ms']:.1f}, max "
+          f"{s['max_step_ms']:.1f}; Trainer.fit {s['wall_s']:.1f} s, its own steps/s over all "
+          f"{steps + 1} steps {s['trainer_steps_per_s']:.2f}; loss {s['losses'][0]:.4f} -> "
+          f"{s['losses'][-1]:.4f})", flush=True)
+    print(f"    pipeline span {s['span_ms']:.1f} ms vs simulated ideal {s['ideal_ms']:.1f} ms; "
+          f"all-reduce+optimizer {s['sync_ms']:.1f} ms; transfer latency {s['latency_ms']:.2f} ms; "
+          f"median F ms per stage {[round(v, 2) for v in s['fwd_ms']]}, "
+          f"B ms {[round(v, 2) for v in s['bwd_ms']]}", flush=True)
+    print("    median ms per step by rank:kind: " + ", ".join(
+        f"r{r}:{k}={v:.1f}" for (r, k), v in s["kinds"].items()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per run (the last steps-warmup are timed)")
@@ -180,7 +198,7 @@ def main() -> None:
     print(f"model: {LAYERS} x Linear({HIDDEN},{HIDDEN})+ReLU, batch {BATCH}, {MICROBATCHES} microbatches, "
           f"{STAGES} stages cut at unit {CUT!r}, Adam lr {LR}, 1 thread/rank; timing steps {args.warmup}.."
           f"{args.steps - 1} ({args.steps - args.warmup} steps), {args.repeats} run(s) each; {load_line()}", flush=True)
-    sw: dict[str, dict[str, Any]] = {}
+    sw: dict[tuple[str, str], dict[str, Any]] = {}
     th: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-pipeline-") as tmp:
         root = Path(tmp)
@@ -191,38 +209,37 @@ def main() -> None:
                       f"{t['step_ms']:.1f} ms, mean {t['mean_step_ms']:.1f}, min {t['min_step_ms']:.1f}, max "
                       f"{t['max_step_ms']:.1f}; process run {t['wall_s']:.1f} s; loss {t['losses'][0]:.4f} -> "
                       f"{t['losses'][-1]:.4f})", flush=True)
-                s = run_stagewise(schedule, steps=args.steps, warmup=args.warmup, trace_root=root / f"sw{rep}")
-                print(f"stagewise {schedule:6s} run {rep}: {s['steps_per_s']:6.2f} steps/s (median step "
-                      f"{s['step_ms']:.1f} ms, mean {s['mean_step_ms']:.1f}, min {s['min_step_ms']:.1f}, max "
-                      f"{s['max_step_ms']:.1f}; Trainer.fit {s['wall_s']:.1f} s, its own steps/s over all "
-                      f"{args.steps + 1} steps {s['trainer_steps_per_s']:.2f}; loss {s['losses'][0]:.4f} -> "
-                      f"{s['losses'][-1]:.4f})", flush=True)
-                print(f"    pipeline span {s['span_ms']:.1f} ms vs simulated ideal {s['ideal_ms']:.1f} ms; "
-                      f"all-reduce+optimizer {s['sync_ms']:.1f} ms; transfer latency {s['latency_ms']:.2f} ms; "
-                      f"median F ms per stage {[round(v, 2) for v in s['fwd_ms']]}, "
-                      f"B ms {[round(v, 2) for v in s['bwd_ms']]}", flush=True)
-                print("    median ms per step by rank:kind: " + ", ".join(
-                    f"r{r}:{k}={v:.1f}" for (r, k), v in s["kinds"].items()), flush=True)
                 if schedule not in th or t["steps_per_s"] > th[schedule]["steps_per_s"]:
                     th[schedule] = t
-                if schedule not in sw or s["steps_per_s"] > sw[schedule]["steps_per_s"]:
-                    sw[schedule] = s
+                for transport in TRANSPORTS:
+                    s = run_stagewise(schedule, steps=args.steps, warmup=args.warmup, trace_root=root / f"sw{rep}",
+                                      transport=transport)
+                    _print_run(f"stagewise {transport}", schedule, rep, s, args.steps)
+                    key = (schedule, transport)
+                    if key not in sw or s["steps_per_s"] > sw[key]["steps_per_s"]:
+                        sw[key] = s
         comm = run_comm(root, rows=BATCH // MICROBATCHES, hidden=HIDDEN)
     print(f"one boundary transfer (8x1024 fp32) round trip, median: bare gloo isend/irecv {comm['gloo']:.3f} ms, "
           f"Stagewise transport (header frame + payload) {comm['stagewise']:.3f} ms", flush=True)
-    one = sw["1f1b"]
+    one = sw["1f1b", "gloo"]
     eff = one["ideal_ms"] / one["span_ms"]
     eff_full = (one["ideal_ms"] + one["sync_ms"]) / one["step_ms"]
     print(f"best runs: torch gpipe {th['gpipe']['steps_per_s']:.2f}, 1f1b {th['1f1b']['steps_per_s']:.2f} steps/s; "
-          f"stagewise gpipe {sw['gpipe']['steps_per_s']:.2f}, 1f1b {sw['1f1b']['steps_per_s']:.2f} steps/s "
-          "(1 / median step time)")
+          + "; ".join(f"stagewise {tr} gpipe {sw['gpipe', tr]['steps_per_s']:.2f}, 1f1b "
+                      f"{sw['1f1b', tr]['steps_per_s']:.2f} steps/s" for tr in TRANSPORTS)
+          + " (1 / median step time)")
     print(f"efficiency (stagewise 1f1b, best run): E = simulated ideal {one['ideal_ms']:.1f} ms / measured pipeline "
           f"span {one['span_ms']:.1f} ms = {eff:.3f} (EXCLUDES all-reduce, optimizer, data loading); E_full = "
           f"(ideal + all-reduce/optimizer {one['sync_ms']:.1f} ms) / full step {one['step_ms']:.1f} ms = "
-          f"{eff_full:.3f}; gpipe E = {sw['gpipe']['ideal_ms'] / sw['gpipe']['span_ms']:.3f}", flush=True)
+          f"{eff_full:.3f}; gpipe E = {sw['gpipe', 'gloo']['ideal_ms'] / sw['gpipe', 'gloo']['span_ms']:.3f}",
+          flush=True)
     print(f"total bench time {time.perf_counter() - start:.1f} s; {load_line()}")
-    print(f"train_pipeline gpipe_ratio={sw['gpipe']['steps_per_s'] / th['gpipe']['steps_per_s']:.3f} "
-          f"1f1b_ratio={sw['1f1b']['steps_per_s'] / th['1f1b']['steps_per_s']:.3f} efficiency={eff:.3f}")
+
+    def ratio(schedule: str, transport: str) -> str:
+        return f"{sw[schedule, transport]['steps_per_s'] / th[schedule]['steps_per_s']:.3f}"
+
+    print(f"train_pipeline gpipe_ratio={ratio('gpipe', 'gloo')} 1f1b_ratio={ratio('1f1b', 'gloo')} "
+          f"efficiency={eff:.3f} shm_gpipe_ratio={ratio('gpipe', 'shm')} shm_1f1b_ratio={ratio('1f1b', 'shm')}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stagewise._procs import group_members
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -85,32 +87,11 @@ class Terminal:
         return lines[-1] if lines else ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _group(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid`` (the command and everything it started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
-
-
 def _nothing_left(pgid: int) -> None:
     end = time.monotonic() + 10
-    while _group(pgid) and time.monotonic() < end:
+    while group_members(pgid) and time.monotonic() < end:
         time.sleep(0.1)
-    assert not _group(pgid), "processes of the command outlived it"
+    assert not group_members(pgid), "processes of the command outlived it"
 
 
 def test_train_bar_on_a_terminal_then_ctrl_c_says_where_it_stopped(tmp_path: Path) -> None:
@@ -173,7 +154,7 @@ def test_probe_ctrl_c_kills_its_processes_at_once_and_writes_nothing(tmp_path: P
     try:
         term.wait_for(lambda s: "stagewise probe: measuring links" in s, "the measuring phase")
         deadline = time.monotonic() + 60
-        while len(_group(term.proc.pid)) < 4:  # the command, the forkserver, both probe ranks
+        while len(group_members(term.proc.pid)) < 4:  # the command, the forkserver, both probe ranks
             assert time.monotonic() < deadline and term.proc.poll() is None, term.screen[-3000:]
             time.sleep(0.1)
         code, took = term.ctrl_c()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from stagewise import launch
+from stagewise._procs import descendants, grandchildren, running
 from stagewise.comm import DistTransport, find_free_port
 from stagewise.launch import TorchrunEnv, spawn, torchrun_env
 
@@ -90,37 +91,6 @@ def test_rendezvous_store_listens_on_loopback_only(tmp_path: Path) -> None:
 # --- Item 6: SIGTERM / SIGINT of the `stagewise train` launcher stops every rank and leaves nothing behind
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def _descendants(pid: int) -> set[int]:
-    kids, found, todo = _children(), set(), [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
     save = tmp_path / "ckpt"
@@ -136,9 +106,9 @@ def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_nothing(tmp_path: 
         while not list(save.glob("step-*[0-9]")):  # mid-run: a first checkpoint was committed
             assert time.monotonic() < deadline, "training did not reach its first checkpoint"
             assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
-            seen |= _descendants(proc.pid)
+            seen |= set(descendants(proc.pid))
             time.sleep(0.2)
-        seen |= _descendants(proc.pid)
+        seen |= set(descendants(proc.pid))
         assert len(seen) >= 3, seen  # the forkserver and two ranks at least
         proc.send_signal(sig)
         code = proc.wait(timeout=60)
@@ -155,9 +125,9 @@ def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_nothing(tmp_path: 
     assert f"{sig.name}: stopped at step {step} of 100000 (checkpoint at {save / f'step-{step:08d}'})" in line
     assert (save / f"step-{step:08d}" / "manifest.json").is_file(), sorted(p.name for p in save.iterdir())
     end = time.monotonic() + 10
-    while any(_alive(p) for p in seen) and time.monotonic() < end:
+    while any(running(p) for p in seen) and time.monotonic() < end:
         time.sleep(0.1)
-    assert not [p for p in seen if _alive(p)], "processes of the run outlived it"
+    assert not [p for p in seen if running(p)], "processes of the run outlived it"
 
 
 # --- Item 7: a rank that stops (SIGSTOP) is the one the timeout names, not the rank waiting for it
@@ -178,14 +148,13 @@ def test_timeout_names_the_rank_that_stopped(tmp_path: Path, victim: int) -> Non
                 assert time.monotonic() < deadline, "training did not start"
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(0.2)
-            kids = _children()
-            ranks = sorted(c for k in kids.get(proc.pid, []) for c in kids.get(k, []))  # forkserver's children
+            ranks = grandchildren(proc.pid)  # the forkserver's children
             assert len(ranks) == 2, ranks
             stopped = ranks[victim]
             os.kill(stopped, signal.SIGSTOP)
             code = proc.wait(timeout=60)
         finally:
-            if stopped is not None and _alive(stopped):
+            if stopped is not None and running(stopped):
                 os.kill(stopped, signal.SIGKILL)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)

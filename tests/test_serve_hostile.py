@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from stagewise._procs import descendants, running
 from stagewise.serve import GatewayConfig, GatewayMetrics, LocalBackend, ModelError, create_app, serve_app
 from stagewise.serve._batching import BatchingConfig, DynamicBatcher
 from stagewise.serve._channel import PREFIX, Channel, encode_frame
@@ -44,32 +45,6 @@ def _wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rpartition(")")[2].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.add(c)
-            todo.append(c)
-    return found
 
 
 def _trickle_until_closed(sock: socket.socket, byte: bytes, every_s: float, why: str, limit_s: float = 5.0) -> None:
@@ -206,7 +181,7 @@ def test_a_dead_forkserver_neither_kills_healthy_replicas_nor_stops_restarts() -
         backend.wait_ready(60, replicas=2)
         before = backend.status()
         server_pid = multiprocessing.forkserver._forkserver._forkserver_pid
-        assert server_pid is not None and _running(server_pid)
+        assert server_pid is not None and running(server_pid)
         os.kill(server_pid, signal.SIGKILL)
         time.sleep(1.0)  # the old code read exit code 255 for every worker here, and killed them all
         assert [(s.generation, s.state) for s in backend.status()] == [(s.generation, s.state) for s in before]
@@ -377,7 +352,7 @@ def test_idle_and_slow_http_clients_cannot_exhaust_the_server(cli_server: tuple[
     assert ok.status_code == 200, ok.text
     # The sequence ends with a worker killed: its replica must come back.
     with httpx.Client(base_url=url, timeout=10) as http:
-        workers = sorted(p for p in _descendants(proc.pid) if _is_worker(p))
+        workers = sorted(p for p in set(descendants(proc.pid)) if _is_worker(p))
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
 
@@ -402,10 +377,10 @@ def _is_worker(pid: int) -> bool:
 
 def test_sigterm_stops_serve_non_zero_and_leaves_nothing_behind(cli_server: tuple[subprocess.Popen, str]) -> None:
     proc, _ = cli_server
-    family = _descendants(proc.pid)
+    family = set(descendants(proc.pid))
     assert sum(_is_worker(p) for p in family) == 2, family  # two replicas of one stage, the forkserver, the tracker
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err
-    _wait_until(lambda: not any(_running(p) for p in family), 10, f"every process of serve to exit: {family}")
+    _wait_until(lambda: not any(running(p) for p in family), 10, f"every process of serve to exit: {family}")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from stagewise._procs import running
 from stagewise._spec import load_model_spec
 from stagewise.serve import GatewayConfig, RunningServer, create_app, serve_app
 from stagewise.serve._channel import Channel, ChannelError, encode_frame
@@ -31,14 +32,6 @@ httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.timeout(90)
 
 MODEL = "stagewise.zoo.basic:large_model"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _wait_until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -227,7 +220,7 @@ def test_killing_a_worker_mid_stream_loses_no_request(served: tuple[PipelineBack
     assert not errors, errors[:3]
     assert results and all(results), f"{results.count(False)} wrong answers of {len(results)}"
     status = backend.status()[0]
-    assert not _alive(victim.pids[0]) and not _alive(victim.pids[1]), "the dead replica's other worker survived"
+    assert not running(victim.pids[0]) and not running(victim.pids[1]), "the dead replica's other worker survived"
     assert status.last_error is not None and "stage 1" in status.last_error
 
 
@@ -240,7 +233,7 @@ def test_gpt2_pipeline_matches_and_close_reaps_every_worker() -> None:
         assert [t.name for t in meta.inputs] == ["input_ids", "attention_mask"]
         assert meta.outputs[0].name == "logits" and meta.outputs[0].shape == (-1, 12, 128)
         pids = [p for r in backend.status() for p in r.pids]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(running(p) for p in pids)
         spec = load_model_spec("stagewise.zoo.hf:gpt2")
         ids = spec.kwargs["input_ids"][:3]
         def body(input_ids: torch.Tensor) -> dict[str, object]:
@@ -263,7 +256,7 @@ def test_gpt2_pipeline_matches_and_close_reaps_every_worker() -> None:
     finally:
         backend.shutdown()
     assert not backend.ready()
-    _wait_until(lambda: not any(_alive(p) for p in pids), 5, "every worker to be reaped")
+    _wait_until(lambda: not any(running(p) for p in pids), 5, "every worker to be reaped")
 
 
 def test_a_factory_building_different_weights_per_process_is_refused(tmp_path: pytest.TempPathFactory) -> None:

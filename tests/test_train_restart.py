@@ -4,6 +4,7 @@ the run restarts from its newest snapshot and ends with the weights of a run not
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stagewise._procs import grandchildren
 from stagewise.comm import SpawnError
 from stagewise.train import TrainConfig, Trainer, TrainResult
 
@@ -25,20 +27,6 @@ BASE = TrainConfig(model="stagewise.zoo.gpt:tiny_gpt", stages=2, replicas=2, mic
 @pytest.fixture(scope="module")
 def reference() -> TrainResult:
     return Trainer(BASE).fit()
-
-
-def _ranks() -> list[int]:
-    """The running ranks: the children of the forkserver (this process's only child that has children)."""
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                kids.setdefault(int(fields[1]), []).append(int(entry.name))
-    return sorted(pid for child in kids.get(os.getpid(), []) for pid in kids.get(child, []))
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
@@ -63,11 +51,11 @@ class Saboteur(threading.Thread):
             for step, victim in zip(self.steps, self.victims, strict=True):
                 _wait_for(lambda s=step: (self.root / f"step-{s:08d}" / "manifest.json").is_file(),
                           f"the snapshot of step {step}")
-                ranks = _ranks()
+                ranks = grandchildren(os.getpid())
                 assert len(ranks) == BASE.world_size, ranks
                 os.kill(ranks[victim], self.sig)
                 self.hits.append((ranks[victim], time.time()))
-                _wait_for(lambda pid=ranks[victim]: pid not in _ranks(), "the rank's end")
+                _wait_for(lambda pid=ranks[victim]: pid not in grandchildren(os.getpid()), "the rank's end")
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
 
@@ -105,7 +93,7 @@ def test_a_stopped_rank_is_caught_by_the_heartbeat(tmp_path: Path, reference: Tr
                                                    caplog: pytest.LogCaptureFixture) -> None:
     heartbeat = 2.0  # far below --timeout: the heartbeat, not a peer's wait, catches it
     config = dataclasses.replace(BASE, save_dir=str(tmp_path), max_restarts=1, snapshot_every=20,
-                                 heartbeat_timeout=heartbeat, timeout=60.0)
+                                 heartbeat_timeout=heartbeat, timeout=60.0, trace=str(tmp_path / "trace"))
     saboteur = Saboteur(tmp_path, steps=[20], victims=[3], sig=signal.SIGSTOP)
     saboteur.start()
     try:
@@ -126,6 +114,13 @@ def test_a_stopped_rank_is_caught_by_the_heartbeat(tmp_path: Path, reference: Tr
     detected = warning.created - saboteur.hits[0][1]
     assert 0 < detected < heartbeat + 2.0, detected  # polled twice a second, beats five times per heartbeat
     _assert_same(result, reference)
+    # the restart is marked in the trace, before every event of the attempt that finished the run
+    events = json.loads((tmp_path / "trace" / "trace.json").read_text())["traceEvents"]
+    marks = [e for e in events if e.get("cat") == "marker"]
+    assert [m["args"]["cause"] for m in marks] == result.failures, marks
+    assert marks[0]["name"] == f"restart 1: {result.failures[0]}" and marks[0]["ph"] == "i"
+    assert f"restarting from step {marks[0]['args']['from_step']}" in warning.getMessage()
+    assert marks[0]["ts"] < min(e["ts"] for e in events if e["ph"] == "X")
 
 
 def test_exhausted_restarts_name_every_failure(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from ._trace import (
     render_timeline,
     stage_costs_from_events,
     timeline_figure,
+    write_markers,
     write_rank_trace,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "run_forward",
     "stage_costs_from_events",
     "timeline_figure",
+    "write_markers",
     "write_rank_trace",
 ]

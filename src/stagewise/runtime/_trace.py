@@ -12,7 +12,10 @@ from typing import Any
 from ..schedule import Schedule, simulate
 
 __all__ = ["measured_bubble", "merge_traces", "render_timeline", "stage_costs_from_events", "timeline_figure",
-           "write_rank_trace"]
+           "write_markers", "write_rank_trace"]
+
+MARKERS = "markers.json"
+"""Events of the run as a whole (a restart and its cause), written by the launcher beside the ranks' traces."""
 
 _KINDS = {  # kind -> (legend label, colour); one colour per label, so the legend names every colour drawn
     "F": ("forward", "#4C72B0"), "B": ("backward", "#55A868"), "I": ("input grad", "#64B5CD"),
@@ -30,13 +33,28 @@ def write_rank_trace(path: Path, *, rank: int, steps: Sequence[Sequence[Mapping[
     path.write_text(json.dumps({"rank": rank, "steps": [list(s) for s in steps]}))
 
 
+def write_markers(trace_dir: Path, markers: Sequence[Mapping[str, Any]]) -> None:
+    """The run's markers so far, each a dict with ``name``, ``time`` (seconds since the epoch) and ``args``; they go
+    into ``trace.json`` as global instant events (category ``marker``). No markers removes an earlier run's file."""
+    path = trace_dir / MARKERS
+    if not markers:
+        path.unlink(missing_ok=True)
+        return
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(markers)))
+
+
 def merge_traces(trace_dir: Path, *, schedule: Schedule) -> dict[str, Any]:
-    """Merge every ``rank*.json`` into ``trace.json`` (Chrome trace format: one thread per rank)."""
+    """Merge every ``rank*.json`` and the run's markers into ``trace.json`` (Chrome trace format: one thread per
+    rank; markers such as restarts as global instant events)."""
     ranks = []
     for path in sorted(trace_dir.glob("rank*.json"), key=lambda p: int(p.stem[4:])):
         ranks.append(json.loads(path.read_text()))
-    t0 = min(e["start"] for r in ranks for s in r["steps"] for e in s) if ranks else 0.0
-    events: list[dict[str, Any]] = []
+    markers = json.loads((trace_dir / MARKERS).read_text()) if (trace_dir / MARKERS).is_file() else []
+    starts = [e["start"] for r in ranks for s in r["steps"] for e in s] + [m["time"] for m in markers]
+    t0 = min(starts, default=0.0)
+    events: list[dict[str, Any]] = [{"name": m["name"], "cat": "marker", "ph": "i", "s": "g", "pid": 0, "tid": 0,
+                                     "ts": (m["time"] - t0) * 1e6, "args": m.get("args", {})} for m in markers]
     for r in ranks:
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r["rank"],
                        "args": {"name": f"rank {r['rank']}"}})
@@ -52,7 +70,7 @@ def merge_traces(trace_dir: Path, *, schedule: Schedule) -> dict[str, Any]:
                            "replicas": traced // schedule.ranks if schedule.ranks else 0,
                            "stages": schedule.stages, "microbatches": schedule.microbatches,
                            "steps": max((len(r["steps"]) for r in ranks), default=0),
-                           "events": sum(e["ph"] == "X" for e in events)}}
+                           "events": sum(e["ph"] == "X" for e in events), "markers": len(markers)}}
     (trace_dir / "trace.json").write_text(json.dumps(trace))
     return trace
 

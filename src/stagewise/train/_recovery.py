@@ -1,5 +1,7 @@
 """Restarting a local run after a rank dies or hangs: every rank is stopped (by :func:`~stagewise.launch.spawn`) and
 the run starts again from the newest complete snapshot, the checkpoint the ranks save every ``snapshot_every`` steps.
+Each restart is logged and, with ``--trace``, marked in the trace (an instant event naming the cause and the step the
+run went on from).
 
 The snapshot holds the weights, optimizer state, LR schedule, every rank's RNG and (through its step) the data
 position, so on the same layout the restarted run computes exactly what the lost steps computed: the final weights
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ..comm import SpawnError
+from ..runtime import write_markers
 from ._config import TrainConfig
 
 __all__ = ["Restarts", "failure_cause", "run_with_restarts"]
@@ -59,6 +63,10 @@ def run_with_restarts(launch: Callable[[TrainConfig], int | None], config: Train
     """
     limit = config.recovery.max_restarts
     resume = config.output.resume
+    trace = Path(config.output.trace) if config.output.trace is not None else None
+    markers: list[dict[str, object]] = []
+    if trace is not None:
+        write_markers(trace, markers)  # none yet: an earlier run's markers must not show in this run's trace
     restarts = Restarts(first_step=_step_of(Path(resume)) if limit and resume is not None else 0)
     earlier = _newest(snapshots) if limit else None  # what an earlier run left under --save: no snapshot of this one
     attempt = config
@@ -85,6 +93,10 @@ def run_with_restarts(launch: Callable[[TrainConfig], int | None], config: Train
                 step = restarts.first_step
             log.warning("restart %d of %d: %s; every rank was stopped; restarting from step %d",
                         len(restarts.causes), limit, cause, step)
+            if trace is not None:
+                markers.append({"name": f"restart {len(restarts.causes)}: {cause}", "time": time.time(),
+                                "args": {"cause": cause, "from_step": step}})
+                write_markers(trace, markers)
 
 
 def _newest(root: Path) -> tuple[Path, int] | None:
