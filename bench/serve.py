@@ -9,6 +9,8 @@ machine would measure the client): a blocking socket for one-at-a-time latency, 
   2-stage pipeline, alternating with an in-process forward of the same model; overhead = served latency - in-process
   latency (p50 - p50, and p99 - p50). For scale, the same client against the same gateway with an echo backend (no
   model, no workers) is printed first: what HTTP and the gateway alone cost on this machine.
+- the same overhead with ``--transport shm`` (shared-memory rings between the two stages) is printed above the last
+  line, for comparison with the default.
 - vs_ray_p50: the same overhead model cut in the same two stages, served by Ray Serve on a local Ray cluster (two
   chained deployments: stage 0 is the HTTP ingress and awaits stage 1 through a deployment handle; the request body is
   the raw 64 KiB of floats, cheaper to parse than the KServe request Stagewise gets). Requests alternate between the
@@ -220,14 +222,15 @@ class RayServer:
 class Server:
     """``stagewise serve`` in a subprocess; stopped with SIGINT like a user's Ctrl-C."""
 
-    def __init__(self, factory: str, *, stages: int, max_batch_size: int, threads: int = 1) -> None:
+    def __init__(self, factory: str, *, stages: int, max_batch_size: int, threads: int = 1,
+                 transport: str = "auto") -> None:
         from stagewise.comm import find_free_port
 
         self.port = find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, str(HERE), "--serve", f"{HERE}:{factory}", "--stages", str(stages), "--port",
                str(self.port), "--max-batch-size", str(max_batch_size), "--max-delay-ms", "2",
-               "--threads", str(threads)]
+               "--threads", str(threads), "--transport", transport]
         env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent / "src"))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -404,8 +407,9 @@ def _idle_cpu_pct(pid: int, seconds: float) -> float:
 
 
 def measure_overhead(requests: int, *, ray: bool) -> dict[str, float]:
-    """Alternate one in-process forward, one request to Stagewise and (with ``ray``) one to Ray Serve, so all see the
-    same machine load; then Stagewise's idle CPU."""
+    """Alternate one in-process forward, one request to Stagewise (stages on gloo, the default), one to Stagewise with
+    ``--transport shm`` and (with ``ray``) one to Ray Serve, so all see the same machine load; then Stagewise's idle
+    CPU."""
     model = overhead_model().model.eval()
     torch.set_num_threads(1)
     x = np.random.default_rng(0).standard_normal((1, 16384)).astype(np.float32)
@@ -418,8 +422,9 @@ def measure_overhead(requests: int, *, ray: bool) -> dict[str, float]:
 
     want = forward().numpy()
     with Server("overhead_model", stages=2, max_batch_size=1) as server, \
+            Server("overhead_model", stages=2, max_batch_size=1, transport="shm") as shm_server, \
             (RayServer() if ray else contextlib.nullcontext()) as ray_server:
-        targets = [(server.port, _raw_request(server.port, path, body, headers))]
+        targets = [(s.port, _raw_request(s.port, path, body, headers)) for s in (server, shm_server)]
         if ray_server is not None:
             targets.append((ray_server.port, _raw_request(ray_server.port, "/overhead", x.tobytes(),
                                                           {"Content-Type": "application/octet-stream"})))
@@ -436,7 +441,7 @@ def measure_overhead(requests: int, *, ray: bool) -> dict[str, float]:
         idle = _idle_cpu_pct(server.proc.pid, 5.0)
     local_p50 = statistics.median(local)
     out = {"idle_cpu_pct": idle}
-    for name, lats in zip(("stagewise", "ray"), served):
+    for name, lats in zip(("stagewise", "stagewise_shm", "ray"), served):
         q = statistics.quantiles(lats, n=100)
         print(f"overhead: in-process p50 {local_p50 * 1e3:.2f} ms; {name} served (2 stages) p50 "
               f"{statistics.median(lats) * 1e3:.2f} ms, p99 {q[98] * 1e3:.2f} ms ({requests} sequential requests, "

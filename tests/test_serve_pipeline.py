@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,9 +116,16 @@ def test_config_errors_name_the_setting() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- real processes
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[PipelineBackend, RunningServer]]:
-    backend = PipelineBackend(MODEL, stages=2, replicas=2, max_batch_size=8, restart_backoff_s=0.1)
+def _shm_segments(since: float) -> list[str]:
+    return [e.name for e in os.scandir("/dev/shm")
+            if e.name.startswith("stagewise-shm-") and e.stat().st_mtime >= since]
+
+
+@pytest.fixture(scope="module", params=["auto", "shm"])
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[PipelineBackend, RunningServer]]:
+    started = time.time() - 1
+    backend = PipelineBackend(MODEL, stages=2, replicas=2, max_batch_size=8, restart_backoff_s=0.1,
+                              transport=request.param)
     try:
         backend.wait_ready(60, replicas=2)
         app = create_app(backend, config=GatewayConfig(batching=backend.batching_config(max_delay_ms=2)))
@@ -124,6 +133,20 @@ def served() -> Iterator[tuple[PipelineBackend, RunningServer]]:
             yield backend, server
     finally:
         backend.shutdown()
+    assert not _shm_segments(started), "shared-memory segments outlived the service"
+
+
+def test_stages_talk_through_the_transport_asked_for(served: tuple[PipelineBackend, RunningServer]) -> None:
+    """With shm every worker maps the rings it shares with the other stage (unlinked at once: '(deleted)')."""
+    backend, _ = served
+    for replica in backend.status():
+        for pid in replica.pids:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            rings = set(re.findall(r"/dev/shm/(stagewise-shm-\S+)", maps))
+            if backend.config.transport == "shm":
+                assert len(rings) >= 2, maps  # the ring it reads and the ring it writes (and its doorbell)
+            else:
+                assert not rings, rings
 
 
 def test_metadata_names_inputs_and_outputs_by_leaf(served: tuple[PipelineBackend, RunningServer]) -> None:

@@ -59,6 +59,9 @@ class PipelineConfig:
     only its stage's tensors; with weights from a file nobody builds the whole model)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype (files are read straight into it)."""
+    transport: Literal["auto", "shm", "gloo"] = "auto"
+    """How activations move between the stages of a replica: shm (shared-memory rings; every stage of a replica
+    on this machine), gloo (TCP), or auto (gloo today: see bench/serve.py for the two side by side)."""
     cuts: tuple[str, ...] | None = dataclasses.field(default=None, metadata={"cli": False})  # set by --plan
     """Cut before these units (e.g. from a plan) instead of balancing by parameters."""
     tasks: tuple[str, ...] | None = dataclasses.field(default=None, metadata={"cli": False})  # set by --tasks

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ..comm import find_free_port
+from ..comm import find_free_port, remove_shm_segments
 from ..launch import describe_exit as _describe_exit
 from ..launch import forkserver_context as _context
 from ._backend import InferenceBackend, ModelError, ModelMetadata, numeric_tensor
@@ -313,6 +313,8 @@ class PipelineBackend(InferenceBackend):
         if kill:
             for p in rep.procs:
                 p.kill()
+        if self.config.transport == "shm" and rep.dist_port:  # rings of workers killed while attaching
+            remove_shm_segments(rep.dist_port)
         self._to_reap.extend(rep.procs)
         rep.procs = []
 
@@ -441,6 +443,8 @@ class PipelineBackend(InferenceBackend):
                 self._metrics.count_restart(self.name, rep.index)
         cfg = self.config
         port = find_free_port("127.0.0.1")
+        with self._lock:
+            rep.dist_port = port
         procs = []
         try:
             for s in range(cfg.stages):

@@ -61,6 +61,8 @@ class ReplicaState:
     """Last message (any kind counts as a heartbeat) from each connected stage, ``time.monotonic``."""
     inflight: dict[int, PendingBatch] = dataclasses.field(default_factory=dict)
     next_seq: int = 0
+    dist_port: int = 0
+    """The rendezvous port of the current generation's workers (it also names their shared-memory rings)."""
     started_at: float = 0.0
     restart_at: float = 0.0
     failures: int = 0

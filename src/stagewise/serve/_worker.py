@@ -9,12 +9,12 @@ its replica's own gloo group (rank = stage), and reports ready with a digest of 
 checks it against the factory's: a factory that builds different weights in different processes is caught).
 
 Then batch after batch, in sequence: stage 0 takes a ``run`` message (seq, rows, every model input) from its channel; a
-later stage receives from the stage before it (DistTransport, tag = seq mod 2**20) the batch's row count, the stage
-times so far, the model inputs that it or a later stage reads, and its activations. Each stage runs (the runtime's
-:func:`~stagewise.runtime.run_forward`, the stage runner training's executor uses, here under inference mode; why not
-a schedule on the executor itself: see that module) and sends on; the last one answers the gateway over its channel.
-Only stage 0 hears from the gateway per batch: a later stage is woken once, when its input arrives (on a small machine,
-waking every stage at dispatch costs the first stage its core).
+later stage receives from the stage before it (DistTransport, or ShmTransport with ``--transport shm``; tag = seq mod
+2**20) the batch's row count, the stage times so far, the model inputs that it or a later stage reads, and its
+activations. Each stage runs (the runtime's :func:`~stagewise.runtime.run_forward`, the stage runner training's executor
+uses, here under inference mode; why not a schedule on the executor itself: see that module) and sends on; the last one
+answers the gateway over its channel. Only stage 0 hears from the gateway per batch: a later stage is woken once, when
+its input arrives (on a small machine, waking every stage at dispatch costs the first stage its core).
 
 Batches are padded to a captured size and cut back (see ``_serving_split``).
 
@@ -43,7 +43,7 @@ import torch
 
 from .._allocator import tune_allocator
 from .._spec import import_model_code
-from ..comm import CommError, DistTransport, SendHandle
+from ..comm import CommError, DistTransport, SendHandle, ShmTransport
 from ..runtime import run_forward
 from ..split import Stage
 from ._channel import Channel
@@ -105,10 +105,11 @@ class _StageWorker:
             for rows, pack in assignment.packs.items()}
         self.digest = stage_digest(next(iter(self._stages.values()))[0])
         t1 = time.perf_counter()
-        self.transport: DistTransport | None = None
+        self.transport: DistTransport | ShmTransport | None = None
         if cfg.stages > 1:
-            self.transport = DistTransport.init(rank=cfg.stage, world_size=cfg.stages, master_port=cfg.dist_port,
-                                                timeout=cfg.worker_timeout_s)
+            kind = ShmTransport if cfg.transport == "shm" else DistTransport
+            self.transport = kind.init(rank=cfg.stage, world_size=cfg.stages, master_port=cfg.dist_port,
+                                       timeout=cfg.worker_timeout_s)
         log.info("replica %s stage %s: weights in %.2f s, rendezvous in %.2f s", cfg.replica, cfg.stage, t1 - t0,
                  time.perf_counter() - t1)
         self._sends: collections.deque[SendHandle] = collections.deque()
