@@ -72,8 +72,8 @@ PACKAGE_NAMES = {
     "stagewise.weights": ["WeightSource", "WeightsError", "hf_folder_spec", "is_hf_folder", "open_weights"],
     "stagewise.zoo": ["ALL_MODELS", "BASIC_MODELS", "HF_MODELS", "Samples", "get"],
     "stagewise.launch": ["STOP_SIGNAL", "SpawnError", "TorchrunEnv", "connect_torchrun", "describe_exit",
-                         "forkserver_context", "measure_action_overhead", "measure_links", "profile_model", "spawn",
-                         "stop_requested", "time_optimizer", "torchrun_env"],
+                         "forkserver_context", "measure_action_overhead", "measure_links", "profile_model",
+                         "ray_spawn", "rendezvous_host", "spawn", "stop_requested", "time_optimizer", "torchrun_env"],
 }
 """Every package's ``__all__``: a name added or removed is a deliberate change to this list."""
 

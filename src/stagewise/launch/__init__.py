@@ -1,5 +1,6 @@
-"""Every way a Stagewise process starts: local ranks from a forkserver (the embedded default), a rank that torchrun
-started, and the planner's probes that need fresh processes.
+"""Every way a Stagewise process starts: local ranks from a forkserver (the embedded default), ranks as Ray actors
+(:func:`ray_spawn`, the same contract on a Ray cluster), a rank that torchrun started, and the planner's probes that
+need fresh processes.
 
 >>> from stagewise.launch import spawn
 >>> spawn(fn, 2, args=(...,), timeout=60)               # doctest: +SKIP
@@ -13,7 +14,8 @@ every rank at its deadline, and turns SIGINT/SIGTERM of the launcher into a stop
 from ..comm import SpawnError
 from ._optimizer import profile_model, time_optimizer
 from ._probe import measure_action_overhead, measure_links
-from ._spawn import STOP_SIGNAL, describe_exit, forkserver_context, spawn, stop_requested
+from ._ray import ray_spawn
+from ._spawn import STOP_SIGNAL, describe_exit, forkserver_context, rendezvous_host, spawn, stop_requested
 from ._torchrun import TorchrunEnv, connect_torchrun, torchrun_env
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "measure_action_overhead",
     "measure_links",
     "profile_model",
+    "ray_spawn",
+    "rendezvous_host",
     "spawn",
     "stop_requested",
     "time_optimizer",

@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 
 from ..comm import SpawnError, find_free_port, remove_shm_segments
 
-__all__ = ["STOP_SIGNAL", "describe_exit", "forkserver_context", "spawn", "stop_requested"]
+__all__ = ["STOP_SIGNAL", "describe_exit", "forkserver_context", "rendezvous_host", "request_stop",
+           "set_rendezvous_host", "spawn", "stop_requested"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,27 @@ def stop_requested() -> bool:
 
 
 def _on_stop(signum: int, frame: Any) -> None:
+    request_stop()
+
+
+def request_stop() -> None:
+    """Make :func:`stop_requested` true in this process (what :data:`STOP_SIGNAL` does)."""
     global _STOP
     _STOP = True
+
+
+_RENDEZVOUS_HOST = "127.0.0.1"
+
+
+def rendezvous_host() -> str:
+    """The address rank 0 serves the ranks' rendezvous on: the loopback for local ranks; under another launcher (Ray)
+    rank 0's node address, set by that launcher before ``fn`` runs."""
+    return _RENDEZVOUS_HOST
+
+
+def set_rendezvous_host(host: str) -> None:
+    global _RENDEZVOUS_HOST
+    _RENDEZVOUS_HOST = host
 
 
 def _child_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple[Any, ...],

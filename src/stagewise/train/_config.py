@@ -173,6 +173,9 @@ class RuntimeConfig:
     transport: TransportName = "auto"
     """How ranks exchange activations and gradients: shm (shared-memory rings between the processes of this machine,
     CPU only; collectives on gloo), gloo, or auto (gloo on the CPU, NCCL or staged gloo on GPUs, as --device says)."""
+    launcher: Literal["local", "ray"] = "local"
+    """What starts the ranks: local (processes on this machine) or ray (one actor per rank in a placement group on
+    the Ray cluster RAY_ADDRESS names, else on a local Ray started for the run; needs stagewise[ray])."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -18,7 +18,7 @@ import torch
 from .._errors import ConfigError
 from .._spec import ModelSpec, import_model_code
 from ..comm import DistTransport, ShmTransport, Transport
-from ..launch import TorchrunEnv, connect_torchrun, spawn, stop_requested
+from ..launch import TorchrunEnv, connect_torchrun, ray_spawn, rendezvous_host, spawn, stop_requested
 from ..split import materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
@@ -102,11 +102,13 @@ def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, ba
     pack = pickle.loads(packs[Layout(config).place(rank)[1]]) if packs else None
     timeout = config.runtime.timeout
     transport: Transport
+    host = rendezvous_host()
     if kind == "shm":
-        transport = ShmTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout)
+        transport = ShmTransport.init(rank=rank, world_size=world_size, master_addr=host, master_port=port,
+                                      timeout=timeout)
     else:
-        transport = DistTransport.init(rank=rank, world_size=world_size, master_port=port, timeout=timeout,
-                                       backend=backend, device=None if device == "cpu" else device)
+        transport = DistTransport.init(rank=rank, world_size=world_size, master_addr=host, master_port=port,
+                                       timeout=timeout, backend=backend, device=None if device == "cpu" else device)
     try:
         run_worker(config, transport, pack=pack, should_stop=stop_requested)
     finally:
@@ -193,9 +195,11 @@ class Trainer:
             self.check()
 
         def launch(attempt: TrainConfig) -> int | None:
-            return spawn(_local_rank_main, attempt.world_size,
-                         args=(attempt.to_json(), plan.backend, plan.device, plan.transport, self._packs),
-                         timeout=budget, preload=_PRELOAD, stop_grace=grace, heartbeat=heartbeat)
+            args = (attempt.to_json(), plan.backend, plan.device, plan.transport, self._packs)
+            if config.runtime.launcher == "ray":
+                return ray_spawn(_local_rank_main, attempt.world_size, args=args, timeout=budget, stop_grace=grace)
+            return spawn(_local_rank_main, attempt.world_size, args=args, timeout=budget, preload=_PRELOAD,
+                         stop_grace=grace, heartbeat=heartbeat)
 
         try:
             stopped, restarts = run_with_restarts(launch, config, snapshots=Path(config.recovery.snapshot_dir or "."))
