@@ -28,11 +28,11 @@ def test_cli_help_lists_commands(capsys) -> None:
 
 
 PACKAGE_NAMES = {
-    "stagewise.split": ["CaptureError", "Partition", "ReadWeights", "SavedBytes", "SplitError", "SplitModel",
-                        "Stage", "StageCall", "StagePack", "StageSpec", "TreeSpec", "UnitInfo", "UnitTimes",
-                        "ValueSpec", "as_leaf", "cast_meta_params", "exact_ints", "flatten", "held_param_bytes",
-                        "input_leaves", "materialise", "min_max_cuts", "params_on_meta", "release", "run_stages",
-                        "split", "tensor_aliases", "time_units", "unflatten"],
+    "stagewise.split": ["CaptureError", "PackError", "Partition", "ReadWeights", "SavedBytes", "SplitError",
+                        "SplitModel", "Stage", "StageCall", "StagePack", "StageSpec", "TreeSpec", "UnitInfo",
+                        "UnitTimes", "ValueSpec", "as_leaf", "cast_meta_params", "exact_ints", "flatten",
+                        "held_param_bytes", "input_leaves", "materialise", "min_max_cuts", "params_on_meta", "release",
+                        "run_stages", "split", "tensor_aliases", "time_units", "unflatten"],
     "stagewise.schedule": ["Action", "ActionKind", "COMM_KINDS", "COMPUTE_KINDS", "CompiledSchedule", "Cost",
                            "Interval", "SCHEDULE_NAMES", "Schedule", "ScheduleError", "ScheduleName", "Sharing",
                            "Timeline", "add_communication", "build", "build_compiled", "compile_schedule", "gpipe",

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -180,8 +181,8 @@ class RankState:
         return 1.0
 
 
-def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack | None = None) -> RankState:
-    """Seed, take this rank's stages (``pack``, split by the launcher; or split here under torchrun), give them their
+def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack) -> RankState:
+    """Seed, take this rank's stages (``pack``: split once, by the launcher or by torchrun's rank 0), give them their
     weights and place them, make the groups, agree on the weights, and build the optimizer and the pipeline
     executor."""
     tune_allocator()
@@ -194,9 +195,7 @@ def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack | None
     replica, position = layout.place(transport.rank)
     spec = load_train_spec(config)
     spec.model.train(config.split.dropout)
-    args, kwargs, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
-    if pack is None:  # no launcher split the model for this rank (torchrun): split it here, once
-        pack = split_as_configured(config, spec, args, kwargs, stages=layout.S).pack(layout.owned(position))
+    _, _, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
     _fill_weights(config, spec.model, pack)
     mine = pack.stages
     device = _place(mine, config, transport)
@@ -304,7 +303,13 @@ def weights_reader(config: TrainConfig) -> ReadWeights | None:
         return None
     source = open_weights(path)
     dtype = train_dtype(config)
-    return lambda wanted, aliases: source.read(wanted, aliases=aliases, dtype=dtype)
+
+    def read(wanted: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        values = source.read(wanted, aliases=aliases, dtype=dtype)
+        source.check_opened_only(wanted, aliases=aliases, who="this training rank")
+        return values
+
+    return read
 
 
 def split_as_configured(config: TrainConfig, spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,
