@@ -173,6 +173,9 @@ class RuntimeConfig:
     transport: TransportName = "auto"
     """How ranks exchange activations and gradients: shm (shared-memory rings between the processes of this machine,
     CPU only; collectives on gloo), gloo, or auto (gloo on the CPU, NCCL or staged gloo on GPUs, as --device says)."""
+    iface: str | None = dataclasses.field(default=None, metadata={"metavar": "NAME"})
+    """Network interface the ranks talk through across hosts (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME); by
+    default gloo picks the interface of the host name."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -163,7 +163,7 @@ class Trainer:
                 raise ConfigError("--max-restarts restarts ranks this process spawned; under torchrun use torchrun's "
                                   "own --max-restarts with --save DIR --resume DIR")
             transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout,
-                                         device=device)
+                                         device=device, iface=config.runtime.iface)
             try:  # rank 0 splits the model for every rank, through the rendezvous store
                 summary = run_worker(config, transport, pack=shared_pack(config, transport.store, self.torchrun.rank))
             finally:

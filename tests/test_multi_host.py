@@ -1,0 +1,97 @@
+"""Training across hosts: torchrun on two network namespaces ("hosts" joined by a bridge, see ``_netns``) trains the
+tiny GPT with 2 stages x 2 replicas exactly as one process does; a host that cannot reach the rendezvous says which
+host, port and interface it tried."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _netns import Host, hosts, netns_skip_reason
+
+from stagewise.train import TrainConfig, train_reference
+
+RTOL, ATOL = 1e-5, 4e-5
+SRC = Path(__file__).resolve().parent.parent / "src"
+RDZV_PORT = 29400  # inside the namespaces: nothing else listens there
+WAIT_S = 300
+
+_skip = netns_skip_reason()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=f"no test hosts: {_skip}")
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
+
+
+def torchrun_on(host: Host, node: int, *, rdzv: Host, nnodes: int, nproc: int, args: list[str]) -> list[str]:
+    """The torchrun line a user types on ``host``: c10d rendezvous on ``rdzv``, which serves its store
+    (``is_host``: a namespace's address is not its host name's, by which torchrun would otherwise decide)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+            "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rdzv.addr}:{RDZV_PORT}",
+            "--rdzv-id", "stagewise-test", "--rdzv-conf", f"is_host={int(host is rdzv)}", "--local-addr", host.addr,
+            "-m", "stagewise.cli", "train", *args, "--iface", host.iface]
+
+
+def test_torchrun_on_two_hosts_matches_single_process(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model = "stagewise.zoo.gpt:tiny_gpt"
+    config = TrainConfig(model=model, stages=2, replicas=2, steps=3, global_batch=8, microbatches=2, dropout=False)
+    args = [model, "--stages", "2", "--replicas", "2", "--steps", "3", "--global-batch", "8", "--microbatches", "2",
+            "--no-dropout", "--no-progress", "--out", str(out), "--verbose"]
+    logs = [tmp_path / f"host{i}.log" for i in range(2)]
+    with hosts(2) as (a, b):
+        procs = []
+        for node, (host, log) in enumerate(zip((a, b), logs)):
+            with log.open("w") as f:
+                procs.append(host.popen(torchrun_on(host, node, rdzv=a, nnodes=2, nproc=2, args=args), env=_env(),
+                                        stdout=f, stderr=subprocess.STDOUT))
+        for proc, log in zip(procs, logs):
+            try:
+                proc.wait(timeout=WAIT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"torchrun did not finish in {WAIT_S} s:\n{log.read_text()[-3000:]}")
+    text = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in text)
+    # one capture in the whole job: rank 0's, whichever host it landed on; the three other ranks read their stages
+    assert sum(t.count("capturing GPT.forward") for t in text) == 1, text
+    assert sum(t.count("from rank 0 (") for t in text) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    ref_losses, ref_state = train_reference(config)
+    torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    from safetensors.torch import load_file
+
+    state = {**load_file(str(out / "stage0.safetensors")), **load_file(str(out / "stage1.safetensors"))}
+    params = {name for name, _ in train_reference_params(config)}
+    assert params <= set(state), sorted(params - set(state))[:5]
+    for name, value in state.items():
+        torch.testing.assert_close(value, ref_state[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+def train_reference_params(config: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    from stagewise.train._rank import load_train_spec
+
+    return list(load_train_spec(config).model.named_parameters())  # a tied weight once, by its first name
+
+
+def test_a_host_that_cannot_reach_the_rendezvous_names_host_port_and_interface(tmp_path: Path) -> None:
+    """What torchrun (or a Kubeflow PyTorchJob) sets, with nobody serving the store on host A."""
+    args = [sys.executable, "-m", "stagewise.cli", "train", "stagewise.zoo.gpt:tiny_gpt", "--stages", "2",
+            "--timeout", "3", "--no-progress"]
+    with hosts(2) as (a, b):
+        env = dict(_env(), RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR=a.addr,
+                   MASTER_PORT=str(RDZV_PORT))
+        done = b.run([*args, "--iface", b.iface], env=env, capture_output=True, text=True, timeout=WAIT_S)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert f"could not join the job through the rendezvous at {a.addr}:{RDZV_PORT} using interface " \
+               f"{b.iface} ({b.addr}) within 3 s" in done.stderr, done.stderr[-3000:]
+        assert "rank 1 on host" in done.stderr and "name the interface" in done.stderr
+        wrong = b.run([*args, "--iface", "wlan9"], env=env, capture_output=True, text=True, timeout=WAIT_S)
+        assert wrong.returncode == 2
+        assert "--iface wlan9: this host" in wrong.stderr and f"has no such network interface; it has lo, " \
+               f"{b.iface}" in wrong.stderr, wrong.stderr[-2000:]
