@@ -38,12 +38,15 @@ def torchrun_on(host: Host, node: int, *, rdzv: Host, nnodes: int, nproc: int, a
             "-m", "stagewise.cli", "train", *args, "--iface", host.iface]
 
 
-def test_torchrun_on_two_hosts_matches_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rank_order", ["pipelines", "stages"])
+def test_torchrun_on_two_hosts_matches_single_process(tmp_path: Path, rank_order: str) -> None:
+    """``stages``: each host runs one stage of both replicas (the gradient all-reduce stays on the host, the
+    activations cross); ``pipelines``: each host runs one whole replica."""
     out = tmp_path / "out"
     model = "stagewise.zoo.gpt:tiny_gpt"
     config = TrainConfig(model=model, stages=2, replicas=2, steps=3, global_batch=8, microbatches=2, dropout=False)
     args = [model, "--stages", "2", "--replicas", "2", "--steps", "3", "--global-batch", "8", "--microbatches", "2",
-            "--no-dropout", "--no-progress", "--out", str(out), "--verbose"]
+            "--no-dropout", "--no-progress", "--out", str(out), "--verbose", "--rank-order", rank_order]
     logs = [tmp_path / f"host{i}.log" for i in range(2)]
     with hosts(2) as (a, b):
         procs = []
