@@ -63,7 +63,7 @@ PACKAGE_NAMES = {
                        "OPTIMIZER_SECONDS_PER_BYTE", "Plan", "PlanError", "RANK_ORDERS", "RankOrder", "STATE_FACTORS",
                        "TRAIN_SCHEDULES", "allreduce_time", "apply_measurement", "capped_min_max_cuts", "nested_live",
                        "optimizer_time", "pipeline_lower_bound", "predict", "profile_chain", "profile_rows",
-                       "rank_of", "search", "stage_memory", "transfer_time"],
+                       "rank_of", "search", "set_host_links", "stage_memory", "transfer_time"],
     "stagewise.checkpoint": ["Checkpoint", "CheckpointError", "CheckpointWriter", "Verify", "add_checkpoint_parser",
                              "cmd_checkpoint_export", "cmd_checkpoint_info", "export_pretrained", "export_state_dict",
                              "export_tensors", "format_info", "latest_checkpoint", "list_checkpoints",
@@ -72,8 +72,8 @@ PACKAGE_NAMES = {
     "stagewise.weights": ["WeightSource", "WeightsError", "hf_folder_spec", "is_hf_folder", "open_weights"],
     "stagewise.zoo": ["ALL_MODELS", "BASIC_MODELS", "HF_MODELS", "Samples", "get"],
     "stagewise.launch": ["STOP_SIGNAL", "SpawnError", "TorchrunEnv", "connect_torchrun", "describe_exit",
-                         "forkserver_context", "measure_action_overhead", "measure_links", "profile_model", "spawn",
-                         "stop_requested", "time_optimizer", "torchrun_env"],
+                         "forkserver_context", "measure_action_overhead", "measure_host_links", "measure_links",
+                         "profile_model", "spawn", "stop_requested", "time_optimizer", "torchrun_env"],
 }
 """Every package's ``__all__``: a name added or removed is a deliberate change to this list."""
 

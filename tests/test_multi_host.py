@@ -14,6 +14,7 @@ import pytest
 import torch
 from _netns import Host, hosts, netns_skip_reason
 
+from stagewise.plan import Cluster, Node
 from stagewise.train import TrainConfig, train_reference
 
 RTOL, ATOL = 1e-5, 4e-5
@@ -35,7 +36,7 @@ def torchrun_on(host: Host, node: int, *, rdzv: Host, nnodes: int, nproc: int, a
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
             "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rdzv.addr}:{RDZV_PORT}",
             "--rdzv-id", "stagewise-test", "--rdzv-conf", f"is_host={int(host is rdzv)}", "--local-addr", host.addr,
-            "-m", "stagewise.cli", "train", *args, "--iface", host.iface]
+            "-m", "stagewise.cli", *args, "--iface", host.iface]
 
 
 @pytest.mark.parametrize("rank_order", ["pipelines", "stages"])
@@ -45,22 +46,12 @@ def test_torchrun_on_two_hosts_matches_single_process(tmp_path: Path, rank_order
     out = tmp_path / "out"
     model = "stagewise.zoo.gpt:tiny_gpt"
     config = TrainConfig(model=model, stages=2, replicas=2, steps=3, global_batch=8, microbatches=2, dropout=False)
-    args = [model, "--stages", "2", "--replicas", "2", "--steps", "3", "--global-batch", "8", "--microbatches", "2",
-            "--no-dropout", "--no-progress", "--out", str(out), "--verbose", "--rank-order", rank_order]
+    args = ["train", model, "--stages", "2", "--replicas", "2", "--steps", "3", "--global-batch", "8",
+            "--microbatches", "2", "--no-dropout", "--no-progress", "--out", str(out), "--verbose",
+            "--rank-order", rank_order]
     logs = [tmp_path / f"host{i}.log" for i in range(2)]
     with hosts(2) as (a, b):
-        procs = []
-        for node, (host, log) in enumerate(zip((a, b), logs)):
-            with log.open("w") as f:
-                procs.append(host.popen(torchrun_on(host, node, rdzv=a, nnodes=2, nproc=2, args=args), env=_env(),
-                                        stdout=f, stderr=subprocess.STDOUT))
-        for proc, log in zip(procs, logs):
-            try:
-                proc.wait(timeout=WAIT_S)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"torchrun did not finish in {WAIT_S} s:\n{log.read_text()[-3000:]}")
-    text = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in text)
+        text = _torchrun_everywhere((a, b), nproc=2, args=args, logs=logs)
     # one capture in the whole job: rank 0's, whichever host it landed on; the three other ranks read their stages
     assert sum(t.count("capturing GPT.forward") for t in text) == 1, text
     assert sum(t.count("from rank 0 (") for t in text) == 3
@@ -74,6 +65,37 @@ def test_torchrun_on_two_hosts_matches_single_process(tmp_path: Path, rank_order
     assert params <= set(state), sorted(params - set(state))[:5]
     for name, value in state.items():
         torch.testing.assert_close(value, ref_state[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+def _torchrun_everywhere(hosts_: tuple[Host, ...], *, nproc: int, args: list[str], logs: list[Path]) -> list[str]:
+    """Run the torchrun line on every host (the first serves the rendezvous); their logs, once all exited 0."""
+    procs = []
+    for node, (host, log) in enumerate(zip(hosts_, logs)):
+        with log.open("w") as f:
+            cmd = torchrun_on(host, node, rdzv=hosts_[0], nnodes=len(hosts_), nproc=nproc, args=args)
+            procs.append(host.popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT))
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun did not finish in {WAIT_S} s:\n{log.read_text()[-3000:]}")
+    text = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(t[-3000:] for t in text)
+    return text
+
+
+def test_probe_measures_the_link_between_two_hosts(tmp_path: Path) -> None:
+    """Each host's outgoing link limited to 200 Mbit/s (25 MB/s): the probe writes about that into the cluster."""
+    path = tmp_path / "cluster.toml"
+    Cluster(nodes=[Node(name=f"host-{x}", devices=2, memory_bytes=2**30) for x in "ab"]).write(path)
+    args = ["probe", "--hosts", "--cluster", str(path), "--bytes", str(2 * 2**20), "--repeats", "3"]
+    with hosts(2, rate="200mbit") as (a, b):
+        text = _torchrun_everywhere((a, b), nproc=1, args=args, logs=[tmp_path / "a.log", tmp_path / "b.log"])
+    assert "host-a - host-b: bandwidth" in text[0] + text[1]
+    (link,) = Cluster.read(path).links
+    assert (link.a, link.b) == ("host-a", "host-b")
+    assert 0.3 * 25e6 < link.bandwidth < 1.2 * 25e6, link
+    assert 0 < link.latency < 0.05
 
 
 def train_reference_params(config: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:

@@ -39,6 +39,7 @@ __all__ = lazy_exports(__name__, {
     "profile_chain": "._profile",
     "profile_rows": "._profile",
     "search": "._search",
+    "set_host_links": "._probe",
     "stage_memory": "._cut",
     "STATE_FACTORS": "._cost",
     "TRAIN_SCHEDULES": "._search",
