@@ -6,27 +6,27 @@ Two "hosts" are network namespaces on one bridge (``tests/_netns.py``), each hos
 ``--rate`` (default 200 Mbit/s) with ``tc ... tbf``. The model is ``bench/_models.py:deep_mlp`` (``--layers`` x
 Linear(``--hidden``) + ReLU): large gradients, small activations. The planner profiles it (its own path:
 :func:`stagewise.launch.profile_model`), measures this machine's process-to-process links
-(:func:`stagewise.launch.measure_links`), takes the two hosts' link as the tbf rate (``[[links]]`` in the cluster),
-and picks the best plan with 2 stages x 2 replicas, rank order included. That plan and the same plan with the naive
-rank order (ranks in order: ``pipelines``, each host one whole replica) are trained with ``torchrun --nnodes 2
---nproc-per-node 2`` (c10d rendezvous on host A, ``--iface`` naming each host's link), each ``--rounds`` times,
-alternating. A run's step time is the median, after ``--warmup`` steps, of the time between the starts of
-consecutive steps (from its trace). The last line is::
+(:func:`stagewise.launch.measure_links`) and the link between the two hosts (``stagewise probe --hosts`` under
+torchrun, one process per host, as a user would: ``[[links]]`` in the cluster file; a tbf with the small burst used
+here lets TCP through below its nominal rate), and picks the best plan with 2 stages x 2 replicas, rank order
+included. That plan and the same plan with the naive rank order (ranks in order: ``pipelines``, each host one whole
+replica) are trained with ``torchrun --nnodes 2 --nproc-per-node 2`` (c10d rendezvous on host A, ``--iface`` naming
+each host's link), each ``--rounds`` times, alternating. A run's step time is the median, after ``--warmup`` steps,
+of the time between the starts of consecutive steps (from its trace). The last line is::
 
     multi_host placed_vs_naive=R predicted_err=E
 
 R = measured step time of the planner's plan / of the naive one (goal <= 0.8 on a slow link); E = |predicted -
 measured| / measured for the planner's plan (goal <= 0.2). This 2-core machine runs all four ranks of both hosts
-(and other people's work): the measured compute is slower and noisier than the profile's, which E shows.
+(and other people's work), while the cluster says each host has two devices of its own: the measured compute is
+slower and noisier than the profile's, which E shows.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,50 +38,39 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from _models import MODELS_FILE, deep_mlp  # noqa: E402
-from _netns import hosts, netns_skip_reason  # noqa: E402
+from _netns import hosts, netns_skip_reason, torchrun_everywhere  # noqa: E402
 from plan_accuracy import step_times  # noqa: E402
 
 from stagewise.launch import measure_links, profile_model  # noqa: E402
-from stagewise.plan import Cluster, HostLink, Node, Plan, apply_measurement, predict, profile_rows, search  # noqa: E402
+from stagewise.plan import Cluster, Node, Plan, apply_measurement, predict, profile_rows, search  # noqa: E402
 
 GLOBAL_BATCH = 32
-RDZV_PORT = 29400
 RUN_TIMEOUT_S = 600
-_UNITS = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
 
 
-def rate_bytes(rate: str) -> float:
-    """Bytes per second of a tc rate such as ``200mbit``."""
-    for unit, scale in _UNITS.items():
-        if rate.endswith(unit):
-            return float(rate[: -len(unit)]) * scale
-    raise ValueError(f"rate {rate!r}: write it as tc does, e.g. 200mbit")
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+
+
+def probe_hosts(cluster: Cluster, *, rate: str, tmp: Path) -> Cluster:
+    """``cluster`` (two nodes) with the link between them measured by ``stagewise probe --hosts`` on two hosts."""
+    path = tmp / "cluster.toml"
+    cluster.write(path)
+    with hosts(2, rate=rate) as (a, b):
+        torchrun_everywhere((a, b), nproc=1, args=["probe", "--hosts", "--cluster", str(path), "--repeats", "5"],
+                            logs=[tmp / "probe_a.log", tmp / "probe_b.log"], env=_env(), timeout=RUN_TIMEOUT_S)
+    return Cluster.read(path)
 
 
 def run_on_hosts(plan: Plan, model: str, *, steps: int, rate: str, tmp: Path) -> list[float]:
     """Train ``plan`` with torchrun on two fresh hosts; the seconds between consecutive steps' starts."""
     plan_file, trace = tmp / "plan.json", tmp / "trace"
     plan.to_json(plan_file)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    args = ["train", model, "--plan", str(plan_file), "--steps", str(steps), "--no-progress", "--log-every", "0",
+            "--trace", str(trace)]
     with hosts(2, rate=rate) as (a, b):
-        procs, logs = [], []
-        for node, host in enumerate((a, b)):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-                   "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{a.addr}:{RDZV_PORT}",
-                   "--rdzv-id", "bench", "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", host.addr,
-                   "-m", "stagewise.cli", "train", model, "--plan", str(plan_file), "--steps", str(steps),
-                   "--no-progress", "--log-every", "0", "--trace", str(trace), "--iface", host.iface]
-            log = tmp / f"host{node}.log"
-            logs.append(log)
-            with log.open("w") as f:
-                procs.append(host.popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
-        for proc, log in zip(procs, logs):
-            try:
-                proc.wait(timeout=RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                raise SystemExit(f"torchrun ran past {RUN_TIMEOUT_S} s:\n{log.read_text()[-3000:]}") from None
-            if proc.returncode != 0:
-                raise SystemExit(f"torchrun exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        torchrun_everywhere((a, b), nproc=2, args=args, logs=[tmp / "host_a.log", tmp / "host_b.log"], env=_env(),
+                            timeout=RUN_TIMEOUT_S)
     return step_times(trace)
 
 
@@ -104,11 +93,11 @@ def main() -> None:
                             model_name=model)
     local = measure_links(repeats=5)
     nodes = [Node(name=name, devices=2, memory_bytes=2**32) for name in ("host-a", "host-b")]
-    cluster = apply_measurement(Cluster(nodes=nodes), local)
-    cluster = dataclasses.replace(cluster, links=[HostLink(a="host-a", b="host-b", bandwidth=rate_bytes(args.rate),
-                                                          latency=local.latency_s)])
-    print(f"cluster: intra {cluster.intra_bandwidth / 1e9:.2f} GB/s, host link {rate_bytes(args.rate) / 1e6:.0f} MB/s",
-          flush=True)
+    with tempfile.TemporaryDirectory(prefix="stagewise-multi-host-probe-") as tmp:
+        cluster = probe_hosts(apply_measurement(Cluster(nodes=nodes), local), rate=args.rate, tmp=Path(tmp))
+    (link,) = cluster.links
+    print(f"cluster: intra {cluster.intra_bandwidth / 1e9:.2f} GB/s; host link ({args.rate} tbf) measured "
+          f"{link.bandwidth / 1e6:.1f} MB/s, {link.latency * 1e3:.2f} ms", flush=True)
     plans = [p for p in search(profile, cluster, global_batch=GLOBAL_BATCH, limit=None)
              if (p.stages, p.replicas) == (2, 2)]
     placed = plans[0]

@@ -15,11 +15,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 SUBNET = "10.231.0"
+RDZV_PORT = 29400  # inside the namespaces: nothing else listens there
 TBF_BURST = "32kbit"
 TBF_LATENCY = "50ms"
 
@@ -118,3 +121,32 @@ def hosts(n: int, *, rate: str | None = None) -> Iterator[list[Host]]:
         for name in reversed(made):  # deleting a namespace deletes its ends of the veth pairs
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 _ip("netns", "del", name)
+
+
+def torchrun_line(host: Host, node: int, *, rdzv: Host, nnodes: int, nproc: int, args: Sequence[str]) -> list[str]:
+    """The torchrun line a user types on ``host`` to run ``stagewise ARGS``: c10d rendezvous on ``rdzv``, which serves
+    its store (``is_host``: a namespace's address is not its host name's, by which torchrun would otherwise decide),
+    ``--iface`` naming the host's link."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+            "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rdzv.addr}:{RDZV_PORT}",
+            "--rdzv-id", "stagewise-test", "--rdzv-conf", f"is_host={int(host is rdzv)}", "--local-addr", host.addr,
+            "-m", "stagewise.cli", *args, "--iface", host.iface]
+
+
+def torchrun_everywhere(hosts_: Sequence[Host], *, nproc: int, args: Sequence[str], logs: Sequence[Path],
+                        env: Mapping[str, str], timeout: float) -> list[str]:
+    """Run ``stagewise ARGS`` with torchrun on every host (the first serves the rendezvous), each writing its log;
+    the logs once every torchrun exited 0, else an AssertionError with their ends."""
+    procs = []
+    for node, (host, log) in enumerate(zip(hosts_, logs)):
+        with log.open("w") as f:
+            cmd = torchrun_line(host, node, rdzv=hosts_[0], nnodes=len(hosts_), nproc=nproc, args=args)
+            procs.append(host.popen(cmd, env=dict(env), stdout=f, stderr=subprocess.STDOUT))
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"torchrun did not finish in {timeout:g} s:\n{log.read_text()[-3000:]}") from None
+    text = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(t[-3000:] for t in text)
+    return text

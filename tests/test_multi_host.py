@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _netns import Host, hosts, netns_skip_reason
+from _netns import RDZV_PORT, Host, hosts, netns_skip_reason, torchrun_everywhere
 
 from stagewise.plan import Cluster, Node
 from stagewise.train import TrainConfig, train_reference
 
 RTOL, ATOL = 1e-5, 4e-5
 SRC = Path(__file__).resolve().parent.parent / "src"
-RDZV_PORT = 29400  # inside the namespaces: nothing else listens there
 WAIT_S = 300
 
 _skip = netns_skip_reason()
@@ -28,15 +26,6 @@ pytestmark = pytest.mark.skipif(_skip is not None, reason=f"no test hosts: {_ski
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
-
-
-def torchrun_on(host: Host, node: int, *, rdzv: Host, nnodes: int, nproc: int, args: list[str]) -> list[str]:
-    """The torchrun line a user types on ``host``: c10d rendezvous on ``rdzv``, which serves its store
-    (``is_host``: a namespace's address is not its host name's, by which torchrun would otherwise decide)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
-            "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rdzv.addr}:{RDZV_PORT}",
-            "--rdzv-id", "stagewise-test", "--rdzv-conf", f"is_host={int(host is rdzv)}", "--local-addr", host.addr,
-            "-m", "stagewise.cli", *args, "--iface", host.iface]
 
 
 @pytest.mark.parametrize("rank_order", ["pipelines", "stages"])
@@ -68,20 +57,7 @@ def test_torchrun_on_two_hosts_matches_single_process(tmp_path: Path, rank_order
 
 
 def _torchrun_everywhere(hosts_: tuple[Host, ...], *, nproc: int, args: list[str], logs: list[Path]) -> list[str]:
-    """Run the torchrun line on every host (the first serves the rendezvous); their logs, once all exited 0."""
-    procs = []
-    for node, (host, log) in enumerate(zip(hosts_, logs)):
-        with log.open("w") as f:
-            cmd = torchrun_on(host, node, rdzv=hosts_[0], nnodes=len(hosts_), nproc=nproc, args=args)
-            procs.append(host.popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT))
-    for proc, log in zip(procs, logs):
-        try:
-            proc.wait(timeout=WAIT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"torchrun did not finish in {WAIT_S} s:\n{log.read_text()[-3000:]}")
-    text = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(t[-3000:] for t in text)
-    return text
+    return torchrun_everywhere(hosts_, nproc=nproc, args=args, logs=logs, env=_env(), timeout=WAIT_S)
 
 
 def test_probe_measures_the_link_between_two_hosts(tmp_path: Path) -> None:
