@@ -100,6 +100,8 @@ def test_a_target_or_class_off_the_whitelist_is_refused_on_the_way_in() -> None:
 
     with pytest.raises(PackError, match="names the class 'subprocess.Popen', which a stage pack may not name"):
         StagePack.from_bytes(_edit_header(data, name_popen))
+    with pytest.raises(PackError, match="stage pack is malformed: KeyError"):
+        StagePack.from_bytes(_edit_header(data, lambda header: header.pop("out_spec")))
     with pytest.raises(PackError, match="not a Stagewise stage pack"):
         StagePack.from_bytes(b"\x80\x04" + data)
     assert b'"op": "aten::' in data  # operators travel by qualified name

@@ -92,12 +92,17 @@ def decode_pack(data: bytes, *, trusted_modules: Iterable[str] = ()) -> Decoded:
     except ValueError as exc:
         raise PackError(f"stage pack header is not JSON: {exc}") from None
     rest = data[start + n:]
-    blobs = load(rest) if rest else {}
     trusted = tuple(trusted_modules)
-    return Decoded(partition=Partition.from_dict(header["partition"]),
-                   stages={int(i): _stage_from_json(s, blobs) for i, s in header["stages"].items()},
-                   out_spec=_tree_from_json(header["out_spec"], trusted),
-                   output_names=list(header["output_names"]))
+    try:
+        blobs = load(rest) if rest else {}
+        return Decoded(partition=Partition.from_dict(header["partition"]),
+                       stages={int(i): _stage_from_json(s, blobs) for i, s in header["stages"].items()},
+                       out_spec=_tree_from_json(header["out_spec"], trusted),
+                       output_names=list(header["output_names"]))
+    except PackError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise PackError(f"stage pack is malformed: {type(exc).__name__}: {exc}") from None
 
 
 # --- graph nodes ---------------------------------------------------------------------------------------------------
