@@ -97,7 +97,8 @@ def main() -> None:
         cluster = probe_hosts(apply_measurement(Cluster(nodes=nodes), local), rate=args.rate, tmp=Path(tmp))
     (link,) = cluster.links
     print(f"cluster: intra {cluster.intra_bandwidth / 1e9:.2f} GB/s; host link ({args.rate} tbf) measured "
-          f"{link.bandwidth / 1e6:.1f} MB/s, {link.latency * 1e3:.2f} ms", flush=True)
+          f"{link.bandwidth / 1e6:.1f} MB/s one way, {(link.allreduce_bandwidth or 0) / 1e6:.1f} MB/s all-reduce, "
+          f"{link.latency * 1e3:.2f} ms", flush=True)
     plans = [p for p in search(profile, cluster, global_batch=GLOBAL_BATCH, limit=None)
              if (p.stages, p.replicas) == (2, 2)]
     placed = plans[0]

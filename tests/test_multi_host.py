@@ -72,6 +72,7 @@ def test_probe_measures_the_link_between_two_hosts(tmp_path: Path) -> None:
     assert (link.a, link.b) == ("host-a", "host-b")
     assert 0.3 * 25e6 < link.bandwidth < 1.2 * 25e6, link
     assert 0 < link.latency < 0.05
+    assert link.allreduce_bandwidth is not None and 0 < link.allreduce_bandwidth < 1.2 * 25e6
 
 
 def train_reference_params(config: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:

@@ -36,6 +36,10 @@ def test_cluster_links_round_trip_and_are_checked() -> None:
     assert cluster.link(0, 2) == (SLOW, 1e-4) and cluster.link(0, 1) == (cluster.intra_bandwidth, cluster.intra_latency)
     assert cluster.allreduce_link([1, 2]) == (SLOW, max(cluster.allreduce_latency, 1e-4))
     assert _two_hosts(None).link(0, 2) == (1e9, cluster.inter_latency)  # no [[links]]: inter_bandwidth
+    both_ways = Cluster(nodes=cluster.nodes, links=[HostLink(a="a", b="b", bandwidth=SLOW, latency=1e-4,
+                                                             allreduce_bandwidth=SLOW / 10)])
+    assert Cluster.from_toml(both_ways.to_toml()) == both_ways
+    assert both_ways.allreduce_link([1, 2])[0] == SLOW / 10 and both_ways.link(1, 2)[0] == SLOW
     with pytest.raises(ValueError, match=r"cluster.links\[0\].b must name a node \(a, b\), got 'c'"):
         Cluster(nodes=cluster.nodes, links=[HostLink(a="a", b="c", bandwidth=1.0, latency=0.0)])
     with pytest.raises(ValueError, match="unknown key 'bandwith'"):

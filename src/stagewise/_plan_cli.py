@@ -217,7 +217,7 @@ def _probe_hosts(args: argparse.Namespace, path: Path) -> int:
     names = [node.name for node in cluster.nodes]
     links = {(names[0], names[r]): link for r, link in measured.items()}
     set_host_links(cluster, links).write(path)
-    for (a, b), (bw, lat) in links.items():
-        print(f"{a} - {b}: bandwidth {bw / 1e6:.1f} MB/s, latency {lat * 1e6:.0f} us")
+    for (a, b), (bw, lat, both) in links.items():
+        print(f"{a} - {b}: bandwidth {bw / 1e6:.1f} MB/s, latency {lat * 1e6:.0f} us, all-reduce {both / 1e6:.1f} MB/s")
     print(f"written to {path}")
     return 0

@@ -185,15 +185,19 @@ def _probe_rank(rank: int, world_size: int, port: int, *, out: str, nbytes: int,
 
 
 def measure_host_links(transport: DistTransport, *, nbytes: int = 4 * 2**20,
-                       repeats: int = 5) -> dict[int, tuple[float, float]]:
+                       repeats: int = 5) -> dict[int, tuple[float, float, float]]:
     """Measure the link from rank 0 to every other rank of ``transport`` (one process per host, e.g. started by
-    torchrun with ``--nproc-per-node 1``), one peer at a time: on rank 0, ``{rank: (bandwidth bytes/s, latency s)}``;
-    ``{}`` on the other ranks. Every rank must call it."""
+    torchrun with ``--nproc-per-node 1``), one peer at a time: on rank 0, ``{rank: (bandwidth bytes/s, latency s,
+    all-reduce bus bandwidth bytes/s)}``; ``{}`` on the other ranks. Every rank must call it.
+
+    The all-reduce is timed on its own because it sends both ways at once: on a link with a deep queue (a shaped
+    uplink) each direction's acknowledgements wait behind the other's data, and it runs far below one-way speed."""
     rank = transport.rank
     tiny = torch.zeros(1, dtype=torch.float32, device=transport.device)
     big = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=transport.device)
+    pairs = {peer: transport.new_group([0, peer]) for peer in range(1, transport.world_size)}  # all, in one order
     out = {}
-    for peer in range(1, transport.world_size):
+    for peer, group in pairs.items():
         transport.barrier()
         if rank not in (0, peer):
             continue
@@ -204,8 +208,11 @@ def measure_host_links(transport: DistTransport, *, nbytes: int = 4 * 2**20,
         push()  # warm-up: connections, buffers
         rtt = _median_time(ping, 4 * repeats)
         push_s = _median_time(push, repeats)
+        reduce_s = _median_time(functools.partial(transport.all_reduce, big, group=group), repeats)
         if rank == 0:
-            out[peer] = _link_of(rtt, push_s, big.numel() * 4)
+            bandwidth, latency = _link_of(rtt, push_s, big.numel() * 4)
+            # two ranks: the bus carries the tensor's bytes once; the cost model adds 2 ring-step latencies back
+            out[peer] = (bandwidth, latency, big.numel() * 4 / max(reduce_s - 2 * latency, reduce_s / 2))
     transport.barrier()
     return out
 

@@ -122,6 +122,9 @@ class HostLink:
     """Bytes per second between a device of ``a`` and one of ``b``."""
     latency: float
     """Seconds per message between them."""
+    allreduce_bandwidth: float | None = None
+    """Bus bandwidth of an all-reduce between them, bytes per second (it sends both ways at once, which a shaped link
+    may carry far slower than one way); None: ``bandwidth``."""
 
     def validate(self, where: str, names: list[str]) -> None:
         for end in ("a", "b"):
@@ -131,6 +134,8 @@ class HostLink:
             raise ValueError(f"{where} links node {self.a!r} to itself; links join two different nodes")
         self.bandwidth = _positive_number(f"{where}.bandwidth", self.bandwidth)
         self.latency = _non_negative_number(f"{where}.latency", self.latency)
+        if self.allreduce_bandwidth is not None:
+            self.allreduce_bandwidth = _positive_number(f"{where}.allreduce_bandwidth", self.allreduce_bandwidth)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -225,12 +230,14 @@ class Cluster:
             return self.intra_bandwidth, self.intra_latency
         return self.node_link(nodes[a], nodes[b])
 
-    def node_link(self, i: int, j: int) -> tuple[float, float]:
-        """(bandwidth bytes/s, latency s) between a device of node ``i`` and one of node ``j`` (``i != j``)."""
+    def node_link(self, i: int, j: int, *, allreduce: bool = False) -> tuple[float, float]:
+        """(bandwidth bytes/s, latency s) between a device of node ``i`` and one of node ``j`` (``i != j``); with
+        ``allreduce`` the bus bandwidth of an all-reduce between them."""
         names = {self.nodes[i].name, self.nodes[j].name}
         for link in self.links:
             if {link.a, link.b} == names:
-                return link.bandwidth, link.latency
+                both_ways = link.allreduce_bandwidth if allreduce else None
+                return both_ways or link.bandwidth, link.latency
         return self.inter_bandwidth, self.inter_latency
 
     def allreduce_link(self, devices: list[int]) -> tuple[float, float]:
@@ -240,7 +247,7 @@ class Cluster:
         used = sorted({nodes[d] for d in devices})
         if len(used) <= 1:
             return self.allreduce_bandwidth, self.allreduce_latency
-        links = [self.node_link(i, j) for k, i in enumerate(used) for j in used[k + 1:]]
+        links = [self.node_link(i, j, allreduce=True) for k, i in enumerate(used) for j in used[k + 1:]]
         return (min(self.allreduce_bandwidth, *(bw for bw, _ in links)),
                 max(self.allreduce_latency, *(lat for _, lat in links)))
 
@@ -299,6 +306,8 @@ class Cluster:
         for link in self.links:
             lines += ["", "[[links]]", f"a = {json.dumps(link.a)}", f"b = {json.dumps(link.b)}",
                       f"bandwidth = {_toml_float(link.bandwidth)}", f"latency = {_toml_float(link.latency)}"]
+            if link.allreduce_bandwidth is not None:
+                lines.append(f"allreduce_bandwidth = {_toml_float(link.allreduce_bandwidth)}")
         return "\n".join(lines) + "\n"
 
     def write(self, path: str | Path) -> None:
@@ -355,7 +364,7 @@ class Cluster:
         for i, link in enumerate(links):
             if not isinstance(link, dict):
                 raise ValueError(f"{source}: links[{i}] must be a table, got {link!r}")
-            _check_keys(link, link_fields, required=link_fields, where=f"{source}: links[{i}]")
+            _check_keys(link, link_fields, required={"a", "b", "bandwidth", "latency"}, where=f"{source}: links[{i}]")
             made.append(HostLink(**link))
         try:
             return cls(nodes=built, links=made, **{k: v for k, v in data.items() if k not in ("nodes", "links")})
