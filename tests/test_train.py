@@ -53,6 +53,12 @@ def test_matches_single_process(schedule: str, stages: int, replicas: int) -> No
                          global_batch=16, progress=False, log_every=0, dropout=False))
 
 
+def test_stage_major_rank_order_matches_single_process() -> None:
+    """rank = stage x replicas + replica (a stage's replicas on consecutive ranks): the same training."""
+    _compare(TrainConfig(model="stagewise.zoo.basic:large_model", stages=2, replicas=2, microbatches=2, steps=3,
+                         global_batch=16, progress=False, log_every=0, dropout=False, rank_order="stages"))
+
+
 @pytest.mark.parametrize("transport", ["auto", "shm"])
 @pytest.mark.parametrize("schedule,stages_per_rank", [("interleaved", 2), ("zb", 1)])
 def test_interleaved_and_zero_bubble_match_single_process(schedule: str, stages_per_rank: int, transport: str) -> None:
