@@ -53,6 +53,12 @@ def test_matches_single_process(schedule: str, stages: int, replicas: int) -> No
                          global_batch=16, progress=False, log_every=0, dropout=False))
 
 
+def test_stage_major_rank_order_matches_single_process() -> None:
+    """rank = stage x replicas + replica (a stage's replicas on consecutive ranks): the same training."""
+    _compare(TrainConfig(model="stagewise.zoo.basic:large_model", stages=2, replicas=2, microbatches=2, steps=3,
+                         global_batch=16, progress=False, log_every=0, dropout=False, rank_order="stages"))
+
+
 @pytest.mark.parametrize("transport", ["auto", "shm"])
 @pytest.mark.parametrize("schedule,stages_per_rank", [("interleaved", 2), ("zb", 1)])
 def test_interleaved_and_zero_bubble_match_single_process(schedule: str, stages_per_rank: int, transport: str) -> None:
@@ -178,15 +184,20 @@ def test_killing_a_rank_stops_the_others_with_a_clear_error(tmp_path: Path) -> N
 
 
 def test_runs_under_torchrun(tmp_path: Path) -> None:
+    """Rank 0 captures and splits the model once; rank 1 reads its stages from the rendezvous store (the log says
+    which process captured: one line per capture)."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(find_free_port()), "-m", "stagewise.cli", "train", "stagewise.zoo.basic:large_model",
            "--stages", "2", "--steps", "3", "--global-batch", "16", "--microbatches", "4", "--no-dropout",
-           "--out", str(out)]
+           "--out", str(out), "--verbose"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained 3 steps" in done.stdout
+    assert done.stderr.count("capturing LargeModel.forward") == 1, done.stderr[-3000:]
+    assert "rank 0: split stagewise.zoo.basic:large_model into 2 stages and published them" in done.stderr
+    assert "rank 1: took the stages of position 1 from rank 0" in done.stderr
     config = TrainConfig(model="stagewise.zoo.basic:large_model", stages=2, steps=3, global_batch=16, microbatches=4,
                          dropout=False)
     ref_losses, ref_state = train_reference(config)

@@ -211,6 +211,11 @@ def test_stagewise_checkpoint_directory(tmp_path: Path) -> None:
     mid = open_weights(tmp_path / "step-00000001")
     mid.read({k: v for k, v in sd.items() if k.startswith("blocks.3.")})
     assert mid.files_opened == {"stage1.model.safetensors"}
+    mid.check_opened_only([k for k in sd if k.startswith("blocks.3.")])  # what the workers check after reading
+    assert mid.files_holding(["wte.weight", "blocks.3.ln_1.weight"]) == {"stage0.model.safetensors",
+                                                                       "stage1.model.safetensors"}
+    with pytest.raises(RuntimeError, match=r"opened weight files that hold none of its tensors: \['stage1"):
+        mid.check_opened_only(["wte.weight"], who="stage 0's worker")
 
 
 def test_legacy_and_prefix_differences(tmp_path: Path) -> None:

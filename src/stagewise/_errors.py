@@ -8,6 +8,7 @@ keeps working. Exception tree::
     ├── ConfigError(StagewiseError, ValueError)           a setting is invalid; the message names the flag to change
     ├── SplitError(StagewiseError, ValueError)            split: the model cannot be cut as asked
     ├── CaptureError(StagewiseError, RuntimeError)        split: the forward pass cannot be captured
+    ├── PackError(StagewiseError, ValueError)             split: stages that cannot travel as data (wire format)
     ├── ScheduleError(StagewiseError, ValueError)         schedule: a schedule that cannot run
     ├── PlanError(StagewiseError, ValueError)             plan: no layout fits the cluster
     ├── CommError(StagewiseError)                         comm: transport failures (tree in ``comm/_errors.py``)

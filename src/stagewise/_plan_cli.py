@@ -155,6 +155,12 @@ def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--timeout", type=float, default=60.0, help="seconds the probe may take (default: 60)")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="auto: nccl between two GPUs when the cluster is CUDA and two are visible, else gloo")
+    p.add_argument("--hosts", action="store_true",
+                   help="measure the links between hosts instead: run under torchrun with one process per host "
+                        "(--nproc-per-node 1); node i of the cluster file is the host of rank i, and rank 0 writes "
+                        "the measured [[links]] into the file")
+    p.add_argument("--iface", metavar="NAME", default=None,
+                   help="with --hosts: the network interface that reaches the other hosts (GLOO_SOCKET_IFNAME)")
     p.set_defaults(func=cmd_probe)
     return p
 
@@ -165,6 +171,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .plan import apply_measurement
 
     path = Path(args.cluster).absolute()  # the success line names the file wherever the command ran
+    if args.hosts:
+        return _probe_hosts(args, path)
     with Phases("stagewise probe") as phase:  # a spinner on a terminal; erased before the result prints
         phase(f"reading {path}" if path.exists() else "detecting this machine")
         cluster = Cluster.read(path) if path.exists() else Cluster.detect()
@@ -183,4 +191,33 @@ def cmd_probe(args: argparse.Namespace) -> int:
           f"send {cluster.send_overhead * 1e6:.1f} us, receive {cluster.recv_overhead * 1e6:.1f} us, "
           f"{cluster.action_overhead * 1e6:.1f} us per compute action, compute contention x{cluster.contention:.2f} "
           f"({measured.nbytes} bytes, {measured.backend}); written to {path}")
+    return 0
+
+
+def _probe_hosts(args: argparse.Namespace, path: Path) -> int:
+    """``stagewise probe --hosts`` on one rank of a torchrun job with one process per host."""
+    from .launch import connect_torchrun, measure_host_links, torchrun_env
+    from .plan import set_host_links
+
+    env = torchrun_env()
+    if env is None or env.local_world_size != 1:
+        raise ValueError("stagewise probe --hosts runs under torchrun with one process per host: torchrun --nnodes N "
+                         "--nproc-per-node 1 ... -m stagewise.cli probe --hosts --cluster FILE")
+    cluster = Cluster.read(path)  # every host reads it (a shared file, or the same copy on each)
+    if len(cluster.nodes) < env.world_size:
+        raise ValueError(f"{path} lists {len(cluster.nodes)} node(s) but {env.world_size} hosts take part; list one "
+                         "[[nodes]] table per host, in rank order")
+    transport = connect_torchrun(env, timeout=args.timeout, iface=args.iface)
+    try:
+        measured = measure_host_links(transport, nbytes=args.nbytes, repeats=args.repeats)
+    finally:
+        transport.close()
+    if env.rank != 0:
+        return 0
+    names = [node.name for node in cluster.nodes]
+    links = {(names[0], names[r]): link for r, link in measured.items()}
+    set_host_links(cluster, links).write(path)
+    for (a, b), (bw, lat, both) in links.items():
+        print(f"{a} - {b}: bandwidth {bw / 1e6:.1f} MB/s, latency {lat * 1e6:.0f} us, all-reduce {both / 1e6:.1f} MB/s")
+    print(f"written to {path}")
     return 0

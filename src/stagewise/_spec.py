@@ -184,11 +184,13 @@ def _import_factory(target: str) -> Callable[..., Any]:
     return factory
 
 
-def import_model_code(target: str) -> None:
+def import_model_code(target: str) -> list[str]:
     """Import the module of MODEL's factory without calling it: what a process that gets its stages as data needs
-    before it rebuilds them (the module may register custom operators the graphs call). A folder imports nothing."""
-    if not _is_hf_folder_target(target):
-        _import_factory(target)
+    before it rebuilds them (the module may register custom operators the graphs call, and define the classes of the
+    model's output). Returns that module's name (none for a folder: it imports nothing)."""
+    if _is_hf_folder_target(target):
+        return []
+    return [_import_factory(target).__module__]
 
 
 def load_model_spec(target: str, **factory_kwargs: Any) -> ModelSpec:

@@ -23,13 +23,14 @@ from ._errors import (
     CommError,
     CommTimeoutError,
     FramingError,
+    RendezvousError,
     SpawnError,
     TransportClosedError,
 )
 from ._expect import check_expect
 from ._framing import DTYPE_CODES, Value
 from ._local import LocalHub, LocalTransport
-from ._rendezvous import find_free_port, rendezvous_store
+from ._rendezvous import find_free_port, interface_address, rendezvous_store, use_interface
 from ._shm import ShmTransport, remove_shm_segments
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
@@ -44,6 +45,7 @@ __all__ = [
     "LocalHub",
     "LocalTransport",
     "ReduceOp",
+    "RendezvousError",
     "SendHandle",
     "ShmTransport",
     "SpawnError",
@@ -52,6 +54,8 @@ __all__ = [
     "Value",
     "check_expect",
     "find_free_port",
+    "interface_address",
     "remove_shm_segments",
     "rendezvous_store",
+    "use_interface",
 ]

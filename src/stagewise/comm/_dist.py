@@ -142,6 +142,9 @@ class DistTransport(Transport):
         self._landing: tuple[torch.Tensor, np.ndarray | None] | None = None
         self._posted: dict[tuple[int, int], tuple[tuple[torch.Tensor, np.ndarray | None], Any]] = {}
         self._pg = dist.group.WORLD
+        self.store: Any = None
+        """The rendezvous store of the process group :meth:`init` started (ranks share small data through it, e.g.
+        their stages under torchrun); None for a group somebody else started."""
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -174,7 +177,9 @@ class DistTransport(Transport):
                                      timeout=timeout)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
-        return cls(timeout=timeout, device=device, owns_process_group=True)
+        transport = cls(timeout=timeout, device=device, owns_process_group=True)
+        transport.store = store
+        return transport
 
     @classmethod
     def from_process_group(cls, *, timeout: float = 30.0, device: torch.device | str | None = None) -> DistTransport:

@@ -7,7 +7,8 @@ Exception tree::
     ├── BoundaryMismatchError(CommError, ValueError)    received values do not match the receiver's ``expect`` specs
     ├── FramingError(CommError, ValueError)             a message is not a Stagewise frame, or is on the wrong tag
     ├── TransportClosedError(CommError, RuntimeError)   the transport was used after ``close()``
-    └── SpawnError(CommError, RuntimeError)             a worker started by ``launch.spawn`` failed or ran out of time
+    ├── SpawnError(CommError, RuntimeError)             a worker started by ``launch.spawn`` failed or ran out of time
+    └── RendezvousError(CommError, ConnectionError)     a rank could not join its process group (host, port, interface)
 
 Errors say what happened and where (rank, peer, tag, seconds) and, when there is one, what to change.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "CommError",
     "CommTimeoutError",
     "FramingError",
+    "RendezvousError",
     "SpawnError",
     "TransportClosedError",
 ]
@@ -101,3 +103,8 @@ class SpawnError(CommError, RuntimeError):
         self.timed_out = timed_out
         self.signum = signum
         super().__init__(message)
+
+
+class RendezvousError(CommError, ConnectionError):
+    """A rank could not reach its rendezvous or its peers: the message names the host, the port and the network
+    interface it tried, and how to name another (``--iface``)."""

@@ -10,12 +10,17 @@ as clients.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import os
 import socket
+import struct
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["find_free_port", "rendezvous_store"]
+from .._errors import ConfigError
+
+__all__ = ["find_free_port", "interface_address", "rendezvous_store", "use_interface"]
 
 _BACKLOG = 1024  # connections the store's socket queues: every rank connects once, several times with libuv
 
@@ -51,3 +56,29 @@ def rendezvous_store(*, host: str, port: int, rank: int, world_size: int, timeou
         raise
     listener.detach()  # the store owns the descriptor now
     return store
+
+
+_SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+
+
+def interface_address(name: str) -> str | None:
+    """The IPv4 address of this host's network interface ``name``, or None when it has none (or no such one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def use_interface(name: str) -> str:
+    """Make gloo and NCCL talk through this host's interface ``name`` (``GLOO_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``,
+    read when a process group starts); returns its address. A name this host does not have is a ConfigError listing
+    the ones it has."""
+    names = [n for _, n in socket.if_nameindex()]
+    if name not in names:
+        raise ConfigError(f"--iface {name}: this host ({socket.gethostname()}) has no such network interface; it has "
+                          f"{', '.join(names)}")
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+    os.environ["NCCL_SOCKET_IFNAME"] = name
+    return interface_address(name) or "no IPv4 address"

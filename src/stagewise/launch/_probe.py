@@ -27,7 +27,7 @@ from ..split import input_leaves, split
 from ._optimizer import cache_bytes
 from ._spawn import spawn
 
-__all__ = ["measure_action_overhead", "measure_links"]
+__all__ = ["measure_action_overhead", "measure_host_links", "measure_links"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,33 @@ def _busy(seconds: float, work: torch.Tensor) -> None:
         torch.mm(work, work)
 
 
+def _ping(transport: DistTransport, peer: int, *, leader: bool, tiny: torch.Tensor) -> None:
+    """A tiny message to ``peer`` and back (the leader sends first)."""
+    expect = [(tuple(tiny.shape), tiny.dtype)]
+    if leader:
+        transport.send([tiny], dst=peer)
+        transport.recv(src=peer, expect=expect)
+    else:
+        transport.recv(src=peer, expect=expect)
+        transport.send([tiny], dst=peer)
+
+
+def _push(transport: DistTransport, peer: int, *, leader: bool, big: torch.Tensor, tiny: torch.Tensor) -> None:
+    """A large message from the leader to ``peer``, a tiny acknowledgement back."""
+    if leader:
+        transport.send([big], dst=peer)
+        transport.recv(src=peer, expect=[(tuple(tiny.shape), tiny.dtype)])
+    else:
+        transport.recv(src=peer, expect=[(tuple(big.shape), big.dtype)])
+        transport.send([tiny], dst=peer)
+
+
+def _link_of(rtt: float, push_s: float, nbytes: int) -> tuple[float, float]:
+    """(bandwidth bytes/s, one-way latency s) from a ping's round trip and a push's time."""
+    transfer = max(push_s - rtt, push_s / 2)  # the acknowledgement's round trip is not bandwidth
+    return nbytes / transfer, rtt / 2
+
+
 def _probe_rank(rank: int, world_size: int, port: int, *, out: str, nbytes: int, repeats: int, timeout: float,
                 backend: str) -> None:
     """One probing process (module level so that spawn can start it; the keywords come bound by a partial)."""
@@ -58,24 +85,8 @@ def _probe_rank(rank: int, world_size: int, port: int, *, out: str, nbytes: int,
         def sync() -> None:  # NCCL work completes asynchronously on the GPU
             if transport.device.type == "cuda":
                 torch.cuda.synchronize(transport.device)
-        expect_tiny = [((1,), torch.float32)]
-        expect_big = [(tuple(big.shape), torch.float32)]
-
-        def ping() -> None:  # rank 0 sends, rank 1 answers
-            if rank == 0:
-                transport.send([tiny], dst=peer)
-                transport.recv(src=peer, expect=expect_tiny)
-            else:
-                transport.recv(src=peer, expect=expect_tiny)
-                transport.send([tiny], dst=peer)
-
-        def push() -> None:  # a large message out, a tiny acknowledgement back
-            if rank == 0:
-                transport.send([big], dst=peer)
-                transport.recv(src=peer, expect=expect_tiny)
-            else:
-                transport.recv(src=peer, expect=expect_big)
-                transport.send([tiny], dst=peer)
+        ping = functools.partial(_ping, transport, peer, leader=rank == 0, tiny=tiny)
+        push = functools.partial(_push, transport, peer, leader=rank == 0, big=big, tiny=tiny)
 
         def reduce() -> None:
             transport.all_reduce(big)
@@ -157,12 +168,11 @@ def _probe_rank(rank: int, world_size: int, port: int, *, out: str, nbytes: int,
                               statistics.median(both_s)], dtype=torch.float64, device=transport.device)
         transport.all_reduce(costs)
         if rank == 0:
-            latency = rtt / 2
             bytes_sent = big.numel() * 4
-            transfer = max(push_s - rtt, push_s / 2)  # the acknowledgement's round trip is not bandwidth
+            bandwidth, latency = _link_of(rtt, push_s, bytes_sent)
             # the cost model charges 2 (D-1) latencies on top of the bandwidth term, so take them out here too
             reduce_bw_s = max(reduce_s - 2 * (world_size - 1) * latency, reduce_s / 2)
-            result = LinkMeasurement(latency_s=latency, bandwidth=bytes_sent / transfer,
+            result = LinkMeasurement(latency_s=latency, bandwidth=bandwidth,
                                      allreduce_bandwidth=2 * (world_size - 1) / world_size * bytes_sent / reduce_bw_s,
                                      nbytes=bytes_sent, backend=backend,
                                      allreduce_latency_s=tiny_reduce_s / (2 * (world_size - 1)),
@@ -172,6 +182,39 @@ def _probe_rank(rank: int, world_size: int, port: int, *, out: str, nbytes: int,
         transport.barrier()
     finally:
         transport.close()
+
+
+def measure_host_links(transport: DistTransport, *, nbytes: int = 4 * 2**20,
+                       repeats: int = 5) -> dict[int, tuple[float, float, float]]:
+    """Measure the link from rank 0 to every other rank of ``transport`` (one process per host, e.g. started by
+    torchrun with ``--nproc-per-node 1``), one peer at a time: on rank 0, ``{rank: (bandwidth bytes/s, latency s,
+    all-reduce bus bandwidth bytes/s)}``; ``{}`` on the other ranks. Every rank must call it.
+
+    The all-reduce is timed on its own because it sends both ways at once: on a link with a deep queue (a shaped
+    uplink) each direction's acknowledgements wait behind the other's data, and it runs far below one-way speed."""
+    rank = transport.rank
+    tiny = torch.zeros(1, dtype=torch.float32, device=transport.device)
+    big = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=transport.device)
+    pairs = {peer: transport.new_group([0, peer]) for peer in range(1, transport.world_size)}  # all, in one order
+    out = {}
+    for peer, group in pairs.items():
+        transport.barrier()
+        if rank not in (0, peer):
+            continue
+        other = peer if rank == 0 else 0
+        ping = functools.partial(_ping, transport, other, leader=rank == 0, tiny=tiny)
+        push = functools.partial(_push, transport, other, leader=rank == 0, big=big, tiny=tiny)
+        ping()
+        push()  # warm-up: connections, buffers
+        rtt = _median_time(ping, 4 * repeats)
+        push_s = _median_time(push, repeats)
+        reduce_s = _median_time(functools.partial(transport.all_reduce, big, group=group), repeats)
+        if rank == 0:
+            bandwidth, latency = _link_of(rtt, push_s, big.numel() * 4)
+            # two ranks: the bus carries the tensor's bytes once; the cost model adds 2 ring-step latencies back
+            out[peer] = (bandwidth, latency, big.numel() * 4 / max(reduce_s - 2 * latency, reduce_s / 2))
+    transport.barrier()
+    return out
 
 
 def measure_action_overhead(*, microbatches: int = 8, repeats: int = 5) -> float:

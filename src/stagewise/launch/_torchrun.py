@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import socket
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ..comm import DistTransport
+from ..comm import DistTransport, RendezvousError, use_interface
 
 __all__ = ["TorchrunEnv", "connect_torchrun", "torchrun_env"]
 
@@ -60,14 +61,42 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunEnv | None
 
 
 def connect_torchrun(env: TorchrunEnv, *, backend: str = "gloo", timeout: float = 30.0,
-                     device: torch.device | str | None = None) -> DistTransport:
+                     device: torch.device | str | None = None, iface: str | None = None) -> DistTransport:
     """Join the process group of the torchrun job ``env`` describes, through torchrun's rendezvous (its agent's store
-    when torchrun runs one); the GPU, with NCCL or a CUDA ``device``, is ``local_rank % device_count``."""
+    when torchrun runs one); the GPU, with NCCL or a CUDA ``device``, is ``local_rank % device_count``.
+
+    ``iface``: the network interface gloo and NCCL use (``--iface``; else they pick one by the host name). Failing to
+    reach the rendezvous or the peers is a :class:`~stagewise.comm.RendezvousError` naming this host, the store's
+    address and port, and the interface tried."""
     import torch.distributed as dist
 
-    store: Any
-    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
-                                       timeout=datetime.timedelta(seconds=timeout)))
-    return DistTransport.init(rank=env.rank, world_size=env.world_size, master_addr=env.master_addr,
-                              master_port=env.master_port, backend=backend, timeout=timeout, device=device,
-                              local_rank=env.local_rank, store=store)
+    tried = f"interface {iface} ({use_interface(iface)})" if iface else _default_interface()
+    try:
+        store: Any
+        store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                           timeout=datetime.timedelta(seconds=timeout)))
+        return DistTransport.init(rank=env.rank, world_size=env.world_size, master_addr=env.master_addr,
+                                  master_port=env.master_port, backend=backend, timeout=timeout, device=device,
+                                  local_rank=env.local_rank, store=store)
+    except (RuntimeError, OSError) as exc:  # torch's DistNetworkError/DistStoreError, gloo's connect failures
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousError(
+            f"rank {env.rank} on host {socket.gethostname()} could not join the job through the rendezvous at "
+            f"{env.master_addr}:{env.master_port} using {tried} within {timeout:g} s: {first}. Check that "
+            f"{env.master_addr}:{env.master_port} is reachable from this host, and name the interface that reaches the "
+            "other hosts with --iface") from exc
+
+
+def _default_interface() -> str:
+    """How gloo picks this host's address without ``--iface``: by its host name (or GLOO_SOCKET_IFNAME if set)."""
+    named = os.environ.get("GLOO_SOCKET_IFNAME")
+    if named:
+        return f"interface {named} (GLOO_SOCKET_IFNAME)"
+    host = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        addr = "which does not resolve"
+    return f"the interface of host name {host} ({addr}; name one with --iface)"

@@ -20,7 +20,14 @@ A cluster file looks like this (``Cluster.to_toml`` writes it; ``stagewise probe
     memory_bytes = 85899345920       # per device
     flops = 1.0e14                   # optional hint
 
-Global device ``g`` is the ``g``-th device counting node by node in file order; a plan puts rank ``g`` on it.
+    [[links]]                        # optional: a link between two nodes unlike inter_bandwidth/inter_latency
+    a = "gpu-a"
+    b = "gpu-b"
+    bandwidth = 25000000.0           # bytes/s (``stagewise probe --hosts`` measures it)
+    latency = 0.0002
+
+Global device ``g`` is the ``g``-th device counting node by node in file order; a plan puts rank ``g`` on it (which
+stage and replica rank ``g`` runs is the plan's :attr:`~stagewise.plan.Plan.rank_order`).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEVICE_KINDS", "Cluster", "Node"]
+__all__ = ["DEVICE_KINDS", "Cluster", "HostLink", "Node"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,35 @@ class Node:
 
 
 @dataclasses.dataclass(kw_only=True)
+class HostLink:
+    """The link between two nodes when it is not the cluster's ``inter_bandwidth``/``inter_latency`` (a slower
+    uplink, another rack): point-to-point transfers and all-reduces between those nodes use it."""
+
+    a: str
+    """One node's name."""
+    b: str
+    """The other node's name."""
+    bandwidth: float
+    """Bytes per second between a device of ``a`` and one of ``b``."""
+    latency: float
+    """Seconds per message between them."""
+    allreduce_bandwidth: float | None = None
+    """Bus bandwidth of an all-reduce between them, bytes per second (it sends both ways at once, which a shaped link
+    may carry far slower than one way); None: ``bandwidth``."""
+
+    def validate(self, where: str, names: list[str]) -> None:
+        for end in ("a", "b"):
+            if getattr(self, end) not in names:
+                raise ValueError(f"{where}.{end} must name a node ({', '.join(names)}), got {getattr(self, end)!r}")
+        if self.a == self.b:
+            raise ValueError(f"{where} links node {self.a!r} to itself; links join two different nodes")
+        self.bandwidth = _positive_number(f"{where}.bandwidth", self.bandwidth)
+        self.latency = _non_negative_number(f"{where}.latency", self.latency)
+        if self.allreduce_bandwidth is not None:
+            self.allreduce_bandwidth = _positive_number(f"{where}.allreduce_bandwidth", self.allreduce_bandwidth)
+
+
+@dataclasses.dataclass(kw_only=True)
 class Cluster:
     """Nodes, device memory and link speeds: everything the cost model needs to know about the hardware."""
 
@@ -134,6 +170,8 @@ class Cluster:
     """How many times slower a device computes while every device of its node computes too: CPU cores share memory
     bandwidth and caches (``stagewise probe`` measures it); 1.0 for independent devices such as GPUs. With ``k`` of a
     node's ``n`` devices busy, each computes ``1 + (contention - 1) (k - 1) / (n - 1)`` times slower."""
+    links: list[HostLink] = dataclasses.field(default_factory=list)
+    """Links between two nodes that differ from ``inter_bandwidth``/``inter_latency`` (one per pair at most)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, list) or not self.nodes:
@@ -142,6 +180,16 @@ class Cluster:
             if not isinstance(node, Node):
                 raise ValueError(f"cluster.nodes[{i}] must be a Node, got {type(node).__name__}")
             node.validate(f"cluster.nodes[{i}]")
+        names = [node.name for node in self.nodes]
+        pairs = set()
+        for i, link in enumerate(self.links):
+            if not isinstance(link, HostLink):
+                raise ValueError(f"cluster.links[{i}] must be a HostLink, got {type(link).__name__}")
+            link.validate(f"cluster.links[{i}]", names)
+            pair = frozenset((link.a, link.b))
+            if pair in pairs:
+                raise ValueError(f"cluster.links[{i}]: the link {link.a} - {link.b} is listed twice")
+            pairs.add(pair)
         for name in ("intra_bandwidth", "inter_bandwidth", "allreduce_bandwidth"):
             setattr(self, name, _positive_number(f"cluster.{name}", getattr(self, name)))
         self.contention = _positive_number("cluster.contention", self.contention)
@@ -180,14 +228,28 @@ class Cluster:
                 raise ValueError(f"device {d} does not exist; the cluster has {len(nodes)} devices")
         if nodes[a] == nodes[b]:
             return self.intra_bandwidth, self.intra_latency
+        return self.node_link(nodes[a], nodes[b])
+
+    def node_link(self, i: int, j: int, *, allreduce: bool = False) -> tuple[float, float]:
+        """(bandwidth bytes/s, latency s) between a device of node ``i`` and one of node ``j`` (``i != j``); with
+        ``allreduce`` the bus bandwidth of an all-reduce between them."""
+        names = {self.nodes[i].name, self.nodes[j].name}
+        for link in self.links:
+            if {link.a, link.b} == names:
+                both_ways = link.allreduce_bandwidth if allreduce else None
+                return both_ways or link.bandwidth, link.latency
         return self.inter_bandwidth, self.inter_latency
 
     def allreduce_link(self, devices: list[int]) -> tuple[float, float]:
-        """(bus bandwidth bytes/s, latency per ring step s) of an all-reduce over ``devices``."""
+        """(bus bandwidth bytes/s, latency per ring step s) of an all-reduce over ``devices``: a group spanning
+        nodes is as slow as the slowest link between two of them."""
         nodes = self.node_of()
-        if len({nodes[d] for d in devices}) <= 1:
+        used = sorted({nodes[d] for d in devices})
+        if len(used) <= 1:
             return self.allreduce_bandwidth, self.allreduce_latency
-        return min(self.allreduce_bandwidth, self.inter_bandwidth), max(self.allreduce_latency, self.inter_latency)
+        links = [self.node_link(i, j, allreduce=True) for k, i in enumerate(used) for j in used[k + 1:]]
+        return (min(self.allreduce_bandwidth, *(bw for bw, _ in links)),
+                max(self.allreduce_latency, *(lat for _, lat in links)))
 
     def take(self, devices: int) -> Cluster:
         """The same cluster cut down to its first ``devices`` devices (node order)."""
@@ -202,7 +264,8 @@ class Cluster:
                 break
             nodes.append(dataclasses.replace(node, devices=min(node.devices, left)))
             left -= nodes[-1].devices
-        return dataclasses.replace(self, nodes=nodes)
+        kept = {node.name for node in nodes}
+        return dataclasses.replace(self, nodes=nodes, links=[k for k in self.links if {k.a, k.b} <= kept])
 
     # -- this machine --------------------------------------------------------------------------------------------
     @classmethod
@@ -233,13 +296,18 @@ class Cluster:
         """The cluster as TOML text (:meth:`from_toml` reads it back)."""
         lines = ["# stagewise cluster: bandwidths in bytes/s, latencies in seconds, memory in bytes per device"]
         for f in dataclasses.fields(self):
-            if f.name != "nodes":
+            if f.name not in ("nodes", "links"):
                 lines.append(f"{f.name} = {_toml_float(getattr(self, f.name))}")
         for node in self.nodes:
             lines += ["", "[[nodes]]", f"name = {json.dumps(node.name)}", f"devices = {node.devices}",
                       f"device_kind = {json.dumps(node.device_kind)}", f"memory_bytes = {node.memory_bytes}"]
             if node.flops is not None:
                 lines.append(f"flops = {_toml_float(node.flops)}")
+        for link in self.links:
+            lines += ["", "[[links]]", f"a = {json.dumps(link.a)}", f"b = {json.dumps(link.b)}",
+                      f"bandwidth = {_toml_float(link.bandwidth)}", f"latency = {_toml_float(link.latency)}"]
+            if link.allreduce_bandwidth is not None:
+                lines.append(f"allreduce_bandwidth = {_toml_float(link.allreduce_bandwidth)}")
         return "\n".join(lines) + "\n"
 
     def write(self, path: str | Path) -> None:
@@ -288,8 +356,18 @@ class Cluster:
                 built.append(Node(**node))
             except ValueError as exc:
                 raise ValueError(f"{source}: {str(exc).replace('node.', f'nodes[{i}].', 1)}") from None
+        links = data.get("links", [])
+        if not isinstance(links, list):
+            raise ValueError(f"{source}: 'links' must be an array of [[links]] tables")
+        link_fields = {f.name for f in dataclasses.fields(HostLink)}
+        made = []
+        for i, link in enumerate(links):
+            if not isinstance(link, dict):
+                raise ValueError(f"{source}: links[{i}] must be a table, got {link!r}")
+            _check_keys(link, link_fields, required={"a", "b", "bandwidth", "latency"}, where=f"{source}: links[{i}]")
+            made.append(HostLink(**link))
         try:
-            return cls(nodes=built, **{k: v for k, v in data.items() if k != "nodes"})
+            return cls(nodes=built, links=made, **{k: v for k, v in data.items() if k not in ("nodes", "links")})
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 

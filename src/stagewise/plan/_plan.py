@@ -6,14 +6,29 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._errors import StagewiseError
 from ..schedule import SCHEDULE_NAMES, ScheduleName
 
-__all__ = ["MODES", "Plan", "PlanError"]
+__all__ = ["MODES", "RANK_ORDERS", "Plan", "PlanError", "RankOrder", "rank_of"]
 
 MODES = ("train", "serve")
+RankOrder = Literal["pipelines", "stages"]
+RANK_ORDERS: tuple[RankOrder, ...] = ("pipelines", "stages")
+"""How global ranks map to (replica, pipeline position): ``pipelines`` numbers a replica's pipeline consecutively
+(rank = replica x P + position; torchrun puts consecutive ranks on one host, so pipeline neighbours share it),
+``stages`` numbers a position's replicas consecutively (rank = position x D + replica: a stage's replicas share a
+host and its all-reduce stays there)."""
+
+
+def rank_of(order: str, *, replica: int, position: int, stages: int, replicas: int) -> int:
+    """The global rank (device) that runs pipeline ``position`` of ``replica`` under ``order``."""
+    if order == "stages":
+        return position * replicas + replica
+    if order != "pipelines":
+        raise ValueError(f"rank order must be one of {RANK_ORDERS}, got {order!r}")
+    return replica * stages + position
 
 
 class PlanError(StagewiseError, ValueError):
@@ -75,6 +90,9 @@ class Plan:
     """Per pipeline rank: activation bytes at the peak, the most microbatches alive at each stage under the schedule
     (:func:`stagewise.schedule.peak_activations`) times what a stage holds per microbatch (its input and every unit's
     output at ``microbatch_rows``)."""
+    rank_order: RankOrder = "pipelines"
+    """Which stage and replica each global rank runs (:data:`RANK_ORDERS`, :meth:`placement`): the cost model prices
+    the links between the hosts the ranks land on (global rank ``g`` on the cluster's device ``g``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,6 +127,8 @@ class Plan:
             if sums != list(self.memory_bytes):
                 raise ValueError(f"Plan.memory_bytes ({self.memory_bytes}) must be the sum of weights, gradients, "
                                  f"optimizer state and activations per rank ({sums})")
+        if self.rank_order not in RANK_ORDERS:
+            raise ValueError(f"Plan.rank_order must be one of {RANK_ORDERS}, got {self.rank_order!r}")
         for name in ("step_time_s", "bubble_fraction", "throughput", "latency_s", "allreduce_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -128,14 +148,21 @@ class Plan:
         """The :class:`stagewise.train.TrainConfig` fields this plan sets (pass them with ``model=``)."""
         return {"stages": self.stages, "replicas": self.replicas, "microbatches": self.microbatches,
                 "schedule": self.schedule, "stages_per_rank": self.stages_per_rank,
-                "global_batch": self.global_batch, "cuts": list(self.cut[1:]) or None}
+                "global_batch": self.global_batch, "cuts": list(self.cut[1:]) or None, "rank_order": self.rank_order}
+
+    def placement(self) -> list[tuple[int, int]]:
+        """Per global rank: the (pipeline position, replica) it runs."""
+        where = {rank_of(self.rank_order, replica=d, position=p, stages=self.stages, replicas=self.replicas): (p, d)
+                 for d in range(self.replicas) for p in range(self.stages)}
+        return [where[g] for g in range(self.devices)]
 
     def describe(self) -> str:
         """One line: layout, schedule and prediction."""
         virt = f"x{self.stages_per_rank}" if self.stages_per_rank > 1 else ""
         return (f"{self.replicas} replica(s) x {self.stages}{virt} stage(s), {self.schedule}, M={self.microbatches} "
                 f"({self.microbatch_rows} rows): step {self.step_time_s * 1e3:.3f} ms, "
-                f"bubble {self.bubble_fraction:.1%}")
+                f"bubble {self.bubble_fraction:.1%}"
+                + (", a stage's replicas on consecutive ranks" if self.rank_order == "stages" else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._cluster import Cluster
+from ._cluster import Cluster, HostLink
 
-__all__ = ["LinkMeasurement", "apply_measurement"]
+__all__ = ["LinkMeasurement", "apply_measurement", "set_host_links"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -53,3 +53,14 @@ def apply_measurement(cluster: Cluster, measured: LinkMeasurement) -> Cluster:
                                allreduce_bandwidth=measured.allreduce_bandwidth,
                                inter_latency=max(cluster.inter_latency, measured.latency_s),
                                inter_bandwidth=min(cluster.inter_bandwidth, measured.bandwidth), **extra)
+
+
+def set_host_links(cluster: Cluster, measured: dict[tuple[str, str], tuple[float, float, float]]) -> Cluster:
+    """``cluster`` with the links between the named node pairs set to ``measured`` (``(a, b) -> (bandwidth bytes/s,
+    latency s, all-reduce bandwidth bytes/s)``, what :func:`stagewise.launch.measure_host_links` found); other links
+    are kept."""
+    pairs = {frozenset(pair) for pair in measured}
+    kept = [link for link in cluster.links if frozenset((link.a, link.b)) not in pairs]
+    made = [HostLink(a=a, b=b, bandwidth=bw, latency=lat, allreduce_bandwidth=ar)
+            for (a, b), (bw, lat, ar) in measured.items()]
+    return dataclasses.replace(cluster, links=kept + made)

@@ -22,7 +22,7 @@ from ._cluster import Cluster
 from ._cost import STATE_FACTORS, allreduce_time, optimizer_time, pipeline_lower_bound
 from ._cut import Chain, nested_live
 from ._explain import explain_no_fit
-from ._plan import MODES, Plan, PlanError
+from ._plan import MODES, RANK_ORDERS, Plan, PlanError, RankOrder, rank_of
 from ._profile import ChainProfile
 
 __all__ = ["OPTIMIZER_SECONDS_PER_BYTE", "TRAIN_SCHEDULES", "predict", "search"]
@@ -69,6 +69,8 @@ class _Candidate:
     """Per rank: fixed seconds after its last action (gradient and loss all-reduces)."""
     opt: list[float]
     """Per rank: compute seconds of the optimizer step after that."""
+    order: RankOrder = "pipelines"
+    """Which (replica, position) each global rank runs: it decides which links the transfers and all-reduces use."""
     bound: float = 0.0
     throughput: float = 0.0
     latency: float = 0.0
@@ -108,8 +110,8 @@ class _Search:
         """Seconds of the step's loss all-reduce over every device (the same for every layout)."""
         self._at_rows: dict[int, tuple[Chain, list[float], list[float]]] = {}
         self._cuts: dict[tuple[int, int, int, tuple[int, ...]], list[int] | None] = {}
-        self._links: dict[tuple[int, int, int], tuple[tuple[float, float], ...]] = {}
-        self._reduce_links: dict[tuple[int, int], tuple[float, float]] = {}
+        self._links: dict[tuple[str, int, int, int], tuple[tuple[float, float], ...]] = {}
+        self._reduce_links: dict[tuple[str, int, int], tuple[float, float]] = {}
         self.rejected = 0
 
     # -- pieces ----------------------------------------------------------------------------------------------------
@@ -136,24 +138,31 @@ class _Search:
             self._cuts[key] = self.at_rows(rows)[0].cut(S, live, self.cap * self.prof // V, act_scale=rows)
         return self._cuts[key]
 
-    def transfer(self, P: int, D: int, a: int, b: int, nbytes: float) -> tuple[float, float]:
+    def device(self, order: str, P: int, D: int, d: int, r: int) -> int:
+        """The device (global rank) of replica ``d``'s pipeline position ``r``."""
+        return rank_of(order, replica=d, position=r, stages=P, replicas=D)
+
+    def transfer(self, P: int, D: int, a: int, b: int, nbytes: float,
+                 order: str = "pipelines") -> tuple[float, float]:
         """(latency, occupancy) of ``nbytes`` from pipeline position a to b: the slowest over all replicas."""
-        key = (P, a, b)
+        key = (order, P, a, b)
         links = self._links.get(key)
         if links is None:
-            links = self._links[key] = tuple({self.cluster.link(d * P + a, d * P + b) for d in range(D)})
+            links = self._links[key] = tuple({self.cluster.link(self.device(order, P, D, d, a),
+                                                                self.device(order, P, D, d, b)) for d in range(D)})
         if len(links) == 1:  # the common case: every replica's pair of positions is linked alike
             bw, lat = links[0]
             return lat, nbytes / bw
         return max(((lat, nbytes / bw) for bw, lat in links), key=sum)
 
-    def reduce_link(self, P: int, D: int, r: int) -> tuple[float, float]:
-        if (P, r) not in self._reduce_links:
-            self._reduce_links[P, r] = self.cluster.allreduce_link([d * P + r for d in range(D)])
-        return self._reduce_links[P, r]
+    def reduce_link(self, P: int, D: int, r: int, order: str = "pipelines") -> tuple[float, float]:
+        if (order, P, r) not in self._reduce_links:
+            devices = [self.device(order, P, D, d, r) for d in range(D)]
+            self._reduce_links[order, P, r] = self.cluster.allreduce_link(devices)
+        return self._reduce_links[order, P, r]
 
-    def candidate(self, schedule: ScheduleName, P: int, D: int, V: int, M: int,
-                  starts: list[int] | None = None) -> _Candidate | None:
+    def candidate(self, schedule: ScheduleName, P: int, D: int, V: int, M: int, starts: list[int] | None = None,
+                  order: RankOrder = "pipelines") -> _Candidate | None:
         rows = self.G // (D * M)
         S = P * V
         live = self.live(schedule, P, V, M)
@@ -189,7 +198,7 @@ class _Search:
                 send.append((0.0, 0.0))
             else:
                 nbytes = self.units[bounds[j + 1] - 1].out_bytes * rows / self.prof
-                send.append(self.transfer(P, D, j % P, (j + 1) % P, nbytes))
+                send.append(self.transfer(P, D, j % P, (j + 1) % P, nbytes, order))
         memory = [0] * P
         params = [0] * P
         opt = [0.0] * P
@@ -208,10 +217,11 @@ class _Search:
             load = self.profile.load_seconds(self.G // D)  # the ranks with inputs or targets read the batch
             start[0] = start[P - 1] = load
             for r in range(P):
-                bw_, lat = self.reduce_link(P, D, r)
+                bw_, lat = self.reduce_link(P, D, r, order)
                 tail[r] = allreduce_time(params[r], replicas=D, bandwidth=bw_, latency=lat) + self.loss_sync
         c = _Candidate(P=P, D=D, V=V, M=M, rows=rows, schedule=schedule, starts=starts, fwd=fwd, bwd=bwd,
-                       weight=weight, send=send, memory=memory, params=params, start=start, tail=tail, opt=opt)
+                       weight=weight, send=send, memory=memory, params=params, start=start, tail=tail, opt=opt,
+                       order=order)
         so, ro = cl.send_overhead, cl.recv_overhead
         if self.mode == "train":
             busy = [0.0] * P
@@ -240,10 +250,15 @@ class _Search:
                 for schedule, V in self.options(P, M, schedules):
                     if P * V > self.n:
                         continue
-                    c = self.candidate(schedule, P, D, V, M)
-                    if c is not None:
-                        out.append(c)
+                    for order in self.orders(P, D):
+                        c = self.candidate(schedule, P, D, V, M, order=order)
+                        if c is not None:
+                            out.append(c)
         return out
+
+    def orders(self, P: int, D: int) -> tuple[RankOrder, ...]:
+        """The rank orders worth pricing: both when replicas and pipelines may span nodes, else the default."""
+        return RANK_ORDERS if P > 1 and D > 1 and len(self.cluster.nodes) > 1 else ("pipelines",)
 
     def options(self, P: int, M: int, schedules: Sequence[ScheduleName]) -> list[tuple[ScheduleName, int]]:
         if self.mode == "serve":
@@ -263,7 +278,7 @@ class _Search:
         cl = self.cluster
         sharing = None
         if self.mode == "train" and cl.contention > 1.0:
-            pool, share = self.sharing(c.P, c.D)
+            pool, share = self.sharing(c.P, c.D, c.order)
             sharing = Sharing(contention=cl.contention, pool=pool, share=share)
         # Serving sends no gradients back (its B actions cost nothing; their SEND/RECV still cost the ranks).
         back = c.send if self.mode == "train" else [(0.0, 0.0)] * len(c.send)
@@ -274,11 +289,14 @@ class _Search:
                             sharing=sharing)
         return timeline.step_time, timeline.bubble_fraction
 
-    def sharing(self, P: int, D: int) -> tuple[list[int], list[list[int]]]:
-        """Devices on each pipeline rank's node, and how many copies of every rank (over all replicas) share it."""
+    def sharing(self, P: int, D: int, order: str = "pipelines") -> tuple[list[int], list[list[int]]]:
+        """Devices on each pipeline rank's node (replica 0's), and how many copies of every rank (over all replicas)
+        share it."""
         nodes = self.cluster.node_of()
-        pool = [self.cluster.nodes[nodes[r]].devices for r in range(P)]
-        share = [[sum(1 for d in range(D) if nodes[d * P + q] == nodes[r]) for q in range(P)] for r in range(P)]
+        at = [nodes[self.device(order, P, D, 0, r)] for r in range(P)]
+        pool = [self.cluster.nodes[at[r]].devices for r in range(P)]
+        share = [[sum(1 for d in range(D) if nodes[self.device(order, P, D, d, q)] == at[r]) for q in range(P)]
+                 for r in range(P)]
         return pool, share
 
     def plan(self, c: _Candidate, step: float, bubble: float) -> Plan:
@@ -301,12 +319,13 @@ class _Search:
                     stage_time_s=[c.fwd[j] + c.bwd[j] for j in range(S)],
                     throughput=throughput if math.isfinite(throughput) else 0.0, latency_s=latency,
                     allreduce_s=max(a + b for a, b in zip(c.tail, c.opt)), weight_bytes=list(c.params),
-                    gradient_bytes=grads, optimizer_bytes=state, activation_bytes=acts)
+                    gradient_bytes=grads, optimizer_bytes=state, activation_bytes=acts, rank_order=c.order)
 
 
-def _tie_key(c: _Candidate) -> tuple[int, int, int, int, int]:
-    """Among equally fast layouts: fewer (larger) microbatches, then less memory, fewer stages, simpler schedule."""
-    return (c.M, max(c.memory), c.P, c.V, TRAIN_SCHEDULES.index(c.schedule))
+def _tie_key(c: _Candidate) -> tuple[int, int, int, int, int, int]:
+    """Among equally fast layouts: fewer (larger) microbatches, then less memory, fewer stages, simpler schedule,
+    the default rank order."""
+    return (c.M, max(c.memory), c.P, c.V, TRAIN_SCHEDULES.index(c.schedule), RANK_ORDERS.index(c.order))
 
 
 def _q(x: float) -> float:
@@ -372,7 +391,7 @@ def search(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, mode: 
         candidates.sort(key=lambda c: (-_q(c.throughput), _q(c.latency), *_tie_key(c)))
         return [s.plan(c, *s.simulate(c)) for c in candidates[:limit]]
     candidates.sort(key=lambda c: (c.bound, *_tie_key(c)))
-    done: list[tuple[float, tuple[int, int, int, int, int], _Candidate, float]] = []
+    done: list[tuple[float, tuple[int, int, int, int, int, int], _Candidate, float]] = []
     simulated = 0
     for c in candidates:
         if limit is not None and len(done) >= limit and _q(c.bound) > _q(done[limit - 1][0]):
@@ -388,10 +407,11 @@ def search(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, mode: 
 def predict(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, stages: int, replicas: int = 1,
             microbatches: int, schedule: ScheduleName, cut: Sequence[str], global_batch: int, stages_per_rank: int = 1,
             profile_batch: int | None = None, mode: str = "train", optimizer: str = "adam",
-            seconds_per_byte: float | None = None) -> Plan:
+            seconds_per_byte: float | None = None, rank_order: RankOrder = "pipelines") -> Plan:
     """The cost model's :class:`Plan` for one given layout and cut (``cut``: the first unit of every stage, as in
-    :attr:`Plan.cut`), e.g. to price a hand-made or a baseline split next to :func:`search`'s plans. The memory is
-    reported, not checked against the cap."""
+    :attr:`Plan.cut`), e.g. to price a hand-made or a baseline split next to :func:`search`'s plans, with global rank
+    ``g`` on the cluster's device ``g`` running what ``rank_order`` says. The memory is reported, not checked against
+    the cap."""
     profile = _profile_of(units, profile_batch)
     _check(mode, global_batch, optimizer, [schedule] if schedule in TRAIN_SCHEDULES else [])
     P, D, V, M = stages, replicas, stages_per_rank, microbatches
@@ -413,6 +433,8 @@ def predict(units: Sequence[UnitInfo] | ChainProfile, cluster: Cluster, *, stage
                          f"got {list(cut)}")
     s = _Search(profile, cluster.take(P * D), mode=mode, global_batch=global_batch, optimizer=optimizer,
                 seconds_per_byte=seconds_per_byte)
-    c = s.candidate(schedule, P, D, V, M, starts=starts)
+    if rank_order not in RANK_ORDERS:
+        raise ValueError(f"rank_order must be one of {RANK_ORDERS}, got {rank_order!r}")
+    c = s.candidate(schedule, P, D, V, M, starts=starts, order=rank_order)
     assert c is not None
     return s.plan(c, *s.simulate(c))

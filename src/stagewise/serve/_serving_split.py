@@ -191,7 +191,9 @@ def load_stage_weights(assignment: StageAssignment, *, model: str, seed: int, ch
     if source is not None:
         from ..weights import open_weights
 
-        values = open_weights(source).read(expected, aliases=assignment.aliases, dtype=getattr(torch, dtype))
+        files = open_weights(source)
+        values = files.read(expected, aliases=assignment.aliases, dtype=getattr(torch, dtype))
+        files.check_opened_only(expected, aliases=assignment.aliases, who="this serving worker")
         return {n: torch.nn.Parameter(v, requires_grad=False) for n, v in values.items()}
     built = _built_spec(model, seed=seed, dtype=dtype, on_meta=False).model
     served = built.get_submodule(submodule) if submodule is not None else built  # its weights; no forward needed

@@ -12,9 +12,11 @@ from ._run import StageCall, as_leaf, run_stages
 from ._saved import SavedBytes
 from ._split import ReadWeights, SplitError, SplitModel
 from ._tree import TreeSpec, flatten, unflatten
+from ._wire import PackError
 
 __all__ = [
     "CaptureError",
+    "PackError",
     "Partition",
     "ReadWeights",
     "SavedBytes",

@@ -107,6 +107,7 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], *, ex
     ``expand``: extra module FQNs whose children become units. ``atomic``: module FQNs that must be one unit each
     (sub-model and task splits), never looked inside.
     """
+    log.info("capturing %s.forward with torch.export", type(model).__name__)  # tests count these: who captures
     leaves, names, in_spec = input_leaves(args, kwargs)
     out_specs: list[TreeSpec] = []
     flat = _Flat(model, in_spec, out_specs)

@@ -5,22 +5,24 @@ real: they are small and must hold their true values), the :class:`Partition`, a
 model's output. The launching process captures once and hands each process the pack of its own stages; the process
 fills in the parameters it made or read (:meth:`StagePack.fill`) and never captures the model itself.
 
-A pack travels only from a process to the processes it starts on this machine (pickled by ``multiprocessing``, as
-any start argument is); it is never read from the network or from a file.
+A pack travels as bytes (:meth:`StagePack.to_bytes`, :mod:`._wire`): JSON for the graphs and the partition,
+safetensors for the tensors, operators named from a whitelist; nothing in it is unpickled, so a rank may read its
+pack from another host (the rendezvous store under torchrun).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ._build import Stage
 from ._partition import Partition
 from ._tree import TreeSpec
+from ._wire import decode_pack, encode_pack
 
 __all__ = ["StagePack", "strip_weights"]
 
@@ -55,105 +57,33 @@ class StagePack:
     def held_param_bytes(self) -> int:
         return sum(p.nbytes for st in self.stages.values() for p in st.module.parameters() if not p.is_meta)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # fx.GraphModule pickles as Python code that is traced again on load, which folds ops on real buffers into
-        # new constants; a stage travels as its nodes and its tensors instead, and is rebuilt node for node.
-        state = dict(self.__dict__)
-        state["stages"] = {i: _StageData.of(st) for i, st in self.stages.items()}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state["stages"] = {i: data.build() for i, data in state["stages"].items()}
-        self.__dict__.update(state)
-
-
-@dataclasses.dataclass
-class _Ref:
-    """A node argument that is another node, by name."""
-
-    name: str
-
-
-@dataclasses.dataclass
-class _Op:
-    """An operator overload by name (``torch.ops.aten.add.Tensor`` does not pickle)."""
-
-    namespace: str
-    name: str
-    overload: str
-
-    def resolve(self) -> Any:
-        packet = getattr(getattr(torch.ops, self.namespace), self.name)
-        return getattr(packet, self.overload) if self.overload else packet
-
-
-def _target(target: Any) -> Any:
-    if isinstance(target, torch._ops.OpOverload):
-        namespace, _, name = target._schema.name.partition("::")
-        return _Op(namespace, name, target._overloadname or "default")
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return _Op("higher_order", target.name(), "")
-    return target
-
-
-@dataclasses.dataclass
-class _StageData:
-    """A stage as plain data: its spec, its graph's nodes and its tensors by attribute path."""
-
-    spec: Any
-    output_index: list[int]
-    nodes: list[tuple[str, str, Any, Any, Any]]
-    tensors: dict[str, torch.Tensor]
-    params: set[str]
-    non_persistent: set[str]
+    def to_bytes(self) -> bytes:
+        """This pack as data for another process, here or on another host (:mod:`._wire`: JSON and safetensors,
+        nothing pickled); raises :class:`~stagewise.split.PackError` for a graph that cannot travel as data."""
+        return encode_pack(self.partition, self.stages, self.out_spec, self.output_names)
 
     @classmethod
-    def of(cls, stage: Stage) -> _StageData:
-        def ref(arg: Any) -> Any:
-            return fx.node.map_arg(arg, lambda n: _Ref(n.name))
+    def from_bytes(cls, data: bytes, *, trusted_modules: Iterable[str] = ()) -> StagePack:
+        """Read :meth:`to_bytes`'s output; ``trusted_modules``: modules (the model's own) whose classes the output's
+        tree may name besides the whitelist of :mod:`._wire`."""
+        decoded = decode_pack(data, trusted_modules=trusted_modules)
+        return cls(partition=decoded.partition, stages=decoded.stages, out_spec=decoded.out_spec,
+                   output_names=decoded.output_names)
 
-        nodes = [(n.op, n.name, _target(n.target), ref(n.args), ref(n.kwargs)) for n in stage.module.graph.nodes]
-        module = stage.module
-        params = dict(module.named_parameters(remove_duplicate=False))
-        buffers = dict(module.named_buffers(remove_duplicate=False))
-        non_persistent = set()
-        for name in buffers:
-            path, _, leaf = name.rpartition(".")
-            if leaf in (module.get_submodule(path) if path else module)._non_persistent_buffers_set:
-                non_persistent.add(name)
-        return cls(spec=stage.spec, output_index=list(stage.output_index), nodes=nodes, tensors={**params, **buffers},
-                   params=set(params), non_persistent=non_persistent)
+    def __getstate__(self) -> dict[str, Any]:
+        # fx.GraphModule pickles as Python code that is traced again on load, which folds ops on real buffers into
+        # new constants; a pack inside something pickled (a serving worker's assignment) travels as its safe bytes.
+        # Pickle only goes to processes this one starts, so the classes of the output's tree are trusted as they are.
+        return {"wire": self.to_bytes(), "trusted": sorted(_type_modules(self.out_spec))}
 
-    def build(self) -> Stage:
-        graph = fx.Graph()
-        env: dict[str, fx.Node] = {}
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(StagePack.from_bytes(state["wire"], trusted_modules=state["trusted"]).__dict__)
 
-        def deref(arg: Any) -> Any:
-            return fx.node.map_aggregate(arg, lambda a: env[a.name] if isinstance(a, _Ref) else a)
 
-        for op, name, target, args, kwargs in self.nodes:
-            target = target.resolve() if isinstance(target, _Op) else target
-            if op == "output":
-                graph.output(deref(args)[0])
-                continue
-            env[name] = graph.create_node(op, target, deref(args), deref(kwargs), name=name)
-        root = nn.Module()
-        for path, tensor in self.tensors.items():
-            parent, _, leaf = path.rpartition(".")
-            owner = root
-            for part in parent.split(".") if parent else []:
-                if not hasattr(owner, part):
-                    owner.add_module(part, nn.Module())
-                owner = getattr(owner, part)
-            if path in self.params:
-                owner.register_parameter(leaf, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
-            else:
-                owner.register_buffer(leaf, tensor)
-        module = fx.GraphModule(root, graph, class_name=f"Stage{self.spec.index}")
-        for path in self.non_persistent:  # GraphModule copies buffers as persistent ones
-            parent, _, leaf = path.rpartition(".")
-            (module.get_submodule(parent) if parent else module)._non_persistent_buffers_set.add(leaf)
-        return Stage(self.spec, module, self.output_index)
+def _type_modules(spec: TreeSpec) -> set[str]:
+    """The modules of every class in ``spec``."""
+    own = {spec.type.__module__} if spec.type is not None else set()
+    return own.union(*(_type_modules(child) for child in spec.children))
 
 
 def strip_weights(stages: Mapping[int, Stage]) -> None:

@@ -59,6 +59,13 @@ class StageSpec:
     head: str | None = None
     """For a task split: the task head this stage runs."""
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageSpec:
+        data = dict(data)
+        data["recv"] = [ValueSpec(**v) for v in data["recv"]]
+        data["send"] = [ValueSpec(**v) for v in data["send"]]
+        return cls(**data)
+
 
 @dataclasses.dataclass(kw_only=True)
 class UnitInfo:
@@ -130,13 +137,7 @@ class Partition:
     def from_dict(cls, data: dict[str, Any]) -> Partition:
         data = dict(data)
         data["units"] = [UnitInfo(**u) for u in data["units"]]
-        stages = []
-        for s in data["stages"]:
-            s = dict(s)
-            s["recv"] = [ValueSpec(**v) for v in s["recv"]]
-            s["send"] = [ValueSpec(**v) for v in s["send"]]
-            stages.append(StageSpec(**s))
-        data["stages"] = stages
+        data["stages"] = [StageSpec.from_dict(s) for s in data["stages"]]
         return cls(**data)
 
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 from .._errors import ConfigError
 from .._optimizers import OPTIMIZERS
 from .._settings import build_tree, check_choices, flag_of
+from ..plan import RankOrder
 from ..schedule import ScheduleName
 
 __all__ = [
@@ -98,6 +99,10 @@ class LayoutConfig:
     """Pipeline schedule: gpipe, 1f1b, interleaved or zb."""
     stages_per_rank: int = 1
     """Virtual stages per process (interleaved schedule only)."""
+    rank_order: RankOrder = "pipelines"
+    """Which stage and replica each global rank runs: pipelines (rank = replica x P + stage: a replica's pipeline on
+    consecutive ranks, so on one host under torchrun) or stages (rank = stage x D + replica: a stage's replicas on one
+    host, the gradient all-reduce on the fast links). `stagewise plan --cluster` picks the cheaper one."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -176,6 +181,9 @@ class RuntimeConfig:
     launcher: Literal["local", "ray"] = "local"
     """What starts the ranks: local (processes on this machine) or ray (one actor per rank in a placement group on
     the Ray cluster RAY_ADDRESS names, else on a local Ray started for the run; needs stagewise[ray])."""
+    iface: str | None = dataclasses.field(default=None, metadata={"metavar": "NAME"})
+    """Network interface the ranks talk through across hosts (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME); by
+    default gloo picks the interface of the host name."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from .._errors import ConfigError
 from .._optimizers import OPTIMIZERS, optimizer_class
 from .._spec import ModelSpec, load_model_spec, training_data
 from ..comm import CommGroup, Transport
+from ..plan import rank_of
 from ..runtime import PipelineExecutor, broadcast_params
 from ..schedule import add_communication, build, validate
 from ..split import (
@@ -45,31 +47,40 @@ log = logging.getLogger(__name__)
 
 
 class Layout:
-    """Where every rank sits: rank = replica * P + position; stage s runs at position s % P."""
+    """Where every rank sits: ``layout.rank_order`` maps rank <-> (replica, position) (:func:`stagewise.plan.rank_of`:
+    by default rank = replica * P + position); stage s runs at position s % P."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.P = config.layout.stages
         self.D = config.layout.replicas
         self.V = config.layout.stages_per_rank
         self.S = self.P * self.V
+        self.order = config.layout.rank_order
+        self._where = {self.rank(d, p): (d, p) for d in range(self.D) for p in range(self.P)}
+
+    def rank(self, replica: int, position: int) -> int:
+        return rank_of(self.order, replica=replica, position=position, stages=self.P, replicas=self.D)
 
     def place(self, rank: int) -> tuple[int, int]:
-        replica, position = divmod(rank, self.P)
-        return replica, position
+        """(replica, position) of global ``rank``."""
+        return self._where[rank]
 
     def pipeline(self, replica: int) -> list[int]:
-        return [replica * self.P + p for p in range(self.P)]
+        return [self.rank(replica, p) for p in range(self.P)]
 
     def owned(self, position: int) -> list[int]:
         """The stages a rank at ``position`` runs (``stages_per_rank`` of them, interleaved)."""
         return [s for s in range(self.S) if s % self.P == position]
 
     def replicas_of(self, position: int) -> list[int]:
-        return [d * self.P + position for d in range(self.D)]
+        return [self.rank(d, position) for d in range(self.D)]
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, int | str]:
         """What a checkpoint's manifest records: a resume under the same layout restores every rank's RNG."""
-        return {"stages": self.P, "replicas": self.D, "stages_per_rank": self.V}
+        out: dict[str, int | str] = {"stages": self.P, "replicas": self.D, "stages_per_rank": self.V}
+        if self.order != "pipelines":  # manifests written before rank orders existed stay equal
+            out["rank_order"] = self.order
+        return out
 
 
 def model_loss(spec: ModelSpec, output: Any, targets: Any) -> torch.Tensor:
@@ -180,8 +191,8 @@ class RankState:
         return 1.0
 
 
-def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack | None = None) -> RankState:
-    """Seed, take this rank's stages (``pack``, split by the launcher; or split here under torchrun), give them their
+def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack) -> RankState:
+    """Seed, take this rank's stages (``pack``: split once, by the launcher or by torchrun's rank 0), give them their
     weights and place them, make the groups, agree on the weights, and build the optimizer and the pipeline
     executor."""
     tune_allocator()
@@ -194,9 +205,7 @@ def setup_rank(config: TrainConfig, transport: Transport, pack: StagePack | None
     replica, position = layout.place(transport.rank)
     spec = load_train_spec(config)
     spec.model.train(config.split.dropout)
-    args, kwargs, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
-    if pack is None:  # no launcher split the model for this rank (torchrun): split it here, once
-        pack = split_as_configured(config, spec, args, kwargs, stages=layout.S).pack(layout.owned(position))
+    _, _, dataset = example_batch(spec, config.microbatch_size, limit=config.samples_read)
     _fill_weights(config, spec.model, pack)
     mine = pack.stages
     device = _place(mine, config, transport)
@@ -304,7 +313,13 @@ def weights_reader(config: TrainConfig) -> ReadWeights | None:
         return None
     source = open_weights(path)
     dtype = train_dtype(config)
-    return lambda wanted, aliases: source.read(wanted, aliases=aliases, dtype=dtype)
+
+    def read(wanted: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        values = source.read(wanted, aliases=aliases, dtype=dtype)
+        source.check_opened_only(wanted, aliases=aliases, who="this training rank")
+        return values
+
+    return read
 
 
 def split_as_configured(config: TrainConfig, spec: ModelSpec, args: tuple[Any, ...], kwargs: dict[str, Any], *,

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import shutil
 import signal
 import tempfile
@@ -19,11 +18,12 @@ from .._errors import ConfigError
 from .._spec import ModelSpec, import_model_code
 from ..comm import DistTransport, ShmTransport, Transport
 from ..launch import TorchrunEnv, connect_torchrun, ray_spawn, rendezvous_host, spawn, stop_requested
-from ..split import materialise, tensor_aliases
+from ..split import StagePack, materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
 from ._rank import Layout, load_train_spec, rank_packs, weights_path
 from ._recovery import run_with_restarts
+from ._shared_split import shared_pack
 from ._worker import run_worker
 
 __all__ = ["TrainResult", "Trainer"]
@@ -96,10 +96,10 @@ _PRELOAD = ("torch", "torch.export", "torch._dynamo", "stagewise.train._worker",
 def _local_rank_main(rank: int, world_size: int, port: int, config_json: str, backend: str = "gloo",
                      device: str = "cpu", kind: str = "gloo", packs: dict[int, bytes] | None = None) -> None:
     config = TrainConfig.from_json(config_json)
-    # This rank's stages as the launcher split them (pickled by the process that started this one, on this machine;
-    # never data from the network or a file): the rank does not capture the model again.
-    import_model_code(config.model)  # custom operators the graphs call are registered by the factory's module
-    pack = pickle.loads(packs[Layout(config).place(rank)[1]]) if packs else None
+    # This rank's stages as the launcher split them, as data (StagePack.to_bytes): the rank does not capture the model.
+    assert packs is not None, "the launcher hands every rank its stages"
+    trusted = import_model_code(config.model)  # custom operators the graphs call; the model's own output classes
+    pack = StagePack.from_bytes(packs[Layout(config).place(rank)[1]], trusted_modules=trusted)
     timeout = config.runtime.timeout
     transport: Transport
     host = rendezvous_host()
@@ -147,7 +147,7 @@ class Trainer:
         stages from it, without weights, and never captures the model itself."""
         config = self.config
         spec = load_train_spec(config)  # on the meta device when the ranks build it there: no full copy here either
-        self._packs = {p: pickle.dumps(pack) for p, pack in rank_packs(config, spec).items()}
+        self._packs = {p: pack.to_bytes() for p, pack in rank_packs(config, spec).items()}
         weights = weights_path(config)
         if weights is not None:  # every tensor there with the right shape (headers only; no tensor is read)
             from ..weights import open_weights
@@ -165,9 +165,9 @@ class Trainer:
                 raise ConfigError("--max-restarts restarts ranks this process spawned; under torchrun use torchrun's "
                                   "own --max-restarts with --save DIR --resume DIR")
             transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout,
-                                         device=device)
-            try:
-                summary = run_worker(config, transport)
+                                         device=device, iface=config.runtime.iface)
+            try:  # rank 0 splits the model for every rank, through the rendezvous store
+                summary = run_worker(config, transport, pack=shared_pack(config, transport.store, self.torchrun.rank))
             finally:
                 transport.close()
             return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],

@@ -31,11 +31,11 @@ __all__ = ["run_worker"]
 log = logging.getLogger(__name__)
 
 
-def run_worker(config: TrainConfig, transport: Transport, *, pack: StagePack | None = None,
+def run_worker(config: TrainConfig, transport: Transport, *, pack: StagePack,
                should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Train on this rank; returns a summary (losses on every rank, since the loss is all-reduced).
 
-    ``pack``: this rank's stages as the launcher split them (None: split here, as under torchrun).
+    ``pack``: this rank's stages, split once for every rank (by the launcher, or by rank 0 under torchrun).
     ``should_stop`` is asked once a step: when it says True on any rank, every rank ends after the same step (the
     answer rides on the step's loss all-reduce, so they agree), saving a checkpoint there when ``save_dir`` is set.
 

@@ -51,6 +51,21 @@ class WeightSource:
             return str(self._folder / next(iter(self._where.values()), self.path.name))
         return f"{self._folder / self._listed_in} (and the {len(set(self._where.values()))} files it lists)"
 
+    def files_holding(self, fqns: Iterable[str], *,
+                      aliases: Mapping[str, Sequence[str]] | None = None) -> set[str]:
+        """Basenames of the files that hold ``fqns`` (under any of their names): all that reading them may open."""
+        keys = (self._find(f, aliases or {}) for f in fqns)
+        return {Path(self._where[k]).name for k in keys if k is not None}
+
+    def check_opened_only(self, fqns: Iterable[str], *, aliases: Mapping[str, Sequence[str]] | None = None,
+                          who: str = "this process") -> None:
+        """Raise RuntimeError when :attr:`files_opened` holds a file beyond those holding ``fqns``: the promise that
+        a process reading its own stages' weights opens only their shard files, checked where it reads them."""
+        extra = self.files_opened - self.files_holding(fqns, aliases=aliases)
+        if extra:
+            raise RuntimeError(f"{who} opened weight files that hold none of its tensors: {sorted(extra)[:5]} "
+                               "(please report this as a bug)")
+
     def check_covers(self, fqns: Iterable[str], *, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
         """Raise :class:`WeightsError` listing the FQNs the files hold under no name (a whole-model check)."""
         fqns = list(fqns)
