@@ -198,3 +198,104 @@ def test_a_local_backend_refuses_loads_with_a_reason() -> None:
         index = httpx.post(f"{server.url}/v2/repository/index", timeout=10).json()
         assert index == [{"name": "lin", "version": "1", "state": "READY", "reason": ""}]
         assert "model_repository" in httpx.get(f"{server.url}/v2", timeout=10).json()["extensions"]
+
+
+def test_a_training_run_pushes_its_weights_to_the_running_service(
+        served: tuple[PipelineBackend, str], tmp_path: Path) -> None:
+    """``--serve-url`` with ``--push-every 3`` over 5 steps: steps 3 and 5 are pushed (through the push folder, in
+    shared memory by default), each served as soon as it is loaded; the answers are the trained model's."""
+    from stagewise.train import TrainConfig, Trainer
+
+    backend, url = served
+    push_dir = tmp_path / "push"
+    result = Trainer(TrainConfig(model=MODEL, stages=3, replicas=1, steps=5, global_batch=8, lr=0.1,
+                                 serve_url=url, push_every=3, push_dir=str(push_dir), progress=False,
+                                 log_every=0)).fit()
+    assert result.last_step == 5
+    index = {e["version"]: e for e in httpx.post(f"{url}/v2/repository/index", timeout=10).json()}
+    assert index["3"]["state"] == "UNAVAILABLE" and index["5"]["state"] == "READY", index  # 3 was served, then 5
+    assert [r.version for r in backend.status()] == ["5", "5"]
+    x = np.full((2, 10), 0.5, dtype=np.float32)
+    with httpx.Client(timeout=30) as http:
+        status, version, out = _post_infer(http, url, x)
+    assert status == 200 and version == "5"
+    model = load_model_spec(MODEL).model.eval()
+    model.load_state_dict(result.state_dict(), strict=True)  # the run's final weights, as the trainer returns them
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=4e-5)
+
+
+def test_push_settings_are_checked() -> None:
+    from stagewise._errors import ConfigError
+    from stagewise.train import TrainConfig
+    from stagewise.train._push import default_push_dir, load_url
+
+    assert load_url("http://h:1", "m") == "http://h:1/v2/repository/models/m/load"
+    assert load_url("http://h:1/v2/models/other/", "m") == "http://h:1/v2/repository/models/other/load"
+    with pytest.raises(ValueError, match="serve-url"):
+        load_url("h:1", "m")
+    with pytest.raises(ConfigError, match="--serve-url"):
+        TrainConfig(model=MODEL, push_every=2)
+    assert default_push_dir("x").name == "stagewise-push-x"
+
+
+def test_serve_watch_follows_a_training_run_and_never_loads_a_half_written_step(tmp_path: Path) -> None:
+    """``stagewise serve CKPT_DIR --watch``: it starts on the newest step; a step being written (``.tmp``, or a
+    directory without its manifest yet) is never loaded; the step a resumed run commits is served next."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = tmp_path / "run"
+    _train(root, stages=2, steps=4, lr=0.05, save_every=2)
+    (root / "step-00000099.tmp").mkdir()
+    (root / "step-00000099.tmp" / "rank0.model.safetensors").write_bytes(b"half")
+    (root / "step-00000098").mkdir()  # no manifest: not committed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stagewise.cli", "serve", str(root), "--watch", "--watch-interval",
+                             "0.2", "--port", str(port), "--stages", "2", "--max-batch-size", "4"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    x = np.ones((1, 10), dtype=np.float32)
+
+    def version() -> str | None:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "serve exited"
+        try:
+            with httpx.Client(timeout=10) as http:
+                status, v, _ = _post_infer(http, url, x)
+        except httpx.TransportError:
+            time.sleep(0.2)
+            return None
+        return v if status == 200 else None
+
+    try:
+        deadline = time.monotonic() + 120
+        while version() != "4":
+            assert time.monotonic() < deadline, "serve did not come up on step 4"
+        time.sleep(1.0)  # a few polls over the half-written steps
+        assert version() == "4"
+        from stagewise.train import TrainConfig, Trainer
+
+        Trainer(TrainConfig(model=MODEL, stages=2, replicas=1, steps=6, global_batch=8, lr=0.05, save_dir=str(root),
+                            save_every=2, keep=5, resume=str(root), progress=False, log_every=0)).fit()
+        deadline = time.monotonic() + 60
+        while (v := version()) != "6":
+            assert v in ("4", None) and time.monotonic() < deadline, v
+        with httpx.Client(timeout=10) as http:
+            _, _, out = _post_infer(http, url, x)
+            meta = http.get(f"{url}/v2/models/large_model").json()
+        assert meta["versions"] == ["6"]
+        with torch.no_grad():
+            expected = _reference(root / "step-00000006")(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=4e-5)
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)

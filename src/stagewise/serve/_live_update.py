@@ -86,8 +86,9 @@ class LiveUpdates:
 
     def _init_versions(self, repository: str | None) -> None:
         start = self.config.checkpoint
-        found = checkpoint_step(start) if start else None
-        self._current = Version(id=0, label=str(found[1]) if found else "1", checkpoint=None, state="READY")
+        found = checkpoint_step(start) if start else None  # a root's latest now: a restart reads this same step
+        self._current = Version(id=0, label=str(found[1]) if found else "1",
+                                checkpoint=str(found[0]) if found else None, state="READY")
         self._book: list[Version] = [self._current]
         self._rollout: _Rollout | None = None
         self._update_lock = threading.Lock()
