@@ -31,6 +31,8 @@ HOW: list[tuple[str, str, str]] = [
     (r"^stagewise serve\b", SERVER, "started in the background; must answer /v2/health/ready, then is stopped"),
     (r"^stagewise infer\b", CLIENT, "runs against the server the block's last serve command started"),
     (r"tritonclient", CLIENT, "runs against the README's token-guarded checkpoint server (`--token secret`)"),
+    (r"^curl\b", CLIENT, "runs against the server the block's last serve command started (-f: an HTTP error fails)"),
+    (r"^stagewise train .*--serve-url", CLIENT, "pushes its weights to the server the block's last serve started"),
     (r"^(stagewise|torchrun) ", RUN, "runs to completion; must exit 0"),
     (r"", RUN, "a Python block: runs as a script; must exit 0"),
 ]

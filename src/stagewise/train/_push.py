@@ -104,3 +104,6 @@ class WeightPusher:
         self.drain()
         if self._pool is not None:
             self._pool.shutdown()
+            if self.results:
+                print(f"pushed weights stay in {self.folder} (the service reads its version there when a replica "
+                      "restarts): remove it once the service no longer needs it", flush=True)
