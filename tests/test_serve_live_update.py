@@ -86,9 +86,11 @@ def served(runs: dict[str, Path]) -> Iterator[tuple[PipelineBackend, str]]:
 
 
 def test_load_parameters_are_checked() -> None:
-    assert load_parameters(b"") == (None, None)
-    assert load_parameters(b'{"parameters": {"checkpoint": "/x", "version": 7}}') == ("/x", "7")
-    for bad in (b"[1]", b'{"parameters": {"config": "{}"}}', b'{"parameters": {"version": ""}}', b"{nope"):
+    assert load_parameters(b"") == (None, None, "sha256")
+    assert load_parameters(b'{"parameters": {"checkpoint": "/x", "version": 7}}') == ("/x", "7", "sha256")
+    assert load_parameters(b'{"parameters": {"verify": "size"}}') == (None, None, "size")
+    for bad in (b"[1]", b'{"parameters": {"config": "{}"}}', b'{"parameters": {"version": ""}}', b"{nope",
+                b'{"parameters": {"verify": "md5"}}'):
         with pytest.raises(ValueError):
             load_parameters(bad)
 

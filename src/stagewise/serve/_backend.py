@@ -187,8 +187,10 @@ class InferenceBackend(abc.ABC):
         state = "READY" if self.ready() else "UNAVAILABLE"
         return [{"name": self.name, "version": v, "state": state, "reason": ""} for v in self.metadata().versions]
 
-    async def load_version(self, *, checkpoint: str | None = None, version: str | None = None) -> str:
-        """Serve the weights of ``checkpoint`` (or of the known ``version``) from now on; returns the version."""
+    async def load_version(self, *, checkpoint: str | None = None, version: str | None = None,
+                           verify: str = "sha256") -> str:
+        """Serve the weights of ``checkpoint`` (or of the known ``version``) from now on; returns the version.
+        ``verify``: ``sha256`` (hash every file read) or ``size``."""
         raise BadRequestError(f"model {self.name!r} ({type(self).__name__}) cannot load weights while it serves; "
                               "serve it with 'stagewise serve' (a PipelineBackend) to load checkpoints at run time")
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .._checkpoint_layout import MANIFEST, STEP_RE, latest_checkpoint, list_checkpoints, step_name
 from ._protocol import BadRequestError, ServiceUnavailableError
 from ._replicas import settle
+from ._weight_swap import VERIFY
 
 if TYPE_CHECKING:
     from ._replicas import PendingBatch, PipelineConfig, ReplicaState
@@ -128,20 +129,25 @@ class LiveUpdates:
         return list(rows.values())
 
     # ------------------------------------------------------------------------------------------------ load
-    async def load_version(self, *, checkpoint: str | None = None, version: str | None = None) -> str:
-        return await asyncio.to_thread(self.load, checkpoint=checkpoint, version=version)
+    async def load_version(self, *, checkpoint: str | None = None, version: str | None = None,
+                           verify: str = "sha256") -> str:
+        return await asyncio.to_thread(self.load, checkpoint=checkpoint, version=version, verify=verify)
 
-    def load(self, *, checkpoint: str | None = None, version: str | None = None) -> str:
+    def load(self, *, checkpoint: str | None = None, version: str | None = None, verify: str = "sha256") -> str:
         """Serve ``checkpoint`` (a step directory, or a root: its latest) as ``version`` (default: its step), or the
         known / on-disk ``version``, or (neither given) the repository's latest checkpoint. Blocks until every
-        replica switched; raises :class:`BadRequestError` (the old version still serves) when it cannot."""
+        replica switched; raises :class:`BadRequestError` (the old version still serves) when it cannot.
+        ``verify``: ``sha256`` hashes every checkpoint file as it is read; ``size`` checks sizes only (faster, for
+        files that cannot have been damaged, e.g. pushed through shared memory a moment ago)."""
+        if verify not in VERIFY:
+            raise BadRequestError(f"verify must be one of {list(VERIFY)}, got {verify!r}")
         with self._update_lock:
             v = self._resolve(checkpoint, version)
             t0 = time.perf_counter()
             if self._unloaded:
-                self._reload(v)
+                self._reload(v, verify)
             else:
-                self._roll_out(v)
+                self._roll_out(v, verify)
             log.warning("model %s: now serving version %s from %s (%.2f s)", self.name, v.label, v.checkpoint,
                         time.perf_counter() - t0)
             return v.label
@@ -174,7 +180,7 @@ class LiveUpdates:
         self._book.append(v)
         return v
 
-    def _roll_out(self, v: Version) -> None:
+    def _roll_out(self, v: Version, verify: str) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         with self._cond:
             replicas = {r.index: r.generation for r in self._replicas if r.state == "ready"}
@@ -183,7 +189,7 @@ class LiveUpdates:
             ro = self._rollout = _Rollout(v, replicas, {i: set() for i in replicas})
             for i in replicas:
                 self._send_all(self._replicas[i], {"kind": "load", "id": v.id, "version": v.label,
-                                                   "checkpoint": v.checkpoint})
+                                                   "checkpoint": v.checkpoint, "verify": verify})
             stages = self.config.stages
             while ro.failed is None:
                 for i, gen in list(ro.replicas.items()):  # a replica that failed meanwhile restarts on the current
@@ -262,13 +268,13 @@ class LiveUpdates:
             settle(req, error=ServiceUnavailableError(f"model {self.name!r} was unloaded"))
         rep.inflight.clear()
 
-    def _reload(self, v: Version) -> None:
+    def _reload(self, v: Version, verify: str) -> None:
         """Start every replica on ``v`` (after an unload); the checkpoint is verified here first."""
         if v.checkpoint is not None and checkpoint_step(v.checkpoint) is not None:
             from ..checkpoint import load_checkpoint
 
             try:
-                load_checkpoint(v.checkpoint, verify="all")
+                load_checkpoint(v.checkpoint, verify="all" if verify == "sha256" else "size")
             except Exception as exc:  # noqa: BLE001 - any reason to refuse it is the answer
                 self._refuse(v, f"{type(exc).__name__}: {exc}")
         with self._cond:

@@ -71,7 +71,9 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "properties": {"checkpoint": {"type": "string", "description": "a checkpoint step directory, or a training "
                                                                        "run's root (its latest step)"},
-                       "version": {"type": "string", "description": "label of the version (default: its step)"}}}}},
+                       "version": {"type": "string", "description": "label of the version (default: its step)"},
+                       "verify": {"type": "string", "enum": ["sha256", "size"],
+                                  "description": "hash every checkpoint file read (default), or check sizes only"}}}}},
     "server_metadata": {"type": "object", "required": ["name", "version", "extensions"],
                         "properties": {"name": {"type": "string"}, "version": {"type": "string"},
                                        "extensions": {"type": "array", "items": {"type": "string"}}}},

@@ -23,22 +23,29 @@ import torch
 
 from .._checkpoint_layout import MANIFEST, latest_checkpoint
 
-__all__ = ["StageVersions", "read_stage_weights"]
+__all__ = ["VERIFY", "StageVersions", "read_stage_weights"]
 
 log = logging.getLogger(__name__)
 
 
+VERIFY = ("sha256", "size")
+"""How a Stagewise checkpoint is checked on load: every file read hashed (default), or sizes only (trusted files)."""
+
+
 def read_stage_weights(path: str, expected: Mapping[str, torch.Tensor], *, aliases: Mapping[str, Sequence[str]],
-                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                       dtype: torch.dtype, verify: str = "sha256") -> dict[str, torch.Tensor]:
     """This stage's tensors (``expected``: FQN -> a tensor of the right shape, meta will do) from ``path``, whatever
     layout wrote it. A Stagewise checkpoint is hashed as it is read (its manifest's sha256 of every file this stage
-    reads): a corrupt or altered file raises before any weight is used. Other weights files (safetensors, Hugging Face
-    folders, state_dicts) are read by name and checked by shape and kind of dtype."""
+    reads; ``verify="size"``: sizes only): a corrupt or altered file raises before any weight is used. Other weights
+    files (safetensors, Hugging Face folders, state_dicts) are read by name and checked by shape and kind of dtype."""
     root = Path(path)
     if root.is_dir() and ((root / MANIFEST).is_file() or latest_checkpoint(root) is not None):
         from ..checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(root, verify="read")  # each file this stage reads is hashed in the same pass
+        if verify not in VERIFY:
+            raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+        # each file this stage reads is hashed in the same pass
+        ckpt = load_checkpoint(root, verify="read" if verify == "sha256" else "size")
         saved = set(ckpt.fqns())
         names = {}
         for fqn in expected:
@@ -76,12 +83,12 @@ class StageVersions:
         self._lock = threading.Lock()
 
     def load(self, id: int, label: str, path: str, *, aliases: Mapping[str, Sequence[str]],
-             dtype: torch.dtype) -> None:
+             dtype: torch.dtype, verify: str = "sha256") -> None:
         """Read version ``id`` into spare memory (replacing a loaded one that was never switched to)."""
         with self._lock:
             self._next = None  # an older pending version is dropped first: at most two versions in memory
         expected = {n: p for n, p in self.params.items()}
-        tensors = read_stage_weights(path, expected, aliases=aliases, dtype=dtype)
+        tensors = read_stage_weights(path, expected, aliases=aliases, dtype=dtype, verify=verify)
         for n, p in self.params.items():
             if tensors[n].dtype != p.dtype:
                 raise ValueError(f"{path}: {n} reads as {tensors[n].dtype}, the served weight is {p.dtype}")

@@ -197,7 +197,8 @@ class _StageWorker:
         t0 = time.perf_counter()
         try:
             self.versions.load(vid, str(header["version"]), str(header["checkpoint"]),
-                               aliases=self.assignment.aliases, dtype=getattr(torch, cfg.dtype))
+                               aliases=self.assignment.aliases, dtype=getattr(torch, cfg.dtype),
+                               verify=str(header.get("verify", "sha256")))
         except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails the load, never the worker
             log.warning("replica %s stage %s: loading version %s failed: %s", cfg.replica, cfg.stage,
                         header.get("version"), exc)
