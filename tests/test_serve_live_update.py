@@ -169,6 +169,31 @@ def test_five_updates_under_load_lose_no_request_and_mix_no_versions(
     assert index["bad"]["state"] == "UNAVAILABLE" and "sha256" in index["bad"]["reason"]
 
 
+def test_a_replica_restarted_after_an_update_serves_the_new_version(
+        served: tuple[PipelineBackend, str], runs: dict[str, Path]) -> None:
+    import os
+    import signal
+
+    backend, url = served
+    current = backend.current_version().label
+    victim = backend.status()[0].pids[1]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while not (backend.status()[0].generation == 2 and backend.status()[0].state == "ready"):
+        assert time.monotonic() < deadline, backend.status()
+        time.sleep(0.1)
+    assert [r.version for r in backend.status()] == [current, current]
+    x = np.full((1, 10), -0.25, dtype=np.float32)
+    path = next(v.checkpoint for v in backend._book if v.label == current and v.checkpoint)
+    with torch.no_grad():
+        expected = _reference(Path(path))(torch.from_numpy(x)).numpy()
+    with httpx.Client(timeout=30) as http:
+        for _ in range(6):  # both replicas, the restarted one included
+            status, version, out = _post_infer(http, url, x)
+            assert status == 200 and version == current
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=4e-5)
+
+
 def test_unload_then_load_serves_again(served: tuple[PipelineBackend, str], runs: dict[str, Path]) -> None:
     backend, url = served
     x = np.ones((2, 10), dtype=np.float32)

@@ -214,6 +214,10 @@ class LiveUpdates:
                 rep = self._replicas[i]
                 self._send(rep, 0, {"kind": "switch", "id": v.id})
                 rep.version_id, rep.version = v.id, v.label
+            for rep in self._replicas:  # became ready meanwhile, on the old version: restarts on this one
+                if rep.state == "ready" and rep.version_id != v.id:
+                    self._fail(rep, rep.generation, f"started on version {rep.version!r} while {v.label!r} was "
+                                                    "loaded; it restarts on that")
             self._cond.notify_all()
 
     def _refuse(self, v: Version, why: str) -> None:
@@ -290,5 +294,7 @@ class LiveUpdates:
 
     if TYPE_CHECKING:  # provided by PipelineBackend
         def _drop_processes(self, rep: ReplicaState, *, kill: bool) -> None: ...
+
+        def _fail(self, rep: ReplicaState, generation: int, reason: str) -> None: ...
 
         def wait_ready(self, timeout_s: float = 120.0, *, replicas: int = 1) -> None: ...
