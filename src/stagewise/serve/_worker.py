@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 TAG_SPACE = 1 << 20
 """Activation tags are ``seq % TAG_SPACE``."""
+_LOAD_NICE = 10
+"""Niceness of the thread that loads a new weights version while batches run."""
 _IDLE_WAIT_S = 10.0 * 365 * 24 * 3600
 """How long a later stage waits for its next batch: as long as the service idles (see ``serve_forever``)."""
 
@@ -194,6 +196,10 @@ class _StageWorker:
     def _load(self, header: dict[str, Any]) -> None:
         """Load a weights version into spare memory and say how it went (``loaded`` or ``load_failed``, why)."""
         cfg, vid = self.cfg, int(header["id"])
+        try:  # Linux: this thread only; batches keep the CPU first, the load takes what is left
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOAD_NICE)
+        except (AttributeError, OSError):
+            pass
         t0 = time.perf_counter()
         try:
             self.versions.load(vid, str(header["version"]), str(header["checkpoint"]),
