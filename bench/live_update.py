@@ -11,8 +11,9 @@ cache, so the workers read them from the disk, as after a training run wrote the
 
 - ``read_s``: median time to read the new version's files from the disk (page cache dropped, sequential reads in
   this process), measured right before each load, under the same traffic: the floor of any load.
-- ``swap_s``: median time of a load request, from the POST to its answer: every stage read (and sha256-verified) its
-  weights in the background and the replica switched between two batches.
+- ``swap_s``: median time of a load request, from the POST to its answer: every stage read (and, unless
+  ``--verify size``, sha256-verified) its weights in a background thread at a lower CPU priority than the batches,
+  and the replica switched between two batches.
 - ``failed_requests``: requests not answered 200, over the whole run.
 - ``p99_idle_ms`` / ``p99_during_ms``: p99 request latency of the requests sent before any load, and of those in
   flight while a load ran.
