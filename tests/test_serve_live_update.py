@@ -169,6 +169,26 @@ def test_five_updates_under_load_lose_no_request_and_mix_no_versions(
     assert index["bad"]["state"] == "UNAVAILABLE" and "sha256" in index["bad"]["reason"]
 
 
+def test_loads_that_name_no_usable_checkpoint_are_refused(served: tuple[PipelineBackend, str],
+                                                          runs: dict[str, Path], tmp_path: Path) -> None:
+    backend, url = served
+    before = backend.current_version().label
+
+    def load(**params: str) -> httpx.Response:
+        return httpx.post(f"{url}/v2/repository/models/large_model/load", json={"parameters": params}, timeout=120)
+
+    clash = load(checkpoint=str(runs["b"]), version="6")  # "6" is run A's step 6
+    assert clash.status_code == 400 and "give this checkpoint another version" in clash.json()["error"]
+    missing = load(checkpoint=str(tmp_path / "nowhere"))
+    assert missing.status_code == 400 and "does not exist" in missing.json()["error"]
+    unknown = load(version="77")  # not loaded before, no step-00000077 in the repository
+    assert unknown.status_code == 400 and "step-00000077" in unknown.json()["error"]
+    (tmp_path / "w.safetensors").write_bytes(b"not safetensors")
+    garbage = load(checkpoint=str(tmp_path / "w.safetensors"), version="junk")
+    assert garbage.status_code == 400 and f"still serving version {before!r}" in garbage.json()["error"]
+    assert backend.current_version().label == before and {r.generation for r in backend.status()} == {1}
+
+
 def test_a_replica_restarted_after_an_update_serves_the_new_version(
         served: tuple[PipelineBackend, str], runs: dict[str, Path]) -> None:
     import os
