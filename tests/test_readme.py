@@ -33,6 +33,8 @@ HOW: list[tuple[str, str, str]] = [
     (r"tritonclient", CLIENT, "runs against the README's token-guarded checkpoint server (`--token secret`)"),
     (r"^torchrun .*--nnodes [2-9]", NOT_RUN, "needs several machines; tests/test_multi_host.py runs it on two network "
                                              "namespaces"),
+    (r"^curl\b", CLIENT, "runs against the server the block's last serve command started (-f: an HTTP error fails)"),
+    (r"^stagewise train .*--serve-url", CLIENT, "pushes its weights to the server the block's last serve started"),
     (r"^(stagewise|torchrun) ", RUN, "runs to completion; must exit 0"),
     (r"", RUN, "a Python block: runs as a script; must exit 0"),
 ]

@@ -149,6 +149,8 @@ def test_schemathesis_finds_no_5xx_and_no_invalid_json(server: RunningServer) ->
     seen: collections.Counter[str] = collections.Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.path.endswith("/unload"):  # it takes the model away on purpose (test_serve_live_update)
+            continue
         cases = hypothesis.strategies.one_of([operation.as_strategy(mode) for mode in schemathesis.GenerationMode]
                                              + schema.get_strategies_from_examples(operation))
 

@@ -15,6 +15,9 @@ A split model served by stage-worker processes (``stagewise serve MODEL`` on the
     backend = PipelineBackend("stagewise.zoo.basic:mlp", stages=2, replicas=2, max_batch_size=32)
     backend.wait_ready()
     run(create_app(backend, config=GatewayConfig(batching=backend.batching_config())))
+
+New weights while it serves (every answer names its ``model_version``): ``backend.load(checkpoint=DIR)``, or over
+HTTP the model repository extension, ``POST /v2/repository/models/NAME/load`` (see ``_live_update``).
 """
 
 from .._lazy import lazy_exports
@@ -63,4 +66,5 @@ __all__ = lazy_exports(__name__, {
     "UnauthorizedError": "._protocol",
     "UnsupportedMediaTypeError": "._protocol",
     "validate_inputs": "._backend",
+    "VersionedOutputs": "._backend",
 })

@@ -32,6 +32,7 @@ __all__ = [
     "ModelError",
     "ModelMetadata",
     "TensorMetadata",
+    "VersionedOutputs",
     "numeric_tensor",
     "validate_inputs",
 ]
@@ -140,6 +141,15 @@ def validate_inputs(request: InferRequest, meta: ModelMetadata) -> dict[str, Ten
     return {spec.name: given[spec.name].value for spec in meta.inputs}
 
 
+class VersionedOutputs(dict):  # type: ignore[type-arg]
+    """A backend's outputs (``name -> tensor``) with the model version that computed them (``model_version`` in the
+    answer); a plain dict answers with the version the request named, else the metadata's first."""
+
+    def __init__(self, outputs: Mapping[str, Any], *, version: str | None) -> None:
+        super().__init__(outputs)
+        self.version = version
+
+
 class InferenceBackend(abc.ABC):
     """A model the gateway can serve.
 
@@ -169,6 +179,24 @@ class InferenceBackend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release resources; called when the gateway shuts down."""
+
+    # The model repository extension (``/v2/repository/...``): a backend that can take new weights while it serves
+    # overrides these three.
+    def repository_index(self) -> list[dict[str, str]]:
+        """This model's entries of ``POST /v2/repository/index``: ``{name, version, state, reason}`` each."""
+        state = "READY" if self.ready() else "UNAVAILABLE"
+        return [{"name": self.name, "version": v, "state": state, "reason": ""} for v in self.metadata().versions]
+
+    async def load_version(self, *, checkpoint: str | None = None, version: str | None = None,
+                           verify: str = "sha256") -> str:
+        """Serve the weights of ``checkpoint`` (or of the known ``version``) from now on; returns the version.
+        ``verify``: ``sha256`` (hash every file read) or ``size``."""
+        raise BadRequestError(f"model {self.name!r} ({type(self).__name__}) cannot load weights while it serves; "
+                              "serve it with 'stagewise serve' (a PipelineBackend) to load checkpoints at run time")
+
+    async def unload(self) -> None:
+        """Stop serving this model (its ``/load`` brings it back)."""
+        raise BadRequestError(f"model {self.name!r} ({type(self).__name__}) cannot be unloaded while it serves")
 
 
 def numeric_tensor(name: str, value: TensorValue, *, served_by: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._errors import StagewiseError
-from ._backend import InferenceBackend, ModelError
+from ._backend import InferenceBackend, ModelError, VersionedOutputs
 from ._metrics import GatewayMetrics
 from ._protocol import (
     BackendError,
@@ -330,7 +330,8 @@ class DynamicBatcher:
         names = list(batch[0].inputs)
         inputs = {n: _concat([item.inputs[n] for item in batch]) for n in names}
         try:
-            outputs = self._check_outputs(await self.backend.infer(inputs), rows)
+            answer = await self.backend.infer(inputs)
+            outputs = self._check_outputs(answer, rows)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the requests in this batch
             if isinstance(exc, ModelError) and len(batch) > 1:
                 return exc
@@ -343,9 +344,11 @@ class DynamicBatcher:
                     item.future.set_exception(err)
             return None
         start = 0
+        version = answer.version if isinstance(answer, VersionedOutputs) else None  # one batch, one version
         for item in batch:
             if not item.future.done():
-                item.future.set_result({k: v[start:start + item.rows] for k, v in outputs.items()})
+                item.future.set_result(VersionedOutputs({k: v[start:start + item.rows] for k, v in outputs.items()},
+                                                        version=version))
             start += item.rows
         return None
 

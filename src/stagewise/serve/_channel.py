@@ -9,11 +9,14 @@ A frame is, in wire order::
 The gateway listens and the workers connect, so the gateway's end survives any worker's death: a dead worker is an EOF
 on its connection, never a hang. Message kinds (see ``_worker`` and ``_pipeline``):
 
-    gateway -> worker   challenge {nonce} (on accept; see ``_listener``)
-    worker -> gateway   hello {replica, generation, stage, pid, mac}, ready {stage, digest}, fatal {message},
+    gateway -> worker   challenge {nonce} (on accept; see ``_listener``), load {id, version, checkpoint},
+                        discard {id} (weights versions: see ``_live_update``)
+    worker -> gateway   hello {replica, generation, stage, pid, mac}, ready {stage, digest, version}, fatal {message},
                         beat {} (every heartbeat interval, from a thread of its own),
-                        result {seq, times, +output tensors} (last stage), error {seq, stage, error, message}
-    gateway -> stage 0  run {seq, rows, +every model input} (later stages get theirs from the stage before)
+                        result {seq, times, version, +output tensors} (last stage), error {seq, stage, error, message},
+                        loaded {id, stage, seconds}, load_failed {id, stage, message}
+    gateway -> stage 0  run {seq, rows, +every model input} (later stages get theirs from the stage before),
+                        switch {id} (run weights version ``id`` from the next batch on)
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "serve", help="serve a model split into pipeline stages over HTTP (KServe v2)",
         description="Split MODEL into --stages stage processes per replica, start --replicas replicas, and serve it "
                     "with dynamic batching on the Open Inference Protocol v2 (/v2/models/NAME/infer). A dead worker "
-                    "costs a retry on another replica; its replica restarts in the background. Ctrl-C stops all.")
+                    "costs a retry on another replica; its replica restarts in the background. New weights while it "
+                    "serves: --watch a training run's checkpoints, or POST /v2/repository/models/NAME/load "
+                    "{\"parameters\": {\"checkpoint\": DIR}}. Ctrl-C stops all.")
     add_config_arguments(p, PipelineConfig)  # MODEL and one flag per PipelineConfig setting, help from its fields
     p.add_argument("--trust-checkpoint-code", action="store_true",
                    help="when MODEL is a checkpoint directory, import the model factory its manifest names even if it "
@@ -54,6 +56,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--submodels", default=None, metavar="FQN,...",
                    help="sub-model split: serve each named sub-module as its own model, NAME.FQN, on the inputs it "
                         "receives in the example call (each split into --stages stages)")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the checkpoint directory (MODEL as CKPT_DIR, or --checkpoint DIR) of a training run: "
+                        "serve each step it commits as a new model_version, switching without stopping (a step that "
+                        "fails to load is skipped and the old version serves on)")
+    p.add_argument("--watch-interval", type=float, default=2.0, metavar="S",
+                   help="with --watch: seconds between looks at the checkpoint directory (default: 2)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0 = any free port)")
     p.add_argument("--max-delay-ms", type=float, default=2.0,
@@ -149,7 +157,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # One served model per task head or sub-model (each its own name), else the whole model.
     variants: list[dict[str, Any]] = ([{"tasks": tasks, "head": h} for h in tasks] if tasks else
                                       [{"submodule": m} for m in subs] or [{}])
+    if args.watch and not checkpoint:
+        raise ValueError("--watch follows a training run's checkpoint directory: give it as MODEL ('stagewise serve "
+                         "CKPT_DIR --watch') or with --checkpoint DIR")
     backends: list[PipelineBackend] = []
+    watcher = None
     try:
         with Phases("stagewise serve") as phase:  # a spinner on a terminal, erased once a replica is ready
             for v in variants:
@@ -169,6 +181,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 phase.close()
                 print(f"stagewise serve: error: no replica became ready: {exc}", file=sys.stderr)
                 return 1
+        if args.watch:
+            from ._watch import CheckpointWatcher
+
+            assert backends[0].repository is not None
+            watcher = CheckpointWatcher(backends, backends[0].repository, interval_s=args.watch_interval).start()
+            print(f"stagewise serve: watching {backends[0].repository} for new checkpoints", file=sys.stderr,
+                  flush=True)
         gateway_config.model_batching = {b.name: b.batching_config(max_delay_ms=args.max_delay_ms) for b in backends}
         app = create_app(backends, config=gateway_config)
         host = f"[{args.host}]" if ":" in args.host else args.host
@@ -182,6 +201,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if watcher is not None:
+            watcher.stop()
         for backend in backends:
             backend.shutdown()
     if signals:

@@ -7,6 +7,8 @@ Routes (``{v}`` forms accept only the version the backend serves)::
     GET  /v2/models/{name}[/versions/{v}]            model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready      model readiness (200 / 503)
     POST /v2/models/{name}[/versions/{v}]/infer      inference (JSON or binary tensor data extension)
+    POST /v2/repository/index                        model repository extension: every model's versions
+    POST /v2/repository/models/{name}/load|unload    new weights while serving (see ._repository_routes)
     GET  /metrics                                    Prometheus text exposition of this app's registry
     GET  /v2/openapi.json                            OpenAPI 3.1 document of all of these (see ._openapi)
 
@@ -33,6 +35,7 @@ from ._metrics import GatewayMetrics
 from ._openapi import openapi_document
 from ._protocol import ServeError, ServiceUnavailableError, UnauthorizedError
 from ._registry import Gateway, GatewayConfig
+from ._repository_routes import add_repository_routes
 
 __all__ = ["Gateway", "GatewayConfig", "create_app"]
 
@@ -143,7 +146,8 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": config.server_name, "version": _version(), "extensions": ["binary_tensor_data"]}
+        return {"name": config.server_name, "version": _version(),
+                "extensions": ["binary_tensor_data", "model_repository"]}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -162,6 +166,8 @@ def create_app(models: InferenceBackend | Sequence[InferenceBackend] | Mapping[s
     async def openapi() -> dict[str, Any]:
         return openapi_document(title=config.server_name, version=_version(), auth=config.auth_token is not None,
                                 models={n: b.metadata() for n, b in gw.backends.items()})
+
+    add_repository_routes(app, gw)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

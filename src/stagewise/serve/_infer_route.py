@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ._backend import validate_inputs
+from ._backend import VersionedOutputs, validate_inputs
 from ._protocol import (
     BadRequestError,
     ClientDisconnectedError,
@@ -198,7 +198,9 @@ class InferRoute:
             selected = [(o.name, outputs[o.name], o.binary) for o in req.outputs]
         else:
             selected = [(t.name, outputs[t.name], req.binary_output) for t in meta.outputs]
-        content, header_length = encode_infer_response(model_name=name, model_version=version or meta.versions[0],
+        computed = outputs.version if isinstance(outputs, VersionedOutputs) else None  # the weights that ran it
+        content, header_length = encode_infer_response(model_name=name,
+                                                       model_version=computed or version or meta.versions[0],
                                                        request_id=req.id, outputs=selected)
         if header_length is None:
             await _respond(send, 200, content, _JSON)

@@ -20,7 +20,8 @@ __all__ = ["openapi_document"]
 
 _REF = "#/components/schemas/"
 _ERRORS = {
-    "400": "malformed request, or wrong input name, shape, datatype or values",
+    "400": "malformed request, or wrong input name, shape, datatype or values; or a load that failed (the old version "
+           "still serves)",
     "401": "missing or wrong bearer token",
     "404": "unknown model or version",
     "413": "body over the payload limit",
@@ -62,6 +63,17 @@ _SCHEMAS: dict[str, Any] = {
                        "platform": {"type": "string"},
                        "inputs": {"type": "array", "items": {"$ref": _REF + "metadata_tensor"}},
                        "outputs": {"type": "array", "items": {"$ref": _REF + "metadata_tensor"}}}},
+    "repository_entry": {"type": "object", "required": ["name", "version", "state"],
+                         "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                        "state": {"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]},
+                                        "reason": {"type": "string"}}},
+    "load_request": {"type": "object", "properties": {"parameters": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"checkpoint": {"type": "string", "description": "a checkpoint step directory, or a training "
+                                                                       "run's root (its latest step)"},
+                       "version": {"type": "string", "description": "label of the version (default: its step)"},
+                       "verify": {"type": "string", "enum": ["sha256", "size"],
+                                  "description": "hash every checkpoint file read (default), or check sizes only"}}}}},
     "server_metadata": {"type": "object", "required": ["name", "version", "extensions"],
                         "properties": {"name": {"type": "string"}, "version": {"type": "string"},
                                        "extensions": {"type": "array", "items": {"type": "string"}}}},
@@ -128,6 +140,19 @@ def openapi_document(*, title: str, version: str, models: Mapping[str, ModelMeta
             "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
             **_errors(*guarded)}}},
     }
+    paths["/v2/repository/index"] = {"post": {"summary": "Every model's versions and their state", "responses": {
+        "200": _json({"type": "array", "items": {"$ref": _REF + "repository_entry"}}, "one entry per version"),
+        **_errors(*guarded)}}}
+    paths["/v2/repository/models/{name}/load"] = {"parameters": [name], "post": {
+        "summary": "Serve new weights (a checkpoint) without stopping; answers once every replica switched",
+        "requestBody": {"required": False,
+                        "content": {"application/json": {"schema": {"$ref": _REF + "load_request"}}}},
+        "responses": {"200": _json({"type": "object", "properties": {"name": {"type": "string"},
+                                                                     "version": {"type": "string"}}}, "now served"),
+                      **_errors("400", *guarded, "404", "503")}}}
+    paths["/v2/repository/models/{name}/unload"] = {"parameters": [name], "post": {
+        "summary": "Stop serving the model until its next load", "responses": {
+            "200": _json({"type": "object"}, "unloaded"), **_errors("400", *guarded, "404")}}}
     for prefix, params in (("/v2/models/{name}", [name]), ("/v2/models/{name}/versions/{version}",
                                                            [name, version_param])):
         paths[prefix] = {"parameters": params, **model}

@@ -46,10 +46,11 @@ import torch
 from ..comm import find_free_port, remove_shm_segments
 from ..launch import describe_exit as _describe_exit
 from ..launch import forkserver_context as _context
-from ._backend import InferenceBackend, ModelError, ModelMetadata, numeric_tensor
+from ._backend import InferenceBackend, ModelError, ModelMetadata, VersionedOutputs, numeric_tensor
 from ._batching import BatchingConfig, Dropped, await_or_drop
 from ._channel import Channel, ChannelError, Message
 from ._listener import ChannelListener, HelloFields
+from ._live_update import LiveUpdates
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
 from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus, settle
@@ -97,22 +98,26 @@ def _replace_forkserver() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-class PipelineBackend(InferenceBackend):
+class PipelineBackend(LiveUpdates, InferenceBackend):
     """Serve MODEL split into ``stages`` worker processes per replica, ``replicas`` replicas; see the module doc.
 
     Construction loads the model once here (metadata, weight digests), then starts every replica in the background:
     call :meth:`wait_ready` before serving, or let early requests wait for the first ready replica. :meth:`shutdown`
-    (or ``await close()``) stops and reaps every worker.
+    (or ``await close()``) stops and reaps every worker. New weights while it serves: :meth:`load` (see
+    ``_live_update``); ``repository``: the checkpoint root whose steps a load may name by version (default: the
+    root of ``checkpoint``).
     """
 
     def __init__(self, model: str | PipelineConfig, *, stages: int = 2, replicas: int = 1, max_batch_size: int = 32,
-                 name: str | None = None, host: str = "127.0.0.1", **options: Any) -> None:
+                 name: str | None = None, host: str = "127.0.0.1", repository: str | None = None,
+                 **options: Any) -> None:
         if isinstance(model, PipelineConfig):
             config = model
         else:
             config = PipelineConfig(model=model, stages=stages, replicas=replicas, max_batch_size=max_batch_size,
                                     name=name, host=host, **options)
         self.config = config
+        self._init_versions(repository)
         module = config.model.rpartition(":")[0]  # a factory's module (not a file path, nor a folder as MODEL)
         preload = (*_PRELOAD, module) if module and "/" not in module and not module.endswith(".py") else _PRELOAD
         # Boots the forkserver: its imports (seconds) run while this process loads the model.
@@ -125,9 +130,9 @@ class PipelineBackend(InferenceBackend):
         self._meta = describe_serving(serving, self.name)
         # Every batch-size bucket captured here, once: each worker gets its stage's graphs as data (no weights).
         self._assignments = [pickle.dumps(a) for a in stage_assignments(serving, config.max_batch_size)]
-        self._digests = dict(serving.digests)
-        """Each stage's weight digest, as the factory built it here (then dropped: the gateway holds no weights), or
-        as the first worker reported it (weights from a file): every worker of that stage must report the same."""
+        self._digests = {(self.current_version().label, pos): d for pos, d in serving.digests.items()}
+        """Each (version, stage)'s weight digest, as the factory built it here (then dropped: the gateway holds no
+        weights), or as the first worker reported it (weights from a file): every worker of it must report the same."""
         del serving
         self._output_names = [t.name for t in self._meta.outputs]
         self._cap = config.inflight_per_replica or config.stages
@@ -151,6 +156,9 @@ class PipelineBackend(InferenceBackend):
 
     # ------------------------------------------------------------------------------------------------ public API
     def metadata(self) -> ModelMetadata:
+        versions = self.served_versions()
+        if versions != self._meta.versions:
+            self._meta = dataclasses.replace(self._meta, versions=versions)
         return self._meta
 
     def ready(self) -> bool:
@@ -173,7 +181,8 @@ class PipelineBackend(InferenceBackend):
         with self._lock:
             return [ReplicaStatus(index=r.index, generation=r.generation, state=r.state,
                                   pids=tuple(p.pid for p in r.procs if p.pid is not None), inflight=len(r.inflight),
-                                  completed=r.completed, last_error=r.last_error) for r in self._replicas]
+                                  completed=r.completed, last_error=r.last_error, version=r.version)
+                    for r in self._replicas]
 
     def wait_ready(self, timeout_s: float = 120.0, *, replicas: int = 1) -> None:
         """Block until ``replicas`` replicas are ready; ``TimeoutError``, or ``RuntimeError`` if they keep failing."""
@@ -254,8 +263,9 @@ class PipelineBackend(InferenceBackend):
 
     def _dispatch(self, req: PendingBatch) -> None:
         """Send ``req`` to the least-loaded ready replica, or queue it; lock held."""
-        if self._closed:
-            settle(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+        if self._closed or self._unloaded:
+            why = "is shutting down" if self._closed else "is unloaded (POST /v2/repository/models/NAME/load)"
+            settle(req, error=ServiceUnavailableError(f"model {self.name!r} {why}"))
             return
         rep = self._pick()
         if rep is None:
@@ -354,11 +364,14 @@ class PipelineBackend(InferenceBackend):
                 return
             rep.beats[stage] = time.monotonic()  # every message counts as a heartbeat
             if kind == "ready":
-                if h.get("digest") != self._digests.setdefault(stage, str(h.get("digest"))):
+                if h.get("digest") != self._digests.setdefault((str(h.get("version")), stage), str(h.get("digest"))):
                     rep.last_error = (f"stage {stage} built different weights than the gateway: the factory is not "
                                       "deterministic (seed it, or load a checkpoint)")
                     raise ChannelError(rep.last_error)
                 rep.ready.add(stage)
+                if len(rep.ready) == self.config.stages and rep.version_id != self.current_version().id:
+                    raise ChannelError(f"replica {rep.index} started on version {rep.version!r} while "
+                                       f"{self.current_version().label!r} was rolled out; it restarts on that")
                 if len(rep.ready) == self.config.stages and rep.state == "starting":
                     rep.state, rep.failures = "ready", 0
                     log.log(logging.WARNING if gen > 1 else logging.INFO, "replica %s ready (generation %s, %.1f s)",
@@ -373,6 +386,8 @@ class PipelineBackend(InferenceBackend):
                 self._drain()
             elif kind == "fatal":
                 rep.crash = f"stage {stage} crashed: {str(h.get('message', ''))[-800:]}"
+            elif kind in ("loaded", "load_failed"):
+                self._on_load_reply(rep, gen, stage, kind, h)
         if req is None:
             return
         if kind == "error":
@@ -383,7 +398,8 @@ class PipelineBackend(InferenceBackend):
         if missing:
             settle(req, error=BackendError(f"model {self.name!r}: result without outputs {missing}"))
             return
-        settle(req, result={n: msg.tensors[n] for n in self._output_names})
+        settle(req, result=VersionedOutputs({n: msg.tensors[n] for n in self._output_names},
+                                            version=str(h.get("version", rep.version))))
         if self._metrics is not None:
             for s, seconds in enumerate(h.get("times", [])):
                 self._metrics.observe_stage_time(self.name, str(s), float(seconds))
@@ -439,6 +455,8 @@ class PipelineBackend(InferenceBackend):
             rep.generation += 1
             rep.state, rep.started_at, rep.next_seq, rep.crash = "starting", time.monotonic(), 0, None
             gen = rep.generation
+            source = self.worker_source()  # the version served now
+            rep.version_id, rep.version = source["version_id"], source["version"]
             if gen > 1 and self._metrics is not None:
                 self._metrics.count_restart(self.name, rep.index)
         cfg = self.config
@@ -448,7 +466,7 @@ class PipelineBackend(InferenceBackend):
         procs = []
         try:
             for s in range(cfg.stages):
-                wc = WorkerConfig(**dataclasses.asdict(cfg) | {"threads_per_worker": self._threads}, stage=s,
+                wc = WorkerConfig(**dataclasses.asdict(cfg) | {"threads_per_worker": self._threads} | source, stage=s,
                                   replica=rep.index, generation=gen, gateway_port=self._port, secret=self._secret,
                                   dist_port=port, log_level=log.getEffectiveLevel())
                 p = self._ctx.Process(target=worker_main, args=(wc.to_json(), self._assignments[s]), daemon=True,

@@ -31,6 +31,8 @@ class ReplicaStatus:
     """Batches it answered, over all its generations."""
     last_error: str | None
     """Why it last failed."""
+    version: str = ""
+    """The weights version it runs (``model_version`` of its answers)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,6 +71,9 @@ class ReplicaState:
     completed: int = 0
     last_error: str | None = None
     crash: str | None = None
+    version_id: int = 0
+    """The weights version its stage 0 runs now (see ``_live_update``), and its label."""
+    version: str = ""
 
 
 def settle(req: PendingBatch, *, result: Any = None, error: BaseException | None = None) -> None:

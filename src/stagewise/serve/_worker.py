@@ -18,6 +18,10 @@ its input arrives (on a small machine, waking every stage at dispatch costs the 
 
 Batches are padded to a captured size and cut back (see ``_serving_split``).
 
+New weights while serving (``_weight_swap``, ``_live_update``): a ``load`` is read in a thread of its own into spare
+memory while batches go on; stage 0 switches on ``switch`` and stamps each batch with the version id it ran, and a
+later stage switches with the first batch stamped with the new id; the last stage names the version in its result.
+
 Stage 0 exits when its channel reaches EOF (the gateway closed it, or died); a later stage exits when the stage before
 it does (its wait breaks): no worker outlives its gateway.
 """
@@ -50,6 +54,7 @@ from ._channel import Channel
 from ._listener import HelloFields, client_handshake
 from ._replicas import PipelineConfig
 from ._serving_split import StageAssignment, bucket_rows, load_stage_weights, pad_rows, stage_digest
+from ._weight_swap import StageVersions
 
 __all__ = ["WorkerConfig", "worker_main"]
 
@@ -57,6 +62,8 @@ log = logging.getLogger(__name__)
 
 TAG_SPACE = 1 << 20
 """Activation tags are ``seq % TAG_SPACE``."""
+_LOAD_NICE = 10
+"""Niceness of the thread that loads a new weights version while batches run."""
 _IDLE_WAIT_S = 10.0 * 365 * 24 * 3600
 """How long a later stage waits for its next batch: as long as the service idles (see ``serve_forever``)."""
 
@@ -81,6 +88,10 @@ class WorkerConfig(PipelineConfig):
     """Free port of this replica's gloo rendezvous (stage 0 listens)."""
     log_level: int = logging.WARNING
     """Logging level of the worker process (the gateway's effective level)."""
+    version_id: int = 0
+    """Id of the weights version it starts with (the gateway numbers the versions it loads; see ``_weight_swap``)."""
+    version: str = "1"
+    """That version's label, reported with every answer (``model_version``)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -99,6 +110,7 @@ class _StageWorker:
                                  weights=cfg.weights, dtype=cfg.dtype, submodule=cfg.submodule)
         assignment.fill(own)
         self._check_holds_only(own)
+        self.versions = StageVersions(own, id=cfg.version_id, label=cfg.version)
         # batch rows -> (this stage, names of the values the next stage receives, in its order)
         self._stages: dict[int, tuple[Stage, list[str]]] = {
             rows: (next(iter(pack.stages.values())), assignment.next_recv[rows])
@@ -140,13 +152,14 @@ class _StageWorker:
         breaks the wait at once, and the gateway fails a replica whose batch stays in flight too long.
         """
         cfg = self.cfg
-        self.chan.send({"kind": "ready", "stage": cfg.stage, "digest": self.digest})
+        self.chan.send({"kind": "ready", "stage": cfg.stage, "digest": self.digest, "version": self.versions.label})
         if cfg.stage > 0:
+            threading.Thread(target=self._control, name="stagewise-serve-control", daemon=True).start()
             seq = 0
             while True:
                 try:
-                    rows, ok, times, inputs, recv = self._receive(seq)
-                    self.run_one(seq, rows=rows, ok=ok, times=times, inputs=inputs, recv=recv)
+                    rows, ok, version, times, inputs, recv = self._receive(seq)
+                    self.run_one(seq, rows=rows, ok=ok, version=version, times=times, inputs=inputs, recv=recv)
                 except (CommError, OSError) as exc:  # a neighbour or the gateway is gone (shutdown, or a crash the
                     log.debug("replica %s stage %s: %s", cfg.replica, cfg.stage, exc)  # gateway sees itself)
                     os._exit(0)
@@ -154,33 +167,81 @@ class _StageWorker:
         try:
             while (msg := self.chan.recv()) is not None:
                 if msg.kind == "run":
-                    self.run_one(int(msg.header["seq"]), rows=int(msg.header["rows"]), ok=True, times=[],
-                                 inputs=msg.tensors, recv=[])
+                    self.run_one(int(msg.header["seq"]), rows=int(msg.header["rows"]), ok=True,
+                                 version=self.versions.id, times=[], inputs=msg.tensors, recv=[])
+                elif msg.kind == "switch":  # between two batches: every later batch runs on the new version
+                    self.versions.use(int(msg.header["id"]))
+                elif msg.kind == "load":  # in the background: batches go on meanwhile
+                    threading.Thread(target=self._load, args=(msg.header,), name="stagewise-serve-load",
+                                     daemon=True).start()
+                elif msg.kind == "discard":
+                    self.versions.discard(int(msg.header["id"]))
                 else:
                     log.warning("replica %s stage 0: ignoring message kind %r", cfg.replica, msg.kind)
         except OSError as exc:  # any broken channel means the gateway is gone (ChannelError is an OSError)
             log.debug("replica %s stage 0: channel broke: %s", cfg.replica, exc)
         os._exit(0)
 
-    def _receive(self, seq: int) -> tuple[int, bool, list[float], dict[str, torch.Tensor], list[Any]]:
-        """Batch ``seq`` from the stage before, sent as ``[ok, rows, n_times, *times, n_inputs, *model inputs (name
-        order), *values this stage receives]``: (rows, ok, times, inputs, received values)."""
+    def _control(self) -> None:
+        """A later stage's channel reader (the gateway sends it only weight versions to load or drop); ends on EOF
+        (the process then ends with the stage before it)."""
+        try:
+            while (msg := self.chan.recv()) is not None:
+                if msg.kind == "load":
+                    self._load(msg.header)
+                elif msg.kind == "discard":
+                    self.versions.discard(int(msg.header["id"]))
+        except OSError as exc:
+            log.debug("replica %s stage %s: channel broke: %s", self.cfg.replica, self.cfg.stage, exc)
+
+    def _load(self, header: dict[str, Any]) -> None:
+        """Load a weights version into spare memory and say how it went (``loaded`` or ``load_failed``, why)."""
+        cfg, vid = self.cfg, int(header["id"])
+        try:  # Linux: this thread only; batches keep the CPU first, the load takes what is left
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOAD_NICE)
+        except (AttributeError, OSError):
+            pass
+        t0 = time.perf_counter()
+        try:
+            self.versions.load(vid, str(header["version"]), str(header["checkpoint"]),
+                               aliases=self.assignment.aliases, dtype=getattr(torch, cfg.dtype),
+                               verify=str(header.get("verify", "sha256")))
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails the load, never the worker
+            log.warning("replica %s stage %s: loading version %s failed: %s", cfg.replica, cfg.stage,
+                        header.get("version"), exc)
+            self._tell({"kind": "load_failed", "id": vid, "stage": cfg.stage,
+                        "message": f"{type(exc).__name__}: {exc}"[:4000]})
+            return
+        self._tell({"kind": "loaded", "id": vid, "stage": cfg.stage, "seconds": time.perf_counter() - t0})
+
+    def _tell(self, header: dict[str, Any]) -> None:
+        try:
+            self.chan.send(header)
+        except OSError:  # the gateway is gone: the process is on its way out
+            pass
+
+    def _receive(self, seq: int) -> tuple[int, bool, int, list[float], dict[str, torch.Tensor], list[Any]]:
+        """Batch ``seq`` from the stage before, sent as ``[ok, rows, version id, n_times, *times, n_inputs, *model
+        inputs (name order), *values this stage receives]``: (rows, ok, version, times, inputs, received values)."""
         assert self.transport is not None
         values = self.transport.recv(src=self.cfg.stage - 1, tag=seq % TAG_SPACE, timeout=_IDLE_WAIT_S)
-        ok, rows, n = values[0] == 0, int(values[1]), int(values[2])  # type: ignore[arg-type]
-        times = [float(t) for t in values[3:3 + n]]  # type: ignore[arg-type]
-        k = int(values[3 + n])  # type: ignore[arg-type]
-        inputs = dict(zip(self.forwarded, values[4 + n:4 + n + k]))
-        return rows, ok, times, inputs, values[4 + n + k:]  # type: ignore[return-value]
+        ok, rows, version, n = values[0] == 0, int(values[1]), int(values[2]), int(values[3])  # type: ignore[arg-type]
+        times = [float(t) for t in values[4:4 + n]]  # type: ignore[arg-type]
+        k = int(values[4 + n])  # type: ignore[arg-type]
+        inputs = dict(zip(self.forwarded, values[5 + n:5 + n + k]))
+        return rows, ok, version, times, inputs, values[5 + n + k:]  # type: ignore[return-value]
 
-    def run_one(self, seq: int, *, rows: int, ok: bool, times: list[float], inputs: dict[str, torch.Tensor],
-                recv: list[Any]) -> None:
-        """Run batch ``seq`` (unless a stage before failed it: ``ok`` False) and pass it on."""
+    def run_one(self, seq: int, *, rows: int, ok: bool, version: int, times: list[float],
+                inputs: dict[str, torch.Tensor], recv: list[Any]) -> None:
+        """Run batch ``seq`` on weights version ``version`` (unless a stage before failed it: ``ok`` False) and pass
+        it on."""
         cfg = self.cfg
         send: list[Any] = []
         result: dict[str, torch.Tensor] = {}
+        label = self.versions.label
         if ok:
             try:
+                label = self.versions.use(version)  # a later stage switches with the first batch of a new version
                 if not 0 < rows <= cfg.max_batch_size:
                     raise ValueError(f"batch of {rows} rows; this pipeline takes 1..{cfg.max_batch_size}")
                 padded = bucket_rows(rows, cfg.max_batch_size)
@@ -199,12 +260,12 @@ class _StageWorker:
         if not self.last:  # always sent, failed or not: the next stage expects every batch in sequence
             assert self.transport is not None
             later = [inputs[n] for n in self.forwarded_next] if ok else []
-            payload = [0 if ok else 1, rows, len(times), *times, len(later), *later, *(send if ok else [])]
+            payload = [0 if ok else 1, rows, version, len(times), *times, len(later), *later, *(send if ok else [])]
             self._sends.append(self.transport.isend(payload, dst=cfg.stage + 1, tag=seq % TAG_SPACE))
             while len(self._sends) > 2:  # bounded: the next stage takes them in order
                 self._sends.popleft().wait(cfg.worker_timeout_s)
         elif ok:
-            self.chan.send({"kind": "result", "seq": seq, "times": times}, result)
+            self.chan.send({"kind": "result", "seq": seq, "times": times, "version": label}, result)
 
 
 def _beat(chan: Channel, every_s: float) -> None:

@@ -216,10 +216,20 @@ class OutputConfig:
     """Print the loss every N steps (when no progress bar shows; 0: never)."""
     progress: bool = True
     """Show a live progress bar (step, loss, steps/s, time left) on stderr when it is a terminal."""
+    serve_url: str | None = dataclasses.field(default=None, metadata={"metavar": "URL"})
+    """A running 'stagewise serve' (http://HOST:PORT, or http://HOST:PORT/v2/models/NAME; default NAME: the model's)
+    that loads the weights every --push-every steps and after the last one, without stopping (model_version = step)."""
+    push_every: int = 0
+    """With --serve-url: push every N steps (0: only after the last step)."""
+    push_dir: str | None = dataclasses.field(default=None, metadata={"metavar": "DIR"})
+    """With --serve-url: where pushed weights go (the last 3 pushes kept, left in place at the end: a restarting
+    serving replica reads its version there); default a folder in /dev/shm (shared memory: no disk on the way)."""
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "save_every", "log_every")
+        _at_least(self, 0, "save_every", "log_every", "push_every")
         _at_least(self, 1, "keep")
+        if self.push_every and not self.serve_url:
+            raise ConfigError("--push-every pushes weights to a running service: give it with --serve-url URL")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -164,6 +165,9 @@ class Trainer:
             if config.recovery.max_restarts:
                 raise ConfigError("--max-restarts restarts ranks this process spawned; under torchrun use torchrun's "
                                   "own --max-restarts with --save DIR --resume DIR")
+            if config.output.serve_url and config.output.push_dir is None:
+                raise ConfigError("under torchrun every rank writes its pushed weights to one folder: give it with "
+                                  "--push-dir DIR")
             transport = connect_torchrun(self.torchrun, backend=plan.backend, timeout=config.runtime.timeout,
                                          device=device, iface=config.runtime.iface)
             try:  # rank 0 splits the model for every rank, through the rendezvous store
@@ -174,6 +178,10 @@ class Trainer:
                                out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"],
                                memory=summary["memory"])
         scratch = snapshots = None
+        if config.output.serve_url and config.output.push_dir is None:  # one folder every rank of this run shares
+            from ._push import default_push_dir
+
+            config = dataclasses.replace(config, push_dir=str(default_push_dir(secrets.token_hex(4))))
         if config.output.out_dir is None:  # the ranks hand the weights over in files; read, then removed below
             scratch = tempfile.mkdtemp(prefix="stagewise-train-")
             config = dataclasses.replace(config, out_dir=scratch)

@@ -25,6 +25,7 @@ from ._rank import RankState, setup_rank, stage_tensors
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointWriter
     from ._checkpointing import Snapshots
+    from ._push import WeightPusher
 
 __all__ = ["run_worker"]
 
@@ -49,10 +50,20 @@ def run_worker(config: TrainConfig, transport: Transport, *, pack: StagePack,
         rs.start_step = restore_checkpoint(rs)
     loader = _loader(rs)
     writer = _writer(rs)
+    pusher = None
+    if config.output.serve_url:
+        from ._push import WeightPusher
+
+        assert config.output.push_dir is not None  # the launcher picks one for the whole run
+        pusher = WeightPusher(rs, folder=Path(config.output.push_dir))
     start = time.perf_counter()
     gc.freeze()  # the model, captures and torch's own objects: later collections skip them (a full one is ~0.1 s)
     memory: dict[str, int] = {}
-    done = _train(rs, loader, writer, should_stop, memory)
+    try:
+        done = _train(rs, loader, writer, should_stop, memory, pusher)
+    finally:
+        if pusher is not None:
+            pusher.close()
     return _finish(rs, done=done, elapsed=time.perf_counter() - start, memory=memory)
 
 
@@ -74,9 +85,10 @@ def _writer(rs: RankState) -> CheckpointWriter | None:
 
 
 def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter | None,
-           should_stop: Callable[[], bool], memory: dict[str, int]) -> int:
+           should_stop: Callable[[], bool], memory: dict[str, int], pusher: WeightPusher | None = None) -> int:
     """Run the steps from ``start_step``; returns the last step done (earlier than ``steps`` when asked to stop).
-    The first step fills ``memory`` with what this rank measured (:mod:`._memory`)."""
+    The first step fills ``memory`` with what this rank measured (:mod:`._memory`); ``pusher`` hands the weights to
+    a running service when due."""
     config = rs.config
     progress = StepProgress(total=config.steps, start=rs.start_step, enabled=config.output.progress and rs.rank == 0)
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
@@ -101,6 +113,8 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
                     print(f"step {step + 1}/{config.steps} loss {loss:.6f}", flush=True)
                 done = step + 1
                 _maybe_save(rs, writer, snapshots, step=done, stop=stop)
+                if pusher is not None and (stop or pusher.due(done)):
+                    pusher.push(done)
                 if stop and done < config.steps:
                     # the command line says where it stopped (and the checkpoint); the Python API reads stopped_by
                     log.info("asked to stop: ending after step %d of %d", done, config.steps)
