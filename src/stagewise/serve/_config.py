@@ -59,6 +59,9 @@ class PipelineConfig:
     only its stage's tensors; with weights from a file nobody builds the whole model)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype (files are read straight into it)."""
+    launcher: Literal["local", "ray"] = "local"
+    """What starts the stage workers: local (processes on this machine) or ray (one actor per worker on the Ray
+    cluster RAY_ADDRESS names, else on a local Ray started for the service; needs stagewise[ray])."""
     transport: Literal["auto", "shm", "gloo"] = "auto"
     """How activations move between the stages of a replica: shm (shared-memory rings; every stage of a replica
     on this machine), gloo (TCP), or auto (gloo today: see bench/serve.py for the two side by side)."""

@@ -53,6 +53,7 @@ from ._listener import ChannelListener, HelloFields
 from ._live_update import LiveUpdates
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
+from ._ray_workers import RayWorker, ensure_ray
 from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus, settle
 from ._serving_split import describe_serving, load_serving_split, stage_assignments
 from ._worker import WorkerConfig, worker_main
@@ -121,7 +122,8 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
         module = config.model.rpartition(":")[0]  # a factory's module (not a file path, nor a folder as MODEL)
         preload = (*_PRELOAD, module) if module and "/" not in module and not module.endswith(".py") else _PRELOAD
         # Boots the forkserver: its imports (seconds) run while this process loads the model.
-        self._ctx = _context(preload)
+        self._ctx = _context(preload) if config.launcher == "local" else None
+        self._owns_ray = config.launcher == "ray" and ensure_ray(config.stages * config.replicas)
         serving = load_serving_split(config.model, stages=config.stages, exclude_inputs=config.exclude_inputs,
                                      seed=config.seed, checkpoint=config.checkpoint, weights=config.weights,
                                      dtype=config.dtype, cuts=config.cuts, tasks=config.tasks, head=config.head,
@@ -251,6 +253,10 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
             if p.exitcode is not None:
                 p.close()
         log.info("pipeline backend %s stopped (%d workers reaped)", self.name, len(procs))
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
 
     # ------------------------------------------------------------------------------------------------ routing
     def _pick(self) -> ReplicaState | None:
@@ -469,8 +475,9 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
                 wc = WorkerConfig(**dataclasses.asdict(cfg) | {"threads_per_worker": self._threads} | source, stage=s,
                                   replica=rep.index, generation=gen, gateway_port=self._port, secret=self._secret,
                                   dist_port=port, log_level=log.getEffectiveLevel())
-                p = self._ctx.Process(target=worker_main, args=(wc.to_json(), self._assignments[s]), daemon=True,
-                                      name=f"stagewise-serve-r{rep.index}s{s}")
+                name, args = f"stagewise-serve-r{rep.index}s{s}", (wc.to_json(), self._assignments[s])
+                p = (RayWorker(args=args, name=name) if self._ctx is None else
+                     self._ctx.Process(target=worker_main, args=args, daemon=True, name=name))
                 p.start()
                 procs.append(p)
         except Exception as exc:  # noqa: BLE001 - a failed start is retried like a crash, with a fresh forkserver
