@@ -30,7 +30,17 @@ def proc_state(pid: int | None) -> str | None:
 
 
 def running(pid: int | None) -> bool:
-    """Whether ``pid`` runs: it exists and is not a zombie."""
+    """Whether ``pid`` runs: it exists and is not a zombie (where there is no ``/proc``: ``kill(pid, 0)`` answers)."""
+    if pid is None:
+        return False
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     return proc_state(pid) not in (None, "Z")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from .._procs import proc_state
 from ..comm import SpawnError, find_free_port, remove_shm_segments
 
 __all__ = ["STOP_SIGNAL", "describe_exit", "forkserver_context", "rendezvous_host", "request_stop",
@@ -288,18 +289,9 @@ def _silent(procs: list[Any], beats: Any, started: list[float], running: list[in
             if procs[rank].exitcode is None and now - (beats[rank] or started[rank]) > heartbeat]
 
 
-def _proc_state(pid: int | None) -> str | None:
-    """The process's state letter in ``/proc`` (R, S, D, T for stopped, t for traced, Z), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def _state(pid: int | None) -> str:
     """How ``/proc`` sees a process, in words."""
-    state = _proc_state(pid)
+    state = proc_state(pid)
     if state is None:
         return "its process is gone"
     return "its process is stopped: SIGSTOP or a debugger" if state in ("T", "t") else f"process state {state}"
@@ -323,7 +315,7 @@ def _cause_first(procs: list[Any], failures: dict[int, str], summaries: dict[int
 
 def _frozen(procs: list[Any]) -> list[int]:
     """The ranks whose process is stopped (state T or t in ``/proc``: SIGSTOP, a debugger), not merely slow."""
-    return [rank for rank, p in enumerate(procs) if _proc_state(p.pid) in ("T", "t")]
+    return [rank for rank, p in enumerate(procs) if proc_state(p.pid) in ("T", "t")]
 
 
 class _StopRelay:

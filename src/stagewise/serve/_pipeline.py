@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .._procs import running
 from ..comm import find_free_port, remove_shm_segments
 from ..launch import describe_exit as _describe_exit
 from ..launch import forkserver_context as _context
@@ -71,29 +72,11 @@ _STARTING_QUIET_S = 10.0
 ``heartbeat_timeout_s`` applies."""
 
 
-def _running(pid: int | None) -> bool:
-    """Whether process ``pid`` runs (a zombie does not). Asked of the kernel, not of ``Process.exitcode``: a forkserver
-    child's exit code comes from the forkserver, and reads 255 for every child once the forkserver itself is gone."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask kill(0)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
 def _replace_forkserver() -> None:
     """Kill this process's forkserver after a start failed through it: the next start boots a fresh one
     (``ForkServer.ensure_running`` reaps a dead server and starts another). Workers it started live on."""
     pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
-    if pid is not None and _running(pid):
+    if pid is not None and running(pid):
         log.warning("replacing the multiprocessing forkserver (pid %s)", pid)
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -420,8 +403,10 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
                 now = time.monotonic()
                 for rep in self._replicas:
                     if rep.state in ("starting", "ready"):
+                        # the kernel has the last word: a forkserver child's exit code comes from the forkserver,
+                        # and reads 255 for every child once the forkserver itself is gone
                         dead = [(s, p) for s, p in enumerate(rep.procs)
-                                if p.exitcode is not None and not _running(p.pid)]
+                                if p.exitcode is not None and not running(p.pid)]
                         quiet_s = self.config.heartbeat_timeout_s
                         if rep.state == "starting":  # capture holds the GIL for long C++ calls on a loaded machine
                             quiet_s = max(quiet_s, _STARTING_QUIET_S)
