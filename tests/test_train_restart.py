@@ -147,3 +147,47 @@ def test_failure_cause_is_one_line_naming_the_rank() -> None:
     killed = "rank 2 killed by signal SIGKILL without reporting a traceback\nmore"
     assert failure_cause(SpawnError("x", failures={2: killed}, timed_out=False)) == \
         "rank 2 killed by signal SIGKILL without reporting a traceback"
+
+
+def test_torchrun_restarts_resume_from_the_newest_checkpoint(tmp_path: Path) -> None:
+    """torchrun --max-restarts 1: a rank killed after the step-10 checkpoint; torchrun restarts every worker, which go
+    on from that checkpoint by themselves and end with the weights of a run nothing happened to."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from stagewise._procs import live_children
+    from stagewise.comm import find_free_port
+    from stagewise.train import train_reference
+
+    out, save = tmp_path / "out", tmp_path / "save"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(find_free_port()), "-m", "stagewise.cli", "train",
+           "stagewise.zoo.basic:large_model", "--stages", "2", "--steps", "30", "--global-batch", "16",
+           "--microbatches", "4", "--no-dropout", "--save", str(save), "--save-every", "10", "--out", str(out)]
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait_for(lambda: (save / "step-00000010" / "manifest.json").is_file() or proc.poll() is not None,
+                      "the checkpoint of step 10", timeout=180)
+            workers = live_children().get(proc.pid, [])
+            assert len(workers) == 2, (workers, log_path.read_text()[-3000:])
+            os.kill(workers[1], signal.SIGKILL)
+            code = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert "torchrun restart 1: resuming from" in text, text[-3000:]
+    config = TrainConfig(model="stagewise.zoo.basic:large_model", stages=2, steps=30, global_batch=16,
+                         microbatches=4, dropout=False)
+    _, ref_state = train_reference(config)
+    state = {**load_file(str(out / "stage0.safetensors")), **load_file(str(out / "stage1.safetensors"))}
+    assert state.keys() <= ref_state.keys() and state
+    for name, value in state.items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=4e-5)

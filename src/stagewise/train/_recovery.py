@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..comm import SpawnError
 from ..runtime import write_markers
 from ._config import TrainConfig
 
-__all__ = ["Restarts", "failure_cause", "run_with_restarts"]
+__all__ = ["Restarts", "failure_cause", "resume_after_torchrun_restart", "run_with_restarts"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,23 @@ def run_with_restarts(launch: Callable[[TrainConfig], int | None], config: Train
                 markers.append({"name": f"restart {len(restarts.causes)}: {cause}", "time": time.time(),
                                 "args": {"cause": cause, "from_step": step}})
                 write_markers(trace, markers)
+
+
+def resume_after_torchrun_restart(config: TrainConfig) -> TrainConfig:
+    """Under torchrun's own ``--max-restarts`` (TorchElastic restarts every worker after a failure and sets
+    ``TORCHELASTIC_RESTART_COUNT``): a restarted rank goes on from the newest complete checkpoint in ``--save``, as a
+    local ``--max-restarts`` run goes on from its newest snapshot. Every rank reads the same folder, so all pick the
+    same step (a save in progress when the job failed was never renamed into place). A first start is unchanged."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    folder = config.output.save_dir
+    if not restart or folder is None:
+        return config
+    newest = _newest(Path(folder))
+    if newest is None:
+        log.warning("torchrun restart %d: no checkpoint in %s yet; starting over", restart, folder)
+        return config
+    log.warning("torchrun restart %d: resuming from %s (step %d)", restart, newest[0], _step_of(newest[0]))
+    return dataclasses.replace(config, resume=str(newest[0]))
 
 
 def _newest(root: Path) -> tuple[Path, int] | None:

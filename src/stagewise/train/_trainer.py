@@ -23,7 +23,7 @@ from ..split import StagePack, materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
 from ._rank import Layout, load_train_spec, rank_packs, weights_path
-from ._recovery import run_with_restarts
+from ._recovery import resume_after_torchrun_restart, run_with_restarts
 from ._shared_split import shared_pack
 from ._worker import run_worker
 
@@ -164,7 +164,9 @@ class Trainer:
         if self.torchrun is not None:  # every rank runs this; out_dir, if any, must be a path all ranks share
             if config.recovery.max_restarts:
                 raise ConfigError("--max-restarts restarts ranks this process spawned; under torchrun use torchrun's "
-                                  "own --max-restarts with --save DIR --resume DIR")
+                                  "own --max-restarts with --save DIR --save-every K (a restarted rank resumes from "
+                                  "the newest checkpoint in DIR)")
+            config = resume_after_torchrun_restart(config)
             if config.output.serve_url and config.output.push_dir is None:
                 raise ConfigError("under torchrun every rank writes its pushed weights to one folder: give it with "
                                   "--push-dir DIR")
