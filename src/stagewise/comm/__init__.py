@@ -30,7 +30,7 @@ from ._errors import (
 from ._expect import check_expect
 from ._framing import DTYPE_CODES, Value
 from ._local import LocalHub, LocalTransport
-from ._rendezvous import find_free_port, interface_address, rendezvous_store, use_interface
+from ._rendezvous import find_free_port, interface_address, interface_towards, rendezvous_store, use_interface
 from ._shm import ShmTransport, remove_shm_segments
 from ._transport import CommGroup, ReduceOp, SendHandle, Transport
 
@@ -55,6 +55,7 @@ __all__ = [
     "check_expect",
     "find_free_port",
     "interface_address",
+    "interface_towards",
     "remove_shm_segments",
     "rendezvous_store",
     "use_interface",

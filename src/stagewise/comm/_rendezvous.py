@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .._errors import ConfigError
 
-__all__ = ["find_free_port", "interface_address", "rendezvous_store", "use_interface"]
+__all__ = ["find_free_port", "interface_address", "interface_towards", "rendezvous_store", "use_interface"]
 
 _BACKLOG = 1024  # connections the store's socket queues: every rank connects once, several times with libuv
 
@@ -52,7 +52,10 @@ def rendezvous_store(*, host: str, port: int, rank: int, world_size: int, timeou
         listener.listen(_BACKLOG)
         store = dist.TCPStore(host, port, world_size, True, wait, master_listen_fd=listener.fileno())
     except BaseException:
-        listener.close()
+        try:
+            listener.close()
+        except OSError:  # a store that failed after taking the descriptor closed it: its own error is the one to see
+            listener.detach()
         raise
     listener.detach()  # the store owns the descriptor now
     return store
@@ -69,6 +72,18 @@ def interface_address(name: str) -> str | None:
         except OSError:
             return None
     return socket.inet_ntoa(packed[20:24])
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of this host's interface whose address the kernel sends from to reach ``address`` (for a process
+    that only knows its peer's address), or None when none has it (the loopback included)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((address, 9))  # UDP: no packet is sent, the kernel only picks the route
+            source = s.getsockname()[0]
+    except OSError:
+        return None
+    return next((name for _, name in socket.if_nameindex() if interface_address(name) == source), None)
 
 
 def use_interface(name: str) -> str:

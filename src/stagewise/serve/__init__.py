@@ -25,6 +25,7 @@ from .._lazy import lazy_exports
 __all__ = lazy_exports(__name__, {
     "add_infer_parser": "._cli",
     "add_serve_parser": "._cli",
+    "add_worker_parser": "._cli",
     "BackendError": "._protocol",
     "BadRequestError": "._protocol",
     "BatchingConfig": "._batching",

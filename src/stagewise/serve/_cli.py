@@ -25,7 +25,7 @@ from ._config import PipelineConfig
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["add_infer_parser", "add_serve_parser", "cmd_infer", "cmd_serve"]
+__all__ = ["add_infer_parser", "add_serve_parser", "add_worker_parser", "cmd_infer", "cmd_serve", "cmd_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, checkpoint = checkpoint_model(model, trust_code=args.trust_checkpoint_code), model
         print(f"stagewise serve: model {model} (from the manifest of checkpoint {checkpoint})", file=sys.stderr,
               flush=True)
-    settings = config_values(PipelineConfig, args)
+    settings = config_values(PipelineConfig, args) | {"join_token": token}
     cuts = None
     if args.plan:
         from ..plan import Plan
@@ -306,3 +306,33 @@ def cmd_infer(args: argparse.Namespace) -> int:
         print(f"{out['name']} {out['datatype']} {list(arr.shape)}")
         print(np.array2string(arr, threshold=64, edgeitems=3, precision=5))
     return 0
+
+
+def add_worker_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "worker", help="run stage workers for a gateway on another host (stagewise serve --remote)",
+        description="Join the gateway started with 'stagewise serve ... --remote REPLICA:STAGE --worker-listen "
+                    "HOST:PORT --token T' and serve the position it assigns; when the worker ends (killed, or its "
+                    "replica restarted) join again. MODEL's code must be importable here at the same path.")
+    p.add_argument("--join", required=True, metavar="HOST:PORT", help="the gateway's --worker-listen address")
+    p.add_argument("--token", default=None,
+                   help=f"the gateway's token (default: ${_TOKEN_ENV}); proven by an HMAC challenge, never sent")
+    p.add_argument("--join-timeout", type=float, default=60.0, metavar="S",
+                   help="stop once the gateway, reached before, has been unreachable this many seconds in a row "
+                        "(default: 60)")
+    p.add_argument("--wait", type=float, default=300.0, metavar="S",
+                   help="how long to wait for the gateway to come up at first (default: 300)")
+    p.set_defaults(func=cmd_worker)
+    return p
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    host, _, port = args.join.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--join must be HOST:PORT, got {args.join!r}")
+    token = args.token or os.environ.get(_TOKEN_ENV)
+    if not token:
+        raise ValueError(f"a worker proves it knows the gateway's token: give --token or set ${_TOKEN_ENV}")
+    from ._join import run_worker_loop
+
+    return run_worker_loop(host.strip("[]"), int(port), token, join_timeout_s=args.join_timeout, wait_s=args.wait)

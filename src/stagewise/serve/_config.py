@@ -59,6 +59,14 @@ class PipelineConfig:
     only its stage's tensors; with weights from a file nobody builds the whole model)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype (files are read straight into it)."""
+    remote: tuple[str, ...] = dataclasses.field(default=(), metadata={"metavar": "REPLICA:STAGE,..."})
+    """Chain positions run by workers on other hosts, as REPLICA:STAGE (STAGE >= 1: stage 0 of every replica runs
+    here): no process is started here for them; 'stagewise worker --join' on another host takes them."""
+    worker_listen: str | None = dataclasses.field(default=None, metadata={"metavar": "HOST:PORT"})
+    """Where workers of other hosts join (with --remote; they must answer a challenge keyed by --token or
+    STAGEWISE_TOKEN); a replica with remote stages also rendezvous on HOST."""
+    join_token: str | None = dataclasses.field(default=None, metadata={"cli": False})  # set from --token
+    """The secret remote workers prove they know (HMAC challenge; it never travels)."""
     launcher: Literal["local", "ray"] = "local"
     """What starts the stage workers: local (processes on this machine) or ray (one actor per worker on the Ray
     cluster RAY_ADDRESS names, else on a local Ray started for the service; needs stagewise[ray])."""
@@ -94,3 +102,24 @@ class PipelineConfig:
         if self.name is not None and (not self.name or "/" in self.name):
             raise bad("name", "a non-empty string without '/'")
         self.exclude_inputs = tuple(self.exclude_inputs)
+        self.remote = tuple(self.remote)
+        for slot in self.remote:
+            r, _, st = slot.partition(":")
+            if not (r.isdigit() and st.isdigit() and int(r) < self.replicas and 1 <= int(st) < self.stages):
+                raise ConfigError(f"--remote {slot!r} must be REPLICA:STAGE with 0 <= REPLICA < {self.replicas} and "
+                                  f"1 <= STAGE < {self.stages} (stage 0 runs beside the gateway)")
+        if self.remote and self.worker_listen is None:
+            raise ConfigError("--remote stages join over the network: give --worker-listen HOST:PORT (an address "
+                              "of this host the workers' hosts reach)")
+        if self.worker_listen is not None:
+            host, _, port = self.worker_listen.rpartition(":")
+            if not host or not port.isdigit() or not self.remote:
+                raise ConfigError(f"--worker-listen must be HOST:PORT and comes with --remote, got "
+                                  f"{self.worker_listen!r}")
+        if self.remote and self.transport == "shm":
+            raise ConfigError("--transport shm needs every stage of a replica on one host; --remote puts some on "
+                              "others: use --transport auto")
+
+    def remote_slots(self) -> set[tuple[int, int]]:
+        """The (replica, stage) positions ``remote`` names."""
+        return {(int(r), int(s)) for r, _, s in (slot.partition(":") for slot in self.remote)}

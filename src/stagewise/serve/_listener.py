@@ -37,7 +37,7 @@ from typing import Any
 
 from ._channel import PREFIX, Channel, ChannelError, encode_frame, parse_header
 
-__all__ = ["MAX_HELLO_BYTES", "ChannelListener", "HelloFields", "client_handshake"]
+__all__ = ["MAX_HELLO_BYTES", "ChannelListener", "HelloFields", "client_handshake", "peer_address"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ def _fields(header: dict[str, Any]) -> HelloFields:
     return HelloFields(**values)
 
 
+def peer_address(sock: socket.socket) -> str:
+    """``host:port`` of the socket's peer (``?`` once it is gone)."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
 def client_handshake(chan: Channel, secret: str, fields: HelloFields, *, timeout_s: float) -> None:
     """Worker side: read the challenge, answer with an authenticated hello (raises ``OSError`` on failure)."""
     chan.sock.settimeout(timeout_s)
@@ -94,16 +103,17 @@ class _Pending:
 
 
 class ChannelListener:
-    """Listens on ``host`` (a free port), authenticates workers, and calls ``on_hello(sock, fields)`` for each.
+    """Listens on ``host`` (``port``, or a free one), authenticates workers, and calls ``on_hello(sock, fields)`` for
+    each.
 
     ``on_hello`` runs on the listener thread and owns the (blocking) socket from then on; it must return quickly.
     """
 
     def __init__(self, host: str, secret: str, on_hello: Callable[[socket.socket, HelloFields], None], *,
-                 max_pending: int = 64, hello_timeout_s: float = 5.0) -> None:
+                 port: int = 0, max_pending: int = 64, hello_timeout_s: float = 5.0) -> None:
         self._secret, self._on_hello = secret, on_hello
         self._max_pending, self._hello_timeout_s = max_pending, hello_timeout_s
-        self._sock = socket.create_server((host, 0), backlog=128)
+        self._sock = socket.create_server((host, port), backlog=128)
         self._sock.setblocking(False)
         self.port = int(self._sock.getsockname()[1])
         self._sel = selectors.DefaultSelector()
@@ -209,7 +219,7 @@ class ChannelListener:
                     not hmac.compare_digest(mac, _mac(self._secret, p.nonce, fields)):
                 raise ChannelError(f"hello from pid {fields.pid} failed authentication")
         except ChannelError as exc:
-            log.warning("refused a channel connection: %s", exc)
+            log.warning("refused a channel connection from %s: %s", peer_address(p.sock), exc)
             self._drop(p)
             return
         self._pending.pop(p.sock)

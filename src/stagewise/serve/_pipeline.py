@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .._errors import ConfigError
 from .._procs import running
 from ..comm import find_free_port, remove_shm_segments
 from ..launch import describe_exit as _describe_exit
@@ -50,12 +51,13 @@ from ..launch import forkserver_context as _context
 from ._backend import InferenceBackend, ModelError, ModelMetadata, VersionedOutputs, numeric_tensor
 from ._batching import BatchingConfig, Dropped, await_or_drop
 from ._channel import Channel, ChannelError, Message
-from ._listener import ChannelListener, HelloFields
+from ._join import assignment_to_wire
+from ._listener import ChannelListener, HelloFields, peer_address
 from ._live_update import LiveUpdates
 from ._metrics import GatewayMetrics
 from ._protocol import BackendError, BadRequestError, GatewayTimeoutError, ServiceUnavailableError, TensorValue
 from ._ray_workers import RayWorker, ensure_ray
-from ._replicas import PendingBatch, PipelineConfig, ReplicaState, ReplicaStatus, settle
+from ._replicas import PendingBatch, PipelineConfig, RemoteWorker, ReplicaState, ReplicaStatus, settle
 from ._serving_split import describe_serving, load_serving_split, stage_assignments
 from ._worker import WorkerConfig, worker_main
 
@@ -114,7 +116,12 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
         self.name, self.max_batch_size = config.name or serving.name, config.max_batch_size
         self._meta = describe_serving(serving, self.name)
         # Every batch-size bucket captured here, once: each worker gets its stage's graphs as data (no weights).
-        self._assignments = [pickle.dumps(a) for a in stage_assignments(serving, config.max_batch_size)]
+        assignments = stage_assignments(serving, config.max_batch_size)
+        self._assignments = [pickle.dumps(a) for a in assignments]
+        self._remote = config.remote_slots()
+        # what a worker joining from another host gets: its position's assignment as JSON + StagePack bytes
+        self._wire = {st: assignment_to_wire(assignments[st]) for st in {st for _, st in self._remote}}
+        del assignments
         self._digests = {(self.current_version().label, pos): d for pos, d in serving.digests.items()}
         """Each (version, stage)'s weight digest, as the factory built it here (then dropped: the gateway holds no
         weights), or as the first worker reported it (weights from a file): every worker of it must report the same."""
@@ -135,6 +142,16 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
         self._listener = ChannelListener(config.host, self._secret, self._on_hello,
                                          max_pending=2 * workers + 16, hello_timeout_s=config.heartbeat_timeout_s)
         self._port = self._listener.port
+        self._joins: ChannelListener | None = None
+        self._join_host = "127.0.0.1"
+        if self._remote:
+            if not config.join_token:
+                raise ConfigError("workers of other hosts (--remote) must prove they know a token: give --token or set "
+                                  "STAGEWISE_TOKEN")
+            host, _, port = (config.worker_listen or "").rpartition(":")
+            self._join_host = host.strip("[]")
+            self._joins = ChannelListener(self._join_host, config.join_token, self._on_join, port=int(port),
+                                          max_pending=16, hello_timeout_s=config.heartbeat_timeout_s)
         self._supervisor = threading.Thread(target=self._supervise, name="stagewise-serve-supervisor", daemon=True)
         self._supervisor.start()
         atexit.register(self.shutdown)
@@ -223,6 +240,8 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
             settle(req, error=ServiceUnavailableError(f"model {self.name!r} is shutting down"))
         self._supervisor.join(5.0)
         self._listener.close()
+        if self._joins is not None:
+            self._joins.close()
         with self._lock:
             procs, self._to_reap = self._to_reap, []
         end = time.monotonic() + grace_s
@@ -334,6 +353,34 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
                              name=f"stagewise-serve-r{r}s{s}").start()
         except RuntimeError as exc:  # no thread to be had: the replica cannot run
             self._fail(rep, gen, f"no reader thread for stage {s}: {exc}")
+
+    def _on_join(self, sock: socket.socket, who: HelloFields) -> None:
+        """Join-listener thread: a worker of another host proved it knows the token; it gets the first open remote
+        position (its config and stage as data), then is that position's channel like a local worker's hello."""
+        with self._lock:
+            open_slots = [(rep, st) for rep in self._replicas if rep.state == "starting"
+                          for st in sorted(rep.remote_configs) if st not in rep.conns and st not in rep.joining]
+            if not open_slots:
+                log.info("a worker joined from %s but no remote position is open; it will try again",
+                         peer_address(sock))
+                sock.close()
+                return
+            rep, st = open_slots[0]
+            rep.joining.add(st)
+            gen, config = rep.generation, rep.remote_configs[st]
+        header, tensors = self._wire[st]
+        try:
+            Channel(sock, send_timeout_s=self.config.worker_timeout_s).send(
+                {"kind": "assign", "config": config, "assignment": header}, tensors)
+        except OSError as exc:
+            log.warning("could not hand replica %s stage %s to the worker at %s: %s", rep.index, st,
+                        peer_address(sock), exc)
+            with self._lock:
+                rep.joining.discard(st)
+            sock.close()
+            return
+        log.info("the worker at %s (pid %s) joined as replica %s stage %s", peer_address(sock), who.pid, rep.index, st)
+        self._on_hello(sock, HelloFields(replica=rep.index, generation=gen, stage=st, pid=who.pid))
 
     def _read_conn(self, rep: ReplicaState, gen: int, s: int, chan: Channel) -> None:
         reason = f"stage {s} closed its channel"
@@ -451,16 +498,23 @@ class PipelineBackend(LiveUpdates, InferenceBackend):
             if gen > 1 and self._metrics is not None:
                 self._metrics.count_restart(self.name, rep.index)
         cfg = self.config
-        port = find_free_port("127.0.0.1")
+        remote = {st for r, st in self._remote if r == rep.index}
+        dist_host = self._join_host if remote else "127.0.0.1"  # stages on other hosts reach stage 0's rendezvous
+        port = find_free_port(dist_host)
         with self._lock:
-            rep.dist_port = port
-        procs = []
+            rep.dist_port, rep.joining, rep.remote_configs = port, set(), {}
+        procs: list[Any] = []
         try:
             for s in range(cfg.stages):
                 wc = WorkerConfig(**dataclasses.asdict(cfg) | {"threads_per_worker": self._threads} | source, stage=s,
                                   replica=rep.index, generation=gen, gateway_port=self._port, secret=self._secret,
-                                  dist_port=port, log_level=log.getEffectiveLevel())
+                                  dist_port=port, dist_host=dist_host, log_level=log.getEffectiveLevel())
                 name, args = f"stagewise-serve-r{rep.index}s{s}", (wc.to_json(), self._assignments[s])
+                if s in remote:  # a worker of another host joins for it (`stagewise worker --join`)
+                    with self._lock:
+                        rep.remote_configs[s] = dataclasses.replace(wc, secret="", join_token=None).to_json()
+                    procs.append(RemoteWorker(name))
+                    continue
                 p = (RayWorker(args=args, name=name) if self._ctx is None else
                      self._ctx.Process(target=worker_main, args=args, daemon=True, name=name))
                 p.start()

@@ -11,7 +11,7 @@ import torch
 from ._channel import Channel
 from ._config import PipelineConfig
 
-__all__ = ["PendingBatch", "PipelineConfig", "ReplicaState", "ReplicaStatus", "settle"]
+__all__ = ["PendingBatch", "PipelineConfig", "RemoteWorker", "ReplicaState", "ReplicaStatus", "settle"]
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -64,6 +64,10 @@ class ReplicaState:
     inflight: dict[int, PendingBatch] = dataclasses.field(default_factory=dict)
     next_seq: int = 0
     dist_port: int = 0
+    remote_configs: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Stage -> the WorkerConfig (JSON) a worker joining from another host gets for this generation."""
+    joining: set[int] = dataclasses.field(default_factory=set)
+    """Remote stages being handed to a joining worker."""
     """The rendezvous port of the current generation's workers (it also names their shared-memory rings)."""
     started_at: float = 0.0
     restart_at: float = 0.0
@@ -74,6 +78,29 @@ class ReplicaState:
     version_id: int = 0
     """The weights version its stage 0 runs now (see ``_live_update``), and its label."""
     version: str = ""
+
+
+class RemoteWorker:
+    """The supervisor's stand-in for a worker on another host: no process here to watch or kill; its channel's end
+    is its death, and closing the channel (the gateway does on failure and shutdown) ends it."""
+
+    pid = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.exitcode: int | None = None
+
+    def start(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        self.exitcode = -9
+
+    def join(self, timeout: float | None = None) -> None:
+        self.exitcode = 0 if self.exitcode is None else self.exitcode
+
+    def close(self) -> None:
+        pass
 
 
 def settle(req: PendingBatch, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -41,13 +41,13 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from .._allocator import tune_allocator
 from .._spec import import_model_code
-from ..comm import CommError, DistTransport, SendHandle, ShmTransport
+from ..comm import CommError, DistTransport, SendHandle, ShmTransport, interface_towards, use_interface
 from ..runtime import run_forward
 from ..split import Stage
 from ._channel import Channel
@@ -56,7 +56,7 @@ from ._replicas import PipelineConfig
 from ._serving_split import StageAssignment, bucket_rows, load_stage_weights, pad_rows, stage_digest
 from ._weight_swap import StageVersions
 
-__all__ = ["WorkerConfig", "worker_main"]
+__all__ = ["WorkerConfig", "serve_stage", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ class WorkerConfig(PipelineConfig):
     """Shared secret that authenticates the hello (it never travels: see ``_listener``)."""
     dist_port: int
     """Free port of this replica's gloo rendezvous (stage 0 listens)."""
+    dist_host: str = "127.0.0.1"
+    """Address of that rendezvous: the loopback, or the gateway host's --worker-listen address when a stage of the
+    replica runs on another host."""
     log_level: int = logging.WARNING
     """Logging level of the worker process (the gateway's effective level)."""
     version_id: int = 0
@@ -119,9 +122,11 @@ class _StageWorker:
         t1 = time.perf_counter()
         self.transport: DistTransport | ShmTransport | None = None
         if cfg.stages > 1:
+            if cfg.dist_host != "127.0.0.1" and (iface := interface_towards(cfg.dist_host)) is not None:
+                use_interface(iface)  # a stage on another host: gloo talks through the link that reaches stage 0
             kind = ShmTransport if cfg.transport == "shm" else DistTransport
-            self.transport = kind.init(rank=cfg.stage, world_size=cfg.stages, master_port=cfg.dist_port,
-                                       timeout=cfg.worker_timeout_s)
+            self.transport = kind.init(rank=cfg.stage, world_size=cfg.stages, master_addr=cfg.dist_host,
+                                       master_port=cfg.dist_port, timeout=cfg.worker_timeout_s)
         log.info("replica %s stage %s: weights in %.2f s, rendezvous in %.2f s", cfg.replica, cfg.stage, t1 - t0,
                  time.perf_counter() - t1)
         self._sends: collections.deque[SendHandle] = collections.deque()
@@ -293,18 +298,32 @@ def worker_main(config_json: str, assignment_bytes: bytes) -> None:
     try:
         client_handshake(chan, cfg.secret, HelloFields(replica=cfg.replica, generation=cfg.generation,
                                                        stage=cfg.stage, pid=os.getpid()), timeout_s=30.0)
+        import_model_code(cfg.model)  # custom operators the graphs call are registered by the factory's module
+        assignment = pickle.loads(assignment_bytes)
+    except BaseException:  # noqa: BLE001 - tell the gateway why, then go
+        _fatal(cfg, chan)
+    serve_stage(cfg, chan, assignment)
+
+
+def serve_stage(cfg: WorkerConfig, chan: Channel, assignment: Any) -> None:
+    """After the handshake: beat, take the stage's weights, serve batches until the channel ends (then return); any
+    failure is reported to the gateway and ends the process."""
+    try:
         threading.Thread(target=_beat, args=(chan, cfg.heartbeat_timeout_s / 5), name="stagewise-heartbeat",
                          daemon=True).start()
-        import_model_code(cfg.model)  # custom operators the graphs call are registered by the factory's module
-        worker = _StageWorker(cfg, chan, pickle.loads(assignment_bytes))
+        worker = _StageWorker(cfg, chan, assignment)
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()
     except BaseException:  # noqa: BLE001 - tell the gateway why, then go
-        text = traceback.format_exc()
-        sys.stderr.write(f"[stagewise serve replica {cfg.replica} stage {cfg.stage}] {text}")
-        sys.stderr.flush()
-        try:
-            chan.send({"kind": "fatal", "message": text[-4000:]})
-        except OSError:
-            pass
-        os._exit(1)
+        _fatal(cfg, chan)
+
+
+def _fatal(cfg: WorkerConfig, chan: Channel) -> NoReturn:
+    text = traceback.format_exc()
+    sys.stderr.write(f"[stagewise serve replica {cfg.replica} stage {cfg.stage}] {text}")
+    sys.stderr.flush()
+    try:
+        chan.send({"kind": "fatal", "message": text[-4000:]})
+    except OSError:
+        pass
+    os._exit(1)
