@@ -18,6 +18,8 @@ from .._lazy import lazy_exports
 __all__ = lazy_exports(__name__, {
     "allreduce_time": "._cost",
     "apply_measurement": "._probe",
+    "auto_threads": "._threads",
+    "Calibration": "._probe",
     "capped_min_max_cuts": "._cut",
     "ChainProfile": "._profile",
     "Cluster": "._cluster",
@@ -39,4 +41,5 @@ __all__ = lazy_exports(__name__, {
     "STATE_FACTORS": "._cost",
     "TRAIN_SCHEDULES": "._search",
     "transfer_time": "._cost",
+    "Verified": "._plan",
 })
