@@ -62,7 +62,7 @@ def test_plan_file_round_trips_calibration_threads_and_predicted_and_measured_fi
     again = Plan.from_json(path)
     assert again == plan
     assert again.verified[1].measured_step_s == pytest.approx(2 * plans[1].step_time_s)
-    assert again.verified[1].error == pytest.approx(1 / 2 - 1)
+    assert again.verified[1].miss == pytest.approx(1.0)  # measured twice the prediction
     assert again.calibration is not None and again.calibration.figures.contention == 1.4
     assert again.to_train_kwargs()["threads"] == 3
     data = json.loads(path.read_text())

@@ -93,9 +93,12 @@ def calibration_for(cluster: Cluster, *, probe: str | None, max_age_s: float,
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="choose stages, replicas, microbatches and schedule for a cluster",
-        description="Profile MODEL (per-unit forward/backward time, parameters, activation bytes), then search every "
-                    "layout of the cluster's devices (replicas x stages, microbatches, schedule, exact memory-capped "
-                    "cut) and print the best plans. The best one can be written as JSON.")
+        description="Calibrate the cost model on this machine (links, per-message and per-action overheads, compute "
+                    "contention: a few seconds, or a young --probe file), profile MODEL (per-unit forward/backward "
+                    "time, parameters, activation bytes), search every layout of the cluster's devices (replicas x "
+                    "stages, microbatches, schedule, exact memory-capped cut) and print the best plans; then train "
+                    "the closest candidates for a few steps each (--verify) and keep the fastest measured. The chosen "
+                    "plan can be written as JSON, with its calibration and the predicted and measured step times.")
     p.add_argument("model", metavar="MODEL",
                    help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
     p.add_argument("--cluster", metavar="FILE", default=None,
@@ -115,14 +118,17 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    help="optimizer whose state counts against memory in train mode (default: adam)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per unit when profiling (default: 3)")
     p.add_argument("--top", type=int, default=3, help="plans to print (default: 3)")
-    p.add_argument("--json", metavar="FILE", default=None, help="write the best plan as JSON to FILE")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="write the chosen plan as JSON to FILE: the best predicted, or with --verify the fastest "
+                        "measured")
     p.add_argument("--verify", type=_verify_count, default=None, metavar="K|auto",
                    help="train the K best predicted plans for a few steps each, in the processes training uses, and "
                         "choose the fastest measured (train mode; the model needs a data set); auto: the plans "
                         "predicted within the cost model's own error (20%%) of the best, at most 3, when there are "
                         "two or more; 0: never (default: auto)")
     p.add_argument("--verify-steps", type=int, default=None, metavar="N",
-                   help="steps each verified candidate trains, the first 2 not timed (default: 6)")
+                   help="steps each verified candidate trains per round (two rounds, round-robin; the first 2 steps "
+                        "of each are not timed) (default: 6)")
     p.add_argument("--probe", metavar="FILE", default=None,
                    help="probe file (from 'stagewise probe --json FILE' or an earlier plan): its figures calibrate "
                         "the plan when measured on this host at most --probe-max-age ago; otherwise this machine is "
@@ -197,22 +203,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_verified(chosen: Plan, *, console: Any = None) -> None:
-    """A table of the candidates verification trained (predicted and measured step time, the prediction's error)
-    and which one was chosen."""
+    """A table of the candidates verification trained (predicted and measured step time, how far the measurement
+    missed the prediction) and which one was chosen."""
     from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="verified by training each candidate", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption_justify="left", caption="measured: median step after the warm-up; the fastest measured is "
-                                                  "chosen")
-    for col in ("#", "layout", "predicted ms", "measured ms", "error"):
+                  caption_justify="left", caption="measured: the faster round's median step after the warm-up; "
+                                                  "miss: measured / predicted - 1; the fastest measured is chosen")
+    for col in ("#", "layout", "predicted ms", "measured ms", "miss"):
         table.add_column(col, justify="left" if col == "layout" else "right", no_wrap=col != "layout")
     for i, v in enumerate(chosen.verified, 1):
         mark = " (chosen)" if v.layout == chosen.layout_text() else ""
         table.add_row(str(i), escape(v.layout + mark), f"{v.predicted_step_s * 1e3:.2f}",
-                      f"{v.measured_step_s * 1e3:.2f}", f"{v.error:+.0%}")
+                      f"{v.measured_step_s * 1e3:.2f}", f"{v.miss:+.0%}")
     (console or Console(width=100)).print(table)
 
 

@@ -38,9 +38,9 @@ class Verified:
     activations; the most of any replica)."""
 
     @property
-    def error(self) -> float:
-        """``predicted / measured - 1``: negative when the step was slower than predicted."""
-        return self.predicted_step_s / self.measured_step_s - 1 if self.measured_step_s > 0 else math.inf
+    def miss(self) -> float:
+        """``measured / predicted - 1``: positive when the step was slower than predicted."""
+        return self.measured_step_s / self.predicted_step_s - 1 if self.predicted_step_s > 0 else math.inf
 
 
 @dataclasses.dataclass(kw_only=True)
