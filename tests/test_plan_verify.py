@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -91,12 +90,12 @@ def test_a_young_probe_file_from_this_host_calibrates_without_measuring(tmp_path
 
 def test_auto_threads_share_each_hosts_cores_among_its_ranks() -> None:
     big = Cluster(nodes=[Node(name="a", devices=32, memory_bytes=1), Node(name="b", devices=8, memory_bytes=1)])
-    assert auto_threads(big, 4, local_cores=2) == 8  # 4 ranks on a's 32 cores
-    assert auto_threads(big, 32, local_cores=2) == 1
-    assert auto_threads(big, 36, local_cores=2) == 1  # a: 32/32, b: 8/4 -> the least
-    assert auto_threads(big, 3, local_cores=2) == 10
+    assert auto_threads(big, 4, cores=2) == 8  # 4 ranks on a's 32 cores
+    assert auto_threads(big, 32, cores=2) == 1
+    assert auto_threads(big, 36, cores=2) == 1  # a: 32/32, b: 8/4 -> the least
+    assert auto_threads(big, 3, cores=2) == 10
     gpus = Cluster(nodes=[Node(name="g", devices=8, memory_bytes=1, device_kind="cuda")])
-    assert auto_threads(gpus, 8, local_cores=64) == 8 and auto_threads(gpus, 2, local_cores=64) == 32
+    assert auto_threads(gpus, 8, cores=64) == 8 and auto_threads(gpus, 2, cores=64) == 32
 
 
 def test_auto_verification_measures_only_candidates_the_model_cannot_separate(mlp_profile) -> None:  # noqa: ANN001
@@ -169,7 +168,7 @@ def test_plan_verifies_and_train_reports_predicted_vs_measured(tmp_path: Path, c
     assert "verified by training each candidate" in printed and "(chosen)" in printed
     plan = Plan.from_json(out)
     assert len(plan.verified) == 2 and plan.measured_step_s == min(v.measured_step_s for v in plan.verified)
-    assert plan.threads == auto_threads(Cluster.detect(use_cuda=False), 2, local_cores=len(os.sched_getaffinity(0)))
+    assert plan.threads == auto_threads(Cluster.detect(use_cuda=False), 2)
     assert plan.calibration is not None and plan.calibration.host == socket.gethostname()
     assert Calibration.read(probe).figures == plan.calibration.figures  # measured now, kept for later plans
     assert f"calibrated on {plan.calibration.host}" in printed
@@ -178,6 +177,7 @@ def test_plan_verifies_and_train_reports_predicted_vs_measured(tmp_path: Path, c
     assert main(["train", MLP, "--plan", str(out), "--steps", "5", "--no-progress", "--out", str(run)]) == 0
     captured = capsys.readouterr()
     assert "step time: predicted" in captured.out and "memory per rank: rank 0 predicted" in captured.out
+    assert f"verification measured {plan.measured_step_s * 1e3:.2f} ms" in captured.out
     check = json.loads((run / "plan_check.json").read_text())
     assert check["predicted_step_s"] == plan.step_time_s and check["measured_step_s"] > 0
 

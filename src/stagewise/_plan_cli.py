@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,34 +27,20 @@ PROBE_MAX_AGE_S = 3600.0
 """How old a probe file's figures may be before ``stagewise plan`` measures the machine again (``--probe-max-age``)."""
 
 
-def _threads(text: str) -> int | None:
-    """``auto`` (None) or a count >= 1."""
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a count of threads, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"threads must be >= 1, got {value}")
-    return value
+def _auto_or_count(minimum: int, what: str) -> Callable[[str], int | None]:
+    """An argparse type: ``auto`` (None) or an int >= ``minimum``."""
+    def parse(text: str) -> int | None:
+        if text == "auto":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what} >= {minimum}, got {value}")
+        return value
 
-
-def _verify_count(text: str) -> int | None:
-    """``auto`` (None) or a count >= 0."""
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of candidates, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--verify must be >= 0, got {value}")
-    return value
-
-
-def _local_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return parse
 
 
 def _backend(cluster: Cluster, choice: str = "auto") -> str:
@@ -111,7 +96,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--profile-batch", type=int, default=None,
                    help="largest microbatch (rows) the units are timed at; they are also timed at a few smaller "
                         "sizes down to 1 row (default: the global batch)")
-    p.add_argument("--threads", type=_threads, default=None, metavar="N|auto",
+    p.add_argument("--threads", type=_auto_or_count(1, "a number of threads"), default=None, metavar="N|auto",
                    help="compute threads per training process (TrainConfig.threads); auto: this host's cores divided "
                         "by the ranks placed on it (default: auto)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
@@ -121,14 +106,14 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--json", metavar="FILE", default=None,
                    help="write the chosen plan as JSON to FILE: the best predicted, or with --verify the fastest "
                         "measured")
-    p.add_argument("--verify", type=_verify_count, default=None, metavar="K|auto",
+    p.add_argument("--verify", type=_auto_or_count(0, "a number of candidates"), default=None, metavar="K|auto",
                    help="train the K best predicted plans for a few steps each, in the processes training uses, and "
                         "choose the fastest measured (train mode; the model needs a data set); auto: the plans "
                         "predicted within the cost model's own error (20%%) of the best, at most 3, when there are "
                         "two or more; 0: never (default: auto)")
     p.add_argument("--verify-steps", type=int, default=None, metavar="N",
                    help="steps each verified candidate trains per round (two rounds, round-robin; the first 2 steps "
-                        "of each are not timed) (default: 6)")
+                        "of each are not timed) (default: 10)")
     p.add_argument("--probe", metavar="FILE", default=None,
                    help="probe file (from 'stagewise probe --json FILE' or an earlier plan): its figures calibrate "
                         "the plan when measured on this host at most --probe-max-age ago; otherwise this machine is "
@@ -160,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         phase("reading the cluster" if args.cluster else "detecting this machine")
         cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
         devices = args.devices or cluster.num_devices
-        threads = args.threads or auto_threads(cluster, devices, local_cores=_local_cores())
+        threads = args.threads or auto_threads(cluster, devices)
         calibration = None
         if args.calibrate:
             calibration = calibration_for(cluster, probe=args.probe, max_age_s=args.probe_max_age, phase=phase)

@@ -237,8 +237,9 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
     return result
 
 
-def calibrate(*, nbytes: int = 2**20, repeats: int = 3, timeout: float = 60.0, backend: str = "gloo") -> Calibration:
-    """Measure this machine now, quickly (:func:`measure_links` with a 1 MiB message and 3 repeats: a few seconds),
+def calibrate(*, nbytes: int = 4 * 2**20, repeats: int = 3, timeout: float = 60.0,
+              backend: str = "gloo") -> Calibration:
+    """Measure this machine now, quickly (:func:`measure_links` with 3 repeats: a few seconds),
     and say where and when: what ``stagewise plan`` calibrates its cost model with unless a young enough probe file
     is given."""
     start = time.time()

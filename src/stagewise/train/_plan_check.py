@@ -57,6 +57,8 @@ class PlanCheck:
     """Per pipeline rank, the plan's predicted peak bytes."""
     measured_memory_bytes: list[int]
     """Per pipeline rank, what the ranks measured on their first step (the most of any replica); empty: not known."""
+    verified_step_s: float | None = None
+    """What verification measured for this layout when the plan was made (None: not verified)."""
     model: str | None = None
     """The plan's model, for the command the warnings suggest."""
     calibrated: str | None = None
@@ -72,7 +74,8 @@ class PlanCheck:
             return None
         return cls(predicted_step_s=plan.step_time_s, measured_step_s=measured,
                    warmup=min(warmup, len(step_s) - 1), predicted_memory_bytes=list(plan.memory_bytes),
-                   measured_memory_bytes=pipeline_memory(memory, plan.stages) if memory else [], model=plan.model,
+                   measured_memory_bytes=pipeline_memory(memory, plan.stages) if memory else [],
+                   verified_step_s=plan.measured_step_s, model=plan.model,
                    calibrated=plan.calibration.describe() if plan.calibration is not None else None)
 
     @property
@@ -89,7 +92,8 @@ class PlanCheck:
     def lines(self) -> list[str]:
         """What ``stagewise train`` prints: predicted vs measured step time, and peak memory per rank."""
         out = [f"step time: predicted {self.predicted_step_s * 1e3:.2f} ms, measured {self.measured_step_s * 1e3:.2f}"
-               f" ms (median after {self.warmup} warm-up step(s)), {self.step_miss:+.0%}"]
+               f" ms (median after {self.warmup} warm-up step(s)), {self.step_miss:+.0%}"
+               + (f"; verification measured {self.verified_step_s * 1e3:.2f} ms" if self.verified_step_s else "")]
         if self.measured_memory_bytes:
             mib = 2**20
             out.append("memory per rank: " + ", ".join(

@@ -30,7 +30,7 @@ shared machine. Candidates predicted closer than this to the best are worth meas
 AUTO_VERIFY = 3
 """At most this many candidates are verified when nobody said how many (``--verify auto``)."""
 
-VERIFY_STEPS = WARMUP_STEPS + 4
+VERIFY_STEPS = WARMUP_STEPS + 8
 """Steps each candidate trains for in each round of verification: the warm-up, then the measured ones."""
 
 VERIFY_ROUNDS = 2
