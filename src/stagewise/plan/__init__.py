@@ -10,7 +10,10 @@
 Everything that decides is pure (cost model, exact memory-capped cut, search) and works on a profiled chain
 (:class:`ChainProfile`, or plain :class:`stagewise.split.UnitInfo`); :func:`profile_chain` times a model in this
 process. Nothing here starts a process: :mod:`stagewise.launch` measures links and the optimizer step in fresh ones
-and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.with_optimizer`).
+and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.with_optimizer`). A plan records
+what it was calibrated on (:class:`Calibration`: host, time, figures) and, once ``stagewise.train.verify_plans``
+trained its closest candidates, their predicted and measured step times (:class:`Verified`); :func:`auto_threads`
+shares a host's cores among the ranks placed on it.
 """
 
 from .._lazy import lazy_exports
