@@ -1,32 +1,30 @@
-"""Benchmark the planner's predictions against real training runs on this machine.
+"""Benchmark the planner's predictions, and its verified choice, against real training runs on this machine.
 
 Run: ``PYTHONPATH=src python bench/plan_accuracy.py``. A model with deliberately uneven layers (a wide input
-projection, a few narrow middle layers, a large classifier head) is profiled by the planner's own path
-(:func:`stagewise.launch.profile_model`), the links are probed (:func:`stagewise.launch.measure_links`), and
-:func:`stagewise.plan.search` plans it for 2 devices (2 worker processes, 1 thread each). The top 3 plans, plus the
-best pipelined plan's layout cut by ``by="uniform"`` and by ``by="params"`` (and the best plan of the other kind of
-layout, stages vs replicas, when the top 3 hold none), are trained for real. A run's step time is the median, over
-the steps after the warm-up ones, of the time between the starts of consecutive steps (from the run's trace). Every
-distinct configuration runs ``--rounds`` times, round-robin, and counts with the median of its runs: two runs of one
-configuration can differ by a third (other processes on this shared 2-core machine, and each process's own memory
-allocator history). The last line is machine-readable:
-``plan_accuracy median_err=E worst_err=W chosen_vs_best=C`` where E and W are the median and worst of
-``|predicted - measured| / measured`` over the top 3 plans (goals 0.10 and 0.20) and C is the measured step time of
-the top plan over the best measured step time of every run (goal <= 1.05).
+projection, a few narrow middle layers, a large classifier head) is planned as ``stagewise plan --verify 3`` plans
+it: the machine is calibrated now (:func:`stagewise.launch.calibrate`), the units profiled by the planner's own path
+(:func:`stagewise.launch.profile_model`), :func:`stagewise.plan.search` plans it for 2 devices (2 worker processes,
+1 thread each), and :func:`stagewise.train.verify_plans` trains the 3 best predicted for a few steps each and
+chooses the fastest measured. Then the top 3 plans, the best pipelined plan's layout cut by ``by="uniform"`` and by
+``by="params"`` (and the best plan of the other kind of layout, stages vs replicas, when the top 3 hold none) are
+trained for real, every distinct configuration ``--rounds`` times (at least 2), round-robin. A run's step time is
+its median step after the warm-up steps (:attr:`stagewise.train.TrainResult.step_time_s`). The last line is
+machine-readable: ``plan_accuracy median_err=E worst_err=W chosen_vs_best=C runs=N`` where E and W are the median
+and worst of ``|predicted - measured| / measured`` over every run of the top 3 plans (goals 0.10 and 0.20), C is the
+median measured step time of the verified choice over the best configuration's (goal <= 1.05; the line before also
+gives it by each configuration's fastest run), and N counts the measured runs of every configuration.
 
-Every prediction comes from the cost model (profile + probe); no plan is run before it is predicted. The machine's
-load average is printed: other processes on this 2-core machine slow the runs and the profile unevenly.
+Every prediction comes from the cost model (calibration + profile); no plan is run before it is predicted. The
+machine's load average is printed: other processes on this 2-core machine slow the runs and the profile unevenly.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,10 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import stagewise  # noqa: E402
-from stagewise.launch import measure_links, profile_model  # noqa: E402
+from stagewise.launch import calibrate, profile_model  # noqa: E402
 from stagewise.plan import Cluster, Plan, apply_measurement, predict, profile_rows, search  # noqa: E402
 from stagewise.split import min_max_cuts  # noqa: E402
-from stagewise.train import TrainConfig, Trainer  # noqa: E402
+from stagewise.train import TrainConfig, Trainer, verify_plans  # noqa: E402
 from stagewise.zoo.basic import Samples, seeded  # noqa: E402
 
 D_IN, WIDE, HIDDEN, CLASSES = 256, 2048, 256, 4096
@@ -110,36 +108,23 @@ class Run:
 
     @property
     def measured_s(self) -> float:
+        """The median of its runs."""
         return statistics.median(self.same_as.runs_s if self.same_as is not None else self.runs_s)
 
-
-def step_times(trace_dir: Path) -> list[float]:
-    """Seconds between the starts of consecutive steps (the earliest event of any rank in each step)."""
-    starts: list[float] | None = None
-    for path in trace_dir.glob("rank*.json"):
-        steps = json.loads(path.read_text())["steps"]
-        first = [min(e["start"] for e in step) for step in steps]
-        starts = first if starts is None else [min(a, b) for a, b in zip(starts, first)]
-    assert starts, f"no trace in {trace_dir}"
-    return [b - a for a, b in zip(starts, starts[1:])]
+    @property
+    def fastest_s(self) -> float:
+        """Its fastest run: load from other processes only ever adds time (as verification counts a candidate)."""
+        return min(self.same_as.runs_s if self.same_as is not None else self.runs_s)
 
 
-def measure(run: Run, *, steps: int, warmup: int, tmp: Path) -> float:
-    trace = tmp / run.label.replace(" ", "_")
+def measure(run: Run, *, steps: int) -> float:
+    """The run's median step time after the warm-up steps, as ``stagewise train`` reports it."""
     kwargs = run.plan.to_train_kwargs()
     if run.by is not None:
         kwargs.update(by=run.by, cuts=None)
-    config = TrainConfig(model=MODEL, steps=steps, progress=False, log_every=0, trace=str(trace),
-                                         threads=1, **kwargs)
-    Trainer(config).fit()
-    gaps = step_times(trace)[warmup:]  # gap k runs from step k's start to step k + 1's
-    return statistics.median(gaps)
-
-
-def layout(plan: Plan) -> str:
-    virt = f"x{plan.stages_per_rank}" if plan.stages_per_rank > 1 else ""
-    return (f"{plan.replicas} replica(s) x {plan.stages}{virt} stage(s), {plan.schedule}, M={plan.microbatches} "
-            f"({plan.microbatch_rows} rows), cut {'|'.join(plan.cut)}")
+    result = Trainer(TrainConfig(model=MODEL, steps=steps, progress=False, log_every=0, **kwargs)).fit()
+    assert result.step_time_s is not None
+    return result.step_time_s
 
 
 def baseline_cut(units: list, plan: Plan, by: str) -> list[str]:
@@ -150,18 +135,21 @@ def baseline_cut(units: list, plan: Plan, by: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=13, help="steps per run (the first --warmup are not timed)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=13, help="steps per run (the first 2 are not timed)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per unit when profiling")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration (their median counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration, interleaved (>= 2)")
+    parser.add_argument("--verify", type=int, default=3, help="candidates verification trains (0: take the top)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: every configuration runs at least twice, interleaved")
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)", flush=True)
 
-    measured_links = measure_links(repeats=7)
-    cluster = apply_measurement(Cluster.detect(use_cuda=False), measured_links)
+    calibration = calibrate()
+    print(f"calibrated in {calibration.seconds:.1f} s", flush=True)
+    cluster = apply_measurement(Cluster.detect(use_cuda=False), calibration.figures)
     if cluster.num_devices < DEVICES:  # a 1-core machine still runs 2 processes; plan for them
         cluster = dataclasses.replace(cluster, nodes=[dataclasses.replace(cluster.nodes[0], devices=DEVICES)])
     print(f"probe: latency {cluster.intra_latency * 1e6:.0f} us, bandwidth {cluster.intra_bandwidth / 1e9:.2f} GB/s, "
@@ -180,6 +168,12 @@ def main() -> None:
           + ", ".join(f"{u.name} {u.params / 1e6:.2f}M" for u in profile.units), flush=True)
 
     plans = search(profile, cluster, global_batch=GLOBAL_BATCH, devices=DEVICES, limit=None)
+    t_verify = time.perf_counter()
+    chosen = verify_plans(plans, model=MODEL, count=args.verify)[0]
+    for v in chosen.verified:
+        print(f"verified {v.layout}: predicted {v.predicted_step_s * 1e3:6.2f} ms, measured "
+              f"{v.measured_step_s * 1e3:6.2f} ms", flush=True)
+    print(f"verification took {time.perf_counter() - t_verify:.0f} s; chosen {chosen.layout_text()}", flush=True)
     runs = [Run(label=f"top-{i + 1}", plan=p) for i, p in enumerate(plans[:3])]
     piped = next((p for p in plans if p.num_stages > 1), None)
     units = profile.units
@@ -197,28 +191,38 @@ def main() -> None:
     for i, run in enumerate(runs):
         run.same_as = next((r for r in runs[:i] if r.same_as is None and r.key == run.key), None)
 
-    with tempfile.TemporaryDirectory(prefix="stagewise-plan-accuracy-") as tmp:
-        for round_ in range(args.rounds):
-            for run in runs:
-                if run.same_as is None:
-                    run.runs_s.append(measure(run, steps=args.steps, warmup=args.warmup, tmp=Path(tmp)))
-            print(f"round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+    picked = next((r for r in runs if r.by is None and r.plan.same_layout(chosen)), None)
+    if picked is None:  # verification chose a plan outside the top 3: measure it too
+        picked = Run(label="chosen", plan=chosen)
+        runs.append(picked)
+
+    for round_ in range(args.rounds):
+        for run in runs:
+            if run.same_as is None:
+                run.runs_s.append(measure(run, steps=args.steps))
+        print(f"round {round_ + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.2f}", flush=True)
     for run in runs:
         err = abs(run.plan.step_time_s - run.measured_s) / run.measured_s
         each = ", ".join(f"{t * 1e3:.1f}" for t in (run.same_as or run).runs_s)
         same = f" (= {run.same_as.label})" if run.same_as is not None else ""
-        print(f"{run.label:>12}: {layout(run.plan)}: predicted {run.plan.step_time_s * 1e3:6.2f} ms, measured "
-              f"{run.measured_s * 1e3:6.2f} ms [{each}]{same}, err {err:5.1%}", flush=True)
+        mark = " <- verified choice" if run is picked else ""
+        print(f"{run.label:>12}: {run.plan.layout_text()}: predicted {run.plan.step_time_s * 1e3:6.2f} ms, measured "
+              f"{run.measured_s * 1e3:6.2f} ms [{each}]{same}, err {err:5.1%}{mark}", flush=True)
 
-    errors = [abs(r.plan.step_time_s - r.measured_s) / r.measured_s for r in runs if r.label.startswith("top-")]
-    chosen = runs[0].measured_s / min(r.measured_s for r in runs)
+    errors = [abs(r.plan.step_time_s - t) / t for r in runs if r.label.startswith("top-")
+              for t in (r.same_as or r).runs_s]
+    count = sum(len(r.runs_s) for r in runs)
+    ratio = picked.measured_s / min(r.measured_s for r in runs)
+    by_fastest = picked.fastest_s / min(r.fastest_s for r in runs)
+    print(f"chosen vs best by the median of each configuration's runs {ratio:.3f}, by its fastest run "
+          f"{by_fastest:.3f}")
     load = os.getloadavg()[0]
     print(f"load average at end: {load:.2f}; took {time.perf_counter() - t0:.0f} s")
     if load > 1.6:  # our two ranks alternate on the cores and account for about 1
         print("note: other processes were busy during the runs; the measured times are inflated and the errors are "
               "not the cost model's alone (run again on a quiet machine)")
     print(f"plan_accuracy median_err={statistics.median(errors):.3f} worst_err={max(errors):.3f} "
-          f"chosen_vs_best={chosen:.3f}")
+          f"chosen_vs_best={ratio:.3f} runs={count}")
 
 
 if __name__ == "__main__":

@@ -694,7 +694,7 @@ def test_cmd_plan_profiles_a_model_and_writes_the_best_plan(tmp_path: Path, caps
     add_plan_parser(parser.add_subparsers())
     out = tmp_path / "plan.json"
     args = parser.parse_args(["plan", f"{model}:factory", "--cluster", str(cluster), "--devices", "2",
-                              "--global-batch", "8", "--json", str(out), "--repeats", "1"])
+                              "--global-batch", "8", "--json", str(out), "--repeats", "1", "--no-calibrate"])
     assert args.func(args) == 0
     best = Plan.from_json(out)
     assert best.devices == 2 and best.global_batch == 8 and best.model == f"{model}:factory"

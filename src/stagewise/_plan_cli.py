@@ -6,27 +6,84 @@ The command line is where measuring meets planning: :mod:`stagewise.launch` star
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._optimizers import OPTIMIZERS
-from .plan import MODES, Cluster, Plan
+from .plan import MODES, Calibration, Cluster, Plan
 
-__all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_memory", "print_plans"]
+__all__ = ["add_plan_parser", "add_probe_parser", "cmd_plan", "cmd_probe", "print_memory", "print_plans",
+           "print_verified"]
 
 log = logging.getLogger(__name__)
 
 _MAX_CUTS_SHOWN = 6
 
+PROBE_MAX_AGE_S = 3600.0
+"""How old a probe file's figures may be before ``stagewise plan`` measures the machine again (``--probe-max-age``)."""
+
+
+def _auto_or_count(minimum: int, what: str) -> Callable[[str], int | None]:
+    """An argparse type: ``auto`` (None) or an int >= ``minimum``."""
+    def parse(text: str) -> int | None:
+        if text == "auto":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what} >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _backend(cluster: Cluster, choice: str = "auto") -> str:
+    """``choice``, or for auto: nccl between two GPUs when the cluster is CUDA and two are visible, else gloo."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "nccl" if cluster.device_kind == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+
+
+def calibration_for(cluster: Cluster, *, probe: str | None, max_age_s: float,
+                    phase: Callable[[str], object]) -> Calibration:
+    """The figures a plan is calibrated with: the probe file's when it exists, was measured on this host and is at
+    most ``max_age_s`` old; else measured now (a few seconds), and written to the probe file when one is named."""
+    from .launch import calibrate
+
+    host = socket.gethostname() or "localhost"
+    if probe is not None and Path(probe).is_file():
+        stored = Calibration.read(probe)
+        age = stored.age_s()
+        if stored.host != host:
+            log.info("probe file %s was measured on %s, not this host (%s): measuring again", probe, stored.host, host)
+        elif age > max_age_s:
+            log.info("probe file %s is %.0f s old (--probe-max-age %.0f): measuring again", probe, age, max_age_s)
+        else:
+            return stored
+    phase("calibrating this machine: links, per-message and per-action overheads, compute contention (a few s)")
+    measured = calibrate(backend=_backend(cluster))
+    if probe is not None:
+        measured.write(probe)
+    return measured
+
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="choose stages, replicas, microbatches and schedule for a cluster",
-        description="Profile MODEL (per-unit forward/backward time, parameters, activation bytes), then search every "
-                    "layout of the cluster's devices (replicas x stages, microbatches, schedule, exact memory-capped "
-                    "cut) and print the best plans. The best one can be written as JSON.")
+        description="Calibrate the cost model on this machine (links, per-message and per-action overheads, compute "
+                    "contention: a few seconds, or a young --probe file), profile MODEL (per-unit forward/backward "
+                    "time, parameters, activation bytes), search every layout of the cluster's devices (replicas x "
+                    "stages, microbatches, schedule, exact memory-capped cut) and print the best plans; then train "
+                    "the closest candidates for a few steps each (--verify) and keep the fastest measured. The chosen "
+                    "plan can be written as JSON, with its calibration and the predicted and measured step times.")
     p.add_argument("model", metavar="MODEL",
                    help="model factory: 'path/to/file.py:factory' or 'package.module:factory'")
     p.add_argument("--cluster", metavar="FILE", default=None,
@@ -39,13 +96,33 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--profile-batch", type=int, default=None,
                    help="largest microbatch (rows) the units are timed at; they are also timed at a few smaller "
                         "sizes down to 1 row (default: the global batch)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="compute threads per training process, as TrainConfig.threads (default: 1)")
+    p.add_argument("--threads", type=_auto_or_count(1, "a number of threads"), default=None, metavar="N|auto",
+                   help="compute threads per training process (TrainConfig.threads); auto: this host's cores divided "
+                        "by the ranks placed on it (default: auto)")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
                    help="optimizer whose state counts against memory in train mode (default: adam)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per unit when profiling (default: 3)")
     p.add_argument("--top", type=int, default=3, help="plans to print (default: 3)")
-    p.add_argument("--json", metavar="FILE", default=None, help="write the best plan as JSON to FILE")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="write the chosen plan as JSON to FILE: the best predicted, or with --verify the fastest "
+                        "measured")
+    p.add_argument("--verify", type=_auto_or_count(0, "a number of candidates"), default=None, metavar="K|auto",
+                   help="train the K best predicted plans for a few steps each, in the processes training uses, and "
+                        "choose the fastest measured (train mode; the model needs a data set); auto: the plans "
+                        "predicted within the cost model's own error (20%%) of the best, at most 3, when there are "
+                        "two or more; 0: never (default: auto)")
+    p.add_argument("--verify-steps", type=int, default=None, metavar="N",
+                   help="steps each verified candidate trains per round (two rounds, round-robin; the first 2 steps "
+                        "of each are not timed) (default: 10)")
+    p.add_argument("--probe", metavar="FILE", default=None,
+                   help="probe file (from 'stagewise probe --json FILE' or an earlier plan): its figures calibrate "
+                        "the plan when measured on this host at most --probe-max-age ago; otherwise this machine is "
+                        "measured now and the figures are written to FILE (default: measure now, keep nothing)")
+    p.add_argument("--probe-max-age", type=float, default=PROBE_MAX_AGE_S, metavar="SECONDS",
+                   help="how old the --probe file's figures may be, seconds (default: 3600)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="do not measure this machine: use the links and overheads of --cluster FILE (or built-in "
+                        "defaults) as they are")
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -54,32 +131,80 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ._progress import Phases
     from ._spec import load_model_spec
     from .launch import profile_model
-    from .plan import profile_rows, search
+    from .plan import apply_measurement, auto_threads, profile_rows, search
     from .split import params_on_meta
+    from .train import verify_plans
 
+    if args.verify and args.mode != "train":
+        raise ValueError("--verify trains the candidates, so it needs --mode train; serve plans are ranked by the "
+                         "cost model (use --verify 0)")
+    if args.verify_steps is not None and args.verify_steps < 1:
+        raise ValueError(f"--verify-steps must be >= 1, got {args.verify_steps}")
+    verify = args.verify if args.mode == "train" else 0
     with Phases("stagewise plan") as phase:  # a spinner on a terminal; erased before the table prints
         phase("reading the cluster" if args.cluster else "detecting this machine")
         cluster = Cluster.read(args.cluster) if args.cluster else Cluster.detect()
+        devices = args.devices or cluster.num_devices
+        threads = args.threads or auto_threads(cluster, devices)
+        calibration = None
+        if args.calibrate:
+            calibration = calibration_for(cluster, probe=args.probe, max_age_s=args.probe_max_age, phase=phase)
+            cluster = apply_measurement(cluster, calibration.figures)
         phase(f"building {args.model} on the meta device")
         with params_on_meta():  # profiled unit by unit: only one unit's weights ever exist (plan.profile_chain)
             spec = load_model_spec(args.model)
         rows = profile_rows(args.profile_batch or args.global_batch)
-        profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=args.threads,
+        profile = profile_model(spec, rows=rows, repeats=args.repeats, threads=threads,
                                 optimizer=args.optimizer if args.mode == "train" else None, model_name=args.model,
                                 phase=phase)
         units = profile.units
-        phase(f"searching layouts of {args.devices or cluster.num_devices} device(s)")
+        phase(f"searching layouts of {devices} device(s)")
         plans = search(profile, cluster, mode=args.mode, global_batch=args.global_batch, devices=args.devices,
-                       optimizer=args.optimizer, limit=max(1, args.top))
-    for plan in plans:
-        plan.model = args.model
-    print_plans(plans, title=f"{args.model}: best {args.mode} plans for {plans[0].devices} device(s) "
-                             f"({len(units)} units, profiled at {', '.join(map(str, rows))} rows)")
-    print_memory(plans[0])
+                       optimizer=args.optimizer, limit=max(5, args.top, verify or 0))
+        plans = [dataclasses.replace(p, model=args.model, threads=threads, calibration=calibration) for p in plans]
+        if spec.dataset is None and verify != 0:
+            if verify:
+                raise ValueError(f"--verify trains the candidates, but {args.model} has no data set (ModelSpec."
+                                 "dataset); add one, or pass --verify 0")
+            verify = 0  # auto: nothing to train on
+        extra = {} if args.verify_steps is None else {"steps": args.verify_steps}
+        ranked = verify_plans(plans, model=args.model, count=verify, phase=phase, **extra)
+        chosen = ranked[0] if ranked[0].verified else None
+    shown = plans[:max(1, args.top)]
+    print_plans(shown, title=f"{args.model}: best {args.mode} plans for {plans[0].devices} device(s) "
+                             f"({len(units)} units, profiled at {', '.join(map(str, rows))} rows, {threads} "
+                             f"thread(s) per rank)")
+    if calibration is not None:
+        print(f"calibrated on {calibration.describe()}")
+    best = plans[0]
+    if chosen is not None:
+        print_verified(chosen)
+        best = chosen
+    print_memory(best)
     if args.json:
-        plans[0].to_json(args.json)
-        print(f"best plan written to {args.json}")
+        best.to_json(args.json)
+        print(f"{'chosen' if chosen is not None else 'best'} plan written to {args.json}")
     return 0
+
+
+def print_verified(chosen: Plan, *, console: Any = None) -> None:
+    """A table of the candidates verification trained (predicted and measured step time, how far the measurement
+    missed the prediction) and which one was chosen."""
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="verified by training each candidate", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption_justify="left", caption="measured: the faster round's median step after the warm-up; "
+                                                  "miss: measured / predicted - 1; the fastest measured is chosen")
+    for col in ("#", "layout", "predicted ms", "measured ms", "miss"):
+        table.add_column(col, justify="left" if col == "layout" else "right", no_wrap=col != "layout")
+    for i, v in enumerate(chosen.verified, 1):
+        mark = " (chosen)" if v.layout == chosen.layout_text() else ""
+        table.add_row(str(i), escape(v.layout + mark), f"{v.predicted_step_s * 1e3:.2f}",
+                      f"{v.measured_step_s * 1e3:.2f}", f"{v.miss:+.0%}")
+    (console or Console(width=100)).print(table)
 
 
 def _cuts_text(plan: Plan) -> str:
@@ -161,13 +286,16 @@ def add_probe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         "the measured [[links]] into the file")
     p.add_argument("--iface", metavar="NAME", default=None,
                    help="with --hosts: the network interface that reaches the other hosts (GLOO_SOCKET_IFNAME)")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the figures with this host's name and the time as a probe file, which "
+                        "'stagewise plan --probe FILE' uses while it is young enough (--probe-max-age)")
     p.set_defaults(func=cmd_probe)
     return p
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from ._progress import Phases
-    from .launch import measure_links
+    from .launch import calibrate
     from .plan import apply_measurement
 
     path = Path(args.cluster).absolute()  # the success line names the file wherever the command ran
@@ -176,21 +304,21 @@ def cmd_probe(args: argparse.Namespace) -> int:
     with Phases("stagewise probe") as phase:  # a spinner on a terminal; erased before the result prints
         phase(f"reading {path}" if path.exists() else "detecting this machine")
         cluster = Cluster.read(path) if path.exists() else Cluster.detect()
-        backend = args.backend
-        if backend == "auto":
-            import torch
-
-            backend = "nccl" if cluster.device_kind == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+        backend = _backend(cluster, args.backend)
         phase(f"measuring links, all-reduce and contention between two processes ({backend}, "
               f"{args.repeats} repeats)")
-        measured = measure_links(nbytes=args.nbytes, repeats=args.repeats, timeout=args.timeout, backend=backend)
+        calibration = calibrate(nbytes=args.nbytes, repeats=args.repeats, timeout=args.timeout, backend=backend)
+    measured = calibration.figures
     cluster = apply_measurement(cluster, measured)
     cluster.write(path)
+    if args.json:
+        calibration.write(args.json)
     print(f"latency {measured.latency_s * 1e6:.1f} us, bandwidth {measured.bandwidth / 1e9:.3f} GB/s, all-reduce "
           f"{measured.allreduce_bandwidth / 1e9:.3f} GB/s + {cluster.allreduce_latency * 1e6:.1f} us per ring step, "
           f"send {cluster.send_overhead * 1e6:.1f} us, receive {cluster.recv_overhead * 1e6:.1f} us, "
           f"{cluster.action_overhead * 1e6:.1f} us per compute action, compute contention x{cluster.contention:.2f} "
-          f"({measured.nbytes} bytes, {measured.backend}); written to {path}")
+          f"({measured.nbytes} bytes, {measured.backend}); written to {path}"
+          + (f" and {args.json}" if args.json else ""))
     return 0
 
 

@@ -76,10 +76,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer
 
     values = config_values(TrainConfig, args)
+    plan = None
     if args.partition and _is_plan_file(args.partition):
         from .plan import Plan
+        from .train import RuntimeConfig
 
-        plan_kwargs = Plan.from_json(args.partition).to_train_kwargs()
+        plan = Plan.from_json(args.partition)
+        plan_kwargs = plan.to_train_kwargs()
+        if values["threads"] != RuntimeConfig().threads:  # --threads N given: an explicit number wins over the plan's
+            plan_kwargs.pop("threads")
         values.update(plan_kwargs)  # the plan decides the layout
         values["partition"] = None
         print(f"layout from {args.partition}: " + ", ".join(f"{k} {v}" for k, v in plan_kwargs.items()),
@@ -88,7 +93,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .launch import torchrun_env
 
     torchrun = torchrun_env()  # the one read of torchrun's environment
-    trainer = Trainer(config, torchrun=torchrun)
+    trainer = Trainer(config, torchrun=torchrun, plan=plan)
     if config.output.resume and (torchrun is None or torchrun.rank == 0):
         _say_resume(config.output.resume, (config.layout.stages, config.layout.replicas))
     spec = trainer.check() if torchrun is None else None  # every mistake one line here, before any rank starts
@@ -99,6 +104,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         where = f"weights in {result.out_dir}" if result.out_dir else "weights not kept: pass --out DIR to keep them"
         print(f"trained {len(result.losses)} steps: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} "
               f"({result.steps_per_s:.2f} steps/s); {where}")
+    if result.plan_check is not None:  # the plan's predictions next to what this run measured
+        for line in result.plan_check.lines():
+            print(line)
+        for line in result.plan_check.warnings():
+            print(f"stagewise train: {line}", file=sys.stderr)
     saved = None
     if config.output.save_dir:
         from .checkpoint import latest_checkpoint

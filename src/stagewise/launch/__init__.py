@@ -13,7 +13,7 @@ every rank at its deadline, and turns SIGINT/SIGTERM of the launcher into a stop
 
 from ..comm import SpawnError
 from ._optimizer import profile_model, time_optimizer
-from ._probe import measure_action_overhead, measure_host_links, measure_links
+from ._probe import calibrate, measure_action_overhead, measure_host_links, measure_links
 from ._ray import ray_spawn
 from ._spawn import STOP_SIGNAL, describe_exit, forkserver_context, rendezvous_host, spawn, stop_requested
 from ._torchrun import TorchrunEnv, connect_torchrun, torchrun_env
@@ -22,6 +22,7 @@ __all__ = [
     "STOP_SIGNAL",
     "SpawnError",
     "TorchrunEnv",
+    "calibrate",
     "connect_torchrun",
     "describe_exit",
     "forkserver_context",

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import logging
+import socket
 import statistics
 import tempfile
 import time
@@ -20,14 +21,14 @@ import torch
 
 from .._timing import median_ms, num_threads
 from ..comm import DistTransport, LocalHub
-from ..plan import LinkMeasurement
+from ..plan import Calibration, LinkMeasurement
 from ..runtime import PipelineExecutor
 from ..schedule import add_communication, build
 from ..split import input_leaves, split
 from ._optimizer import cache_bytes
 from ._spawn import spawn
 
-__all__ = ["measure_action_overhead", "measure_host_links", "measure_links"]
+__all__ = ["calibrate", "measure_action_overhead", "measure_host_links", "measure_links"]
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +278,14 @@ def measure_links(*, nbytes: int = 4 * 2**20, repeats: int = 5, timeout: float =
         result.action_overhead_s = measure_action_overhead(repeats=repeats)
     log.info("measured links: %s", result)
     return result
+
+
+def calibrate(*, nbytes: int = 4 * 2**20, repeats: int = 3, timeout: float = 60.0,
+              backend: str = "gloo") -> Calibration:
+    """Measure this machine now, quickly (:func:`measure_links` with 3 repeats: a few seconds),
+    and say where and when: what ``stagewise plan`` calibrates its cost model with unless a young enough probe file
+    is given."""
+    start = time.time()
+    figures = measure_links(nbytes=nbytes, repeats=repeats, timeout=timeout, backend=backend)
+    return Calibration(host=socket.gethostname() or "localhost", measured_at=start, seconds=time.time() - start,
+                       figures=figures)

@@ -10,7 +10,10 @@
 Everything that decides is pure (cost model, exact memory-capped cut, search) and works on a profiled chain
 (:class:`ChainProfile`, or plain :class:`stagewise.split.UnitInfo`); :func:`profile_chain` times a model in this
 process. Nothing here starts a process: :mod:`stagewise.launch` measures links and the optimizer step in fresh ones
-and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.with_optimizer`).
+and hands the results in as data (:class:`LinkMeasurement`, :meth:`ChainProfile.with_optimizer`). A plan records
+what it was calibrated on (:class:`Calibration`: host, time, figures) and, once ``stagewise.train.verify_plans``
+trained its closest candidates, their predicted and measured step times (:class:`Verified`); :func:`auto_threads`
+shares a host's cores among the ranks placed on it.
 """
 
 from .._lazy import lazy_exports
@@ -18,6 +21,8 @@ from .._lazy import lazy_exports
 __all__ = lazy_exports(__name__, {
     "allreduce_time": "._cost",
     "apply_measurement": "._probe",
+    "auto_threads": "._threads",
+    "Calibration": "._probe",
     "capped_min_max_cuts": "._cut",
     "ChainProfile": "._profile",
     "Cluster": "._cluster",
@@ -44,4 +49,5 @@ __all__ = lazy_exports(__name__, {
     "STATE_FACTORS": "._cost",
     "TRAIN_SCHEDULES": "._search",
     "transfer_time": "._cost",
+    "Verified": "._plan",
 })

@@ -60,6 +60,11 @@ _DEFAULT_LINKS = {
 }
 
 
+def local_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -285,7 +290,7 @@ class Cluster:
             memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
             node = Node(name=host, devices=gpus, memory_bytes=int(memory), device_kind="cuda")
         else:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            cores = local_cores()
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             node = Node(name=host, devices=cores, memory_bytes=int(ram // cores), device_kind="cpu")
         log.debug("detected %s", node)

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from .._errors import StagewiseError
 from ..schedule import SCHEDULE_NAMES, ScheduleName
+from ._probe import Calibration
 
-__all__ = ["MODES", "RANK_ORDERS", "Plan", "PlanError", "RankOrder", "rank_of"]
+__all__ = ["MODES", "RANK_ORDERS", "Plan", "PlanError", "RankOrder", "Verified", "rank_of"]
 
 MODES = ("train", "serve")
 RankOrder = Literal["pipelines", "stages"]
@@ -33,6 +34,28 @@ def rank_of(order: str, *, replica: int, position: int, stages: int, replicas: i
 
 class PlanError(StagewiseError, ValueError):
     """No layout fits the cluster; the message names the smallest change that would make one fit."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Verified:
+    """One candidate layout that verification (``stagewise plan --verify``) trained for a few steps."""
+
+    layout: str
+    """The candidate as :meth:`Plan.layout_text` writes it (replicas x stages, schedule, microbatches, cut)."""
+    predicted_step_s: float
+    """What the cost model predicted per step."""
+    measured_step_s: float
+    """What the training processes measured per step: the median over the steps after the warm-up."""
+    predicted_memory_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per pipeline rank, the predicted peak (:attr:`Plan.memory_bytes`)."""
+    measured_memory_bytes: list[int] = dataclasses.field(default_factory=list)
+    """Per pipeline rank, what the ranks measured on their first step (weights, gradients, optimizer state, saved
+    activations; the most of any replica)."""
+
+    @property
+    def miss(self) -> float:
+        """``measured / predicted - 1``: positive when the step was slower than predicted."""
+        return self.measured_step_s / self.predicted_step_s - 1 if self.predicted_step_s > 0 else math.inf
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -93,14 +116,28 @@ class Plan:
     rank_order: RankOrder = "pipelines"
     """Which stage and replica each global rank runs (:data:`RANK_ORDERS`, :meth:`placement`): the cost model prices
     the links between the hosts the ranks land on (global rank ``g`` on the cluster's device ``g``)."""
+    threads: int = 1
+    """Compute threads per training process the units were profiled with and the plan runs with
+    (TrainConfig.threads)."""
+    calibration: Calibration | None = None
+    """What the cost model's links, per-message and per-action overheads and compute contention were measured on
+    (host, time, figures); None: a cluster file's or the built-in figures."""
+    measured_step_s: float | None = None
+    """Seconds per step this layout measured when verified (``stagewise plan --verify``); None: not run."""
+    verified: list[Verified] = dataclasses.field(default_factory=list)
+    """Every candidate verification ran, in predicted order, with predicted and measured step time (this plan is
+    the fastest measured of them)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.calibration, dict):  # read from JSON
+            self.calibration = Calibration.from_dict(self.calibration)
+        self.verified = [Verified(**v) if isinstance(v, dict) else v for v in self.verified]
         if self.mode not in MODES:
             raise ValueError(f"Plan.mode must be one of {MODES}, got {self.mode!r}")
         if self.schedule not in SCHEDULE_NAMES:
             raise ValueError(f"Plan.schedule must be one of {SCHEDULE_NAMES}, got {self.schedule!r}")
         for name in ("devices", "stages", "replicas", "stages_per_rank", "microbatches", "global_batch",
-                     "microbatch_rows", "device_memory_bytes"):
+                     "microbatch_rows", "device_memory_bytes", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Plan.{name} must be an int >= 1, got {value!r}")
@@ -133,6 +170,8 @@ class Plan:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"Plan.{name} must be a finite number >= 0, got {value!r}")
+        if self.measured_step_s is not None and not (math.isfinite(self.measured_step_s) and self.measured_step_s > 0):
+            raise ValueError(f"Plan.measured_step_s must be a finite number > 0 or None, got {self.measured_step_s!r}")
 
     @property
     def num_stages(self) -> int:
@@ -148,13 +187,20 @@ class Plan:
         """The :class:`stagewise.train.TrainConfig` fields this plan sets (pass them with ``model=``)."""
         return {"stages": self.stages, "replicas": self.replicas, "microbatches": self.microbatches,
                 "schedule": self.schedule, "stages_per_rank": self.stages_per_rank,
-                "global_batch": self.global_batch, "cuts": list(self.cut[1:]) or None, "rank_order": self.rank_order}
+                "global_batch": self.global_batch, "cuts": list(self.cut[1:]) or None, "rank_order": self.rank_order,
+                "threads": self.threads}
 
     def placement(self) -> list[tuple[int, int]]:
         """Per global rank: the (pipeline position, replica) it runs."""
         where = {rank_of(self.rank_order, replica=d, position=p, stages=self.stages, replicas=self.replicas): (p, d)
                  for d in range(self.replicas) for p in range(self.stages)}
         return [where[g] for g in range(self.devices)]
+
+    def layout_text(self) -> str:
+        """The layout in a few words: ``2x1 1f1b M=4 cut 0|layers.3`` (replicas x stages, ``vN`` virtual stages per
+        rank, schedule, microbatches, the first unit of every stage)."""
+        virt = f" v{self.stages_per_rank}" if self.stages_per_rank > 1 else ""
+        return f"{self.replicas}x{self.stages}{virt} {self.schedule} M={self.microbatches} cut {'|'.join(self.cut)}"
 
     def describe(self) -> str:
         """One line: layout, schedule and prediction."""
@@ -166,6 +212,11 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def same_layout(self, other: Plan) -> bool:
+        """Whether ``other`` runs the same way (stages, replicas, virtual stages, microbatches, schedule, cut)."""
+        fields = ("stages", "replicas", "stages_per_rank", "microbatches", "schedule", "cut", "global_batch")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON text (also written to ``path`` when given)."""

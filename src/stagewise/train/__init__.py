@@ -8,6 +8,7 @@ __all__ = lazy_exports(__name__, {
     "OptimConfig": "._config",
     "OPTIMIZERS": "._config",
     "OutputConfig": "._config",
+    "PlanCheck": "._plan_check",
     "RecoveryConfig": "._config",
     "RuntimeConfig": "._config",
     "SplitConfig": "._config",
@@ -16,4 +17,5 @@ __all__ = lazy_exports(__name__, {
     "TrainConfig": "._config",
     "Trainer": "._trainer",
     "TrainResult": "._trainer",
+    "verify_plans": "._verify",
 })

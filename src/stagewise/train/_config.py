@@ -171,7 +171,8 @@ class RuntimeConfig:
     timeout: float = 30.0
     """Seconds any wait (receive, collective) may take before the run fails with an error naming it."""
     threads: int = 1
-    """Compute threads per process (torch.set_num_threads)."""
+    """Compute threads per process (torch.set_num_threads); with --plan and no --threads, the plan's (stagewise plan
+    --threads auto: the host's cores divided by its ranks)."""
     device: Device = "cpu"
     """Where stages compute: cpu, cuda (rank r on GPU local_rank % GPUs; NCCL when every rank has its own GPU, else
     gloo staged through pinned host memory), or auto (cuda when CUDA is available)."""

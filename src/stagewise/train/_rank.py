@@ -172,6 +172,8 @@ class RankState:
     """Input leaves this rank's stages read (the first stage's model inputs)."""
     start_step: int = 0
     losses: list[float] = dataclasses.field(default_factory=list)
+    step_s: list[float] = dataclasses.field(default_factory=list)
+    """Wall seconds of each step this run made, from its start to its loss all-reduce (where every rank leaves it)."""
     trace_steps: list[list[dict[str, Any]]] = dataclasses.field(default_factory=list)
 
     @property

@@ -19,9 +19,11 @@ from .._errors import ConfigError
 from .._spec import ModelSpec, import_model_code
 from ..comm import DistTransport, ShmTransport, Transport
 from ..launch import TorchrunEnv, connect_torchrun, ray_spawn, rendezvous_host, spawn, stop_requested
+from ..plan import Plan
 from ..split import StagePack, materialise, tensor_aliases
 from ._config import TrainConfig
 from ._device import DevicePlan, plan_devices
+from ._plan_check import PlanCheck, measured_step_s
 from ._rank import Layout, load_train_spec, rank_packs, weights_path
 from ._recovery import resume_after_torchrun_restart, run_with_restarts
 from ._shared_split import shared_pack
@@ -53,6 +55,16 @@ class TrainResult:
     """How often the run restarted from a snapshot after a rank died or hung (``--max-restarts``)."""
     failures: list[str] = dataclasses.field(default_factory=list)
     """The cause of each restart, in order: the rank and what happened to it."""
+    step_s: list[float] = dataclasses.field(default_factory=list)
+    """Wall seconds of each step the last attempt made (rank 0's: from the step's start to its loss all-reduce)."""
+    plan_check: PlanCheck | None = None
+    """With a plan (``Trainer(config, plan=...)``, ``stagewise train --plan``): its predicted step time and memory
+    next to the measured ones, and the warnings for large misses."""
+
+    @property
+    def step_time_s(self) -> float | None:
+        """The median step time after the warm-up steps (:data:`~stagewise.train._plan_check.WARMUP_STEPS`)."""
+        return measured_step_s(self.step_s)
 
     @property
     def stop_reason(self) -> str | None:
@@ -130,9 +142,11 @@ class Trainer:
     ``save_dir`` is set): :attr:`TrainResult.stopped_by` says so.
     """
 
-    def __init__(self, config: TrainConfig, *, torchrun: TorchrunEnv | None = None) -> None:
+    def __init__(self, config: TrainConfig, *, torchrun: TorchrunEnv | None = None, plan: Plan | None = None) -> None:
         self.config = config
         self.torchrun = torchrun
+        self.plan = plan
+        """The plan the run follows (its layout already in ``config``): the result checks it (``plan_check``)."""
         on_host = config.world_size if torchrun is None else torchrun.local_world_size
         if torchrun is not None and config.runtime.transport == "shm":
             raise ConfigError("transport 'shm' runs on the local processes Stagewise starts, not under torchrun "
@@ -176,9 +190,10 @@ class Trainer:
                 summary = run_worker(config, transport, pack=shared_pack(config, transport.store, self.torchrun.rank))
             finally:
                 transport.close()
-            return TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
-                               out_dir=Path(config.output.out_dir or "."), last_step=summary["last_step"],
-                               memory=summary["memory"])
+            return self._checked(TrainResult(losses=summary["losses"], steps_per_s=summary["steps_per_s"],
+                                             out_dir=Path(config.output.out_dir or "."),
+                                             last_step=summary["last_step"], memory=summary["memory"],
+                                             step_s=summary["step_s"]))
         scratch = snapshots = None
         if config.output.serve_url and config.output.push_dir is None:  # one folder every rank of this run shares
             from ._push import default_push_dir
@@ -220,7 +235,8 @@ class Trainer:
             result = TrainResult(losses=losses, steps_per_s=summary["steps_per_s"], out_dir=out,
                                  stopped_by=stopped, last_step=summary.get("last_step"),
                                  memory=summary.get("memory", []), restarts=len(restarts.causes),
-                                 failures=restarts.causes)
+                                 failures=restarts.causes, step_s=summary.get("step_s", []))
+            self._checked(result)
             if scratch is not None:
                 result.weights, result.out_dir = result.state_dict(), None
             return result
@@ -228,3 +244,14 @@ class Trainer:
             for folder in (scratch, snapshots):
                 if folder is not None:
                     shutil.rmtree(folder, ignore_errors=True)
+
+    def _checked(self, result: TrainResult) -> TrainResult:
+        """``result`` with the plan's predictions checked against it (written to ``out_dir/plan_check.json`` when
+        the run keeps its outputs)."""
+        if self.plan is not None:
+            result.plan_check = PlanCheck.of(self.plan, step_s=result.step_s, memory=result.memory)
+            out = self.config.output.out_dir
+            if result.plan_check is not None and out is not None and (self.torchrun is None or
+                                                                      self.torchrun.rank == 0):
+                result.plan_check.write(Path(out) / "plan_check.json")
+        return result

@@ -93,6 +93,7 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     progress = StepProgress(total=config.steps, start=rs.start_step, enabled=config.output.progress and rs.rank == 0)
     where = f"rank {rs.rank} (stage {', '.join(map(str, sorted(rs.stages)))}, replica {rs.replica})"
     done = rs.start_step
+    rs.step_s.clear()
     snapshots = None
     folder = config.recovery.snapshot_dir
     if folder and config.recovery.max_restarts:
@@ -104,8 +105,10 @@ def _train(rs: RankState, loader: Iterator[Any] | None, writer: CheckpointWriter
     try:
         for step in range(rs.start_step, config.steps):
             try:
+                began = time.perf_counter()
                 loss, stop = _train_step(rs, None if loader is None else next(loader), should_stop,
                                          None if memory else memory)
+                rs.step_s.append(time.perf_counter() - began)  # every rank leaves a step at its loss all-reduce
                 rs.losses.append(loss)
                 progress.update(step + 1, loss)
                 log_every = config.output.log_every
@@ -200,7 +203,8 @@ def _finish(rs: RankState, *, done: int, elapsed: float, memory: dict[str, int])
     table = torch.zeros(transport.world_size, len(MEMORY_KINDS), dtype=torch.float64)
     table[transport.rank] = torch.tensor([float(memory.get(k, 0)) for k in MEMORY_KINDS], dtype=torch.float64)
     transport.all_reduce(table, op="sum", timeout=rs.config.runtime.timeout)  # every row but one is zero: a gather
-    summary = {"losses": rs.losses, "seconds": elapsed, "steps_per_s": ran / elapsed if elapsed else 0.0,
+    summary = {"losses": rs.losses, "step_s": rs.step_s, "seconds": elapsed,
+               "steps_per_s": ran / elapsed if elapsed else 0.0,
                "start_step": rs.start_step, "last_step": done, "device": str(rs.device),
                "backend": getattr(transport, "backend", None),
                "staged": bool(getattr(transport, "staged", False)),
