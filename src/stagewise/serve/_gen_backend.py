@@ -1,0 +1,325 @@
+"""GenerateBackend: text generation served by a causal LM split into stage-worker processes.
+
+The gateway process holds the scheduler (``_gen_engine``), the tokenizer and the samplers; the workers (``_gen_worker``)
+hold the layers and their KV caches. Stage 0 gets each step over its channel; the last stage answers with one logits
+row per sequence; the scheduling (which sequences ride in the next step, up to one step per stage in flight) and the
+sampling happen here, under one lock, on the thread that reads the last stage's channel or the caller's.
+
+A request is an async iterator of :class:`TokenEvent`; closing it early (a client that disconnects, a cancel) frees the
+sequence's KV slot on every stage at once: slots are the scheduler's bookkeeping, so a freed slot is reused by the
+next admitted sequence (which overwrites it before reading it). When every slot is taken, requests wait in a bounded
+queue; past it they are refused (:class:`TooManyRequestsError`, 429 with Retry-After). A worker that dies fails the
+requests in flight (:class:`~._protocol.BackendError`); re-running them on another replica is not built yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from ..comm import find_free_port
+from ..launch import forkserver_context
+from ._channel import Channel, Message
+from ._gen_config import GenerateConfig
+from ._gen_engine import Scheduler, SeqState, Step
+from ._gen_model import (
+    ChatTemplate,
+    TokenizerMissingError,
+    eos_token_ids,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+)
+from ._gen_sampling import SamplingParams, StopText, choose_token
+from ._gen_worker import GenWorkerConfig, gen_worker_main
+from ._listener import ChannelListener, HelloFields
+from ._protocol import BackendError, BadRequestError, ServiceUnavailableError
+
+__all__ = ["GenerateBackend", "TokenEvent", "TooManyRequestsError"]
+
+log = logging.getLogger(__name__)
+
+_PRELOAD = ("torch", "transformers", "stagewise.serve._gen_worker")
+
+
+class TooManyRequestsError(ServiceUnavailableError):
+    """Every KV slot is taken and the queue is full: try again after ``retry_after_s``."""
+
+    status_code = 429
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token (``token`` None on the final event of a stop string) and the text it adds."""
+
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+    """None while running; 'stop' (end-of-sequence, stop token or string) or 'length' on the last event."""
+
+
+class _Request:
+    """The gateway's side of one sequence: its sampler, its text so far, the queue its events go to."""
+
+    def __init__(self, params: SamplingParams, loop: asyncio.AbstractEventLoop, tokenizer: Any) -> None:
+        self.params, self.loop, self.tokenizer = params, loop, tokenizer
+        self.generator = params.generator()
+        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.stop_text = StopText(params.stop)
+        self.created = time.monotonic()
+        self.first_token_s: float | None = None
+
+    def put(self, item: TokenEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class GenerateBackend:
+    """Serve ``config.model`` for generation on ``config.stages`` worker processes; see the module doc."""
+
+    def __init__(self, config: GenerateConfig) -> None:
+        self.config = config
+        lm = load_causal_lm(config.model, seed=config.seed, dtype=config.dtype)
+        self.eos = eos_token_ids(lm)
+        self.max_len = config.max_len or max_positions(lm)
+        self.vocab = int(lm.get_output_embeddings().weight.shape[0])
+        del lm
+        self.name = config.name or os.path.basename(config.model.rstrip("/")).rpartition(":")[2]
+        self.tokenizer = load_tokenizer(config.model, config.tokenizer)
+        self.chat = ChatTemplate(config.model, config.tokenizer)
+        self._sched = Scheduler(slots=config.max_seqs, inflight=config.inflight or config.stages,
+                                max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens)
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._error: str | None = None
+        self._closed = False
+        self._next_id = 0
+        self._conns: dict[int, Channel] = {}
+        self._stage_ready: dict[int, dict[str, Any]] = {}
+        self.kv_bytes = 0
+        self.ttft_s: list[float] = []
+        self._secret = secrets.token_hex(16)
+        self._ctx = forkserver_context(_PRELOAD)
+        self._listener = ChannelListener(config.host, self._secret, self._on_hello, hello_timeout_s=30.0)
+        threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // (config.stages + 1))
+        port = find_free_port("127.0.0.1")
+        self._procs = []
+        for s in range(config.stages):
+            wc = GenWorkerConfig(model=config.model, stage=s, stages=config.stages, slots=config.max_seqs,
+                                 max_len=self.max_len, seed=config.seed, dtype=config.dtype, threads=threads,
+                                 gateway_host=config.host, gateway_port=self._listener.port, secret=self._secret,
+                                 dist_port=port, generation=1, timeout_s=config.worker_timeout_s,
+                                 log_level=log.getEffectiveLevel())
+            p = self._ctx.Process(target=gen_worker_main, args=(wc.to_json(),), daemon=True,
+                                  name=f"stagewise-generate-s{s}")
+            p.start()
+            self._procs.append(p)
+        self._watchdog = threading.Thread(target=self._watch, name="stagewise-generate-watch", daemon=True)
+        self._watchdog.start()
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every stage has its layers and KV cache; ``RuntimeError`` if a worker failed."""
+        timeout_s = self.config.startup_timeout_s if timeout_s is None else timeout_s
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"generation workers of {self.name!r} not ready within {timeout_s:g} s: "
+                               f"{self._error or 'still loading'}")
+        if self._error is not None:
+            raise RuntimeError(f"generation workers of {self.name!r} failed: {self._error}")
+
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._error is None and not self._closed
+
+    def stats(self) -> dict[str, Any]:
+        """KV-cache slots in use, requests waiting, steps in flight, cache bytes per stage."""
+        with self._lock:
+            return {"slots": self._sched.slots, "slots_used": self._sched.used_slots,
+                    "waiting": len(self._sched.waiting), "steps_inflight": len(self._sched.inflight),
+                    "kv_bytes": self.kv_bytes}
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerMissingError(f"model {self.name!r} has no tokenizer.json; send token ids, or give one "
+                                        "(GenerateConfig.tokenizer)")
+        return list(self.tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Tokens for ``prompt`` as they come; closing the iterator early cancels the sequence (frees its slot)."""
+        if not prompt:
+            raise BadRequestError("the prompt is empty")
+        if any(not 0 <= t < self.vocab for t in prompt):
+            raise BadRequestError(f"prompt token ids must be in [0, {self.vocab})")
+        if len(prompt) >= self.max_len:
+            raise BadRequestError(f"prompt of {len(prompt)} tokens; this service holds {self.max_len} tokens per "
+                                  "sequence (GenerateConfig.max_len)")
+        if not self.ready():
+            raise ServiceUnavailableError(f"model {self.name!r} is not ready: {self._error or 'loading'}")
+        req = _Request(params, asyncio.get_running_loop(), self.tokenizer)
+        with self._lock:
+            if not self._sched.can_queue():
+                raise TooManyRequestsError(f"model {self.name!r}: all {self._sched.slots} sequences busy and "
+                                           f"{self._sched.max_queue} waiting (GenerateConfig.max_queue)",
+                                           retry_after_s=1)
+            seq = SeqState(self._next_id, list(prompt), len(prompt), owner=req)
+            self._next_id += 1
+            self._sched.add(seq)
+            self._pump()
+        finished = False
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                with self._lock:
+                    self._sched.release(seq)
+                    self._pump()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            seqs = self._sched.fail_all()
+        for seq in seqs:
+            seq.owner.put(ServiceUnavailableError(f"model {self.name!r} is shutting down"))
+        for chan in list(self._conns.values()):
+            chan.close()
+        self._listener.close()
+        for p in self._procs:
+            p.join(3.0)
+            if p.exitcode is None:
+                p.kill()
+                p.join(5.0)
+
+    # ------------------------------------------------------------------------------------------------ scheduling
+    def _pump(self) -> None:
+        """Send every step the scheduler allows now; lock held."""
+        while not self._closed and self._error is None and (step := self._sched.next_step()) is not None:
+            meta, ids = step.table()
+            try:
+                self._conns[0].send({"kind": "step", "step": step.number},
+                                    {"meta": torch.tensor(meta, dtype=torch.long),
+                                     "ids": torch.tensor(ids, dtype=torch.long)})
+            except (OSError, KeyError) as exc:
+                self._fail_locked(f"sending step {step.number} to stage 0 failed: {exc}")
+                return
+
+    def _on_logits(self, number: int, logits: torch.Tensor) -> None:
+        with self._lock:
+            if number not in self._sched.inflight:
+                return
+            step: Step = self._sched.finish_step(number)
+            for i, (seq, _start, _new) in enumerate(step.rows):
+                if seq.done or seq.cached < len(seq.tokens):  # cancelled, or a prefill chunk with more to come
+                    continue
+                self._advance(seq, logits[i])
+            self._pump()
+
+    def _advance(self, seq: SeqState, logits: torch.Tensor) -> None:
+        """Sample ``seq``'s next token, emit it, and end the sequence if it stops; lock held."""
+        req: _Request = seq.owner
+        params = req.params
+        token = choose_token(logits, params, req.generator)
+        seq.tokens.append(token)
+        if req.first_token_s is None:
+            req.first_token_s = time.monotonic() - req.created
+            self.ttft_s.append(req.first_token_s)
+        out = seq.output
+        reason = None
+        if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        elif len(out) >= params.max_tokens or len(seq.tokens) >= self.max_len:
+            reason = "length"
+        text = ""
+        if req.tokenizer is not None:
+            text = req.stop_text.advance(self.decode(out), final=reason is not None)
+            if req.stop_text.stopped:
+                reason = "stop"
+        req.put(TokenEvent(token, text, reason))
+        if reason is not None:
+            self._sched.release(seq)
+
+    def _fail_locked(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+            log.error("generation pipeline of %s failed: %s", self.name, reason)
+        for seq in self._sched.fail_all():
+            seq.owner.put(BackendError(f"model {self.name!r}: {reason}"))
+
+    # ------------------------------------------------------------------------------------------------ channels
+    def _on_hello(self, sock: socket.socket, who: HelloFields) -> None:
+        chan = Channel(sock, send_timeout_s=self.config.worker_timeout_s)
+        with self._lock:
+            if who.stage >= self.config.stages or who.stage in self._conns or self._closed:
+                chan.close()
+                return
+            self._conns[who.stage] = chan
+        threading.Thread(target=self._read, args=(who.stage, chan), daemon=True,
+                         name=f"stagewise-generate-r{who.stage}").start()
+
+    def _read(self, stage: int, chan: Channel) -> None:
+        reason = f"stage {stage} closed its channel"
+        try:
+            while (msg := chan.recv()) is not None:
+                self._on_message(stage, msg)
+        except Exception as exc:  # noqa: BLE001 - any broken channel fails the pipeline
+            reason = f"stage {stage} channel broke: {type(exc).__name__}: {exc}"
+        with self._lock:
+            if not self._closed:
+                self._fail_locked(reason)
+        self._ready.set()
+
+    def _on_message(self, stage: int, msg: Message) -> None:
+        kind, h = msg.kind, msg.header
+        if kind == "logits":
+            self._on_logits(int(h["step"]), msg.tensors["logits"])
+        elif kind == "ready":
+            with self._lock:
+                self._stage_ready[stage] = h
+                self.kv_bytes = sum(int(r["kv_bytes"]) for r in self._stage_ready.values())
+                if len(self._stage_ready) == self.config.stages:
+                    log.info("generation pipeline of %s ready: %d slots x %d tokens, %.1f MiB of KV cache",
+                             self.name, self._sched.slots, self.max_len, self.kv_bytes / 2**20)
+                    self._ready.set()
+        elif kind == "fatal":
+            with self._lock:
+                self._fail_locked(f"stage {stage} crashed: {str(h.get('message', ''))[-800:]}")
+            self._ready.set()
+
+    def _watch(self) -> None:
+        """Fails the pipeline when a worker process exits, and a start that takes too long."""
+        started = time.monotonic()
+        while not self._closed:
+            dead = [s for s, p in enumerate(self._procs) if p.exitcode is not None]
+            reason = None
+            if dead:
+                reason = f"stage {dead[0]} process exited with code {self._procs[dead[0]].exitcode}"
+            elif not self._ready.is_set() and time.monotonic() - started > self.config.startup_timeout_s:
+                reason = f"not ready within {self.config.startup_timeout_s:g} s (GenerateConfig.startup_timeout_s)"
+            if reason is not None:
+                with self._lock:
+                    if not self._closed:
+                        self._fail_locked(reason)
+                self._ready.set()
+                return
+            time.sleep(0.2)

@@ -1,0 +1,59 @@
+"""The generation service's configuration (``stagewise serve --generate`` / :class:`GenerateBackend`), kept apart from
+the machinery so the command line can be built from it without importing torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from .._errors import ConfigError
+
+__all__ = ["GenerateConfig"]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class GenerateConfig:
+    """How a causal language model is split and served for text generation."""
+
+    model: str
+    """A Hugging Face model folder (config.json, weights, tokenizer.json) or a factory 'package.module:factory'."""
+    stages: int = 2
+    """Pipeline stages (worker processes), each holding a contiguous run of decoder layers and their KV cache."""
+    name: str | None = None
+    """Model name in the APIs; None: the folder's name or the factory's."""
+    tokenizer: str | None = None
+    """A tokenizer.json (or a folder holding one); None: the model folder's own."""
+    max_seqs: int = 16
+    """Sequences generated at once: KV-cache slots preallocated on every stage."""
+    max_len: int | None = None
+    """Tokens per sequence (prompt + output) each slot holds; None: the model's max_position_embeddings (at most
+    4096)."""
+    max_queue: int = 64
+    """Requests that may wait for a free slot; more are refused with 429 and Retry-After."""
+    inflight: int | None = None
+    """Decode batches in the pipeline at once; None: one per stage, so no stage waits on the others."""
+    max_batch_tokens: int = 2048
+    """Most tokens one step carries (prefills are split across steps beyond it)."""
+    seed: int = 0
+    """torch seed before a factory builds the model (every worker must build the same weights)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype."""
+    threads_per_worker: int | None = None
+    """torch threads per worker; None shares the cores evenly."""
+    host: str = "127.0.0.1"
+    """Address the worker channel listens on (workers are local processes)."""
+    startup_timeout_s: float = 120.0
+    """Longest the workers may take to load the model and allocate their cache."""
+    worker_timeout_s: float = 60.0
+    """Longest a step may stay in the pipeline before the service counts the workers as stuck."""
+
+    def __post_init__(self) -> None:
+        for field in ("stages", "max_seqs", "max_batch_tokens"):
+            if getattr(self, field) < 1:
+                raise ConfigError(f"GenerateConfig.{field} must be >= 1, got {getattr(self, field)!r}")
+        if self.max_queue < 0:
+            raise ConfigError(f"GenerateConfig.max_queue must be >= 0, got {self.max_queue!r}")
+        for field in ("max_len", "inflight", "threads_per_worker"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ConfigError(f"GenerateConfig.{field} must be >= 1 or None, got {value!r}")
