@@ -20,6 +20,7 @@ A split model served by stage-worker processes (``stagewise serve MODEL`` on the
 from .._lazy import lazy_exports
 
 __all__ = lazy_exports(__name__, {
+    "add_generate_parsers": "._gen_cli",
     "add_infer_parser": "._cli",
     "add_serve_parser": "._cli",
     "BackendError": "._protocol",
@@ -29,6 +30,7 @@ __all__ = lazy_exports(__name__, {
     "cmd_infer": "._cli",
     "cmd_serve": "._cli",
     "create_app": "._gateway",
+    "create_generate_app": "._gen_routes",
     "datatype_of": "._protocol",
     "DATATYPES": "._protocol",
     "decode_bytes_elements": "._protocol",
@@ -36,6 +38,8 @@ __all__ = lazy_exports(__name__, {
     "encode_bytes_elements": "._protocol",
     "encode_infer_response": "._protocol",
     "Gateway": "._gateway",
+    "GenerateBackend": "._gen_backend",
+    "GenerateConfig": "._gen_config",
     "GatewayConfig": "._gateway",
     "GatewayMetrics": "._metrics",
     "GatewayTimeoutError": "._protocol",
