@@ -283,3 +283,16 @@ def test_served_cancel_frees_cache_and_full_budget_is_429(served) -> None:
     for t in holders:
         t.join(60)
     _wait_slots_free(backend)
+
+
+def test_generate_command_streams_to_the_terminal(served, tmp_path) -> None:
+    import subprocess
+
+    from cli_run import cli_env
+
+    backend, url = served
+    want = _post(url, "/v1/completions", {"prompt": "hey", "max_tokens": 8, "temperature": 0}).json()
+    done = subprocess.run(["stagewise", "generate", url, backend.name, "hey", "--max-tokens", "8"],
+                          env=cli_env(tmp_path), capture_output=True, timeout=120)  # bytes: keep "\r" as sent
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == want["choices"][0]["text"] + "\n"
