@@ -296,3 +296,23 @@ def test_generate_command_streams_to_the_terminal(served, tmp_path) -> None:
                           env=cli_env(tmp_path), capture_output=True, timeout=120)  # bytes: keep "\r" as sent
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode() == want["choices"][0]["text"] + "\n"
+
+
+def test_openai_client_both_modes(served) -> None:
+    openai = pytest.importorskip("openai")
+    backend, url = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [backend.name]
+    done = client.completions.create(model=backend.name, prompt="hello", max_tokens=10, temperature=0)
+    streamed = client.completions.create(model=backend.name, prompt="hello", max_tokens=10, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+    assert done.usage.prompt_tokens == 5
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=backend.name, messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model=backend.name, messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
