@@ -316,3 +316,33 @@ def test_openai_client_both_modes(served) -> None:
     assert chat.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_worker_killed_mid_stream_the_stream_completes(served) -> None:
+    """SIGKILL a stage while a sequence streams: the workers restart, the sequence is prefilled again from its tokens
+    so far, and the client's stream goes on to the same text as an undisturbed run."""
+    import httpx
+
+    backend, url = served
+    body = {"prompt": "abc", "max_tokens": 58, "temperature": 0, "ignore_eos": True}
+    want = _post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    restarts = backend.restarts
+    for _attempt in range(5):
+        pid = next(p.pid for p in backend._procs if p.name.endswith("s1"))
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            os.kill(pid, signal.SIGSTOP)  # freeze it mid-sequence, then make sure the sequence is still running
+            if backend.stats()["slots_used"] == 0:
+                os.kill(pid, signal.SIGCONT)
+                continue
+            os.kill(pid, signal.SIGKILL)
+            rest = [ln for ln in lines if ln]
+        break
+    else:
+        pytest.fail("every sequence finished before its stage could be stopped")
+    assert rest[-1] == "data: [DONE]"
+    text = "".join(json.loads(ln.removeprefix("data: "))["choices"][0]["text"] for ln in [first, *rest[:-1]])
+    assert text == want
+    assert backend.restarts == restarts + 1
+    _wait_slots_free(backend)

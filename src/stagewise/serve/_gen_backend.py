@@ -8,8 +8,11 @@ sampling happen here, under one lock, on the thread that reads the last stage's 
 A request is an async iterator of :class:`TokenEvent`; closing it early (a client that disconnects, a cancel) frees the
 sequence's KV slot on every stage at once: slots are the scheduler's bookkeeping, so a freed slot is reused by the
 next admitted sequence (which overwrites it before reading it). When every slot is taken, requests wait in a bounded
-queue; past it they are refused (:class:`TooManyRequestsError`, 429 with Retry-After). A worker that dies fails the
-requests in flight (:class:`~._protocol.BackendError`); re-running them on another replica is not built yet.
+queue; past it they are refused (:class:`TooManyRequestsError`, 429 with Retry-After).
+
+A worker that dies (or breaks its channel) takes its generation of workers down: the others are killed, a new
+generation starts, and every running sequence is prefilled again from its tokens so far (prompt + output), as Petals
+re-prefills a replacement server; clients keep their streams and see no repeated or missing token.
 """
 
 from __future__ import annotations
@@ -100,29 +103,30 @@ class GenerateBackend:
                                 max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens)
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        """Set once the first generation of workers is ready, or the service failed for good."""
         self._error: str | None = None
+        """Why the service failed for good (the first start failed, or restarts ran out)."""
         self._closed = False
         self._next_id = 0
+        self._gen = 1
+        """The generation of workers that serves (or is starting); each restart starts the next."""
+        self._up = False
+        """Every stage of the current generation is ready."""
+        self._restart = False
+        self.restarts = 0
+        """Generations started after the first."""
+        self._broken_in_row = 0
         self._conns: dict[int, Channel] = {}
         self._stage_ready: dict[int, dict[str, Any]] = {}
+        self._procs: list[Any] = []
+        self._to_reap: list[Any] = []
         self.kv_bytes = 0
         self.ttft_s: list[float] = []
         self._secret = secrets.token_hex(16)
         self._ctx = forkserver_context(_PRELOAD)
         self._listener = ChannelListener(config.host, self._secret, self._on_hello, hello_timeout_s=30.0)
-        threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // (config.stages + 1))
-        port = find_free_port("127.0.0.1")
-        self._procs = []
-        for s in range(config.stages):
-            wc = GenWorkerConfig(model=config.model, stage=s, stages=config.stages, slots=config.max_seqs,
-                                 max_len=self.max_len, seed=config.seed, dtype=config.dtype, threads=threads,
-                                 gateway_host=config.host, gateway_port=self._listener.port, secret=self._secret,
-                                 dist_port=port, generation=1, timeout_s=config.worker_timeout_s,
-                                 log_level=log.getEffectiveLevel())
-            p = self._ctx.Process(target=gen_worker_main, args=(wc.to_json(),), daemon=True,
-                                  name=f"stagewise-generate-s{s}")
-            p.start()
-            self._procs.append(p)
+        self._threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // (config.stages + 1))
+        self._start()
         self._watchdog = threading.Thread(target=self._watch, name="stagewise-generate-watch", daemon=True)
         self._watchdog.start()
 
@@ -137,7 +141,7 @@ class GenerateBackend:
             raise RuntimeError(f"generation workers of {self.name!r} failed: {self._error}")
 
     def ready(self) -> bool:
-        return self._ready.is_set() and self._error is None and not self._closed
+        return self._up and self._error is None and not self._closed
 
     def stats(self) -> dict[str, Any]:
         """KV-cache slots in use, requests waiting, steps in flight, cache bytes per stage."""
@@ -166,8 +170,8 @@ class GenerateBackend:
         if len(prompt) >= self.max_len:
             raise BadRequestError(f"prompt of {len(prompt)} tokens; this service holds {self.max_len} tokens per "
                                   "sequence (GenerateConfig.max_len)")
-        if not self.ready():
-            raise ServiceUnavailableError(f"model {self.name!r} is not ready: {self._error or 'loading'}")
+        if self._error is not None or self._closed:  # a restarting pipeline queues requests
+            raise ServiceUnavailableError(f"model {self.name!r} is not serving: {self._error or 'closed'}")
         req = _Request(params, asyncio.get_running_loop(), self.tokenizer)
         with self._lock:
             if not self._sched.can_queue():
@@ -202,31 +206,29 @@ class GenerateBackend:
             seqs = self._sched.fail_all()
         for seq in seqs:
             seq.owner.put(ServiceUnavailableError(f"model {self.name!r} is shutting down"))
-        for chan in list(self._conns.values()):
-            chan.close()
+        with self._lock:
+            self._drop_workers()
+            procs, self._to_reap = self._to_reap, []
         self._listener.close()
-        for p in self._procs:
-            p.join(3.0)
-            if p.exitcode is None:
-                p.kill()
-                p.join(5.0)
+        for p in procs:
+            p.join(5.0)
 
     # ------------------------------------------------------------------------------------------------ scheduling
     def _pump(self) -> None:
         """Send every step the scheduler allows now; lock held."""
-        while not self._closed and self._error is None and (step := self._sched.next_step()) is not None:
+        while self._up and not self._closed and (step := self._sched.next_step()) is not None:
             meta, ids = step.table()
             try:
                 self._conns[0].send({"kind": "step", "step": step.number},
                                     {"meta": torch.tensor(meta, dtype=torch.long),
                                      "ids": torch.tensor(ids, dtype=torch.long)})
             except (OSError, KeyError) as exc:
-                self._fail_locked(f"sending step {step.number} to stage 0 failed: {exc}")
+                self._broken(self._gen, f"sending step {step.number} to stage 0 failed: {exc}")
                 return
 
-    def _on_logits(self, number: int, logits: torch.Tensor) -> None:
+    def _on_logits(self, gen: int, number: int, logits: torch.Tensor) -> None:
         with self._lock:
-            if number not in self._sched.inflight:
+            if gen != self._gen or number not in self._sched.inflight:
                 return
             step: Step = self._sched.finish_step(number)
             for i, (seq, _start, _new) in enumerate(step.rows):
@@ -258,68 +260,141 @@ class GenerateBackend:
         req.put(TokenEvent(token, text, reason))
         if reason is not None:
             self._sched.release(seq)
+        self._broken_in_row = 0  # a token came back: the pipeline works
 
-    def _fail_locked(self, reason: str) -> None:
+    def _fail_for_good(self, reason: str) -> None:
+        """Fail every request and refuse new ones; lock held."""
         if self._error is None:
             self._error = reason
             log.error("generation pipeline of %s failed: %s", self.name, reason)
         for seq in self._sched.fail_all():
             seq.owner.put(BackendError(f"model {self.name!r}: {reason}"))
+        self._drop_workers()
+        self._ready.set()
+
+    def _broken(self, gen: int, reason: str) -> None:
+        """A worker of generation ``gen`` died or broke its channel; lock held.
+
+        Before the first generation is ready that is fatal (the model does not load). After it, every worker of the
+        generation is killed, the sequences in flight go back to the front of the queue with their tokens so far
+        (prompt + output: the next generation prefills them again, and their clients' streams go on), and a new
+        generation starts; ``GenerateConfig.max_restarts`` in a row without a finished step fail the service.
+        """
+        if gen != self._gen or self._closed or self._error is not None:
+            return
+        if not self._ready.is_set():
+            self._fail_for_good(f"{reason} (while starting)")
+            return
+        if self._broken_in_row >= self.config.max_restarts:
+            self._fail_for_good(f"{reason}; restarted {self._broken_in_row} times without a token in between "
+                                "(GenerateConfig.max_restarts)")
+            return
+        self._broken_in_row += 1
+        self.restarts += 1
+        log.warning("generation pipeline of %s broke (%s): restarting it; %d sequences are prefilled again",
+                    self.name, reason, len(self._sched.running))
+        self._drop_workers()
+        self._sched.requeue_all()
+        self._gen += 1  # what the dead generation's workers still say is ignored from now on
+        self._restart = True
+
+    def _drop_workers(self) -> None:
+        """Kill the current generation's workers and close their channels; lock held."""
+        self._up = False
+        for chan in self._conns.values():
+            chan.close()
+        self._conns, self._stage_ready = {}, {}
+        for p in self._procs:
+            if p.exitcode is None:
+                p.kill()
+        self._to_reap.extend(self._procs)
+        self._procs = []
+
+    def _start(self) -> None:
+        """Start a new generation of workers (its own gloo port)."""
+        config = self.config
+        with self._lock:
+            self._restart = False
+            gen = self._gen
+            self._started_at = time.monotonic()
+        port = find_free_port("127.0.0.1")
+        procs = []
+        for s in range(config.stages):
+            wc = GenWorkerConfig(model=config.model, stage=s, stages=config.stages, slots=config.max_seqs,
+                                 max_len=self.max_len, seed=config.seed, dtype=config.dtype, threads=self._threads,
+                                 gateway_host=config.host, gateway_port=self._listener.port, secret=self._secret,
+                                 dist_port=port, generation=gen, timeout_s=config.worker_timeout_s,
+                                 log_level=log.getEffectiveLevel())
+            p = self._ctx.Process(target=gen_worker_main, args=(wc.to_json(),), daemon=True,
+                                  name=f"stagewise-generate-g{gen}s{s}")
+            p.start()
+            procs.append(p)
+        with self._lock:
+            if gen == self._gen and not self._closed:
+                self._procs = procs
+            else:
+                for p in procs:
+                    p.kill()
+                self._to_reap.extend(procs)
 
     # ------------------------------------------------------------------------------------------------ channels
     def _on_hello(self, sock: socket.socket, who: HelloFields) -> None:
         chan = Channel(sock, send_timeout_s=self.config.worker_timeout_s)
         with self._lock:
-            if who.stage >= self.config.stages or who.stage in self._conns or self._closed:
+            if (who.generation != self._gen or who.stage >= self.config.stages or who.stage in self._conns
+                    or self._closed):
                 chan.close()
                 return
             self._conns[who.stage] = chan
-        threading.Thread(target=self._read, args=(who.stage, chan), daemon=True,
-                         name=f"stagewise-generate-r{who.stage}").start()
+        threading.Thread(target=self._read, args=(who.stage, who.generation, chan), daemon=True,
+                         name=f"stagewise-generate-g{who.generation}s{who.stage}").start()
 
-    def _read(self, stage: int, chan: Channel) -> None:
+    def _read(self, stage: int, gen: int, chan: Channel) -> None:
         reason = f"stage {stage} closed its channel"
         try:
             while (msg := chan.recv()) is not None:
-                self._on_message(stage, msg)
-        except Exception as exc:  # noqa: BLE001 - any broken channel fails the pipeline
+                self._on_message(stage, gen, msg)
+        except Exception as exc:  # noqa: BLE001 - any broken channel breaks the pipeline
             reason = f"stage {stage} channel broke: {type(exc).__name__}: {exc}"
         with self._lock:
-            if not self._closed:
-                self._fail_locked(reason)
-        self._ready.set()
+            self._broken(gen, reason)
+        chan.close()
 
-    def _on_message(self, stage: int, msg: Message) -> None:
+    def _on_message(self, stage: int, gen: int, msg: Message) -> None:
         kind, h = msg.kind, msg.header
         if kind == "logits":
-            self._on_logits(int(h["step"]), msg.tensors["logits"])
-        elif kind == "ready":
-            with self._lock:
+            self._on_logits(gen, int(h["step"]), msg.tensors["logits"])
+            return
+        with self._lock:
+            if gen != self._gen:
+                return
+            if kind == "ready":
                 self._stage_ready[stage] = h
                 self.kv_bytes = sum(int(r["kv_bytes"]) for r in self._stage_ready.values())
                 if len(self._stage_ready) == self.config.stages:
-                    log.info("generation pipeline of %s ready: %d slots x %d tokens, %.1f MiB of KV cache",
-                             self.name, self._sched.slots, self.max_len, self.kv_bytes / 2**20)
+                    log.info("generation pipeline of %s ready (generation %d): %d slots x %d tokens, %.1f MiB of KV "
+                             "cache", self.name, gen, self._sched.slots, self.max_len, self.kv_bytes / 2**20)
+                    self._up = True
                     self._ready.set()
-        elif kind == "fatal":
-            with self._lock:
-                self._fail_locked(f"stage {stage} crashed: {str(h.get('message', ''))[-800:]}")
-            self._ready.set()
+                    self._pump()
+            elif kind == "fatal":
+                self._broken(gen, f"stage {stage} crashed: {str(h.get('message', ''))[-800:]}")
 
     def _watch(self) -> None:
-        """Fails the pipeline when a worker process exits, and a start that takes too long."""
-        started = time.monotonic()
-        while not self._closed:
-            dead = [s for s, p in enumerate(self._procs) if p.exitcode is not None]
-            reason = None
-            if dead:
-                reason = f"stage {dead[0]} process exited with code {self._procs[dead[0]].exitcode}"
-            elif not self._ready.is_set() and time.monotonic() - started > self.config.startup_timeout_s:
-                reason = f"not ready within {self.config.startup_timeout_s:g} s (GenerateConfig.startup_timeout_s)"
-            if reason is not None:
-                with self._lock:
-                    if not self._closed:
-                        self._fail_locked(reason)
-                self._ready.set()
-                return
-            time.sleep(0.2)
+        """Breaks the pipeline when a worker process exits or a start takes too long; starts the next generation."""
+        while not self._closed and self._error is None:
+            with self._lock:
+                gen, procs, restart = self._gen, list(self._procs), self._restart
+                dead = [s for s, p in enumerate(procs) if p.exitcode is not None]
+                if dead:
+                    self._broken(gen, f"stage {dead[0]} process exited with code {procs[dead[0]].exitcode}")
+                elif not self._up and procs and time.monotonic() - self._started_at > self.config.startup_timeout_s:
+                    self._broken(gen, f"not ready within {self.config.startup_timeout_s:g} s "
+                                      "(GenerateConfig.startup_timeout_s)")
+                gone = [p for p in self._to_reap if p.exitcode is not None]
+                self._to_reap = [p for p in self._to_reap if p.exitcode is None]
+            for p in gone:
+                p.close()
+            if restart:
+                self._start()
+            time.sleep(0.1)

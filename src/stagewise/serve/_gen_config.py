@@ -44,6 +44,9 @@ class GenerateConfig:
     """Address the worker channel listens on (workers are local processes)."""
     startup_timeout_s: float = 120.0
     """Longest the workers may take to load the model and allocate their cache."""
+    max_restarts: int = 3
+    """Times the workers are restarted (sequences prefilled again) without a token generated in between, before
+    the service fails its requests."""
     worker_timeout_s: float = 60.0
     """Longest a step may stay in the pipeline before the service counts the workers as stuck."""
 
@@ -51,6 +54,8 @@ class GenerateConfig:
         for field in ("stages", "max_seqs", "max_batch_tokens"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"GenerateConfig.{field} must be >= 1, got {getattr(self, field)!r}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"GenerateConfig.max_restarts must be >= 0, got {self.max_restarts!r}")
         if self.max_queue < 0:
             raise ConfigError(f"GenerateConfig.max_queue must be >= 0, got {self.max_queue!r}")
         for field in ("max_len", "inflight", "threads_per_worker"):

@@ -132,6 +132,17 @@ class Scheduler:
                 self._free(seq)
         return step
 
+    def requeue_all(self) -> None:
+        """The pipeline restarts: running sequences go back to the front of the queue (in arrival order) to be
+        prefilled again from their tokens so far; steps in flight are forgotten and step numbers start again at 0."""
+        running = sorted(self.running.values(), key=lambda s: s.id)
+        for seq in running:
+            seq.busy = False
+            self._free(seq)
+        self.waiting.extendleft(reversed([s for s in running if not s.done]))
+        self.inflight.clear()
+        self._next_step = 0
+
     def fail_all(self) -> list[SeqState]:
         """Every sequence, waiting or running (the pipeline is gone); the scheduler starts empty again."""
         seqs = list(self.waiting) + list(self.running.values())
