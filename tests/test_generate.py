@@ -170,7 +170,7 @@ def served(llama_folder: str):
     from stagewise.serve._gen_routes import create_generate_app
 
     backend = GenerateBackend(GenerateConfig(model=llama_folder, stages=2, max_seqs=3, max_queue=1,
-                                             threads_per_worker=1))
+                                             threads_per_worker=1, heartbeat_timeout_s=3.0))
     try:
         backend.wait_ready(240)
         server = serve_app(create_generate_app(backend))
@@ -318,9 +318,10 @@ def test_openai_client_both_modes(served) -> None:
         client.completions.create(model="nope", prompt="x", max_tokens=1)
 
 
-def test_worker_killed_mid_stream_the_stream_completes(served) -> None:
-    """SIGKILL a stage while a sequence streams: the workers restart, the sequence is prefilled again from its tokens
-    so far, and the client's stream goes on to the same text as an undisturbed run."""
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_worker_lost_mid_stream_the_stream_completes(served, how: str) -> None:
+    """Kill a stage (or stop it: silent past the heartbeat timeout) while a sequence streams: the workers restart,
+    the sequence is prefilled again from its tokens so far, and the stream goes on to the undisturbed text."""
     import httpx
 
     backend, url = served
@@ -336,7 +337,8 @@ def test_worker_killed_mid_stream_the_stream_completes(served) -> None:
             if backend.stats()["slots_used"] == 0:
                 os.kill(pid, signal.SIGCONT)
                 continue
-            os.kill(pid, signal.SIGKILL)
+            if how == "SIGKILL":
+                os.kill(pid, signal.SIGKILL)
             rest = [ln for ln in lines if ln]
         break
     else:

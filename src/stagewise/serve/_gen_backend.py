@@ -117,6 +117,10 @@ class GenerateBackend:
         """Generations started after the first."""
         self._broken_in_row = 0
         self._conns: dict[int, Channel] = {}
+        self._beats: dict[int, float] = {}
+        """Last message time per stage of the current generation (workers beat every second)."""
+        self._sent_at: dict[int, float] = {}
+        """Send time of each step in flight."""
         self._stage_ready: dict[int, dict[str, Any]] = {}
         self._procs: list[Any] = []
         self._to_reap: list[Any] = []
@@ -218,6 +222,7 @@ class GenerateBackend:
         """Send every step the scheduler allows now; lock held."""
         while self._up and not self._closed and (step := self._sched.next_step()) is not None:
             meta, ids = step.table()
+            self._sent_at[step.number] = time.monotonic()
             try:
                 self._conns[0].send({"kind": "step", "step": step.number},
                                     {"meta": torch.tensor(meta, dtype=torch.long),
@@ -230,6 +235,7 @@ class GenerateBackend:
         with self._lock:
             if gen != self._gen or number not in self._sched.inflight:
                 return
+            self._sent_at.pop(number, None)
             step: Step = self._sched.finish_step(number)
             for i, (seq, _start, _new) in enumerate(step.rows):
                 if seq.done or seq.cached < len(seq.tokens):  # cancelled, or a prefill chunk with more to come
@@ -303,7 +309,7 @@ class GenerateBackend:
         self._up = False
         for chan in self._conns.values():
             chan.close()
-        self._conns, self._stage_ready = {}, {}
+        self._conns, self._stage_ready, self._beats, self._sent_at = {}, {}, {}, {}
         for p in self._procs:
             if p.exitcode is None:
                 p.kill()
@@ -345,7 +351,7 @@ class GenerateBackend:
                     or self._closed):
                 chan.close()
                 return
-            self._conns[who.stage] = chan
+            self._conns[who.stage], self._beats[who.stage] = chan, time.monotonic()
         threading.Thread(target=self._read, args=(who.stage, who.generation, chan), daemon=True,
                          name=f"stagewise-generate-g{who.generation}s{who.stage}").start()
 
@@ -362,6 +368,8 @@ class GenerateBackend:
 
     def _on_message(self, stage: int, gen: int, msg: Message) -> None:
         kind, h = msg.kind, msg.header
+        if gen == self._gen:
+            self._beats[stage] = time.monotonic()  # every message is a heartbeat
         if kind == "logits":
             self._on_logits(gen, int(h["step"]), msg.tensors["logits"])
             return
@@ -391,6 +399,14 @@ class GenerateBackend:
                 elif not self._up and procs and time.monotonic() - self._started_at > self.config.startup_timeout_s:
                     self._broken(gen, f"not ready within {self.config.startup_timeout_s:g} s "
                                       "(GenerateConfig.startup_timeout_s)")
+                elif silent := [s for s, t in self._beats.items()
+                                if self._up and time.monotonic() - t > self.config.heartbeat_timeout_s]:
+                    self._broken(gen, f"stage {silent[0]} silent for {self.config.heartbeat_timeout_s:g} s "
+                                      "(GenerateConfig.heartbeat_timeout_s): stopped or hung")
+                elif stuck := [n for n, t in self._sent_at.items()
+                               if time.monotonic() - t > self.config.worker_timeout_s]:
+                    self._broken(gen, f"step {stuck[0]} not answered within {self.config.worker_timeout_s:g} s "
+                                      "(GenerateConfig.worker_timeout_s): a stage is stuck")
                 gone = [p for p in self._to_reap if p.exitcode is not None]
                 self._to_reap = [p for p in self._to_reap if p.exitcode is None]
             for p in gone:

@@ -48,7 +48,10 @@ class GenerateConfig:
     """Times the workers are restarted (sequences prefilled again) without a token generated in between, before
     the service fails its requests."""
     worker_timeout_s: float = 60.0
-    """Longest a step may stay in the pipeline before the service counts the workers as stuck."""
+    """Longest a step may stay in the pipeline before the workers count as stuck (restarted, sequences re-run)."""
+    heartbeat_timeout_s: float = 5.0
+    """A worker silent this long (workers beat every second from a thread of their own) is stopped or hung: the
+    workers are restarted and the sequences re-run."""
 
     def __post_init__(self) -> None:
         for field in ("stages", "max_seqs", "max_batch_tokens"):

@@ -95,12 +95,12 @@ class Scheduler:
 
     def next_step(self) -> Step | None:
         """The next step to send, or None (no free step, or nothing ready)."""
-        if len(self.inflight) >= self.inflight_cap:
-            return None
-        while self.waiting and self.free_slots:
+        while self.waiting and self.free_slots:  # a free slot takes a waiting sequence even when no step can go
             seq = self.waiting.popleft()
             seq.slot, seq.cached = self.free_slots.pop(), 0
             self.running[seq.id] = seq
+        if len(self.inflight) >= self.inflight_cap:
+            return None
         ready = [s for s in self.running.values() if not s.busy and not s.done]
         if not ready:
             return None
