@@ -18,11 +18,13 @@ re-prefills a replacement server; clients keep their streams and see no repeated
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
 import secrets
 import socket
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -80,7 +82,7 @@ class _Request:
         self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self.stop_text = StopText(params.stop)
         self.created = time.monotonic()
-        self.first_token_s: float | None = None
+        self.last_token_at: float | None = None
 
     def put(self, item: TokenEvent | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -125,7 +127,10 @@ class GenerateBackend:
         self._procs: list[Any] = []
         self._to_reap: list[Any] = []
         self.kv_bytes = 0
-        self.ttft_s: list[float] = []
+        self._ttft_s: collections.deque[float] = collections.deque(maxlen=1000)
+        self._itl_s: collections.deque[float] = collections.deque(maxlen=10000)
+        self._tokens = 0
+        self._born = time.monotonic()
         self._secret = secrets.token_hex(16)
         self._ctx = forkserver_context(_PRELOAD)
         self._listener = ChannelListener(config.host, self._secret, self._on_hello, hello_timeout_s=30.0)
@@ -148,11 +153,19 @@ class GenerateBackend:
         return self._up and self._error is None and not self._closed
 
     def stats(self) -> dict[str, Any]:
-        """KV-cache slots in use, requests waiting, steps in flight, cache bytes per stage."""
+        """KV-cache use (slots, bytes on all stages), requests waiting, steps in flight, tokens generated and their
+        rate since start, time to first token and inter-token latency (p50 of the last 1000 / 10000, ms)."""
+
+        def p50_ms(values: collections.deque[float]) -> float | None:
+            return 1000 * statistics.median(values) if values else None
+
         with self._lock:
             return {"slots": self._sched.slots, "slots_used": self._sched.used_slots,
+                    "kv_cache_use": self._sched.used_slots / self._sched.slots, "kv_bytes": self.kv_bytes,
                     "waiting": len(self._sched.waiting), "steps_inflight": len(self._sched.inflight),
-                    "kv_bytes": self.kv_bytes}
+                    "tokens": self._tokens, "tokens_per_s": self._tokens / (time.monotonic() - self._born),
+                    "ttft_p50_ms": p50_ms(self._ttft_s), "itl_p50_ms": p50_ms(self._itl_s),
+                    "restarts": self.restarts}
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -249,9 +262,13 @@ class GenerateBackend:
         params = req.params
         token = choose_token(logits, params, req.generator)
         seq.tokens.append(token)
-        if req.first_token_s is None:
-            req.first_token_s = time.monotonic() - req.created
-            self.ttft_s.append(req.first_token_s)
+        now = time.monotonic()
+        if req.last_token_at is None:
+            self._ttft_s.append(now - req.created)
+        else:
+            self._itl_s.append(now - req.last_token_at)
+        req.last_token_at = now
+        self._tokens += 1
         out = seq.output
         reason = None
         if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
