@@ -24,7 +24,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from stagewise.serve._gen_engine import Scheduler, SeqState  # noqa: E402
 from stagewise.serve._gen_model import eos_token_ids  # noqa: E402
 from stagewise.serve._gen_sampling import SamplingError, SamplingParams, StopText, choose_token  # noqa: E402
-from stagewise.serve._gen_stage import GenStage, layer_split  # noqa: E402
+from stagewise.serve._gen_stage import GenStage, layer_split, slots_in_budget  # noqa: E402
 from stagewise.zoo import hf  # noqa: E402
 
 DECODERS = ["gpt2", "llama", "qwen2", "mistral", "gemma", "falcon", "bloom"]
@@ -92,6 +92,14 @@ def test_layer_split_and_cache_bound() -> None:
     assert stage.warm_up() == 2 * 2 * (2 * 2 * 8 * 16) * 4  # layers x (k, v) x slots*heads*len*dim x fp32 bytes
     with pytest.raises(ValueError, match="KV cache holds 8"):
         stage.run_rows(torch.tensor([[0, 0, 9]]), torch.zeros(9, dtype=torch.long), None)
+
+
+def test_kv_budget_sets_the_slots() -> None:
+    # mistral: 1 key/value head (grouped-query); a sequence of 64 tokens on 1 of 2 layers = 2 x 1 x 64 x 16 x 4 bytes
+    per_stage = 2 * 1 * 64 * 16 * 4
+    assert slots_in_budget(hf.mistral().model, stages=2, max_len=64, budget_bytes=10 * per_stage + 5) == 10
+    with pytest.raises(ValueError, match="holds no sequence"):
+        slots_in_budget(hf.mistral().model, stages=2, max_len=64, budget_bytes=per_stage - 1)
 
 
 def test_scheduler_spreads_sequences_over_steps_in_flight() -> None:

@@ -46,6 +46,7 @@ from ._gen_model import (
     max_positions,
 )
 from ._gen_sampling import SamplingParams, StopText, choose_token
+from ._gen_stage import slots_in_budget
 from ._gen_worker import GenWorkerConfig, gen_worker_main
 from ._listener import ChannelListener, HelloFields
 from ._protocol import BackendError, BadRequestError, ServiceUnavailableError
@@ -97,11 +98,15 @@ class GenerateBackend:
         self.eos = eos_token_ids(lm)
         self.max_len = config.max_len or max_positions(lm)
         self.vocab = int(lm.get_output_embeddings().weight.shape[0])
+        self.slots = config.max_seqs
+        if config.kv_budget_mb is not None:
+            self.slots = slots_in_budget(lm, stages=config.stages, max_len=self.max_len,
+                                         budget_bytes=int(config.kv_budget_mb * 2**20))
         del lm
         self.name = config.name or os.path.basename(config.model.rstrip("/")).rpartition(":")[2]
         self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         self.chat = ChatTemplate(config.model, config.tokenizer)
-        self._sched = Scheduler(slots=config.max_seqs, inflight=config.inflight or config.stages,
+        self._sched = Scheduler(slots=self.slots, inflight=config.inflight or config.stages,
                                 max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens)
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -343,7 +348,7 @@ class GenerateBackend:
         port = find_free_port("127.0.0.1")
         procs = []
         for s in range(config.stages):
-            wc = GenWorkerConfig(model=config.model, stage=s, stages=config.stages, slots=config.max_seqs,
+            wc = GenWorkerConfig(model=config.model, stage=s, stages=config.stages, slots=self.slots,
                                  max_len=self.max_len, seed=config.seed, dtype=config.dtype, threads=self._threads,
                                  gateway_host=config.host, gateway_port=self._listener.port, secret=self._secret,
                                  dist_port=port, generation=gen, timeout_s=config.worker_timeout_s,

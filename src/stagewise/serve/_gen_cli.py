@@ -21,6 +21,8 @@ def add_generate_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="model name in the APIs (default: the folder's name)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json, or a folder holding one")
     p.add_argument("--max-seqs", type=int, default=16, help="sequences generated at once (KV slots per stage)")
+    p.add_argument("--kv-budget-mb", type=float, default=None,
+                   help="KV-cache memory per stage (MiB); sets the number of sequences instead of --max-seqs")
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence a slot holds")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -47,6 +49,7 @@ def _cmd_serve_generate(args: argparse.Namespace) -> int:
 
     backend = GenerateBackend(GenerateConfig(model=args.model, stages=args.stages, name=args.name,
                                              tokenizer=args.tokenizer, max_seqs=args.max_seqs, max_len=args.max_len,
+                                             kv_budget_mb=args.kv_budget_mb,
                                              max_queue=args.max_queue, dtype=args.dtype))
     try:
         backend.wait_ready()

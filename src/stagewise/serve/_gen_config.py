@@ -24,7 +24,10 @@ class GenerateConfig:
     tokenizer: str | None = None
     """A tokenizer.json (or a folder holding one); None: the model folder's own."""
     max_seqs: int = 16
-    """Sequences generated at once: KV-cache slots preallocated on every stage."""
+    """Sequences generated at once: KV-cache slots preallocated on every stage (unless ``kv_budget_mb`` is set)."""
+    kv_budget_mb: float | None = None
+    """KV-cache memory per stage (MiB): as many sequences of ``max_len`` tokens as fit on the stage with the most
+    layers are generated at once (replaces ``max_seqs``)."""
     max_len: int | None = None
     """Tokens per sequence (prompt + output) each slot holds; None: the model's max_position_embeddings (at most
     4096)."""
@@ -57,6 +60,8 @@ class GenerateConfig:
         for field in ("stages", "max_seqs", "max_batch_tokens"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"GenerateConfig.{field} must be >= 1, got {getattr(self, field)!r}")
+        if self.kv_budget_mb is not None and not self.kv_budget_mb > 0:
+            raise ConfigError(f"GenerateConfig.kv_budget_mb must be > 0 or None, got {self.kv_budget_mb!r}")
         if self.max_restarts < 0:
             raise ConfigError(f"GenerateConfig.max_restarts must be >= 0, got {self.max_restarts!r}")
         if self.max_queue < 0:

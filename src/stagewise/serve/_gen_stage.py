@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import StagewiseError
+from .._errors import ConfigError, StagewiseError
 
-__all__ = ["GenStage", "StepRows", "UnsupportedModelError", "layer_split"]
+__all__ = ["GenStage", "StepRows", "UnsupportedModelError", "layer_split", "slots_in_budget"]
 
 
 class UnsupportedModelError(StagewiseError, ValueError):
@@ -233,3 +233,22 @@ class GenStage:
 
 def _contains(module: nn.Module, target: nn.Module) -> bool:
     return any(m is target for m in module.modules())
+
+
+def slots_in_budget(model: nn.Module, *, stages: int, max_len: int, budget_bytes: int) -> int:
+    """Sequences of ``max_len`` tokens whose KV cache fits ``budget_bytes`` on the stage with the most layers.
+
+    Measured, not computed from the config: a 1-slot cache of every layer, allocated by a 1-token step, so
+    grouped-query, multi-query and ALiBi models alike are sized by what their attention actually caches. Cuts
+    ``model`` (pass one that is not used afterwards).
+    """
+    probe = GenStage(model, stage=0, stages=1, slots=1, max_len=max_len)
+    per_slot = probe.warm_up()  # bytes of one sequence in every layer
+    layers = probe.layer_range[1]
+    most = max(b - a for a, b in layer_split(layers, stages))
+    per_stage = per_slot * most / layers
+    if budget_bytes < per_stage:
+        raise ConfigError(f"a KV-cache budget of {budget_bytes / 2**20:g} MiB holds no sequence: one sequence of "
+                          f"{max_len} tokens takes {per_stage / 2**20:.3f} MiB on a stage of {most} layers (raise "
+                          "GenerateConfig.kv_budget_mb or lower max_len)")
+    return int(budget_bytes // per_stage)
