@@ -276,6 +276,17 @@ def test_served_cancel_frees_cache_and_full_budget_is_429(served) -> None:
         next(r.iter_lines())  # the first token arrived: the sequence holds a slot
         assert backend.stats()["slots_used"] == 1
     _wait_slots_free(backend)  # the client went away: its slot is free again
+    pid = next(p.pid for p in backend._procs if p.name.endswith("s1"))
+    os.kill(pid, signal.SIGSTOP)  # no token comes back: the request below cannot finish before its client leaves
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={**long, "stream": False}, timeout=0.5)
+        time.sleep(1.0)  # the server notices the client left (it checks 4 times a second)
+        tokens = backend.stats()["tokens"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _wait_slots_free(backend)  # its step in flight came back: the slot is free ...
+    assert backend.stats()["tokens"] == tokens  # ... and the cancelled sequence made no more tokens
     # Hold every slot: stop stage 1 so no step comes back, fill the 3 slots and the 1 queue place, then one more.
     pid = next(p.pid for p in backend._procs if p.name.endswith("s1"))
     os.kill(pid, signal.SIGSTOP)

@@ -12,6 +12,7 @@ KV slot is free at once on every stage.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -24,10 +25,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ._gen_backend import GenerateBackend, TokenEvent
 from ._gen_sampling import SamplingError, SamplingParams
-from ._protocol import ServeError, ServiceUnavailableError
+from ._protocol import ClientDisconnectedError, ServeError, ServiceUnavailableError
 
 __all__ = ["create_generate_app", "sampling_from"]
 
+_DISCONNECT_POLL_S = 0.25
+"""How often a non-streaming request checks that its client is still there."""
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -139,13 +142,28 @@ def create_generate_app(backend: GenerateBackend, *, auth_token: str | None = No
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "stagewise"}]}
 
-    async def run(ids: list[int], params: SamplingParams) -> tuple[str, str | None, int]:
-        text, reason, n = [], None, 0
-        async with contextlib.aclosing(backend.generate(ids, params)) as events:
-            async for ev in events:
-                text.append(ev.text)
-                n += ev.token is not None
-                reason = ev.finish_reason
+    async def run(ids: list[int], params: SamplingParams, request: Request) -> tuple[str, str | None, int]:
+        """The whole output; a client that disconnects meanwhile cancels the sequence (its slot is freed)."""
+        text: list[str] = []
+        reason: str | None = None
+        n = 0
+
+        async def consume() -> None:
+            nonlocal reason, n
+            async with contextlib.aclosing(backend.generate(ids, params)) as events:
+                async for ev in events:
+                    text.append(ev.text)
+                    n += ev.token is not None
+                    reason = ev.finish_reason
+
+        task = asyncio.ensure_future(consume())
+        while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ClientDisconnectedError("the client went away")
+        task.result()
         return "".join(text), reason, n
 
     async def stream(ids: list[int], params: SamplingParams, chunk: Any, *, done: bool = True) -> Response:
@@ -184,7 +202,7 @@ def create_generate_app(backend: GenerateBackend, *, auth_token: str | None = No
 
             if body.get("stream"):
                 return await stream(ids, params, chunk)
-            text, reason, n = await run(ids, params)
+            text, reason, n = await run(ids, params, request)
         except Exception as exc:  # noqa: BLE001 - every error answers in OpenAI's shape
             return _openai_error(exc)
         return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": name,
@@ -213,7 +231,7 @@ def create_generate_app(backend: GenerateBackend, *, auth_token: str | None = No
 
             if body.get("stream"):
                 return await stream(ids, params, chunk)
-            text, reason, n = await run(ids, params)
+            text, reason, n = await run(ids, params, request)
         except Exception as exc:  # noqa: BLE001 - every error answers in OpenAI's shape
             return _openai_error(exc)
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": name,
@@ -242,7 +260,7 @@ def create_generate_app(backend: GenerateBackend, *, auth_token: str | None = No
 
             if streaming:
                 return await stream(ids, params, chunk, done=False)
-            text, reason, _ = await run(ids, params)
+            text, reason, _ = await run(ids, params, request)
         except Exception as exc:  # noqa: BLE001 - every error answers in the extension's shape
             return _kserve_error(exc)
         return JSONResponse({"model_name": name, "model_version": "1", "text_output": text, "finish_reason": reason})
