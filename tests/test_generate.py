@@ -261,6 +261,8 @@ def test_served_sampling_streaming_stop_and_kserve(served) -> None:
     assert _post(url, "/v1/completions", {"prompt": "x", "top_p": 0}).status_code == 400
     models = httpx.get(url + "/v1/models").json()
     assert models["data"][0]["id"] == backend.name
+    full = _post(url, "/v1/completions", {**body, "prompt": "abc", "max_tokens": 100}).json()
+    assert full["usage"]["completion_tokens"] == 64 - 3 and full["choices"][0]["finish_reason"] == "length"
     stats = httpx.get(url + "/v1/stats").json()
     assert stats["tokens"] >= 100 and stats["ttft_p50_ms"] > 0 and stats["itl_p50_ms"] > 0
     assert stats["kv_bytes"] == 2 * 2 * 3 * (2 * 64 * 16) * 4  # layers x (k, v) x slots x (heads*len*dim) x fp32
