@@ -66,16 +66,19 @@ def _run_in_process(stages: list[GenStage], sched: Scheduler, arrivals: dict[int
         step_no += 1
 
 
+@pytest.mark.parametrize("budget", [8, 64])
 @pytest.mark.parametrize("name", DECODERS)
-def test_two_stages_match_hf_generate(name: str) -> None:
-    """Greedy tokens of 2 stages under the continuous-batching scheduler == HF generate, prompt by prompt."""
+def test_two_stages_match_hf_generate(name: str, budget: int) -> None:
+    """Greedy tokens of 2 stages under the continuous-batching scheduler == HF generate, prompt by prompt. A step
+    budget of 8 tokens splits prefills into chunks (a fresh chunk batches with another prefill, a continued one runs
+    alone); 64 batches all fresh prefills of a step, padded."""
     model = hf.HF_MODELS[name]().model.eval()
     stages = [GenStage(copy.deepcopy(model), stage=s, stages=2, slots=3, max_len=64) for s in range(2)]
     assert stages[0].layer_range == (0, 1) and stages[1].layer_range == (1, 2)
     n = 10
     prompts = _prompts(len(name), (5, 9, 2, 7, 12))
-    # 5 sequences, 3 slots, 2 steps in flight, a small token budget: prefills split, queueing, joins at every step
-    sched = Scheduler(slots=3, inflight=2, max_queue=8, max_batch_tokens=8)
+    # 5 sequences, 3 slots, 2 steps in flight: queueing, joins and leaves at every step
+    sched = Scheduler(slots=3, inflight=2, max_queue=8, max_batch_tokens=budget)
     seqs = [SeqState(i, list(p), len(p)) for i, p in enumerate(prompts)]
     arrivals = {0: seqs[:2], 3: seqs[2:4], 7: seqs[4:]}
     _run_in_process(stages, sched, arrivals, n, eos_token_ids(model))

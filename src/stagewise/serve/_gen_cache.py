@@ -8,9 +8,10 @@ its masks, rotary/ALiBi positions and attention kernels stay exactly Hugging Fac
 
 Layout per attention layer of this stage (allocated on the first write, which the stage makes at start-up, so the
 memory is taken before serving): keys and values ``(slots, kv_heads, max_len, head_dim)``. A step names, per row, a
-slot and the position its first new token goes to. ``update`` writes the new keys there and returns the rows' keys
-``[0, kv_len)`` where ``kv_len`` is the step's longest; positions a row has not reached are masked by the 2D
-attention mask the stage passes (a row of a batched decode sees only its own ``[0, position]``). Freeing a slot is the
+slot, the position its first new token goes to and its number of new tokens (rows of a batched prefill are padded at
+the end to the longest). ``update`` writes the real new keys there and returns the rows' keys ``[0, kv_len)`` where
+``kv_len`` is the step's longest; positions a row has not reached are masked by the 2D attention mask the stage
+passes (a row of a batched decode sees only its own ``[0, position]``). Freeing a slot is the
 scheduler's bookkeeping: a new sequence overwrites positions before it reads them.
 """
 
@@ -34,23 +35,26 @@ class SlotCache(Cache):
         self.values: dict[int, torch.Tensor] = {}
         self._rows = torch.zeros(0, dtype=torch.long)
         self._starts = torch.zeros(0, dtype=torch.long)
+        self._lengths = torch.zeros(0, dtype=torch.long)
         self._q_len = 0
         self._kv_len = 0
 
     # ------------------------------------------------------------------ the step the stage is about to run
-    def begin_step(self, rows: torch.Tensor, starts: torch.Tensor, q_len: int) -> int:
-        """Rows ``rows`` (slot ids) write ``q_len`` new tokens each from position ``starts``; returns the kv length.
+    def begin_step(self, rows: torch.Tensor, starts: torch.Tensor, q_len: int, lengths: torch.Tensor) -> int:
+        """Rows ``rows`` (slot ids) write ``lengths`` new tokens each (at most ``q_len``: shorter rows are padded at
+        the end) from position ``starts``; returns the kv length of the step.
 
-        A batch with ``q_len > 1`` (a prefill) must hold one row: rows of different lengths are not padded.
+        Rows of several tokens (prefills) batch only from position 0: the mask has one query offset for all rows.
         """
-        if q_len > 1 and rows.numel() != 1:
-            raise ValueError(f"a prefill step of {q_len} tokens runs one sequence at a time, got {rows.numel()}")
-        end = int(starts.max()) + q_len
-        if end > self.max_len:
-            raise ValueError(f"sequence reaches {end} tokens; the KV cache holds {self.max_len} per sequence "
+        if q_len > 1 and rows.numel() > 1 and bool(starts.any()):
+            raise ValueError("prefill rows batch only from position 0; a continued prefill runs on its own")
+        need = int((starts + lengths).max())
+        if need > self.max_len:
+            raise ValueError(f"sequence reaches {need} tokens; the KV cache holds {self.max_len} per sequence "
                              "(GenerateConfig.max_len)")
-        self._rows, self._starts, self._q_len, self._kv_len = rows, starts, q_len, end
-        return end
+        self._rows, self._starts, self._q_len, self._lengths = rows, starts, q_len, lengths
+        self._kv_len = int(starts.max()) + q_len
+        return self._kv_len
 
     @property
     def bytes(self) -> int:
@@ -70,10 +74,10 @@ class SlotCache(Cache):
         if q == 1:
             k[rows, :, self._starts] = key_states[:, :, 0]
             v[rows, :, self._starts] = value_states[:, :, 0]
-        else:
-            s, p = int(rows[0]), int(self._starts[0])
-            k[s, :, p:p + q] = key_states[0]
-            v[s, :, p:p + q] = value_states[0]
+        else:  # only the real tokens: a padded row's tail is never written (nor read: the mask hides it)
+            for i, (s, p, n) in enumerate(zip(rows.tolist(), self._starts.tolist(), self._lengths.tolist())):
+                k[s, :, p:p + n] = key_states[i, :, :n]
+                v[s, :, p:p + n] = value_states[i, :, :n]
         if rows.numel() == 1:
             s = int(rows[0])
             return k[s:s + 1, :, :self._kv_len], v[s:s + 1, :, :self._kv_len]

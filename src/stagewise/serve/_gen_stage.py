@@ -97,14 +97,19 @@ def layer_split(n_layers: int, stages: int) -> list[tuple[int, int]]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepRows:
-    """One forward of a stage: ``rows`` sequences (slot ids), each writing ``q_len`` tokens from ``starts``."""
+    """One forward of a stage: ``rows`` sequences (slot ids), each writing its ``lengths`` tokens from ``starts``,
+    padded at the end to ``q_len``."""
 
     slots: torch.Tensor
     """(rows,) int64 slot ids."""
     starts: torch.Tensor
     """(rows,) int64 position of each row's first new token."""
-    q_len: int
-    """New tokens per row (1 for a decode; a prefill runs one row)."""
+    lengths: torch.Tensor
+    """(rows,) int64 new tokens of each row (1 for a decode)."""
+
+    @property
+    def q_len(self) -> int:
+        return int(self.lengths.max())
 
 
 class GenStage:
@@ -150,8 +155,13 @@ class GenStage:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._pass_positions = "position_ids" in params
-        self._logits_to_keep = "logits_to_keep" in params
         self._incoming: torch.Tensor | None = None
+        self._last_index = torch.zeros(0, dtype=torch.long)
+        if self.last:
+            head = model.get_output_embeddings()
+            if head is None:
+                raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings (LM head)")
+            head.register_forward_pre_hook(self._pick_last)
         self.dtype = dtype
 
     # ------------------------------------------------------------------ hooks
@@ -161,6 +171,10 @@ class GenStage:
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
+
+    def _pick_last(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        hidden = args[0]  # (rows, q_len, hidden)
+        return (hidden[torch.arange(hidden.shape[0]), self._last_index][:, None], *args[1:])
 
     def _handoff(self, module: nn.Module, args: Any, output: Any) -> None:
         raise _Handoff(output[0] if isinstance(output, (tuple, list)) else output)
@@ -174,16 +188,15 @@ class GenStage:
         stage's output hidden states (rows, q_len, hidden), or on the last stage the next-token logits (rows, vocab)
         in float32.
         """
-        kv_len = self.cache.begin_step(step.slots, step.starts, step.q_len)
+        kv_len = self.cache.begin_step(step.slots, step.starts, step.q_len, step.lengths)
         rows = int(step.slots.numel())
-        ends = step.starts + step.q_len  # (rows,)
+        ends = step.starts + step.lengths  # (rows,)
         mask = (torch.arange(kv_len)[None, :] < ends[:, None]).long()  # (rows, kv_len)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, self._cache_kw: self.cache,
                                   "use_cache": True}
         if self._pass_positions:
             kwargs["position_ids"] = step.starts[:, None] + torch.arange(step.q_len)[None, :]
-        if self.last and self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+        self._last_index = step.lengths - 1  # the head runs on each row's last real token only (see _pick_last)
         if not self.first:
             if hidden is None or tuple(hidden.shape) != (rows, step.q_len, self.hidden_size):
                 raise ValueError(f"stage {self.stage} expects hidden states of shape {(rows, step.q_len)} + "
@@ -197,38 +210,57 @@ class GenStage:
             self._incoming = None
         if not self.last:
             raise RuntimeError(f"stage {self.stage} ran past its last layer (please report this as a bug)")
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float()  # (rows, vocab): _pick_last gave the head one position per row
 
     def run_rows(self, meta: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
         """Run one pipeline step: ``meta`` (rows, 3) = (slot, start, q_len) per row, ``ids`` the rows' new tokens
         flattened in row order, ``hidden`` the previous stage's output flattened the same way (tokens, hidden).
 
-        A run of 1-token rows is one batched forward; every other row runs on its own. Returns (tokens, hidden) in
-        row order, or on the last stage (rows, vocab) logits.
+        A run of 1-token rows is one batched forward, a run of fresh prefills (from position 0) another (padded at
+        the end to the longest: a real token never attends to a later position, so padding changes none of its
+        values); a continued prefill chunk runs on its own. Returns (tokens, hidden) in row order, or on the last
+        stage (rows, vocab) logits.
         """
         outs: list[torch.Tensor] = []
         r, off, n_rows = 0, 0, int(meta.shape[0])
+        q_lens, starts = meta[:, 2].tolist(), meta[:, 1].tolist()
         while r < n_rows:
-            q = int(meta[r, 2])
             end = r + 1
-            if q == 1:
-                while end < n_rows and int(meta[end, 2]) == 1:
+            if q_lens[r] == 1:  # a decode batch
+                while end < n_rows and q_lens[end] == 1:
                     end += 1
-            rows, n = end - r, (end - r) * q
-            step = StepRows(meta[r:end, 0], meta[r:end, 1], q)
-            h = None if hidden is None else hidden[off:off + n].reshape(rows, q, -1)
-            out = self.forward(step, ids[off:off + n].reshape(rows, q), h)
-            outs.append(out if self.last else out.reshape(n, -1))
+            elif starts[r] == 0:  # fresh prefills batch together, padded at the end to the longest
+                while end < n_rows and q_lens[end] > 1 and starts[end] == 0:
+                    end += 1
+            lengths = meta[r:end, 2]
+            q, n = int(lengths.max()), int(lengths.sum())
+            step = StepRows(meta[r:end, 0], meta[r:end, 1], lengths)
+            out = self.forward(step, _padded(ids[off:off + n], q_lens[r:end], q),
+                               None if hidden is None else _padded(hidden[off:off + n], q_lens[r:end], q))
+            outs.append(out if self.last else torch.cat([out[i, :k] for i, k in enumerate(q_lens[r:end])]))
             r, off = end, off + n
         return torch.cat(outs)
 
     def warm_up(self) -> int:
         """Allocate the KV cache (a 1-token step on slot 0) before serving; returns its bytes."""
-        step = StepRows(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 1)
+        zero = torch.zeros(1, dtype=torch.long)
+        step = StepRows(zero, zero, zero + 1)
         ids = torch.zeros(1, 1, dtype=torch.long)
         hidden = None if self.first else torch.zeros(1, 1, self.hidden_size, dtype=self.dtype)
         self.forward(step, ids, hidden)
         return self.cache.bytes
+
+
+def _padded(flat: torch.Tensor, lengths: list[int], q: int) -> torch.Tensor:
+    """Rows of ``lengths`` items flattened in ``flat`` (tokens, ...) as (rows, q, ...), zero-padded at the end."""
+    if all(k == q for k in lengths):
+        return flat.reshape(len(lengths), q, *flat.shape[1:])
+    out = flat.new_zeros(len(lengths), q, *flat.shape[1:])
+    off = 0
+    for i, k in enumerate(lengths):
+        out[i, :k] = flat[off:off + k]
+        off += k
+    return out
 
 
 def _contains(module: nn.Module, target: nn.Module) -> bool:
