@@ -8,10 +8,10 @@ the head on the last), allocates the cache with a warm-up step, joins the stages
 Then step after step, in order. A step is a table of rows ``(slot, start, q_len)`` (decode rows, ``q_len`` 1, first;
 then prefill rows) and the rows' new token ids, flattened in row order. Stage 0 reads ``step {step}`` messages
 (tensors ``meta`` and ``ids``) from its channel; a later stage receives ``[step, meta, ids, hidden]`` from the stage
-before (DistTransport, tag = step mod 2**20). Each stage runs its rows (decode rows as one batch, each prefill row on
-its own) and sends its hidden states on; the last answers ``logits {step}`` (one row of next-token logits per row)
-over its channel. Any exception is fatal: the worker reports it (``fatal``) and exits, and the gateway fails the
-requests in flight.
+before (DistTransport, tag = step mod 2**20). Each stage runs its rows (``GenStage.run_rows``: decode rows as one
+batch, fresh prefills as another) and sends its hidden states on; the last answers ``logits {step}`` (one row of
+next-token logits per row) over its channel. Any exception is fatal: the worker reports it (``fatal``) and exits, and
+the gateway restarts the workers and re-runs the sequences (see ``_gen_backend``).
 
 Stage 0 exits on its channel's EOF; a later stage when the stage before it goes away.
 """
