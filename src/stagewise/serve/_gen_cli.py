@@ -9,52 +9,42 @@ import sys
 import urllib.error
 import urllib.request
 
+from .._cli_config import add_config_arguments, config_values
+from ._gen_config import GenerateConfig
+
 __all__ = ["add_generate_parsers"]
 
 
 def add_generate_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-generate", help="serve a causal language model for text generation (OpenAI and KServe "
                                               "generate APIs) split into pipeline stages")
-    p.add_argument("model", metavar="MODEL", help="Hugging Face model folder (with tokenizer.json) or "
-                                                  "'package.module:factory'")
-    p.add_argument("--stages", type=int, default=2, help="pipeline stages (worker processes)")
-    p.add_argument("--name", default=None, help="model name in the APIs (default: the folder's name)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json, or a folder holding one")
-    p.add_argument("--max-seqs", type=int, default=16, help="sequences generated at once (KV slots per stage)")
-    p.add_argument("--kv-budget-mb", type=float, default=None,
-                   help="KV-cache memory per stage (MiB); sets the number of sequences instead of --max-seqs")
-    p.add_argument("--max-len", type=int, default=None, help="tokens per sequence a slot holds")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    add_config_arguments(p, GenerateConfig)  # MODEL and one flag per GenerateConfig setting, help from its fields
+    p.add_argument("--host", dest="http_host", default="127.0.0.1", help="HTTP address (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every route but health")
     p.set_defaults(func=_cmd_serve_generate)
     g = sub.add_parser("generate", help="stream a completion from a generation server to the terminal")
     g.add_argument("url", metavar="URL", help="server address, e.g. http://127.0.0.1:8000")
     g.add_argument("model", metavar="MODEL", help="model name (GET URL/v1/models lists them)")
     g.add_argument("prompt", metavar="PROMPT")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible output)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message (the chat template applies)")
     g.set_defaults(func=_cmd_generate)
 
 
 def _cmd_serve_generate(args: argparse.Namespace) -> int:
     from ._gen_backend import GenerateBackend
-    from ._gen_config import GenerateConfig
     from ._gen_routes import create_generate_app
     from ._server import run
 
-    backend = GenerateBackend(GenerateConfig(model=args.model, stages=args.stages, name=args.name,
-                                             tokenizer=args.tokenizer, max_seqs=args.max_seqs, max_len=args.max_len,
-                                             kv_budget_mb=args.kv_budget_mb,
-                                             max_queue=args.max_queue, dtype=args.dtype))
+    backend = GenerateBackend(GenerateConfig(**config_values(GenerateConfig, args)))
     try:
         backend.wait_ready()
-        print(f"serving {backend.name!r} for generation at http://{args.host}:{args.port}/v1", file=sys.stderr)
-        run(create_generate_app(backend), host=args.host, port=args.port)
+        print(f"serving {backend.name!r} for generation at http://{args.http_host}:{args.port}/v1", file=sys.stderr)
+        run(create_generate_app(backend, auth_token=args.token), host=args.http_host, port=args.port)
     finally:
         backend.close()
     return 0

@@ -15,7 +15,7 @@ __all__ = ["GenerateConfig"]
 class GenerateConfig:
     """How a causal language model is split and served for text generation."""
 
-    model: str
+    model: str = dataclasses.field(metadata={"metavar": "MODEL"})
     """A Hugging Face model folder (config.json, weights, tokenizer.json) or a factory 'package.module:factory'."""
     stages: int = 2
     """Pipeline stages (worker processes), each holding a contiguous run of decoder layers and their KV cache."""
@@ -41,18 +41,18 @@ class GenerateConfig:
     """torch seed before a factory builds the model (every worker must build the same weights)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype."""
-    threads_per_worker: int | None = None
+    threads_per_worker: int | None = dataclasses.field(default=None, metadata={"flag": "--threads"})
     """torch threads per worker; None shares the cores evenly."""
-    host: str = "127.0.0.1"
+    host: str = dataclasses.field(default="127.0.0.1", metadata={"cli": False})
     """Address the worker channel listens on (workers are local processes)."""
-    startup_timeout_s: float = 120.0
+    startup_timeout_s: float = dataclasses.field(default=120.0, metadata={"flag": "--startup-timeout"})
     """Longest the workers may take to load the model and allocate their cache."""
     max_restarts: int = 3
     """Times the workers are restarted (sequences prefilled again) without a token generated in between, before
     the service fails its requests."""
-    worker_timeout_s: float = 60.0
+    worker_timeout_s: float = dataclasses.field(default=60.0, metadata={"flag": "--worker-timeout"})
     """Longest a step may stay in the pipeline before the workers count as stuck (restarted, sequences re-run)."""
-    heartbeat_timeout_s: float = 5.0
+    heartbeat_timeout_s: float = dataclasses.field(default=5.0, metadata={"flag": "--heartbeat-timeout"})
     """A worker silent this long (workers beat every second from a thread of their own) is stopped or hung: the
     workers are restarted and the sequences re-run."""
 
