@@ -375,3 +375,32 @@ def test_worker_lost_mid_stream_the_stream_completes(served, how: str) -> None:
     assert text == want
     assert backend.restarts == restarts + 1
     _wait_slots_free(backend)
+
+
+@pytest.mark.parametrize("name", ["bloom", "gemma"])
+def test_served_factory_models_match_hf_generate(name: str) -> None:
+    """Two more architectures through worker processes (ALiBi without position ids; scaled, tied embeddings), built
+    by their factory in every process, prompts as token ids arriving at different times."""
+    import asyncio
+
+    from stagewise.serve import GenerateBackend, GenerateConfig
+
+    model = hf.HF_MODELS[name]().model.eval()
+    prompts = _prompts(5, (6, 3, 10))
+    backend = GenerateBackend(GenerateConfig(model=f"stagewise.zoo.hf:{name}", stages=2, max_seqs=2,
+                                             threads_per_worker=1))
+    try:
+        backend.wait_ready(240)
+
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.02 * i)
+            params = SamplingParams(max_tokens=10, temperature=0)
+            return [ev.token async for ev in backend.generate(prompts[i], params)]
+
+        async def run() -> list[list[int]]:
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+        got = asyncio.run(run())
+    finally:
+        backend.close()
+    assert got == [_hf_greedy(model, p, 10) for p in prompts]
