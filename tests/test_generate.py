@@ -269,6 +269,9 @@ def test_served_sampling_streaming_stop_and_kserve(served) -> None:
     stats = httpx.get(url + "/v1/stats").json()
     assert stats["tokens"] >= 100 and stats["ttft_p50_ms"] > 0 and stats["itl_p50_ms"] > 0
     assert stats["kv_bytes"] == 2 * 2 * 3 * (2 * 64 * 16) * 4  # layers x (k, v) x slots x (heads*len*dim) x fp32
+    prom = httpx.get(url + "/metrics").text
+    assert f'stagewise_generate_tokens_total{{model="{backend.name}"}}' in prom
+    assert "# TYPE stagewise_generate_kv_cache_use gauge" in prom
     _wait_slots_free(backend)
 
 

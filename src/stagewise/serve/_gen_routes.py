@@ -4,7 +4,8 @@
   events, one chunk per token, ending in ``data: [DONE]``); errors as OpenAI's ``{"error": {message, type, code}}``.
 - ``POST /v2/models/{model}/generate`` (``{"text_input", "parameters"}`` -> ``{"model_name", "text_output"}``) and
   ``/generate_stream`` (one event per token); errors as ``{"error": message}``.
-- ``GET /v2/health/live``, ``/v2/health/ready``; ``GET /v1/stats`` (KV slots in use, queue, time to first token).
+- ``GET /v2/health/live``, ``/v2/health/ready``; ``GET /v1/stats`` (KV-cache use, queue, tokens/s, time to first token,
+  inter-token latency) and the same at ``GET /metrics`` for Prometheus.
 
 A client that disconnects from a stream closes the backend's token iterator: the sequence leaves the batch and its
 KV slot is free at once on every stage.
@@ -31,6 +32,17 @@ __all__ = ["create_generate_app", "sampling_from"]
 
 _DISCONNECT_POLL_S = 0.25
 """How often a non-streaming request checks that its client is still there."""
+_METRICS = [
+    ("kv_cache_use", "gauge", "Fraction of the KV-cache slots in use."),
+    ("slots_used", "gauge", "KV-cache slots (sequences) in use."),
+    ("waiting", "gauge", "Requests waiting for a slot."),
+    ("steps_inflight", "gauge", "Steps in the pipeline."),
+    ("tokens", "counter", "Tokens generated."),
+    ("tokens_per_s", "gauge", "Tokens generated per second since start."),
+    ("ttft_p50_ms", "gauge", "Median time to first token of the last 1000 requests (ms)."),
+    ("itl_p50_ms", "gauge", "Median inter-token latency of the last 10000 tokens (ms)."),
+    ("restarts", "counter", "Restarts of the stage workers."),
+]
 _OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -137,6 +149,20 @@ def create_generate_app(backend: GenerateBackend, *, auth_token: str | None = No
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
         return backend.stats()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format: the stats as gauges (and the token count as a counter)."""
+        stats = backend.stats()
+        lines = []
+        for key, kind, what in _METRICS:
+            value = stats.get(key)
+            if value is None:
+                continue
+            metric = f"stagewise_generate_{key}" + ("_total" if kind == "counter" else "")
+            lines += [f"# HELP {metric} {what}", f"# TYPE {metric} {kind}",
+                      f'{metric}{{model="{name}"}} {float(value):.6g}']
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
