@@ -35,6 +35,8 @@ HOW: list[tuple[str, str, str]] = [
                                              "namespaces"),
     (r"^curl\b", CLIENT, "runs against the server the block's last serve command started (-f: an HTTP error fails)"),
     (r"^stagewise train .*--serve-url", CLIENT, "pushes its weights to the server the block's last serve started"),
+    (r"^stagewise generate\b", CLIENT, "runs against the server the block's last serve-generate command started"),
+    (r"from openai import", CLIENT, "runs against the README's generation server (`stagewise serve-generate`)"),
     (r"^(stagewise|torchrun) ", RUN, "runs to completion; must exit 0"),
     (r"", RUN, "a Python block: runs as a script; must exit 0"),
 ]
@@ -117,7 +119,7 @@ def test_readme_blocks_run(tmp_path: Path) -> None:
         run_ok(cmd, work, env, f"setup {cmd!r} (what make quickstart leaves)")
     blocks = readme_blocks(README.read_text())
     client_python = [b for b in blocks if b.lang == "python" and how(b.text)[0] == CLIENT]
-    ran_python_client = False
+    ran_python_client: set[int] = set()
     plan = list(steps(blocks))
     i = 0
     while i < len(plan):
@@ -148,10 +150,10 @@ def test_readme_blocks_run(tmp_path: Path) -> None:
         with serving(text, port, work, env, what):
             for c in clients:
                 run_ok(shrink(c.text, port), work, env, f"README line {c.line}: {c.text!r}")
-            if "--token secret" in text:  # the README's Python client talks to this one
-                for b in client_python:
+            for b in client_python:  # each Python client runs with the server it talks to
+                if ("--token secret" in text) if "tritonclient" in b.text else ("serve-generate" in text):
                     script = work / f"readme_{b.line}.py"
                     script.write_text(shrink(b.text, port))
                     run_ok(f"{sys.executable} {script}", work, env, f"README line {b.line} (python, with {text!r})")
-                    ran_python_client = True
-    assert ran_python_client, "the tritonclient block never ran: no serve command with --token secret"
+                    ran_python_client.add(b.line)
+    assert ran_python_client == {b.line for b in client_python}, "a Python client block found no server to run with"

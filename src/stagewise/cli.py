@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from ._plan_cli import add_plan_parser, add_probe_parser
     from .checkpoint import add_checkpoint_parser
-    from .serve import add_infer_parser, add_serve_parser, add_worker_parser
+    from .serve import add_generate_parsers, add_infer_parser, add_serve_parser, add_worker_parser
 
     _add_split(sub)
     _add_train(sub)
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_infer_parser(sub)
     add_worker_parser(sub)
+    add_generate_parsers(sub)
     for command in sub.choices.values():  # -v also after the command (SUPPRESS: absent there keeps the one before)
         _show_defaults(command)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

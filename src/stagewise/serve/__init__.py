@@ -23,6 +23,7 @@ HTTP the model repository extension, ``POST /v2/repository/models/NAME/load`` (s
 from .._lazy import lazy_exports
 
 __all__ = lazy_exports(__name__, {
+    "add_generate_parsers": "._gen_cli",
     "add_infer_parser": "._cli",
     "add_serve_parser": "._cli",
     "add_worker_parser": "._cli",
@@ -33,6 +34,7 @@ __all__ = lazy_exports(__name__, {
     "cmd_infer": "._cli",
     "cmd_serve": "._cli",
     "create_app": "._gateway",
+    "create_generate_app": "._gen_routes",
     "datatype_of": "._protocol",
     "DATATYPES": "._protocol",
     "decode_bytes_elements": "._protocol",
@@ -40,6 +42,8 @@ __all__ = lazy_exports(__name__, {
     "encode_bytes_elements": "._protocol",
     "encode_infer_response": "._protocol",
     "Gateway": "._gateway",
+    "GenerateBackend": "._gen_backend",
+    "GenerateConfig": "._gen_config",
     "GatewayConfig": "._gateway",
     "GatewayMetrics": "._metrics",
     "GatewayTimeoutError": "._protocol",
