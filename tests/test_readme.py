@@ -28,6 +28,8 @@ HOW: list[tuple[str, str, str]] = [
     (r"\A# [\w/]+\.py\n", FILE, "a Python block headed `# NAME.py` is a user's file: written there for later blocks"),
     (r"^make quickstart\b", NOT_RUN, "creates .venv and installs torch from the network; CI runs it (.ci/run)"),
     (r"^make test\b", NOT_RUN, "runs the whole test suite, this test included; CI runs it (.ci/run)"),
+    (r"--worker-listen 10\.0\.0\.|^STAGEWISE_TOKEN=\S+ stagewise worker --join", NOT_RUN,
+     "needs a second machine; tests/test_serve_remote.py runs it across two network namespaces"),
     (r"^stagewise serve\b", SERVER, "started in the background; must answer /v2/health/ready, then is stopped"),
     (r"^stagewise infer\b", CLIENT, "runs against the server the block's last serve command started"),
     (r"tritonclient", CLIENT, "runs against the README's token-guarded checkpoint server (`--token secret`)"),
