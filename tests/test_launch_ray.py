@@ -101,67 +101,21 @@ def _fail_on_rank_one(rank: int, world_size: int, port: int) -> None:
 
 
 def test_ray_serves_and_a_killed_worker_actor_loses_no_request(cluster: None) -> None:
-    import httpx
-    import numpy as np
+    from serve_load import MODEL, Load, kill_under_load
 
     from stagewise._procs import running
-    from stagewise._spec import load_model_spec
     from stagewise.serve import GatewayConfig, PipelineBackend, create_app, serve_app
 
-    model = load_model_spec("stagewise.zoo.basic:large_model").model.eval()
-    backend = PipelineBackend("stagewise.zoo.basic:large_model", stages=2, replicas=2, max_batch_size=4,
-                              launcher="ray", restart_backoff_s=0.1)
-    answers: list[bool] = []
-    errors: list[str] = []
-    stop = threading.Event()
-    cause = ""
+    backend = PipelineBackend(MODEL, stages=2, replicas=2, max_batch_size=4, launcher="ray", restart_backoff_s=0.1)
     try:
         backend.wait_ready(240, replicas=2)
         app = create_app(backend, config=GatewayConfig(batching=backend.batching_config(max_delay_ms=2)))
-        with serve_app(app) as server:
-            def client(i: int) -> None:
-                rng = np.random.default_rng(i)
-                with httpx.Client(timeout=120) as c:
-                    while not stop.is_set():
-                        x = rng.standard_normal((2, 10)).astype(np.float32)
-                        body = {"inputs": [{"name": "arg0", "datatype": "FP32", "shape": [2, 10],
-                                            "data": x.reshape(-1).tolist()}]}
-                        resp = c.post(f"{server.url}/v2/models/large_model/infer", json=body)
-                        if resp.status_code != 200:
-                            errors.append(resp.text)
-                            continue
-                        got = np.asarray(resp.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, -1)
-                        with torch.no_grad():
-                            answers.append(bool(np.allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5)))
-
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-            for t in threads:
-                t.start()
-            try:
-                _wait(lambda: len(answers) >= 10, 60, "answers before the kill")
-                victim = backend.status()[0]
-                assert len(victim.pids) == 2 and all(running(p) for p in victim.pids), victim
-                assert all(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::_Stage") for p in victim.pids)
-                os.kill(victim.pids[1], signal.SIGKILL)
-                _wait(lambda: backend.status()[0].generation > victim.generation, 30, "replica 0 to be taken down")
-                cause = backend.status()[0].last_error or ""
-                before = len(answers)
-                _wait(lambda: len(answers) >= before + 10, 60, "answers while replica 0 restarts")
-                _wait(lambda: backend.status()[0].state == "ready", 240, "replica 0 to come back on new actors")
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join(120)
+        with serve_app(app) as server, Load(server.url) as load:
+            victim = backend.status()[0]
+            assert len(victim.pids) == 2 and all(running(p) for p in victim.pids), victim
+            assert all(Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"ray::_Stage") for p in victim.pids)
+            cause = kill_under_load(backend, load, lambda: os.kill(victim.pids[1], signal.SIGKILL), back_s=240)
     finally:
         backend.shutdown()
-    assert not errors, errors[:3]
-    assert answers and all(answers), f"{answers.count(False)} wrong answers of {len(answers)}"
+    load.check()
     assert "stage 1" in cause, cause  # its channel closed, or its actor was seen dead: whichever came first
-
-
-def _wait(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from serve_load import Load, kill_under_load, wait_until
 
 from stagewise._procs import running
 from stagewise._spec import load_model_spec
@@ -35,13 +36,6 @@ pytestmark = pytest.mark.timeout(90)
 
 MODEL = "stagewise.zoo.basic:large_model"
 
-
-def _wait_until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _infer_json(client: httpx.Client, url: str, x: np.ndarray) -> np.ndarray:
@@ -204,47 +198,14 @@ def test_infer_cli_prints_the_outputs(served: tuple[PipelineBackend, RunningServ
 
 def test_killing_a_worker_mid_stream_loses_no_request(served: tuple[PipelineBackend, RunningServer]) -> None:
     backend, server = served
-    model = load_model_spec(MODEL).model.eval()
     victim = backend.status()[0]
-    results: list[bool] = []
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def client(i: int) -> None:
-        rng = np.random.default_rng(100 + i)
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                x = rng.standard_normal((2, 10)).astype(np.float32)
-                try:
-                    got = _infer_json(c, server.url, x)
-                except AssertionError as exc:
-                    errors.append(str(exc))
-                    continue
-                with torch.no_grad():
-                    results.append(bool(np.allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=0)))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        _wait_until(lambda: len(results) >= 20, 30, "20 answers before the kill")
-        os.kill(victim.pids[1], signal.SIGKILL)  # the last stage of replica 0, with batches in flight
-        _wait_until(lambda: backend.status()[0].generation > victim.generation, 10, "replica 0 to be taken down")
-        before = len(results)
-        _wait_until(lambda: len(results) >= before + 20, 30, "answers while replica 0 restarts")
-        _wait_until(lambda: backend.status()[0].state == "ready", 30, "replica 0 to come back")
-        done = backend.status()[0].completed
-        _wait_until(lambda: backend.status()[0].completed >= done + 5, 30, "the restarted replica to serve")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert not any(t.is_alive() for t in threads), "a client hung"
-    assert not errors, errors[:3]
-    assert results and all(results), f"{results.count(False)} wrong answers of {len(results)}"
-    status = backend.status()[0]
+    with Load(server.url, clients=4) as load:
+        wait_until(lambda: len(load.answers) >= 20, 30, "20 answers before the kill")
+        # the last stage of replica 0, with batches in flight
+        cause = kill_under_load(backend, load, lambda: os.kill(victim.pids[1], signal.SIGKILL), back_s=30)
+    load.check()
     assert not running(victim.pids[0]) and not running(victim.pids[1]), "the dead replica's other worker survived"
-    assert status.last_error is not None and "stage 1" in status.last_error
+    assert "stage 1" in cause, cause
 
 
 def test_gpt2_pipeline_matches_and_close_reaps_every_worker() -> None:
@@ -279,7 +240,7 @@ def test_gpt2_pipeline_matches_and_close_reaps_every_worker() -> None:
     finally:
         backend.shutdown()
     assert not backend.ready()
-    _wait_until(lambda: not any(running(p) for p in pids), 5, "every worker to be reaped")
+    wait_until(lambda: not any(running(p) for p in pids), 5, "every worker to be reaped")
 
 
 def test_a_factory_building_different_weights_per_process_is_refused(tmp_path: pytest.TempPathFactory) -> None:

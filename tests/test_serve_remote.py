@@ -13,24 +13,18 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
-import torch
+from serve_load import MODEL, Load, kill_under_load, wait_until
 
 from stagewise._procs import grandchildren
-from stagewise._spec import load_model_spec
 from stagewise.comm import find_free_port
 from stagewise.serve import GatewayConfig, PipelineBackend, create_app, serve_app
 from stagewise.serve._join import assignment_from_wire, assignment_to_wire
 
 pytestmark = pytest.mark.timeout(300)
 
-MODEL = "stagewise.zoo.basic:large_model"
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -41,13 +35,6 @@ def _worker(port: int, token: str, log: Path) -> subprocess.Popen[bytes]:
                                  "--join-timeout", "5"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-
-def _wait(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_the_assignment_travels_as_data_and_rebuilds_the_same_stage() -> None:
@@ -66,13 +53,9 @@ def test_the_assignment_travels_as_data_and_rebuilds_the_same_stage() -> None:
 def test_a_joined_worker_serves_survives_a_kill_and_a_wrong_token_is_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     port = find_free_port()
-    model = load_model_spec(MODEL).model.eval()
     backend = PipelineBackend(MODEL, stages=2, replicas=2, max_batch_size=8, restart_backoff_s=0.1,
                               remote=("0:1",), worker_listen=f"127.0.0.1:{port}", join_token="s3cret")
     good = bad = None
-    answers: list[bool] = []
-    errors: list[str] = []
-    stop = threading.Event()
     try:
         with caplog.at_level(logging.INFO, logger="stagewise.serve"):
             bad = _worker(port, "wrong", tmp_path / "bad.log")
@@ -80,55 +63,21 @@ def test_a_joined_worker_serves_survives_a_kill_and_a_wrong_token_is_refused(
             backend.wait_ready(120, replicas=2)
             assert backend.status()[0].pids == (backend.status()[0].pids[0],)  # stage 1 has no process here
             app = create_app(backend, config=GatewayConfig(batching=backend.batching_config(max_delay_ms=2)))
-            with serve_app(app) as server:
-                def client(i: int) -> None:
-                    rng = np.random.default_rng(i)
-                    with httpx.Client(timeout=60) as c:
-                        while not stop.is_set():
-                            x = rng.standard_normal((2, 10)).astype(np.float32)
-                            body = {"inputs": [{"name": "arg0", "datatype": "FP32", "shape": [2, 10],
-                                                "data": x.reshape(-1).tolist()}]}
-                            resp = c.post(f"{server.url}/v2/models/large_model/infer", json=body)
-                            if resp.status_code != 200:
-                                errors.append(resp.text)
-                                continue
-                            got = np.asarray(resp.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, -1)
-                            with torch.no_grad():
-                                answers.append(bool(np.allclose(got, model(torch.from_numpy(x)).numpy(),
-                                                                atol=1e-5)))
-
-                threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-                for t in threads:
-                    t.start()
-                try:
-                    _wait(lambda: len(answers) >= 20 and backend.status()[0].completed >= 3, 60,
-                          "answers through the joined worker")
-                    joined = grandchildren(good.pid)  # `stagewise worker` -> its forkserver -> the worker
-                    assert len(joined) == 1, joined
-                    generation = backend.status()[0].generation
-                    os.kill(joined[0], signal.SIGKILL)
-                    _wait(lambda: backend.status()[0].generation > generation, 30, "replica 0 to be taken down")
-                    before = len(answers)
-                    _wait(lambda: len(answers) >= before + 20, 60, "answers while replica 0 restarts")
-                    _wait(lambda: backend.status()[0].state == "ready", 120, "the worker to join again")
-                    done = backend.status()[0].completed
-                    _wait(lambda: backend.status()[0].completed >= done + 3, 60, "the rejoined worker to serve")
-                finally:
-                    stop.set()
-                    for t in threads:
-                        t.join(60)
+            with serve_app(app) as server, Load(server.url) as load:
+                wait_until(lambda: len(load.answers) >= 20 and backend.status()[0].completed >= 3, 60,
+                           "answers through the joined worker")
+                joined = grandchildren(good.pid)  # `stagewise worker` -> its forkserver -> the worker
+                assert len(joined) == 1, joined
+                kill_under_load(backend, load, lambda: os.kill(joined[0], signal.SIGKILL), back_s=120)
         refused = [r.getMessage() for r in caplog.records if "refused a channel connection" in r.getMessage()]
         assert refused and "failed authentication" in refused[0] and "127.0.0.1:" in refused[0], refused
         joins = [r.getMessage() for r in caplog.records if "joined as replica 0 stage 1" in r.getMessage()]
         assert len(joins) >= 2, joins  # the first join and the one after the kill
     finally:
         backend.shutdown()
-        for proc in (good, bad):
-            if proc is not None and proc.poll() is None:
-                if proc is bad:
-                    os.killpg(proc.pid, signal.SIGKILL)
-    assert not errors, errors[:3]
-    assert answers and all(answers), f"{answers.count(False)} wrong answers of {len(answers)}"
+        if bad is not None and bad.poll() is None:
+            os.killpg(bad.pid, signal.SIGKILL)
+    load.check()
     assert good is not None and good.wait(30) == 0, (tmp_path / "good.log").read_text()[-3000:]  # gateway gone
     assert bad is not None and bad.wait(10) is not None
     assert "joined" not in (tmp_path / "bad.log").read_text()
@@ -216,15 +165,15 @@ def test_across_network_namespaces_stage_1_on_host_b_serves_and_fails_over() -> 
             return (root / f"{name}.log").read_text()
 
         try:
-            _wait(lambda: (_counts(out)["ok"] >= 20 and "joined" in text("good")) or client.poll() is not None
+            wait_until(lambda: (_counts(out)["ok"] >= 20 and "joined" in text("good")) or client.poll() is not None
                   or serve.poll() is not None, 240, "answers with stage 1 on host B")
             assert _counts(out)["ok"] >= 20, text("serve")[-3000:] + text("good")[-2000:] + text("client")[-2000:]
             joined = re.findall(r"joined \S+ as replica 0 stage 1 \(pid (\d+)\)", text("good"))
             assert len(joined) == 1, text("good")[-2000:]
             os.kill(int(joined[0]), signal.SIGKILL)
             before = _counts(out)["ok"]
-            _wait(lambda: text("good").count("joined") >= 2, 120, "the worker on host B to join again")
-            _wait(lambda: _counts(out)["ok"] >= before + 40, 120, "answers after the kill")
+            wait_until(lambda: text("good").count("joined") >= 2, 120, "the worker on host B to join again")
+            wait_until(lambda: _counts(out)["ok"] >= before + 40, 120, "answers after the kill")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- serve\n{text('serve')[-3000:]}\n--- worker\n{text('good')[-2000:]}\n"
                                  f"--- client\n{text('client')[-2000:]}\n{_counts(out)}") from None

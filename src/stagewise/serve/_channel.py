@@ -27,6 +27,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 
 from .._errors import StagewiseError
 
-__all__ = ["DTYPES", "PREFIX", "Channel", "ChannelError", "Message", "encode_frame", "parse_header"]
+__all__ = ["DTYPES", "PREFIX", "Channel", "ChannelError", "Message", "encode_frame", "parse_header", "start_heartbeat"]
 
 PREFIX = struct.Struct("!IQ")
 """Frame prefix: header length, data length (bytes)."""
@@ -250,3 +251,18 @@ class Channel:
         except OSError:
             pass
         self.sock.close()
+
+
+def start_heartbeat(chan: Channel, every_s: float) -> None:
+    """A worker's heartbeat: a thread of its own sends ``beat`` every ``every_s`` until the channel closes (a long
+    forward on the main thread still beats; a stopped process does not)."""
+
+    def beat() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                chan.send({"kind": "beat"})
+            except OSError:
+                return
+
+    threading.Thread(target=beat, name="stagewise-heartbeat", daemon=True).start()

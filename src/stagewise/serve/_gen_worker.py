@@ -26,14 +26,12 @@ import os
 import signal
 import socket
 import sys
-import threading
-import time
 import traceback
 
 import torch
 
 from ..comm import CommError, DistTransport, SendHandle
-from ._channel import Channel
+from ._channel import Channel, start_heartbeat
 from ._gen_model import load_causal_lm
 from ._gen_stage import GenStage
 from ._listener import HelloFields, client_handshake
@@ -75,14 +73,6 @@ class GenWorkerConfig:
     def from_json(cls, text: str) -> GenWorkerConfig:
         return cls(**json.loads(text))
 
-
-def _beat(chan: Channel) -> None:
-    while True:
-        time.sleep(_BEAT_S)
-        try:
-            chan.send({"kind": "beat"})
-        except OSError:
-            return
 
 
 def _serve(cfg: GenWorkerConfig, chan: Channel) -> None:
@@ -132,7 +122,7 @@ def gen_worker_main(config_json: str) -> None:
     try:
         client_handshake(chan, cfg.secret, HelloFields(replica=0, generation=cfg.generation, stage=cfg.stage,
                                                        pid=os.getpid()), timeout_s=30.0)
-        threading.Thread(target=_beat, args=(chan,), name="stagewise-heartbeat", daemon=True).start()
+        start_heartbeat(chan, _BEAT_S)
         _serve(cfg, chan)
     except (CommError, OSError) as exc:  # a neighbour or the gateway went away: shutdown, or a crash it sees itself
         log.debug("generate stage %s: %s", cfg.stage, exc)

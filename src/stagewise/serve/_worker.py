@@ -50,7 +50,7 @@ from .._spec import import_model_code
 from ..comm import CommError, DistTransport, SendHandle, ShmTransport, interface_towards, use_interface
 from ..runtime import run_forward
 from ..split import Stage
-from ._channel import Channel
+from ._channel import Channel, start_heartbeat
 from ._listener import HelloFields, client_handshake
 from ._replicas import PipelineConfig
 from ._serving_split import StageAssignment, bucket_rows, load_stage_weights, pad_rows, stage_digest
@@ -273,15 +273,6 @@ class _StageWorker:
             self.chan.send({"kind": "result", "seq": seq, "times": times, "version": label}, result)
 
 
-def _beat(chan: Channel, every_s: float) -> None:
-    """Heartbeat thread: a ``beat`` every ``every_s`` until the channel closes (then the process is on its way out)."""
-    while True:
-        time.sleep(every_s)
-        try:
-            chan.send({"kind": "beat"})
-        except OSError:
-            return
-
 
 def worker_main(config_json: str, assignment_bytes: bytes) -> None:
     """Process entry point (module level, so the forkserver can start it). ``assignment_bytes``: this worker's
@@ -309,8 +300,7 @@ def serve_stage(cfg: WorkerConfig, chan: Channel, assignment: Any) -> None:
     """After the handshake: beat, take the stage's weights, serve batches until the channel ends (then return); any
     failure is reported to the gateway and ends the process."""
     try:
-        threading.Thread(target=_beat, args=(chan, cfg.heartbeat_timeout_s / 5), name="stagewise-heartbeat",
-                         daemon=True).start()
+        start_heartbeat(chan, cfg.heartbeat_timeout_s / 5)
         worker = _StageWorker(cfg, chan, assignment)
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()
