@@ -123,12 +123,8 @@ def _catch(fn: Callable[[], None], errors: list[BaseException]) -> None:
 # --- Framing and LocalTransport
 
 
-def test_public_surface() -> None:
-    assert set(comm.__all__) == {
-        "DTYPE_CODES", "BoundaryMismatchError", "CommError", "CommGroup", "CommTimeoutError", "DistTransport",
-        "FramingError", "LocalHub", "LocalTransport", "ReduceOp", "SendHandle", "ShmTransport", "SpawnError",
-        "Transport", "TransportClosedError", "Value", "check_expect", "find_free_port", "remove_shm_segments",
-        "rendezvous_store"}
+def test_public_surface() -> None:  # the names themselves are pinned in tests/test_api.py
+    assert {"DistTransport", "ShmTransport", "LocalTransport", "Transport"} <= set(comm.__all__)
     assert issubclass(CommTimeoutError, TimeoutError) and issubclass(BoundaryMismatchError, ValueError)
 
 
