@@ -75,6 +75,10 @@ def connect_torchrun(env: TorchrunEnv, *, backend: str = "gloo", timeout: float 
         store: Any
         store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
                                            timeout=datetime.timedelta(seconds=timeout)))
+        # The agent's store outlives a restart (torchrun --max-restarts): keys of each attempt apart, so a restarted
+        # rank never reads a dead peer's address (or stages) that the attempt before it left there.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"stagewise/attempt{attempt}/", store)
         return DistTransport.init(rank=env.rank, world_size=env.world_size, master_addr=env.master_addr,
                                   master_port=env.master_port, backend=backend, timeout=timeout, device=device,
                                   local_rank=env.local_rank, store=store)
