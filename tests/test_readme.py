@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +114,19 @@ def test_readme_lists_how_every_block_runs() -> None:
     assert [s for s in all_steps if s.mode == FILE], "the README has no user's model file (Your own model)"
 
 
+@pytest.fixture
+def push_folders_removed() -> Iterator[None]:
+    """``stagewise train --serve-url`` leaves its push folder in /dev/shm after the run (a serving replica that
+    restarts reads its version there); the ones the README's commands made are removed afterwards."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("stagewise-push-*"))
+    yield
+    for path in set(shm.glob("stagewise-push-*")) - before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.timeout(1500)
+@pytest.mark.usefixtures("push_folders_removed")
 def test_readme_blocks_run(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
     work = tmp_path / "work"

@@ -24,18 +24,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import socket
 import struct
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from .._errors import StagewiseError
 
-__all__ = ["DTYPES", "PREFIX", "Channel", "ChannelError", "Message", "encode_frame", "parse_header", "start_heartbeat"]
+__all__ = ["DTYPES", "PREFIX", "Channel", "ChannelError", "Message", "encode_frame", "parse_header", "report_fatal",
+           "start_heartbeat"]
 
 PREFIX = struct.Struct("!IQ")
 """Frame prefix: header length, data length (bytes)."""
@@ -266,3 +270,16 @@ def start_heartbeat(chan: Channel, every_s: float) -> None:
                 return
 
     threading.Thread(target=beat, name="stagewise-heartbeat", daemon=True).start()
+
+
+def report_fatal(chan: Channel, who: str) -> NoReturn:
+    """In a worker's ``except`` block: print the traceback (prefixed with ``who``), tell the gateway (``fatal``,
+    when the channel still takes it) and end the process at once."""
+    text = traceback.format_exc()
+    sys.stderr.write(f"[{who}] {text}")
+    sys.stderr.flush()
+    try:
+        chan.send({"kind": "fatal", "message": text[-4000:]})
+    except OSError:
+        pass
+    os._exit(1)

@@ -25,13 +25,11 @@ import logging
 import os
 import signal
 import socket
-import sys
-import traceback
 
 import torch
 
 from ..comm import CommError, DistTransport, SendHandle
-from ._channel import Channel, start_heartbeat
+from ._channel import Channel, report_fatal, start_heartbeat
 from ._gen_model import load_causal_lm
 from ._gen_stage import GenStage
 from ._listener import HelloFields, client_handshake
@@ -127,12 +125,5 @@ def gen_worker_main(config_json: str) -> None:
     except (CommError, OSError) as exc:  # a neighbour or the gateway went away: shutdown, or a crash it sees itself
         log.debug("generate stage %s: %s", cfg.stage, exc)
     except BaseException:  # noqa: BLE001 - tell the gateway why, then go
-        text = traceback.format_exc()
-        sys.stderr.write(f"[stagewise generate stage {cfg.stage}] {text}")
-        sys.stderr.flush()
-        try:
-            chan.send({"kind": "fatal", "message": text[-4000:]})
-        except OSError:
-            pass
-        os._exit(1)
+        report_fatal(chan, f"stagewise generate stage {cfg.stage}")
     os._exit(0)

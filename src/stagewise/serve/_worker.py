@@ -37,11 +37,9 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import threading
 import time
-import traceback
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -50,7 +48,7 @@ from .._spec import import_model_code
 from ..comm import CommError, DistTransport, SendHandle, ShmTransport, interface_towards, use_interface
 from ..runtime import run_forward
 from ..split import Stage
-from ._channel import Channel, start_heartbeat
+from ._channel import Channel, report_fatal, start_heartbeat
 from ._listener import HelloFields, client_handshake
 from ._replicas import PipelineConfig
 from ._serving_split import StageAssignment, bucket_rows, load_stage_weights, pad_rows, stage_digest
@@ -292,7 +290,7 @@ def worker_main(config_json: str, assignment_bytes: bytes) -> None:
         import_model_code(cfg.model)  # custom operators the graphs call are registered by the factory's module
         assignment = pickle.loads(assignment_bytes)
     except BaseException:  # noqa: BLE001 - tell the gateway why, then go
-        _fatal(cfg, chan)
+        report_fatal(chan, f"stagewise serve replica {cfg.replica} stage {cfg.stage}")
     serve_stage(cfg, chan, assignment)
 
 
@@ -305,15 +303,5 @@ def serve_stage(cfg: WorkerConfig, chan: Channel, assignment: Any) -> None:
         gc.freeze()  # the model, captures and torch's own objects: no later collection scans them (~0.1 s each)
         worker.serve_forever()
     except BaseException:  # noqa: BLE001 - tell the gateway why, then go
-        _fatal(cfg, chan)
+        report_fatal(chan, f"stagewise serve replica {cfg.replica} stage {cfg.stage}")
 
-
-def _fatal(cfg: WorkerConfig, chan: Channel) -> NoReturn:
-    text = traceback.format_exc()
-    sys.stderr.write(f"[stagewise serve replica {cfg.replica} stage {cfg.stage}] {text}")
-    sys.stderr.flush()
-    try:
-        chan.send({"kind": "fatal", "message": text[-4000:]})
-    except OSError:
-        pass
-    os._exit(1)
